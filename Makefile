@@ -1,0 +1,41 @@
+# Two commands for a newcomer: `make run` and `make test`. Both create .venv/,
+# install the pinned torch wheels and this project (building the C++/CUDA
+# extension), then run the main job or the whole test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: run test bench install clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Third-party dependencies change rarely; the extension is rebuilt whenever csrc/ changes.
+$(VENV)/.deps: $(VENV)/bin/python pyproject.toml
+	$(PIP) install --quiet --upgrade "pip>=23" "setuptools>=64" wheel
+	$(PIP) install --quiet $(TORCH_PINS)
+	$(PIP) install --quiet $(TORCH_PINS) pytest hypothesis matplotlib pyyaml \
+		"pytorch-lightning>=2.2" "albumentations>=1.4" "pycocotools>=2.0.7" tensorboard
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(EXT_SOURCES)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
+
+run: install
+	$(PY) demo.py
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf build *.egg-info ssd_post/*.so $(VENV)/.built

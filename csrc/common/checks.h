@@ -1,0 +1,137 @@
+// Input validation shared by the CPU and CUDA kernels (host code only). Every
+// message names the argument and quotes what was received.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "box_math.h"
+#include "score_bounds.h"
+
+namespace ssd_post {
+
+struct BatchDims {
+  int64_t batch;    // B
+  int64_t anchors;  // A
+  int64_t classes;  // C
+};
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_float_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), name,
+              " should be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                              const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " should be on the same device as ", ref_name,
+              ", got ", t.device(), " and ", ref.device());
+}
+
+inline void check_unit_interval(double value, const char* name) {
+  // The negated form also rejects NaN.
+  TORCH_CHECK(value >= 0.0 && value <= 1.0, name, " should be in [0, 1], got ", value);
+}
+
+inline Activation parse_activation(const std::string& name) {
+  if (name == "softmax") return Activation::kSoftmax;
+  if (name == "sigmoid") return Activation::kSigmoid;
+  TORCH_CHECK(false, "score_activation should be 'softmax' or 'sigmoid', got '", name, "'");
+  return Activation::kSoftmax;  // unreachable
+}
+
+// Validates the tensors and scalars shared by decode_threshold_flatten and
+// postprocess and returns B, A, C.
+inline BatchDims check_decode_inputs(const at::Tensor& locs, const at::Tensor& logits,
+                                     const at::Tensor& anchors, const at::Tensor& image_sizes,
+                                     double score_thresh, int64_t topk_candidates,
+                                     at::ArrayRef<double> box_weights,
+                                     c10::optional<int64_t> background_class) {
+  TORCH_CHECK(locs.dim() == 3, "locs should be a 3d tensor [B, A, 4], got ", locs.dim(), "D");
+  TORCH_CHECK(locs.size(2) == 4, "locs should have 4 box regressions in its last dim, got shape ",
+              locs.sizes());
+  TORCH_CHECK(logits.dim() == 3, "logits should be a 3d tensor [B, A, C], got ", logits.dim(),
+              "D");
+  check_float_tensor(locs, "locs");
+  check_float_tensor(logits, "logits");
+  check_float_tensor(anchors, "anchors");
+  const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
+  TORCH_CHECK(locs.size(0) == B, "locs and logits should have the same batch size B, got ",
+              locs.size(0), " and ", B);
+  TORCH_CHECK(locs.size(1) == A, "locs and logits should have the same number of anchors A, got ",
+              locs.size(1), " and ", A);
+  TORCH_CHECK(C >= 1, "logits should have at least one class column, got shape ", logits.sizes());
+  TORCH_CHECK(A < std::numeric_limits<int32_t>::max(), "logits has too many anchors: ", A);
+  TORCH_CHECK(anchors.dim() == 2 || anchors.dim() == 3,
+              "anchors should be a 2d tensor [A, 4] or a 3d tensor [B, A, 4], got ", anchors.dim(),
+              "D");
+  TORCH_CHECK(anchors.size(-1) == 4 && anchors.size(-2) == A,
+              "anchors should have shape [A, 4] or [B, A, 4] with A = ", A, ", got ",
+              anchors.sizes());
+  TORCH_CHECK(anchors.dim() == 2 || anchors.size(0) == B,
+              "anchors should have one row of anchors per image (B = ", B, "), got shape ",
+              anchors.sizes());
+  TORCH_CHECK(image_sizes.dim() == 2 && image_sizes.size(0) == B && image_sizes.size(1) == 2,
+              "image_sizes should have shape [B, 2] = [", B, ", 2] of (height, width), got ",
+              image_sizes.sizes());
+  TORCH_CHECK(image_sizes.scalar_type() != at::kBool && !image_sizes.is_complex(),
+              "image_sizes should hold integer or float (height, width), got ",
+              image_sizes.scalar_type());
+  check_same_device(logits, locs, "logits", "locs");
+  check_same_device(anchors, locs, "anchors", "locs");
+  check_same_device(image_sizes, locs, "image_sizes", "locs");
+  check_unit_interval(score_thresh, "score_thresh");
+  TORCH_CHECK(topk_candidates >= 1, "topk_candidates should be >= 1, got ", topk_candidates);
+  TORCH_CHECK(box_weights.size() == 4, "box_weights should have 4 values, got ",
+              box_weights.size());
+  for (double w : box_weights) {
+    TORCH_CHECK(std::isfinite(w) && w > 0, "box_weights should be finite and positive, got ",
+                box_weights);
+  }
+  if (background_class.has_value()) {
+    TORCH_CHECK(*background_class >= 0 && *background_class < C,
+                "background_class should be in [0, C) with C = ", C, ", got ", *background_class);
+  }
+  return {B, A, C};
+}
+
+inline void check_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores,
+                             const at::Tensor& idxs, double iou_threshold) {
+  TORCH_CHECK(boxes.dim() == 2, "boxes should be a 2d tensor [N, 4], got ", boxes.dim(), "D");
+  TORCH_CHECK(boxes.size(1) == 4, "boxes should have 4 elements in dimension 1, got ",
+              boxes.size(1));
+  TORCH_CHECK(scores.dim() == 1, "scores should be a 1d tensor [N], got ", scores.dim(), "D");
+  TORCH_CHECK(idxs.dim() == 1, "idxs should be a 1d tensor [N], got ", idxs.dim(), "D");
+  TORCH_CHECK(boxes.size(0) == scores.size(0) && boxes.size(0) == idxs.size(0),
+              "boxes, scores and idxs should have the same length N, got ", boxes.size(0), ", ",
+              scores.size(0), " and ", idxs.size(0));
+  TORCH_CHECK(boxes.is_floating_point(), "boxes should be a floating point tensor, got ",
+              boxes.scalar_type());
+  TORCH_CHECK(scores.is_floating_point(), "scores should be a floating point tensor, got ",
+              scores.scalar_type());
+  TORCH_CHECK(at::isIntegralType(idxs.scalar_type(), /*includeBool=*/false),
+              "idxs should be an integer tensor, got ", idxs.scalar_type());
+  check_same_device(scores, boxes, "scores", "boxes");
+  check_same_device(idxs, boxes, "idxs", "boxes");
+  check_unit_interval(iou_threshold, "iou_threshold");
+}
+
+inline void check_postprocess_scalars(double nms_thresh, int64_t detections_per_img) {
+  check_unit_interval(nms_thresh, "nms_thresh");
+  TORCH_CHECK(detections_per_img >= 1, "detections_per_img should be >= 1, got ",
+              detections_per_img);
+}
+
+inline BoxWeights to_box_weights(at::ArrayRef<double> w) {
+  return {static_cast<float>(w[0]), static_cast<float>(w[1]), static_cast<float>(w[2]),
+          static_cast<float>(w[3])};
+}
+
+}  // namespace ssd_post

@@ -1,0 +1,62 @@
+// Activation and the cheap test that rules an (anchor, class) out before any exp.
+//
+// softmax: p_c = exp(x_c - m) / S with m = max_k x_k and S = sum_k exp(x_k - m) >= 1,
+// so p_c <= exp(x_c - m). When x_c - m <= log(t) - margin, p_c <= t * exp(-margin)
+// < t and the class cannot pass the strict test p_c > t: an anchor whose every
+// foreground logit is below that bound is skipped after one max pass.
+// sigmoid: p_c = 1 / (1 + exp(-x_c)) is monotone, so x_c <= logit(t) - margin rules
+// the class out. The margins absorb float rounding; whatever survives the bound is
+// tested exactly as torch computes it, so the bound never changes a result.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "macros.h"
+
+namespace ssd_post {
+
+enum class Activation : int { kSoftmax = 0, kSigmoid = 1 };
+
+// Room left between the pruning bound and the true threshold, in logit units.
+constexpr double kBoundMargin = 1e-2;
+
+// Sigmoid above this threshold is not pruned: near 1 the margin's effect on p
+// falls under float resolution.
+constexpr double kSigmoidPruneMaxThresh = 0.99;
+
+struct ScoreBound {
+  // A logit (softmax: logit minus the row max) at or below `value` cannot pass.
+  float value;
+};
+
+inline ScoreBound make_score_bound(Activation activation, double score_thresh) {
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  if (score_thresh <= 0.0) return {minus_inf};
+  if (activation == Activation::kSoftmax) {
+    return {static_cast<float>(std::log(score_thresh) - kBoundMargin)};
+  }
+  if (score_thresh >= kSigmoidPruneMaxThresh) return {minus_inf};
+  const double logit = std::log(score_thresh) - std::log1p(-score_thresh);
+  return {static_cast<float>(logit - kBoundMargin)};
+}
+
+// Same op order as torch: sigmoid(x) = 1 / (1 + exp(-x)).
+SSD_HOST_DEVICE float sigmoid_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return 1.f / (1.f + expf(-x));
+#else
+  return 1.f / (1.f + std::exp(-x));
+#endif
+}
+
+// Same op order as torch's softmax: exp(x - max) * (1 / sum).
+SSD_HOST_DEVICE float softmax_prob(float x, float row_max, float inv_sum) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(expf(__fsub_rn(x, row_max)), inv_sum);
+#else
+  return std::exp(x - row_max) * inv_sum;
+#endif
+}
+
+}  // namespace ssd_post

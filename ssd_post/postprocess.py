@@ -1,0 +1,150 @@
+"""Public postprocess API: argument normalisation around the compiled ops."""
+from __future__ import annotations
+
+import types
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .config import PostprocessConfig
+from .formats import Detections
+
+Anchors = Union[Tensor, Sequence[Tensor]]
+ImageSizes = Union[Tensor, Sequence[Tuple[int, int]]]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_float_tensor(t, name: str, rank: int, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} should be a Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} should be a {rank}d tensor {layout}, got {t.dim()}D")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} should be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def normalize_inputs(
+    locs: Tensor, logits: Tensor, anchors: Anchors, image_sizes: ImageSizes
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Checks the batch and brings anchors and image sizes to tensors on the device of locs.
+
+    Returns:
+        locs (Tensor[B, A, 4]), logits (Tensor[B, A, C]), anchors (Tensor[A, 4] or
+        Tensor[B, A, 4], float32) and image_sizes (Tensor[B, 2] int64 (h, w) or the
+        given tensor).
+    """
+    _check_float_tensor(locs, "locs", 3, "[B, A, 4]")
+    _check_float_tensor(logits, "logits", 3, "[B, A, C]")
+    batch = logits.shape[0]
+    if isinstance(anchors, (list, tuple)):
+        if len(anchors) != batch:
+            raise ValueError(f"anchors should be a list of B = {batch} tensors [A, 4], got {len(anchors)}")
+        if batch == 0:
+            anchors = locs.new_zeros((locs.shape[1], 4), dtype=torch.float32)
+        else:
+            if not all(isinstance(a, Tensor) for a in anchors):
+                raise ValueError("anchors should be a list of Tensors [A, 4]")
+            shapes = {tuple(a.shape) for a in anchors}
+            if len(shapes) != 1:
+                raise ValueError(f"anchors should all have the same shape [A, 4], got {sorted(shapes)}")
+            anchors = torch.stack(list(anchors))
+    if not isinstance(anchors, Tensor):
+        raise ValueError(f"anchors should be a Tensor [A, 4] / [B, A, 4] or a list of them, got {type(anchors).__name__}")
+    if not anchors.is_floating_point():
+        raise ValueError(f"anchors should be a floating point tensor, got {anchors.dtype}")
+    anchors = anchors.to(device=locs.device, dtype=torch.float32)
+
+    if isinstance(image_sizes, Tensor):
+        sizes = image_sizes.to(locs.device)
+    else:
+        try:
+            pairs = [tuple(int(v) for v in hw) for hw in image_sizes]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"image_sizes should be a list of (height, width) pairs, got {image_sizes!r}") from err
+        if any(len(hw) != 2 for hw in pairs):
+            raise ValueError(f"image_sizes should be a list of (height, width) pairs, got {image_sizes!r}")
+        sizes = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2).to(locs.device)
+    if sizes.dim() != 2 or sizes.shape[0] != batch or sizes.shape[1] != 2:
+        raise ValueError(f"image_sizes should be [B, 2] = [{batch}, 2] of (height, width), got shape {tuple(sizes.shape)}")
+    return locs, logits, anchors, sizes
+
+
+def decode_threshold_flatten(
+    locs: Tensor,
+    logits: Tensor,
+    anchors: Anchors,
+    image_sizes: ImageSizes,
+    config: Optional[PostprocessConfig] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fused first stage: activation, score threshold, per-class top-k, decode, clip.
+
+    Args:
+        locs (Tensor[B, A, 4]): box regressions (float32, float16 or bfloat16).
+        logits (Tensor[B, A, C]): class logits, same dtype family.
+        anchors (Tensor[A, 4], Tensor[B, A, 4] or list of B Tensor[A, 4]): xyxy anchors.
+        image_sizes (Tensor[B, 2] or list of (h, w)): sizes used for clipping.
+        config: thresholds and coder weights (defaults: torchvision SSD's).
+
+    Returns:
+        boxes (Tensor[N, 4] float32 xyxy), scores (Tensor[N] float32) and
+        keys (Tensor[N] int64) with key = image * C + class. Candidates are grouped
+        by key in increasing order, each group by decreasing score (equal scores by
+        anchor index), at most ``topk_candidates`` per group.
+    """
+    config = config or PostprocessConfig()
+    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
+    return ops.decode_threshold_flatten_op(
+        locs, logits, anchors, sizes, config.score_thresh, config.topk_candidates,
+        list(config.box_weights), config.score_activation, config.background_class, config.clip_boxes)
+
+
+def postprocess(
+    locs: Tensor,
+    logits: Tensor,
+    anchors: Anchors,
+    image_sizes: ImageSizes,
+    config: Optional[PostprocessConfig] = None,
+) -> Detections:
+    """Final detections of a batch, equal to torchvision's ``SSD.postprocess_detections``.
+
+    Args:
+        locs (Tensor[B, A, 4]): box regressions (float32, float16 or bfloat16;
+            arithmetic in float32).
+        logits (Tensor[B, A, C]): class logits.
+        anchors (Tensor[A, 4], Tensor[B, A, 4] or list of B Tensor[A, 4]): xyxy anchors.
+        image_sizes (Tensor[B, 2] or list of (h, w)): per-image size for clipping.
+        config: thresholds and coder weights (defaults: torchvision SSD's).
+
+    Returns:
+        Detections with boxes[B, K, 4], scores[B, K], labels[B, K] and
+        num_detections[B], K = ``config.detections_per_img``, zero-padded; per image
+        sorted by decreasing score (equal scores by class, then rank in the class).
+    """
+    config = config or PostprocessConfig()
+    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
+    boxes, scores, labels, counts = ops.postprocess_op(
+        locs, logits, anchors, sizes, config.score_thresh, config.nms_thresh,
+        config.topk_candidates, config.detections_per_img, list(config.box_weights),
+        config.score_activation, config.background_class, config.clip_boxes)
+    return Detections(boxes, scores, labels, counts)
+
+
+def patch_torchvision_ssd(model: torch.nn.Module) -> torch.nn.Module:
+    """Serves ``model.postprocess_detections`` of a torchvision SSD with ssd_post.
+
+    The thresholds are read off the model at every call, so changing
+    ``model.score_thresh`` later still takes effect. Returns the same model.
+    """
+    PostprocessConfig.from_torchvision(model)  # fails early on a model that is no SSD
+
+    def postprocess_detections(self, head_outputs, image_anchors: List[Tensor], image_shapes):
+        config = PostprocessConfig.from_torchvision(self)
+        return postprocess(
+            head_outputs["bbox_regression"], head_outputs["cls_logits"], image_anchors,
+            image_shapes, config).to_list()
+
+    model.postprocess_detections = types.MethodType(postprocess_detections, model)
+    return model
