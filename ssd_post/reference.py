@@ -85,3 +85,40 @@ def batched_nms_reference(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_thres
     # Index order first, then a stable sort by score: equal scores stay in index order.
     kept = kept.sort().values
     return kept[rank_order(scores[kept])]
+
+
+def torchvision_postprocess(
+    locs: Tensor,
+    logits: Tensor,
+    anchors: Anchors,
+    image_sizes: ImageSizes,
+    config: Optional[PostprocessConfig] = None,
+) -> Detections:
+    """torchvision's own ``SSD.postprocess_detections`` (its per-image loop), run on
+    these tensors with the thresholds of ``config``. The baseline users compare with.
+
+    Only the softmax activation with background class 0 exists there.
+    """
+    from types import SimpleNamespace
+
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.ssd import SSD
+
+    config = config or PostprocessConfig()
+    if config.score_activation != "softmax" or config.background_class != 0 or not config.clip_boxes:
+        raise ValueError("torchvision's SSD postprocess only has softmax, background_class=0 and clipping")
+    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
+    fake_ssd = SimpleNamespace(
+        box_coder=det_utils.BoxCoder(weights=config.box_weights),
+        score_thresh=config.score_thresh,
+        topk_candidates=config.topk_candidates,
+        nms_thresh=config.nms_thresh,
+        detections_per_img=config.detections_per_img,
+    )
+    per_image_anchors = [anchors if anchors.dim() == 2 else anchors[i] for i in range(logits.shape[0])]
+    shapes = [tuple(int(v) for v in hw) for hw in sizes.tolist()]
+    head_outputs = {"bbox_regression": locs, "cls_logits": logits}
+    results = SSD.postprocess_detections(fake_ssd, head_outputs, per_image_anchors, shapes)
+    if not results:
+        return postprocess_loop(locs, logits, anchors, sizes, config)
+    return Detections.from_list(results, config.detections_per_img)
