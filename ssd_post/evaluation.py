@@ -18,7 +18,7 @@ import contextlib
 import io
 import os
 import time
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -313,3 +313,71 @@ def save_visualizations(
         canvas.save(path)
         written.append(path)
     return written
+
+
+def infer_batch(
+    detector: torch.nn.Module,
+    images: Tensor,
+    targets: Sequence[Mapping[str, object]],
+    anchors: Tensor,
+    postprocess_fn: PostprocessFn,
+    timer: StageTimer,
+    label_to_category: Optional[Mapping[int, int]] = None,
+) -> Dict[int, List[dict]]:
+    """Forward, postprocess and COCO conversion of one batch, each stage timed.
+
+    Args:
+        detector: an ``SSDDetector``: ``detector(images) -> (locs[B, A, 4],
+            logits[B, A, C])`` and ``detector.postprocess_config``.
+        images (Tensor[B, 3, H, W]): the network input.
+        targets: B dicts with ``image_id`` and ``orig_size`` (h, w).
+        anchors (Tensor[A, 4]): xyxy anchors in network-input pixels.
+        postprocess_fn: :func:`ssd_post.postprocess` or the torchvision loop.
+        timer: receives ``forward``, ``postprocess`` and ``evaluation`` (the
+            conversion to COCO entries, which COCOeval needs whatever the postprocess).
+        label_to_category: model label -> COCO category id.
+
+    Returns:
+        image id -> that image's COCO results entries (original-image pixels); every
+        image of the batch is a key, also one without detections.
+    """
+    input_size = (int(images.shape[-2]), int(images.shape[-1]))
+    with timer.stage("forward"):
+        locs, logits = detector(images)  # [B, A, 4], [B, A, C]
+    with timer.stage("postprocess"):
+        detections = postprocess_fn(locs, logits, anchors, [input_size] * images.shape[0],
+                                    detector.postprocess_config)
+    with timer.stage("evaluation"):
+        results = detections_to_coco(detections, targets, input_size, label_to_category)
+        per_image: Dict[int, List[dict]] = {int(t["image_id"]): [] for t in targets}
+        for entry in results:
+            per_image[entry["image_id"]].append(entry)
+    return per_image
+
+
+def run_inference(
+    detector: torch.nn.Module,
+    loader: Iterable,
+    postprocess_fn: PostprocessFn,
+    timer: StageTimer,
+    label_to_category: Optional[Mapping[int, int]] = None,
+) -> Dict[int, List[dict]]:
+    """The single-process loop over a loader of ``(images[B, 3, H, W], targets)``.
+
+    Waiting for the next batch is the ``data`` stage; see :func:`infer_batch` for
+    the others. Returns image id -> COCO results entries.
+    """
+    detector.eval()
+    anchors = detector.anchors()  # [A, 4]; fixed for a fixed input size, so outside the timing
+    per_image: Dict[int, List[dict]] = {}
+    batches = iter(loader)
+    with torch.inference_mode():
+        while True:
+            with timer.stage("data"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            images, targets = batch
+            per_image.update(infer_batch(detector, images, targets, anchors, postprocess_fn, timer,
+                                         label_to_category))
+    return per_image
