@@ -1,0 +1,70 @@
+"""A small SSD (about a million parameters) that trains on two CPU cores.
+
+Plain 3x3 conv + BatchNorm + ReLU stages (fast on CPU, unlike depthwise convs),
+four feature maps at strides 8, 16, 32 and 64, a light top-down path so the
+stride-8 map that finds small objects also sees context, and torchvision's SSDHead.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.ssd import SSDHead
+
+from ssd_post import DefaultBoxes
+
+# Fractions of the input side: anchors from ~10 px to ~100 px at 128 px input,
+# matching the shapes set (objects of 10 to ~70 px before the resize).
+TINY_SCALES = (0.08, 0.17, 0.34, 0.58, 0.85)
+TINY_ASPECT_RATIOS = ([2], [2], [2], [2])
+
+
+def conv_bn(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TinyBackbone(nn.Module):
+    """Images [B, 3, H, W] -> four maps [B, C_k, H/s, W/s] for s = 8, 16, 32, 64."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(conv_bn(3, w // 2, 2), conv_bn(w // 2, w, 2), conv_bn(w, w))  # stride 4
+        self.stage8 = nn.Sequential(conv_bn(w, 2 * w, 2), conv_bn(2 * w, 2 * w), conv_bn(2 * w, 2 * w))
+        self.stage16 = nn.Sequential(conv_bn(2 * w, 4 * w, 2), conv_bn(4 * w, 4 * w))
+        self.stage32 = nn.Sequential(conv_bn(4 * w, 4 * w, 2), conv_bn(4 * w, 4 * w))
+        self.stage64 = nn.Sequential(conv_bn(4 * w, 4 * w, 2))
+        # Top-down: stride-16 context added into the stride-8 map (1x1 to match channels).
+        self.lateral16 = nn.Conv2d(4 * w, 2 * w, 1)
+        self.smooth8 = conv_bn(2 * w, 2 * w)
+        self.out_channels = [2 * w, 4 * w, 4 * w, 4 * w]
+
+    def forward(self, images: Tensor) -> List[Tensor]:
+        x = self.stem(images)
+        c8 = self.stage8(x)
+        c16 = self.stage16(c8)
+        c32 = self.stage32(c16)
+        c64 = self.stage64(c32)
+        up = F.interpolate(self.lateral16(c16), size=c8.shape[-2:], mode="nearest")
+        p8 = self.smooth8(c8 + up)
+        return [p8, c16, c32, c64]
+
+
+def tiny_default_boxes() -> DefaultBoxes:
+    return DefaultBoxes([list(r) for r in TINY_ASPECT_RATIOS], scales=list(TINY_SCALES))
+
+
+def build_tiny(num_classes: int, width: int = 32) -> Tuple[TinyBackbone, SSDHead, DefaultBoxes]:
+    """Backbone, head and default boxes of the tiny SSD."""
+    if width < 4 or width % 2:
+        raise ValueError(f"width should be an even int >= 4, got {width}")
+    backbone = TinyBackbone(width)
+    boxes = tiny_default_boxes()
+    head = SSDHead(backbone.out_channels, boxes.num_anchors_per_location(), num_classes)
+    return backbone, head, boxes

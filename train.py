@@ -1,0 +1,217 @@
+"""Train an SSD detector with PyTorch Lightning; validation is COCO mAP on ssd_post's detections.
+
+    python train.py --config configs/tiny_shapes.yaml
+    python train.py --config configs/ssd300_coco.yaml --data-root /data/coco --devices 8 --strategy ddp
+
+Writes to ``output_dir``: Lightning checkpoints (best by val mAP and last), CSV and
+TensorBoard logs, ``detector.pt`` (``models.checkpoint.save_detector`` format) and
+``map_curve.png`` (val mAP against epoch and wall time).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+SECTIONS: Dict[str, Any] = {
+    "seed": 0,
+    "output_dir": "outputs/run",
+    "export": None,          # extra path for the final detector.pt copy (e.g. checkpoints/...)
+    "threads": None,         # torch intra-op threads (None: torch's default)
+    "model": {},
+    "data": {},
+    "optim": {},
+    "loss": {},
+    "trainer": {},
+}
+TRAINER_DEFAULTS: Dict[str, Any] = {
+    "max_epochs": 10,
+    "max_time": None,        # "DD:HH:MM:SS" wall-clock cap
+    "accelerator": "auto",
+    "devices": 1,
+    "num_nodes": 1,
+    "strategy": "auto",
+    "precision": "32-true",
+    "check_val_every_n_epoch": 1,
+    "log_every_n_steps": 20,
+    "gradient_clip_val": None,
+    "limit_train_batches": None,
+    "limit_val_batches": None,
+    "num_sanity_val_steps": 0,
+    "enable_progress_bar": True,
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid."""
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    """Reads a YAML config and checks every key against the known sections."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: should be a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(SECTIONS)}")
+    config = copy.deepcopy(SECTIONS)
+    for key, value in raw.items():
+        if isinstance(SECTIONS[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: '{key}' should be a mapping, got {value!r}")
+            config[key] = dict(value)
+        else:
+            config[key] = value
+    unknown = sorted(set(config["trainer"]) - set(TRAINER_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown trainer key(s) {unknown}; known: {sorted(TRAINER_DEFAULTS)}")
+    config["trainer"] = {**TRAINER_DEFAULTS, **config["trainer"]}
+    for key in ("arch", "num_classes"):
+        if key not in config["model"]:
+            raise ConfigError(f"{path}: model.{key} is missing")
+    config["_path"] = path
+    return config
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file in configs/")
+    parser.add_argument("--data-root", help="overrides data.root")
+    parser.add_argument("--max-epochs", type=int, help="overrides trainer.max_epochs")
+    parser.add_argument("--devices", help="overrides trainer.devices (an int, or 'auto')")
+    parser.add_argument("--num-nodes", type=int, help="overrides trainer.num_nodes")
+    parser.add_argument("--accelerator", help="overrides trainer.accelerator (cpu, gpu, auto)")
+    parser.add_argument("--strategy", help="overrides trainer.strategy (auto, ddp, ddp_spawn, ...)")
+    parser.add_argument("--output-dir", help="overrides output_dir")
+    parser.add_argument("--export", help="overrides export: also save the final detector here")
+    parser.add_argument("--fast-dev-run", nargs="?", const=1, type=int, default=0,
+                        help="run N (default 1) train and val batches, no checkpoints")
+    return parser.parse_args(argv)
+
+
+def apply_overrides(config: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    if args.data_root:
+        config["data"]["root"] = args.data_root
+    if args.max_epochs is not None:
+        config["trainer"]["max_epochs"] = args.max_epochs
+    if args.devices is not None:
+        config["trainer"]["devices"] = int(args.devices) if args.devices.isdigit() else args.devices
+    if args.num_nodes is not None:
+        config["trainer"]["num_nodes"] = args.num_nodes
+    if args.accelerator:
+        config["trainer"]["accelerator"] = args.accelerator
+    if args.strategy:
+        config["trainer"]["strategy"] = args.strategy
+    if args.output_dir:
+        config["output_dir"] = args.output_dir
+    if args.export:
+        config["export"] = args.export
+    return config
+
+
+def plot_curve(metrics_csv: str, png: str) -> List[Dict[str, float]]:
+    """val mAP per validation (epoch, elapsed seconds) from Lightning's CSV log, as a PNG."""
+    rows = []
+    with open(metrics_csv) as f:
+        for row in csv.DictReader(f):
+            if row.get("val/mAP"):
+                rows.append({"epoch": int(float(row["epoch"])) + 1, "mAP": float(row["val/mAP"]),
+                             "mAP50": float(row.get("val/mAP50") or "nan"),
+                             "elapsed_s": float(row.get("time/elapsed_s") or "nan")})
+    if not rows:
+        return rows
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    minutes = [r["elapsed_s"] / 60 for r in rows]
+    ax.plot(minutes, [r["mAP"] for r in rows], "o-", label="mAP@[.5:.95]")
+    ax.plot(minutes, [r["mAP50"] for r in rows], "s--", label="mAP@.5")
+    ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("wall-clock minutes of training (incl. validation)")
+    ax.set_ylabel("COCO mAP on shapes val")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = apply_overrides(load_config(args.config), args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    started = time.time()
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from models.checkpoint import save_detector
+    from ssd_post.lightning import DetectionDataModule, SSDLightningModule
+
+    if config["threads"]:
+        torch.set_num_threads(int(config["threads"]))
+    pl.seed_everything(int(config["seed"]), workers=True)
+    try:
+        module = SSDLightningModule(config["model"], config["optim"], config["loss"])
+        detector = module.detector
+        datamodule = DetectionDataModule(config["data"], detector.image_size, detector.image_mean, detector.image_std)
+    except ValueError as err:
+        print(f"error: {config['_path']}: {err}", file=sys.stderr)
+        return 2
+
+    output_dir = config["output_dir"]
+    os.makedirs(output_dir, exist_ok=True)
+    loggers = [CSVLogger(output_dir, name="logs")]
+    try:
+        loggers.append(TensorBoardLogger(output_dir, name="tensorboard"))
+    except ModuleNotFoundError:
+        print("note: tensorboard is not installed; writing CSV logs only", file=sys.stderr)
+    checkpoint = ModelCheckpoint(dirpath=os.path.join(output_dir, "checkpoints"), monitor="val/mAP", mode="max",
+                                 save_last=True, filename="epoch{epoch:03d}-map{val/mAP:.4f}",
+                                 auto_insert_metric_name=False)
+    trainer_cfg = {k: v for k, v in config["trainer"].items() if v is not None}
+    trainer = pl.Trainer(
+        default_root_dir=output_dir,
+        logger=loggers,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        fast_dev_run=args.fast_dev_run or False,
+        **trainer_cfg,
+    )
+    trainer.fit(module, datamodule=datamodule)
+
+    if args.fast_dev_run or not trainer.is_global_zero:
+        return 0
+    final = os.path.join(output_dir, "detector.pt")
+    save_detector(module.detector, final)
+    if config["export"]:
+        save_detector(module.detector, config["export"])
+    rows = plot_curve(os.path.join(loggers[0].log_dir, "metrics.csv"), os.path.join(output_dir, "map_curve.png"))
+    for row in rows:
+        print(f"epoch {row['epoch']:3d}  {row['elapsed_s'] / 60:6.2f} min  "
+              f"mAP {row['mAP']:.4f}  mAP50 {row['mAP50']:.4f}")
+    print(f"total wall clock {time.time() - started:.0f} s; final detector: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
