@@ -6,9 +6,12 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -20,8 +23,10 @@ from ssd_post.evaluation import (
     detections_to_coco,
     draw_detections,
     get_postprocess,
+    infer_batch,
     max_over_ranks,
     merge_rank_results,
+    run_inference,
     save_visualizations,
     scale_to_original,
 )
@@ -206,3 +211,219 @@ def test_save_visualizations_writes_one_png_per_image(tmp_path):
     assert [os.path.basename(p) for p in written] == ["000001.png"]
     with Image.open(written[0]) as png:
         assert png.size == (50, 60)
+
+
+# ---------------------------------------------------------------- the evaluate.py script
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# evaluate.py and train.py are scripts at the repository root, not package modules.
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import evaluate  # noqa: E402
+from models import build_model  # noqa: E402
+from models.checkpoint import save_detector  # noqa: E402
+
+SHIPPED_CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "tiny_shapes.pt")
+SHIPPED_CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_shapes.yaml")
+METRICS_JSON_KEYS = {"map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100",
+                     "timing_ms", "images_per_s", "postprocess"}
+
+
+def write_config(path, data_root, **model_overrides) -> str:
+    """The shipped config with a small shapes set (1 train, 24 val images) under data_root.
+
+    Shapes images are a function of (seed, split, index), so these 24 val images are
+    the first 24 of the full validation set.
+    """
+    with open(SHIPPED_CONFIG) as f:
+        config = yaml.safe_load(f)
+    config["data"].update(root=str(data_root), num_train=1, num_val=24, num_workers=0)
+    config["model"].update(model_overrides)
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("evaluate")
+    return write_config(folder / "tiny_small.yaml", folder / "shapes")
+
+
+@pytest.fixture(scope="module")
+def model_checkpoint(tmp_path_factory) -> str:
+    """The shipped checkpoint when it is there (meaningful detections), else a
+    randomly initialised tiny model of the same config."""
+    if os.path.isfile(SHIPPED_CHECKPOINT):
+        return SHIPPED_CHECKPOINT
+    with open(SHIPPED_CONFIG) as f:
+        model_config = yaml.safe_load(f)["model"]
+    torch.manual_seed(0)
+    model = build_model(model_config.pop("arch"), model_config.pop("num_classes"), **model_config)
+    path = str(tmp_path_factory.mktemp("checkpoint") / "tiny_random.pt")
+    save_detector(model, path)
+    return path
+
+
+def run_main(args, capsys):
+    """evaluate.main(args) in this process: (exit code, stdout, stderr)."""
+    code = evaluate.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_main_prints_the_summary_timing_and_writes_metrics_and_detections(small_config, model_checkpoint,
+                                                                         tmp_path, capsys):
+    out_json = tmp_path / "run" / "metrics.json"
+    code, out, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--limit", 12,
+                               "--batch-size", 5, "--json", out_json], capsys)
+    assert code == 0, err
+    assert out.count("Average Precision") == 6 and out.count("Average Recall") == 6
+    for stage in ("data", "forward", "postprocess", "evaluation"):
+        assert f"\n{stage} " in out
+    assert "images/s" in out
+    metrics = json.loads(out_json.read_text())
+    assert METRICS_JSON_KEYS <= set(metrics)
+    assert metrics["postprocess"] == "ssd_post" and metrics["num_images"] == 12
+    assert set(metrics["timing_ms"]) == {"data", "forward", "postprocess", "evaluation"}
+    assert metrics["images_per_s"] > 0
+    detections = json.loads((tmp_path / "run" / "metrics_detections.json").read_text())
+    assert metrics["detections"] == str(tmp_path / "run" / "metrics_detections.json")
+    assert {d["image_id"] for d in detections} <= set(range(1, 13))
+    assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in detections)
+
+
+def test_save_vis_writes_pngs(small_config, model_checkpoint, tmp_path, capsys):
+    code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--limit", 4,
+                             "--save-vis", tmp_path / "vis", "--vis-limit", 3], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "vis")) == ["000001.png", "000002.png", "000003.png"]
+
+
+def test_torchvision_and_ssd_post_postprocess_give_the_same_12_numbers(small_config, model_checkpoint,
+                                                                      tmp_path, capsys):
+    stats = {}
+    for name in ("ssd_post", "torchvision"):
+        out_json = tmp_path / f"{name}.json"
+        code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint,
+                                 "--postprocess", name, "--json", out_json], capsys)
+        assert code == 0, err
+        metrics = json.loads(out_json.read_text())
+        assert metrics["postprocess"] == name
+        stats[name] = metrics["stats"]
+    assert stats["ssd_post"] == stats["torchvision"]
+
+
+def test_infer_batch_stages_give_the_detections_of_model_predict(small_config, model_checkpoint):
+    config = evaluate.load_run_config(small_config)
+    detector = evaluate.load_model(model_checkpoint, config["model"])
+    dataset = evaluate.build_val_dataset(config["data"], detector)
+    images, targets = next(iter(evaluate.build_loader(dataset, 4, None, 0)))
+    for name in ("ssd_post", "torchvision"):
+        per_image = infer_batch(detector, images, targets, detector.anchors(), get_postprocess(name),
+                                StageTimer(), dataset.label_to_category)
+        expected = detections_to_coco(detector.predict(images, postprocess=name), targets,
+                                      detector.image_size, dataset.label_to_category)
+        assert [e for i in sorted(per_image) for e in per_image[i]] == expected
+
+
+def test_lightning_module_on_one_process_equals_the_plain_loop(small_config, model_checkpoint):
+    config = evaluate.load_run_config(small_config)
+    detector = evaluate.load_model(model_checkpoint, config["model"])
+    dataset = evaluate.build_val_dataset(config["data"], detector)
+    loader = evaluate.build_loader(dataset, 5, 11, 0)
+    plain = run_inference(detector, loader, get_postprocess("ssd_post"), StageTimer(), dataset.label_to_category)
+    rank, per_rank, seconds, inference_s = evaluate.run_lightning(
+        detector, loader, "ssd_post", dataset.label_to_category, devices=1)
+    assert rank == 0 and len(per_rank) == 1
+    assert per_rank[0] == plain
+    assert set(seconds) == {"data", "forward", "postprocess", "evaluation"} and inference_s > 0
+
+
+def test_two_processes_give_the_same_map_as_one(small_config, model_checkpoint, tmp_path, capsys):
+    common = ["--config", small_config, "--checkpoint", model_checkpoint, "--limit", "15", "--batch-size", "4"]
+    code, _, err = run_main(common + ["--json", tmp_path / "one.json"], capsys)
+    assert code == 0, err
+    # DDP starts rank 1 by running the script again, so two processes need a real subprocess.
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "evaluate.py"), *common, "--devices", "2",
+                           "--json", str(tmp_path / "two.json")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert (one["devices"], two["devices"]) == (1, 2)
+    assert one["num_images"] == two["num_images"] == 15
+    assert two["stats"] == one["stats"]
+
+
+# ---------------------------------------------------------------- errors name what was wrong
+
+
+def test_missing_checkpoint_file_is_named(small_config, tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    code, _, err = run_main(["--config", small_config, "--checkpoint", missing], capsys)
+    assert code == 1
+    assert f"checkpoint file not found: {missing}" in err
+
+
+def test_missing_config_file_is_named(model_checkpoint, tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    code, _, err = run_main(["--config", missing, "--checkpoint", model_checkpoint], capsys)
+    assert code == 1
+    assert f"config file not found: {missing}" in err
+
+
+@pytest.mark.parametrize("flag, value", [("--devices", "0"), ("--devices", "two"), ("--batch-size", "-3"),
+                                         ("--limit", "1.5")])
+def test_bad_counts_are_refused_by_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag} should be an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_unknown_postprocess_value_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--postprocess", "fast"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--postprocess" in err and "'fast'" in err and "ssd_post" in err and "torchvision" in err
+
+
+def test_negative_num_workers_is_refused(small_config, model_checkpoint, capsys):
+    code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--num-workers", -1],
+                            capsys)
+    assert code == 1 and "--num-workers should be >= 0, got -1" in err
+
+
+class _RunsCode:
+    """Unpickling this would create a folder: the kind of payload weights_only stops."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(small_config, tmp_path, capsys):
+    marker = tmp_path / "payload_ran"
+    bad = tmp_path / "bad.pt"
+    torch.save({"model_config": {"arch": "tiny", "num_classes": 5}, "state_dict": _RunsCode(str(marker))}, bad)
+    code, _, err = run_main(["--config", small_config, "--checkpoint", bad], capsys)
+    assert code == 1
+    assert f"cannot use checkpoint {bad}" in err and "refused to load" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"num_classes": 7}, "num_classes mismatch: checkpoint has 5, expected 7"),
+    ({"arch": "ssdlite320_mobilenet_v3_large"},
+     "arch mismatch: checkpoint has 'tiny', expected 'ssdlite320_mobilenet_v3_large'"),
+])
+def test_a_checkpoint_of_another_model_names_the_mismatch(override, message, model_checkpoint, tmp_path, capsys):
+    config = write_config(tmp_path / "other.yaml", tmp_path / "shapes", **override)
+    code, _, err = run_main(["--config", config, "--checkpoint", model_checkpoint], capsys)
+    assert code == 1
+    assert message in err
