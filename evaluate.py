@@ -259,6 +259,8 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     num_workers = args.num_workers if args.num_workers is not None else int(config["data"].get("num_workers", 0))
     if num_workers < 0:
         raise EvaluationError(f"--num-workers should be >= 0, got {num_workers}")
+    if config.get("threads") and args.devices == 1:
+        torch.set_num_threads(int(config["threads"]))  # as train.py does, so timings compare
     detector = load_model(args.checkpoint, config["model"])
     dataset = build_val_dataset(config["data"], detector)
     loader = build_loader(dataset, batch_size, args.limit, num_workers)
