@@ -19,7 +19,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,7 +59,8 @@ def load_run_config(config_path: str) -> Dict[str, Any]:
         raise EvaluationError(str(err)) from err
 
 
-def _int_at_least_one(flag: str):
+def _int_at_least_one(flag: str) -> Callable[[str], int]:
+    """An argparse ``type`` that accepts only a whole number >= 1 and names ``flag`` otherwise."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -259,11 +260,19 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     num_workers = args.num_workers if args.num_workers is not None else int(config["data"].get("num_workers", 0))
     if num_workers < 0:
         raise EvaluationError(f"--num-workers should be >= 0, got {num_workers}")
+    if not 0.0 <= args.vis_score <= 1.0:
+        raise EvaluationError(f"--vis-score should be a score in [0, 1], got {args.vis_score}")
     if config.get("threads") and args.devices == 1:
         torch.set_num_threads(int(config["threads"]))  # as train.py does, so timings compare
     detector = load_model(args.checkpoint, config["model"])
     dataset = build_val_dataset(config["data"], detector)
     loader = build_loader(dataset, batch_size, args.limit, num_workers)
+    num_to_evaluate = len(loader.dataset)
+    if args.devices > num_to_evaluate:
+        # A process with no image would never reach the gather at epoch end and the
+        # others would wait for it forever.
+        raise EvaluationError(
+            f"--devices {args.devices} is more than the {num_to_evaluate} image(s) to evaluate")
     label_to_category = dict(dataset.label_to_category)
 
     timer = StageTimer()

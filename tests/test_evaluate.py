@@ -427,3 +427,15 @@ def test_a_checkpoint_of_another_model_names_the_mismatch(override, message, mod
     code, _, err = run_main(["--config", config, "--checkpoint", model_checkpoint], capsys)
     assert code == 1
     assert message in err
+
+
+def test_out_of_range_vis_score_is_refused(small_config, model_checkpoint, capsys):
+    code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--vis-score", 1.5],
+                            capsys)
+    assert code == 1 and "--vis-score should be a score in [0, 1], got 1.5" in err
+
+
+def test_more_devices_than_images_is_refused_before_any_process_starts(small_config, model_checkpoint, capsys):
+    code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--limit", 2,
+                             "--devices", 3], capsys)
+    assert code == 1 and "--devices 3 is more than the 2 image(s) to evaluate" in err
