@@ -32,26 +32,40 @@ SSD_HOST_DEVICE float clamp_keep_nan(float x, float lo, float hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
-// rel = (dx, dy, dw, dh) regression of one anchor; anchor and out are xyxy.
-SSD_HOST_DEVICE void decode_box(const float rel[4], const float anchor[4], BoxWeights w,
-                                float out[4]) {
+// The log-scale regressions (dw, dh) of rel = (dx, dy, dw, dh), weighted and clamped
+// at kBoxScaleClamp; min_first keeps a NaN regression NaN, like torch.clamp(max=...).
+SSD_HOST_DEVICE void clamped_scale_logs(const float rel[4], BoxWeights w, float* dw, float* dh) {
+  *dw = min_first(rel[2] / w.ww, kBoxScaleClamp);
+  *dh = min_first(rel[3] / w.wh, kBoxScaleClamp);
+}
+
+// Decode given exp(dw) and exp(dh) already computed: the CPU kernels take those from
+// torch's own exp (bit-identical to torchvision's decode, whose exp is not always
+// the correctly rounded one), the CUDA kernels from expf. anchor and out are xyxy.
+SSD_HOST_DEVICE void decode_box_from_exp(const float rel[4], const float anchor[4], BoxWeights w,
+                                         float exp_dw, float exp_dh, float out[4]) {
   const float width = sub_rn(anchor[2], anchor[0]);
   const float height = sub_rn(anchor[3], anchor[1]);
   const float ctr_x = add_rn(anchor[0], mul_rn(0.5f, width));
   const float ctr_y = add_rn(anchor[1], mul_rn(0.5f, height));
   const float dx = rel[0] / w.wx;
   const float dy = rel[1] / w.wy;
-  // min_first keeps a NaN regression NaN, like torch.clamp(max=...).
-  const float dw = min_first(rel[2] / w.ww, kBoxScaleClamp);
-  const float dh = min_first(rel[3] / w.wh, kBoxScaleClamp);
   const float pred_ctr_x = add_rn(mul_rn(dx, width), ctr_x);
   const float pred_ctr_y = add_rn(mul_rn(dy, height), ctr_y);
-  const float half_w = mul_rn(0.5f, mul_rn(exp_f32(dw), width));
-  const float half_h = mul_rn(0.5f, mul_rn(exp_f32(dh), height));
+  const float half_w = mul_rn(0.5f, mul_rn(exp_dw, width));
+  const float half_h = mul_rn(0.5f, mul_rn(exp_dh, height));
   out[0] = sub_rn(pred_ctr_x, half_w);
   out[1] = sub_rn(pred_ctr_y, half_h);
   out[2] = add_rn(pred_ctr_x, half_w);
   out[3] = add_rn(pred_ctr_y, half_h);
+}
+
+// rel = (dx, dy, dw, dh) regression of one anchor; anchor and out are xyxy.
+SSD_HOST_DEVICE void decode_box(const float rel[4], const float anchor[4], BoxWeights w,
+                                float out[4]) {
+  float dw, dh;
+  clamped_scale_logs(rel, w, &dw, &dh);
+  decode_box_from_exp(rel, anchor, w, exp_f32(dw), exp_f32(dh), out);
 }
 
 // Clip an xyxy box to an image of height h and width w, in place.
