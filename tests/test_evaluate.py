@@ -439,3 +439,18 @@ def test_more_devices_than_images_is_refused_before_any_process_starts(small_con
     code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--limit", 2,
                              "--devices", 3], capsys)
     assert code == 1 and "--devices 3 is more than the 2 image(s) to evaluate" in err
+
+
+@pytest.mark.skipif(not os.path.isfile(SHIPPED_CHECKPOINT),
+                    reason="checkpoints/tiny_shapes.pt is not trained and committed yet")
+def test_default_run_evaluates_the_shipped_checkpoint_on_shapes_val_to_map_at_least_half(
+        monkeypatch, capsys):
+    """`python evaluate.py` with no arguments, as `make run` calls it (in this process,
+    from the repository root, so the data set lands where `make run` puts it)."""
+    monkeypatch.chdir(REPO_ROOT)
+    code, out, err = run_main([], capsys)
+    assert code == 0, err
+    assert "images=500" in out
+    first_line = next(line for line in out.splitlines() if "Average Precision" in line)
+    assert "IoU=0.50:0.95 | area=   all" in first_line
+    assert float(first_line.rsplit("=", 1)[1]) >= 0.5
