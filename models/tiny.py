@@ -6,6 +6,7 @@ stride-8 map that finds small objects also sees context, and torchvision's SSDHe
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -67,4 +68,19 @@ def build_tiny(num_classes: int, width: int = 32) -> Tuple[TinyBackbone, SSDHead
     backbone = TinyBackbone(width)
     boxes = tiny_default_boxes()
     head = SSDHead(backbone.out_channels, boxes.num_anchors_per_location(), num_classes)
+    init_background_prior(head, num_classes)
     return backbone, head, boxes
+
+
+def init_background_prior(head: SSDHead, num_classes: int, foreground_prob: float = 0.01) -> None:
+    """Starts every anchor at P(foreground) = ``foreground_prob``.
+
+    Nearly all anchors are background; starting from a uniform softmax makes the
+    first hundreds of steps spend themselves on pushing them down (the prior of
+    RetinaNet's classification head, here on the softmax background column).
+    """
+    prior = math.log((1 - foreground_prob) * (num_classes - 1) / foreground_prob)
+    for conv in head.classification_head.module_list:
+        bias = conv.bias.detach().view(-1, num_classes)  # [anchors per location, C]
+        bias.zero_()
+        bias[:, 0] = prior

@@ -1,0 +1,125 @@
+"""train.py and the Lightning modules: fast-dev-runs (single process and 2-process
+DDP on CPU with gloo), outputs of a short run, config errors, the LR schedule."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import train
+from models.checkpoint import load_detector
+from models.multibox import multibox_loss
+from ssd_post.lightning import SSDLightningModule, warmup_cosine
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tmp_path, **trainer):
+    config = {
+        "seed": 0,
+        "output_dir": str(tmp_path / "out"),
+        "threads": 1,
+        "model": {"arch": "tiny", "num_classes": 5, "image_size": [64, 64], "width": 8},
+        "data": {"kind": "shapes", "root": str(tmp_path.parent / "shapes_tiny"), "num_train": 8, "num_val": 4,
+                 "batch_size": 4, "num_workers": 0},
+        "optim": {"name": "sgd", "lr": 0.01, "warmup_steps": 2},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                    "log_every_n_steps": 1, **trainer},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_fast_dev_run(tmp_path):
+    assert train.main(["--config", _config(tmp_path), "--fast-dev-run"]) == 0
+
+
+def test_short_run_writes_checkpoints_logs_curve_and_detector(tmp_path):
+    export = tmp_path / "exported" / "tiny.pt"
+    code = train.main(["--config", _config(tmp_path, limit_train_batches=2), "--max-epochs", "2",
+                       "--output-dir", str(tmp_path / "run"), "--export", str(export)])
+    assert code == 0
+    run = tmp_path / "run"
+    assert (run / "map_curve.png").stat().st_size > 0
+    assert any(name.startswith("epoch") and name.endswith(".ckpt") for name in os.listdir(run / "checkpoints"))
+    with open(run / "logs" / "version_0" / "metrics.csv") as f:
+        maps = [float(r["val/mAP"]) for r in csv.DictReader(f) if r.get("val/mAP")]
+    assert len(maps) == 2 and all(0.0 <= m <= 1.0 for m in maps)
+    model = load_detector(str(export), expected={"arch": "tiny", "num_classes": 5})
+    assert model.image_size == (64, 64)
+    assert load_detector(str(run / "detector.pt")).model_config() == model.model_config()
+
+
+def test_ddp_two_process_cpu_fast_dev_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--config", _config(tmp_path), "--devices", "2",
+         "--strategy", "ddp", "--accelerator", "cpu", "--fast-dev-run"],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "GLOBAL_RANK: 1" in log or "distributed_backend=gloo" in log
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"model": {"arch": "tiny", "num_classes": 5}, "optimiser": {}}))
+    assert train.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "optimiser" in err
+    path.write_text(yaml.safe_dump({"model": {"arch": "tiny", "num_classes": 5}, "trainer": {"epochs": 3}}))
+    assert train.main(["--config", str(path)]) == 2
+    assert "epochs" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({"model": {"arch": "tiny", "num_classes": 5}, "data": {"batchsize": 3}}))
+    assert train.main(["--config", str(path)]) == 2
+    assert "batchsize" in capsys.readouterr().err
+    path.write_text("model: [unclosed")
+    assert train.main(["--config", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_class_count_mismatch_with_data_is_named(tmp_path):
+    config = yaml.safe_load(open(_config(tmp_path)))
+    config["model"]["num_classes"] = 7
+    path = tmp_path / "mismatch.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="num_classes is 7.*= 5"):
+        train.main(["--config", str(path), "--fast-dev-run"])
+
+
+def test_shipped_configs_parse():
+    for name in ("tiny_shapes.yaml", "ssd300_coco.yaml", "ssdlite320_coco.yaml"):
+        config = train.load_config(os.path.join(REPO, "configs", name))
+        assert config["model"]["arch"] in ("tiny", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 100, 10, 0.01, 0.0) == pytest.approx(0.01)
+    assert warmup_cosine(10, 100, 10, 0.01, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 0.01, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, 0.01, 0.05) == pytest.approx(0.05)
+
+
+def test_loss_falls_when_fitting_one_batch():
+    torch.manual_seed(0)
+    module = SSDLightningModule({"arch": "tiny", "num_classes": 3, "image_size": [64, 64], "width": 8})
+    detector = module.detector.train()
+    images = torch.randn(2, 3, 64, 64)
+    targets = [{"boxes": torch.tensor([[8., 8., 30., 30.]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30., 20., 60., 50.], [2., 40., 12., 50.]]), "labels": torch.tensor([2, 1])}]
+    optimizer = torch.optim.Adam(detector.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        locs, logits = detector(images)
+        loss = multibox_loss(locs, logits, detector.anchors(), targets, module.box_coder)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
