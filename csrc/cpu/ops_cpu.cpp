@@ -48,7 +48,11 @@ SelectParams make_select_params(double score_thresh, int64_t topk_candidates,
           topk_candidates, background_class.value_or(-1)};
 }
 
-// Decodes (and clips) the box of every selected candidate into out[N, 4].
+// Decodes (and clips) the box of every selected candidate into out[N, 4]. exp(dw)
+// and exp(dh) come from one call of torch's exp over all candidates: torch's exp is
+// the same for an element wherever it sits in a tensor, and torchvision decodes with
+// it, so the boxes are bit-identical to torchvision's and NMS decisions near the
+// IoU threshold cannot flip.
 void decode_selection(const Selection& sel, const DecodeInputs& in, float* out) {
   const int64_t C = sel.num_classes;
   const int64_t A = in.locs.size(1);
@@ -56,6 +60,18 @@ void decode_selection(const Selection& sel, const DecodeInputs& in, float* out) 
   const float* anchors = in.anchors.data_ptr<float>();
   const float* sizes = in.image_sizes.data_ptr<float>();
   const bool per_image_anchors = in.anchors.dim() == 3;
+  at::Tensor scales = at::empty({sel.size(), 2}, at::kFloat);  // (exp dw, exp dh) per candidate
+  float* scale = scales.data_ptr<float>();
+  at::parallel_for(0, sel.num_segments(), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const float* image_locs = locs + (s / C) * A * 4;
+      for (int64_t i = sel.segment_begin[s]; i < sel.segment_begin[s + 1]; ++i) {
+        clamped_scale_logs(image_locs + 4 * sel.items[i].anchor, in.weights, &scale[2 * i],
+                           &scale[2 * i + 1]);
+      }
+    }
+  });
+  scales.exp_();
   at::parallel_for(0, sel.num_segments(), 16, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       const int64_t b = s / C;
@@ -64,7 +80,8 @@ void decode_selection(const Selection& sel, const DecodeInputs& in, float* out) 
       for (int64_t i = sel.segment_begin[s]; i < sel.segment_begin[s + 1]; ++i) {
         const int64_t a = sel.items[i].anchor;
         float* box = out + 4 * i;
-        decode_box(image_locs + 4 * a, image_anchors + 4 * a, in.weights, box);
+        decode_box_from_exp(image_locs + 4 * a, image_anchors + 4 * a, in.weights, scale[2 * i],
+                            scale[2 * i + 1], box);
         if (in.clip) clip_box(box, sizes[2 * b], sizes[2 * b + 1]);
       }
     }
@@ -99,68 +116,220 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cpu(
   return {boxes, scores, keys};
 }
 
+// One NMS survivor of an image, with what the output needs.
+struct Survivor {
+  float score;
+  int32_t label;
+  int32_t order;  // position in class-then-rank order: breaks score ties as torchvision does
+  float box[4];
+};
+
+// What one thread needs to take a class from ranked candidates to survivors;
+// allocated once per thread and reused.
+struct NmsWorkspace {
+  NmsScratch scratch;
+  std::vector<float> boxes;  // [n, 4] decoded, clipped boxes of the ranked candidates
+  std::vector<uint8_t> keep;
+};
+
+// Writes (dw, dh) of each ranked candidate of image b, clamped, to logs[2 * i],
+// ready for one call of torch's exp over many classes (see decode_selection).
+void fill_scale_logs(const std::vector<Candidate>& ranked, int64_t b, const DecodeInputs& in,
+                     float* logs) {
+  const float* locs = in.locs.data_ptr<float>() + b * in.locs.size(1) * 4;
+  for (size_t i = 0; i < ranked.size(); ++i) {
+    clamped_scale_logs(locs + 4 * ranked[i].anchor, in.weights, &logs[2 * i], &logs[2 * i + 1]);
+  }
+}
+
+// Decodes the ranked candidates of (image b, class label) given their exp(dw),
+// exp(dh) in scales[2 * i], runs greedy NMS on them and appends the survivors.
+void nms_class(const std::vector<Candidate>& ranked, int64_t b, int64_t label,
+               const DecodeInputs& in, const float* scales, double nms_thresh, NmsWorkspace& ws,
+               std::vector<Survivor>& out) {
+  const int64_t n = static_cast<int64_t>(ranked.size());
+  if (n == 0) return;
+  const int64_t A = in.locs.size(1);
+  const float* locs = in.locs.data_ptr<float>() + b * A * 4;
+  const float* anchors = in.anchors.data_ptr<float>() + (in.anchors.dim() == 3 ? b * A * 4 : 0);
+  const float* sizes = in.image_sizes.data_ptr<float>() + 2 * b;
+  ws.boxes.resize(static_cast<size_t>(4 * n));
+  ws.keep.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t a = ranked[i].anchor;
+    float* box = ws.boxes.data() + 4 * i;
+    decode_box_from_exp(locs + 4 * a, anchors + 4 * a, in.weights, scales[2 * i],
+                        scales[2 * i + 1], box);
+    if (in.clip) clip_box(box, sizes[0], sizes[1]);
+  }
+  nms_ranked_run(ws.boxes.data(), n, nms_thresh, ws.keep.data(), ws.scratch);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!ws.keep[i]) continue;
+    Survivor s{ranked[i].score, static_cast<int32_t>(label), static_cast<int32_t>(out.size()), {}};
+    std::copy_n(ws.boxes.data() + 4 * i, 4, s.box);
+    out.push_back(s);
+  }
+}
+
+struct PostprocessOutputs {
+  float* boxes;     // [B, K, 4]
+  float* scores;    // [B, K]
+  int64_t* labels;  // [B, K]
+  int64_t* counts;  // [B]
+  int64_t K;
+};
+
+// Writes the K best survivors of image b (by score; ties by class, then rank).
+void write_top(std::vector<Survivor>& survivors, int64_t b, const PostprocessOutputs& out) {
+  const int64_t n = std::min<int64_t>(out.K, static_cast<int64_t>(survivors.size()));
+  std::partial_sort(survivors.begin(), survivors.begin() + n, survivors.end(),
+                    [](const Survivor& x, const Survivor& y) {
+                      return x.score > y.score || (x.score == y.score && x.order < y.order);
+                    });
+  out.counts[b] = n;
+  for (int64_t r = 0; r < n; ++r) {
+    const Survivor& s = survivors[r];
+    std::copy_n(s.box, 4, out.boxes + (b * out.K + r) * 4);
+    out.scores[b * out.K + r] = s.score;
+    out.labels[b * out.K + r] = s.label;
+  }
+}
+
+// B >= threads: each image runs the whole pipeline on one thread, with buffers
+// that the thread reuses, so the extra memory is per thread, not per image.
+void postprocess_per_image(const at::Tensor& logits, const SelectParams& params,
+                           const DecodeInputs& in, double nms_thresh,
+                           const PostprocessOutputs& out) {
+  const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
+  const int64_t k = params.topk_candidates;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    CandidateScanner scanner(params, C);
+    NmsWorkspace ws;
+    std::vector<Survivor> survivors;
+    // (dw, dh) of every candidate of the image, exp'd in place by one torch call.
+    at::Tensor scales = at::empty({2 * C * k}, at::kFloat);
+    for (int64_t b = begin; b < end; ++b) {
+      scanner.reset();
+      scanner.scan(logits, b, 0, A);
+      int64_t total = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        BoundedCandidates& cands = scanner.per_class()[c];
+        cands.finish(k);
+        fill_scale_logs(cands.items(), b, in, scales.data_ptr<float>() + 2 * total);
+        total += static_cast<int64_t>(cands.items().size());
+      }
+      if (total > 0) scales.narrow(0, 0, 2 * total).exp_();
+      survivors.clear();
+      total = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const std::vector<Candidate>& ranked = scanner.per_class()[c].items();
+        nms_class(ranked, b, c, in, scales.data_ptr<float>() + 2 * total, nms_thresh, ws,
+                  survivors);
+        total += static_cast<int64_t>(ranked.size());
+      }
+      write_top(survivors, b, out);
+    }
+  });
+}
+
+// B < threads: the anchors of each image are split across threads, then the
+// (image, class) segments are merged and suppressed in parallel.
+void postprocess_split_anchors(const at::Tensor& logits, const SelectParams& params,
+                               const DecodeInputs& in, double nms_thresh, int64_t chunks,
+                               const PostprocessOutputs& out) {
+  const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
+  const int64_t k = params.topk_candidates;
+  const int64_t anchors_per_chunk = (A + chunks - 1) / chunks;
+  // parts[(b * chunks + chunk) * C + c]: ranked candidates of one chunk.
+  std::vector<std::vector<Candidate>> parts(static_cast<size_t>(B * chunks * C));
+  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    CandidateScanner scanner(params, C);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t a_begin = std::min(A, (t % chunks) * anchors_per_chunk);
+      const int64_t a_end = std::min(A, a_begin + anchors_per_chunk);
+      scanner.reset();
+      scanner.scan(logits, t / chunks, a_begin, a_end);
+      for (int64_t c = 0; c < C; ++c) {
+        BoundedCandidates& cands = scanner.per_class()[c];
+        cands.finish(k);
+        parts[t * C + c] = cands.items();
+      }
+    }
+  });
+  std::vector<std::vector<Candidate>> merged(static_cast<size_t>(B * C));
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t b = s / C, c = s % C;
+      std::vector<Candidate>& out_segment = merged[s];
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const auto& part = parts[(b * chunks + chunk) * C + c];
+        out_segment.insert(out_segment.end(), part.begin(), part.end());
+      }
+      if (static_cast<int64_t>(out_segment.size()) > k) {
+        std::nth_element(out_segment.begin(), out_segment.begin() + (k - 1), out_segment.end(),
+                         ranks_before);
+        out_segment.resize(k);
+      }
+      std::sort(out_segment.begin(), out_segment.end(), ranks_before);
+    }
+  });
+  std::vector<int64_t> first(static_cast<size_t>(B * C + 1), 0);
+  for (int64_t s = 0; s < B * C; ++s) first[s + 1] = first[s] + static_cast<int64_t>(merged[s].size());
+  at::Tensor scales = at::empty({2 * first[B * C]}, at::kFloat);
+  float* scale = scales.data_ptr<float>();
+  for (int64_t s = 0; s < B * C; ++s) fill_scale_logs(merged[s], s / C, in, scale + 2 * first[s]);
+  scales.exp_();
+  std::vector<std::vector<Survivor>> segment_survivors(static_cast<size_t>(B * C));
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    NmsWorkspace ws;
+    for (int64_t s = begin; s < end; ++s) {
+      nms_class(merged[s], s / C, s % C, in, scale + 2 * first[s], nms_thresh, ws,
+                segment_survivors[s]);
+    }
+  });
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Survivor> survivors;
+    for (int64_t b = begin; b < end; ++b) {
+      survivors.clear();
+      for (int64_t c = 0; c < C; ++c) {
+        for (Survivor s : segment_survivors[b * C + c]) {
+          s.order = static_cast<int32_t>(survivors.size());
+          survivors.push_back(s);
+        }
+      }
+      write_top(survivors, b, out);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
-    const at::Tensor& locs, const at::Tensor& logits, const at::Tensor& anchors,
+    const at::Tensor& locs, const at::Tensor& logits_in, const at::Tensor& anchors,
     const at::Tensor& image_sizes, double score_thresh, double nms_thresh,
     int64_t topk_candidates, int64_t detections_per_img, at::ArrayRef<double> box_weights,
     c10::string_view score_activation, c10::optional<int64_t> background_class,
     bool clip_boxes) {
-  const BatchDims dims = check_decode_inputs(locs, logits, anchors, image_sizes, score_thresh,
+  const BatchDims dims = check_decode_inputs(locs, logits_in, anchors, image_sizes, score_thresh,
                                              topk_candidates, box_weights, background_class);
   check_postprocess_scalars(nms_thresh, detections_per_img);
   const SelectParams params = make_select_params(score_thresh, topk_candidates,
                                                  std::string(score_activation), background_class);
   const DecodeInputs in = make_decode_inputs(locs, anchors, image_sizes, box_weights, clip_boxes);
-  const Selection sel = select_candidates(logits, params);
+  const at::Tensor logits = logits_in.contiguous();
 
-  const int64_t B = dims.batch, C = dims.classes, K = detections_per_img;
-  std::vector<float> cand_boxes(static_cast<size_t>(4 * sel.size()));
-  std::vector<uint8_t> keep(static_cast<size_t>(sel.size()));
-  decode_selection(sel, in, cand_boxes.data());
-  at::parallel_for(0, sel.num_segments(), 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> areas;
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t first = sel.segment_begin[s];
-      nms_ranked_run(cand_boxes.data() + 4 * first, sel.segment_begin[s + 1] - first, nms_thresh,
-                     keep.data() + first, areas);
-    }
-  });
-
+  const int64_t B = dims.batch, K = detections_per_img;
   at::Tensor out_boxes = at::zeros({B, K, 4}, locs.options().dtype(at::kFloat));
   at::Tensor out_scores = at::zeros({B, K}, locs.options().dtype(at::kFloat));
   at::Tensor out_labels = at::zeros({B, K}, locs.options().dtype(at::kLong));
   at::Tensor out_count = at::zeros({B}, locs.options().dtype(at::kLong));
-  float* boxes_ptr = out_boxes.data_ptr<float>();
-  float* scores_ptr = out_scores.data_ptr<float>();
-  int64_t* labels_ptr = out_labels.data_ptr<int64_t>();
-  int64_t* count_ptr = out_count.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> survivors;
-    for (int64_t b = begin; b < end; ++b) {
-      // Survivors in class order, each class in rank order; the stable sort by
-      // score then breaks ties by class and rank, as torchvision's concatenation does.
-      survivors.clear();
-      for (int64_t i = sel.segment_begin[b * C]; i < sel.segment_begin[(b + 1) * C]; ++i) {
-        if (keep[i]) survivors.push_back(i);
-      }
-      std::stable_sort(survivors.begin(), survivors.end(), [&](int64_t x, int64_t y) {
-        return sel.items[x].score > sel.items[y].score;
-      });
-      const int64_t n = std::min<int64_t>(K, static_cast<int64_t>(survivors.size()));
-      count_ptr[b] = n;
-      // Segment of candidate i: the last segment_begin <= i.
-      int64_t segment = b * C;
-      for (int64_t r = 0; r < n; ++r) {
-        const int64_t i = survivors[r];
-        const auto it = std::upper_bound(sel.segment_begin.begin() + b * C,
-                                         sel.segment_begin.begin() + (b + 1) * C + 1, i);
-        segment = (it - sel.segment_begin.begin()) - 1;
-        std::copy_n(cand_boxes.data() + 4 * i, 4, boxes_ptr + (b * K + r) * 4);
-        scores_ptr[b * K + r] = sel.items[i].score;
-        labels_ptr[b * K + r] = segment - b * C;
-      }
-    }
-  });
+  if (B == 0 || dims.anchors == 0) return {out_boxes, out_scores, out_labels, out_count};
+  const PostprocessOutputs out{out_boxes.data_ptr<float>(), out_scores.data_ptr<float>(),
+                               out_labels.data_ptr<int64_t>(), out_count.data_ptr<int64_t>(), K};
+  const int64_t chunks = anchor_chunks_per_image(B, dims.anchors);
+  if (chunks == 1) {
+    postprocess_per_image(logits, params, in, nms_thresh, out);
+  } else {
+    postprocess_split_anchors(logits, params, in, nms_thresh, chunks, out);
+  }
   return {out_boxes, out_scores, out_labels, out_count};
 }
 
@@ -206,10 +375,10 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_
   std::vector<uint8_t> keep(static_cast<size_t>(N));
   const int64_t runs = static_cast<int64_t>(run_begin.size()) - 1;
   at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> areas;
+    NmsScratch scratch;
     for (int64_t g = begin; g < end; ++g) {
       nms_ranked_run(ranked_boxes.data() + 4 * run_begin[g], run_begin[g + 1] - run_begin[g],
-                     iou_threshold, keep.data() + run_begin[g], areas);
+                     iou_threshold, keep.data() + run_begin[g], scratch);
     }
   });
 

@@ -1,0 +1,23 @@
+// The per-anchor pruning test of the softmax path, vectorised: it is the only code
+// that touches every logit, so its speed is the speed of the whole CPU op.
+#pragma once
+
+#include <cstdint>
+
+namespace ssd_post {
+namespace cpu {
+
+// For each row r in [begin, end) of the float32 logits `rows` (C columns each),
+// whether some foreground logit x_c (column `background` excluded, -1: none) has
+// x_c - max(row) > bound. Writes the passing row indices, in increasing order, to
+// `passing` (room for end - begin entries) and returns how many there are.
+//
+// Only the foreground max needs the test, because x - m is monotone in x for a
+// fixed m. A row holding a NaN may either pass or fail: a passing row gets its
+// probabilities from torch's softmax, which turns such a row into NaN, and NaN is
+// never kept, so both answers give the same detections.
+int64_t float_rows_may_pass(const float* rows, int64_t C, int64_t background, float bound,
+                            int64_t begin, int64_t end, int32_t* passing);
+
+}  // namespace cpu
+}  // namespace ssd_post
