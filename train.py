@@ -96,6 +96,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--strategy", help="overrides trainer.strategy (auto, ddp, ddp_spawn, ...)")
     parser.add_argument("--output-dir", help="overrides output_dir")
     parser.add_argument("--export", help="overrides export: also save the final detector here")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config entry, e.g. --set optim.lr=0.01 (value parsed as YAML)")
     parser.add_argument("--fast-dev-run", nargs="?", const=1, type=int, default=0,
                         help="run N (default 1) train and val batches, no checkpoints")
     return parser.parse_args(argv)
@@ -118,16 +120,36 @@ def apply_overrides(config: Dict[str, Any], args: argparse.Namespace) -> Dict[st
         config["output_dir"] = args.output_dir
     if args.export:
         config["export"] = args.export
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set should be SECTION.KEY=VALUE, got {item!r}")
+        value = yaml.safe_load(text)
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown key {section!r}; known: {sorted(SECTIONS)}")
+        if not name:
+            config[section] = value
+        elif section == "trainer" and name not in TRAINER_DEFAULTS:
+            raise ConfigError(f"--set {item!r}: unknown trainer key {name!r}; known: {sorted(TRAINER_DEFAULTS)}")
+        elif not isinstance(SECTIONS[section], dict):
+            raise ConfigError(f"--set {item!r}: {section!r} has no sub-keys")
+        else:
+            # Keys inside model/data/optim/loss are checked where they are used.
+            config[section][name] = value
     return config
 
 
 def plot_curve(metrics_csv: str, png: str) -> List[Dict[str, float]]:
     """val mAP per validation (epoch, elapsed seconds) from Lightning's CSV log, as a PNG."""
     rows = []
+    epoch = 0
     with open(metrics_csv) as f:
         for row in csv.DictReader(f):
+            if row.get("epoch"):
+                epoch = int(float(row["epoch"])) + 1
             if row.get("val/mAP"):
-                rows.append({"epoch": int(float(row["epoch"])) + 1, "mAP": float(row["val/mAP"]),
+                rows.append({"epoch": epoch, "mAP": float(row["val/mAP"]),
                              "mAP50": float(row.get("val/mAP50") or "nan"),
                              "elapsed_s": float(row.get("time/elapsed_s") or "nan")})
     if not rows:
@@ -150,6 +172,11 @@ def plot_curve(metrics_csv: str, png: str) -> List[Dict[str, float]]:
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return rows
+
+
+def last_validated_step(trainer) -> int:
+    """Global step of the last validation during fit (-1 when none ran)."""
+    return int(getattr(trainer.lightning_module, "last_val_step", -1))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -198,8 +225,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         **trainer_cfg,
     )
     trainer.fit(module, datamodule=datamodule)
-
-    if args.fast_dev_run or not trainer.is_global_zero:
+    if args.fast_dev_run:
+        return 0
+    if trainer.global_step != last_validated_step(trainer):
+        # Training ended between validations (max_time, or epochs not a multiple of
+        # check_val_every_n_epoch): measure the weights that get exported.
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    if not trainer.is_global_zero:
         return 0
     final = os.path.join(output_dir, "detector.pt")
     save_detector(module.detector, final)

@@ -1,8 +1,8 @@
 """A small SSD (about a million parameters) that trains on two CPU cores.
 
 Plain 3x3 conv + BatchNorm + ReLU stages (fast on CPU, unlike depthwise convs),
-four feature maps at strides 8, 16, 32 and 64, a light top-down path so the
-stride-8 map that finds small objects also sees context, and torchvision's SSDHead.
+four feature maps at strides 4, 8, 16 and 32 with a light top-down path so the
+fine maps that find small objects also see context, and torchvision's SSDHead.
 """
 from __future__ import annotations
 
@@ -31,7 +31,13 @@ def conv_bn(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
 
 
 class TinyBackbone(nn.Module):
-    """Images [B, 3, H, W] -> four maps [B, C_k, H/s, W/s] for s = 8, 16, 32, 64."""
+    """Images [B, 3, H, W] -> four maps [B, C_k, H/s, W/s] for s = 4, 8, 16, 32.
+
+    The strides are about 0.4 of the anchor sizes they carry (as in SSD300), so an
+    object of any size overlaps several anchors at IoU >= 0.5 and gets several
+    positives, not only the one it claims; top-down connections give the fine maps,
+    which find the small objects, the context of the coarser ones.
+    """
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
@@ -40,21 +46,21 @@ class TinyBackbone(nn.Module):
         self.stage8 = nn.Sequential(conv_bn(w, 2 * w, 2), conv_bn(2 * w, 2 * w), conv_bn(2 * w, 2 * w))
         self.stage16 = nn.Sequential(conv_bn(2 * w, 4 * w, 2), conv_bn(4 * w, 4 * w))
         self.stage32 = nn.Sequential(conv_bn(4 * w, 4 * w, 2), conv_bn(4 * w, 4 * w))
-        self.stage64 = nn.Sequential(conv_bn(4 * w, 4 * w, 2))
-        # Top-down: stride-16 context added into the stride-8 map (1x1 to match channels).
+        # 1x1 laterals match channels before the coarser map is added into the finer one.
         self.lateral16 = nn.Conv2d(4 * w, 2 * w, 1)
         self.smooth8 = conv_bn(2 * w, 2 * w)
-        self.out_channels = [2 * w, 4 * w, 4 * w, 4 * w]
+        self.lateral8 = nn.Conv2d(2 * w, w, 1)
+        self.smooth4 = conv_bn(w, w)
+        self.out_channels = [w, 2 * w, 4 * w, 4 * w]
 
     def forward(self, images: Tensor) -> List[Tensor]:
-        x = self.stem(images)
-        c8 = self.stage8(x)
+        c4 = self.stem(images)
+        c8 = self.stage8(c4)
         c16 = self.stage16(c8)
         c32 = self.stage32(c16)
-        c64 = self.stage64(c32)
-        up = F.interpolate(self.lateral16(c16), size=c8.shape[-2:], mode="nearest")
-        p8 = self.smooth8(c8 + up)
-        return [p8, c16, c32, c64]
+        p8 = self.smooth8(c8 + F.interpolate(self.lateral16(c16), size=c8.shape[-2:], mode="nearest"))
+        p4 = self.smooth4(c4 + F.interpolate(self.lateral8(p8), size=c4.shape[-2:], mode="nearest"))
+        return [p4, p8, c16, c32]
 
 
 def tiny_default_boxes() -> DefaultBoxes:

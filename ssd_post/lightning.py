@@ -111,6 +111,7 @@ OPTIM_DEFAULTS: Dict[str, Any] = {
     "warmup_steps": 200,   # linear warm-up from warmup_factor * lr
     "warmup_factor": 0.01,
     "min_lr_ratio": 0.01,  # cosine decays to min_lr_ratio * lr at the last step
+    "time_budget_s": None,  # also end the cosine when this much wall clock has passed
 }
 
 
@@ -153,6 +154,7 @@ class SSDLightningModule(pl.LightningModule):
         self.box_coder = BoxCoder(self.detector.postprocess_config.box_weights)
         self._val_results: List[dict] = []
         self._fit_start: Optional[float] = None
+        self.last_val_step = -1
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         return self.detector(images)
@@ -165,7 +167,8 @@ class SSDLightningModule(pl.LightningModule):
                              self.iou_thresh, self.neg_pos_ratio)
 
     def on_fit_start(self) -> None:
-        self._fit_start = time.time()
+        if self._fit_start is None:  # a validate() after fit keeps measuring from the fit's start
+            self._fit_start = time.time()
         datamodule = getattr(self.trainer, "datamodule", None)
         dataset = getattr(datamodule, "val_dataset", None) or getattr(datamodule, "train_dataset", None)
         if dataset is not None and dataset.num_classes != self.detector.num_classes:
@@ -196,7 +199,11 @@ class SSDLightningModule(pl.LightningModule):
             # Every rank evaluates the union, so all log the same numbers.
             gathered: List[Optional[List[dict]]] = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, results)
-            results = [r for part in gathered for r in part]
+            # DistributedSampler pads ranks with repeated images: keep one copy of each.
+            results, seen = [], set()
+            for part in gathered:
+                results.extend(r for r in part if r["image_id"] not in seen)
+                seen |= {r["image_id"] for r in part}
         dataset = self.trainer.datamodule.val_dataset
         image_ids = None
         if self.trainer.sanity_checking or self.trainer.fast_dev_run or self.trainer.limit_val_batches != 1.0:
@@ -206,6 +213,7 @@ class SSDLightningModule(pl.LightningModule):
         self.log_dict({f"val/{k}": stats[k] for k in ("mAP50", "mAP75", "mAP_small")})
         if self._fit_start is not None:
             self.log("time/elapsed_s", time.time() - self._fit_start)
+        self.last_val_step = int(self.trainer.global_step)
         self._val_results = []
 
     def configure_optimizers(self):
@@ -224,6 +232,16 @@ class SSDLightningModule(pl.LightningModule):
             raise ValueError(f"optim.name should be 'sgd' or 'adamw', got {cfg['name']!r}")
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(int(cfg["warmup_steps"]), total // 2)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup, cfg["warmup_factor"], cfg["min_lr_ratio"]))
+        budget = cfg["time_budget_s"]
+
+        def multiplier(step: int) -> float:
+            # On a machine of unknown (or shared) speed a step count cannot promise a
+            # wall-clock budget; with time_budget_s the cosine follows whichever of
+            # steps or seconds runs out first, so a time-capped run still anneals.
+            if budget and self._fit_start is not None and step >= warmup:
+                by_time = (time.time() - self._fit_start) / float(budget)
+                step = max(step, warmup + int(by_time * (total - warmup)))
+            return warmup_cosine(step, total, warmup, cfg["warmup_factor"], cfg["min_lr_ratio"])
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
