@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ssd_post import BoxCoder
 from ssd_post.data.coco import CocoDetectionDataset, collate_fn
-from ssd_post.data.evaluation import coco_map, results_for_batch
+from ssd_post.evaluation import coco_evaluate, detections_to_coco
 from ssd_post.data.shapes import ensure_shapes_dataset
 from ssd_post.data.transforms import eval_transforms, train_transforms
 
@@ -191,7 +191,7 @@ class SSDLightningModule(pl.LightningModule):
         detections = self.detector.predict(images)
         dataset = self.trainer.datamodule.val_dataset
         self._val_results.extend(
-            results_for_batch(detections, targets, self.detector.image_size, dataset.label_to_category))
+            detections_to_coco(detections, targets, self.detector.image_size, dataset.label_to_category))
 
     def on_validation_epoch_end(self) -> None:
         results = self._val_results
@@ -205,12 +205,15 @@ class SSDLightningModule(pl.LightningModule):
                 results.extend(r for r in part if r["image_id"] not in seen)
                 seen |= {r["image_id"] for r in part}
         dataset = self.trainer.datamodule.val_dataset
-        image_ids = None
+        image_ids = dataset.coco.getImgIds()
         if self.trainer.sanity_checking or self.trainer.fast_dev_run or self.trainer.limit_val_batches != 1.0:
             image_ids = sorted({r["image_id"] for r in results})  # only the images that ran
-        stats = coco_map(dataset.coco, results, image_ids or ())
-        self.log("val/mAP", stats["mAP"], prog_bar=True)
-        self.log_dict({f"val/{k}": stats[k] for k in ("mAP50", "mAP75", "mAP_small")})
+        if not image_ids:  # a partial run that detected nothing has nothing to score
+            image_ids = dataset.coco.getImgIds()
+        stats = coco_evaluate(dataset.coco, results, image_ids)
+        self.log("val/mAP", stats["map"], prog_bar=True)
+        self.log_dict({"val/mAP50": stats["map_50"], "val/mAP75": stats["map_75"],
+                       "val/mAP_small": stats["map_small"]})
         if self._fit_start is not None:
             self.log("time/elapsed_s", time.time() - self._fit_start)
         self.last_val_step = int(self.trainer.global_step)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ssd_post.data.coco import CocoDetectionDataset, CocoFormatError, collate_fn
-from ssd_post.data.evaluation import coco_map
+from ssd_post.evaluation import coco_evaluate
 from ssd_post.data.shapes import ensure_shapes_dataset
 from ssd_post.data.transforms import eval_transforms, train_transforms
 
@@ -66,8 +66,9 @@ def test_pycocotools_scores_ground_truth_as_perfect(shapes):
     dataset = CocoDetectionDataset(*shapes["val"])
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                for a in dataset.coco.dataset["annotations"]]
-    assert coco_map(dataset.coco, results)["mAP"] == pytest.approx(1.0)
-    assert coco_map(dataset.coco, [])["mAP"] == 0.0
+    image_ids = dataset.coco.getImgIds()
+    assert coco_evaluate(dataset.coco, results, image_ids)["map"] == pytest.approx(1.0)
+    assert coco_evaluate(dataset.coco, [], image_ids)["map"] == 0.0
 
 
 def test_reader_item_and_eval_transform(shapes):
