@@ -16,10 +16,11 @@ $(VENV)/bin/python:
 
 # Third-party dependencies change rarely; the extension is rebuilt whenever csrc/ changes.
 $(VENV)/.deps: $(VENV)/bin/python pyproject.toml
-	$(PIP) install --quiet --upgrade "pip>=23" "setuptools>=64" wheel
+	$(PIP) install --quiet "setuptools>=64" wheel
 	$(PIP) install --quiet $(TORCH_PINS)
 	$(PIP) install --quiet $(TORCH_PINS) pytest hypothesis matplotlib pyyaml \
-		"pytorch-lightning>=2.2" "albumentations>=1.4" "pycocotools>=2.0.7" tensorboard
+		"pytorch-lightning>=2.2" "albumentations>=1.4" "pycocotools>=2.0.7" \
+		opencv-python-headless tensorboard
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(EXT_SOURCES)
@@ -29,7 +30,7 @@ $(VENV)/.built: $(VENV)/.deps $(EXT_SOURCES)
 install: $(VENV)/.built
 
 run: install
-	$(PY) demo.py
+	$(PY) evaluate.py
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
