@@ -47,17 +47,44 @@ def markdown_table(rows: List[Dict]) -> str:
     return "\n".join(md)
 
 
-def write_json(results: Dict, out_dir: str) -> List[str]:
-    """One file per scenario: cpu_<scenario>.json with the run's metadata."""
+def _key(row: Dict) -> tuple:
+    return row["scenario"], row["model"], row["batch"], row["method"]
+
+
+def write_json(results: Dict, out_dir: str, merge: bool = False) -> List[str]:
+    """One file per scenario: cpu_<scenario>.json with the run's metadata. With
+    ``merge``, rows of an existing file that this run did not measure are kept (and
+    the file records every command that contributed)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for scenario in sorted({r["scenario"] for r in results["rows"]}):
         path = os.path.join(out_dir, f"cpu_{scenario}.json")
-        payload = dict(results, rows=[r for r in results["rows"] if r["scenario"] == scenario])
+        rows = [r for r in results["rows"] if r["scenario"] == scenario]
+        payload = dict(results, rows=rows)
+        if merge and os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            fresh = {_key(r) for r in rows}
+            kept = [r for r in old["rows"] if _key(r) not in fresh]
+            payload = dict(old, rows=kept + rows,
+                           merged_runs=old.get("merged_runs", []) + [
+                               {k: results[k] for k in ("command", "date", "load_average_start",
+                                                        "load_average_end") if k in results}])
         with open(path, "w") as f:
             json.dump(payload, f, indent=1)
         paths.append(path)
     return paths
+
+
+def load_rows(out_dir: str) -> List[Dict]:
+    """Every row of every cpu_*.json in out_dir."""
+    import glob
+
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "cpu_*.json"))):
+        with open(path) as f:
+            rows.extend(json.load(f)["rows"])
+    return rows
 
 
 def plot(rows: List[Dict], path: str) -> str:

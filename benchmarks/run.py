@@ -48,6 +48,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="skip a method (torchvision excepted) whose call would take longer")
     p.add_argument("--memory-batches", default="32", help="batch sizes whose extra memory is measured ('' for none)")
     p.add_argument("--out-dir", default=RESULTS_DIR)
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the rows this run measured in the existing JSON files")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: toy model, batches 1,2, 2 repeats, no memory (flags given still win)")
     args = p.parse_args(argv)
@@ -113,8 +115,11 @@ def run_case(scenario: str, model: str, batch: int, methods: List[str], args,
                 oracle_s = time.perf_counter() - start
             result = compare(out, oracles[key])
             row["parity"] = "ok" if result.ok else f"FAIL {result.differing}/{result.detections}"
+            if result.ok and result.tie_reordered:
+                row["parity"] = f"ok (ties {result.tie_reordered})"
             row["parity_detail"] = {"ok": result.ok, "detections": result.detections,
-                                    "differing": result.differing, "message": result.message}
+                                    "differing": result.differing, "message": result.message,
+                                    "tie_reordered": result.tie_reordered}
             if not result.ok:
                 print(f"  {method:18s} parity FAILED: {result.message}", flush=True)
                 continue
@@ -183,8 +188,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     results["load_average_end"] = load_average()
     print("\n" + report.table(results["rows"]))
     if results["rows"]:
-        paths = report.write_json(results, args.out_dir)
-        paths.append(report.plot(results["rows"], os.path.join(args.out_dir, "cpu.png")))
+        paths = report.write_json(results, args.out_dir, merge=args.merge)
+        paths.append(report.plot(report.load_rows(args.out_dir), os.path.join(args.out_dir, "cpu.png")))
         print("\nwrote " + ", ".join(paths))
     return results
 
