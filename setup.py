@@ -7,13 +7,13 @@ folders are added here.
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 
 from setuptools import setup
-
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CUDA_ARCHS = ("80", "90")
@@ -30,11 +30,33 @@ def _find_nvcc():
     return shutil.which("nvcc")
 
 
+def _toolkit_root(nvcc: str) -> str:
+    """The CUDA toolkit that `nvcc` belongs to.
+
+    nvcc on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc that execs the
+    real one), in which case its parent folder is no toolkit; nvcc itself reports
+    its root as TOP in a dry run.
+    """
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(guess, "include", "cuda_runtime.h")):
+        return guess
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60)
+        match = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
+        if match:
+            return os.path.realpath(match.group(1).strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return guess
+
+
 def _pip_nvidia_dirs():
     """include/ and lib/ folders of the pip `nvidia` CUDA packages, if installed."""
     includes, libs = [], []
     site = sysconfig.get_paths()["purelib"]
-    for root in glob.glob(os.path.join(site, "nvidia", "*")):
+    for root in sorted(glob.glob(os.path.join(site, "nvidia", "*"))):
         if os.path.isdir(os.path.join(root, "include")):
             includes.append(os.path.join(root, "include"))
         if os.path.isdir(os.path.join(root, "lib")):
@@ -42,37 +64,83 @@ def _pip_nvidia_dirs():
     return includes, libs
 
 
+def _cudart_link_dir(cuda_home: str, pip_libs: list):
+    """A folder with a linkable libcudart.so when the toolkit has none.
+
+    torch links CUDA extensions with -lcudart; a partial toolkit may lack the
+    unversioned libcudart.so that the pip runtime package ships only as
+    libcudart.so.<major>. A link in build/ makes it linkable.
+    """
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+        if os.path.exists(os.path.join(cuda_home, sub, "libcudart.so")):
+            return None
+    for lib in pip_libs:
+        versioned = sorted(glob.glob(os.path.join(lib, "libcudart.so.*")))
+        if versioned:
+            link_dir = os.path.join(ROOT, "build", "cudart_link")
+            os.makedirs(link_dir, exist_ok=True)
+            link = os.path.join(link_dir, "libcudart.so")
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(versioned[0], link)
+            return link_dir
+    return None
+
+
+def _build_plan():
+    """(with_cuda, reason, nvcc); decided before torch's cpp_extension is imported,
+    because that module fixes CUDA_HOME when it is first imported."""
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    if os.environ.get("SSD_POST_FORCE_CPU"):
+        return False, "SSD_POST_FORCE_CPU is set", None
+    nvcc = _find_nvcc()
+    if not nvcc:
+        return False, "nvcc not found", None
+    if not cuda_sources:
+        return False, "no CUDA sources", None
+    os.environ.setdefault("CUDA_HOME", _toolkit_root(nvcc))
+    return True, "", nvcc
+
+
+WITH_CUDA, CPU_ONLY_REASON, NVCC = _build_plan()
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
 def _extension():
     cpp_sources = ["csrc/ssd_post.cpp"] + _sources("csrc/cpu/*.cpp")
-    cuda_sources = _sources("csrc/cuda/*.cu")
     cxx_flags = ["-O3", "-fopenmp"]
     # at::parallel_for is inline OpenMP: without -fopenmp it would run serially.
     link_flags = ["-fopenmp"]
-    nvcc = _find_nvcc()
-    if os.environ.get("SSD_POST_FORCE_CPU") or not nvcc or not cuda_sources:
-        reason = "SSD_POST_FORCE_CPU is set" if os.environ.get("SSD_POST_FORCE_CPU") else (
-            "nvcc not found" if not nvcc else "no CUDA sources")
-        print(f"ssd_post: building CPU-only extension ({reason})", file=sys.stderr)
+    if not WITH_CUDA:
+        print(f"ssd_post: building CPU-only extension ({CPU_ONLY_REASON})", file=sys.stderr)
         return CppExtension(
             "ssd_post._C", cpp_sources,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
             py_limited_api=False,
         )
 
-    os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    cuda_home = os.environ["CUDA_HOME"]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(f"{a[0]}.{a[1]}" for a in CUDA_ARCHS))
-    includes, libs = _pip_nvidia_dirs()
+    pip_includes, pip_libs = _pip_nvidia_dirs()
+    # The toolkit's own headers first; the pip packages fill in what it lacks.
+    includes = [os.path.join(cuda_home, "include")] + pip_includes
+    libs = list(pip_libs)
+    link_dir = _cudart_link_dir(cuda_home, pip_libs)
+    if link_dir:
+        libs.insert(0, link_dir)
     nvcc_flags = [
         "-O3", "--expt-relaxed-constexpr",
         # Decode and IoU must round like torchvision's separate elementwise ops.
         "--fmad=false",
     ] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
-    print(f"ssd_post: building with CUDA kernels (nvcc: {nvcc})", file=sys.stderr)
+    print(f"ssd_post: building with CUDA kernels for sm_{', sm_'.join(CUDA_ARCHS)} "
+          f"(nvcc: {NVCC}, CUDA_HOME: {cuda_home})", file=sys.stderr)
     return CUDAExtension(
-        "ssd_post._C", cpp_sources + cuda_sources,
+        "ssd_post._C", cpp_sources + _sources("csrc/cuda/*.cu"),
         include_dirs=includes,
         library_dirs=libs,
-        runtime_library_dirs=libs,
+        runtime_library_dirs=pip_libs,
         define_macros=[("SSD_POST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
