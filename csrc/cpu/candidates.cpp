@@ -128,7 +128,8 @@ int64_t anchor_chunks_per_image(int64_t B, int64_t A) {
   return std::max<int64_t>(1, std::min(chunks, A / kMinAnchorsPerTask));
 }
 
-Selection select_candidates(const at::Tensor& logits_in, const SelectParams& params) {
+std::vector<std::vector<Candidate>> rank_segments(const at::Tensor& logits_in,
+                                                  const SelectParams& params) {
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
   const int64_t k = params.topk_candidates;
@@ -176,7 +177,13 @@ Selection select_candidates(const at::Tensor& logits_in, const SelectParams& par
       std::sort(out.begin(), out.end(), ranks_before);
     }
   });
+  return merged;
+}
 
+Selection select_candidates(const at::Tensor& logits, const SelectParams& params) {
+  const std::vector<std::vector<Candidate>> merged = rank_segments(logits, params);
+  const int64_t C = logits.size(2);
+  const int64_t num_segments = static_cast<int64_t>(merged.size());
   Selection selection;
   selection.num_classes = C;
   selection.segment_begin.resize(static_cast<size_t>(num_segments + 1));

@@ -118,7 +118,14 @@ struct Selection {
 // thread count still keeps every thread busy (1 when B >= threads).
 int64_t anchor_chunks_per_image(int64_t B, int64_t A);
 
-// logits: [B, A, C] on the CPU, any strides (made contiguous).
+// The ranked candidates of every (image, class) segment s = image * C + class:
+// the anchors of each image are scanned in anchor_chunks_per_image chunks in
+// parallel and the chunks of a segment merged. logits: [B, A, C] on the CPU, any
+// strides (made contiguous).
+std::vector<std::vector<Candidate>> rank_segments(const at::Tensor& logits,
+                                                  const SelectParams& params);
+
+// rank_segments flattened into one array with segment offsets.
 Selection select_candidates(const at::Tensor& logits, const SelectParams& params);
 
 }  // namespace cpu

@@ -235,44 +235,10 @@ void postprocess_per_image(const at::Tensor& logits, const SelectParams& params,
 // B < threads: the anchors of each image are split across threads, then the
 // (image, class) segments are merged and suppressed in parallel.
 void postprocess_split_anchors(const at::Tensor& logits, const SelectParams& params,
-                               const DecodeInputs& in, double nms_thresh, int64_t chunks,
+                               const DecodeInputs& in, double nms_thresh,
                                const PostprocessOutputs& out) {
-  const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
-  const int64_t k = params.topk_candidates;
-  const int64_t anchors_per_chunk = (A + chunks - 1) / chunks;
-  // parts[(b * chunks + chunk) * C + c]: ranked candidates of one chunk.
-  std::vector<std::vector<Candidate>> parts(static_cast<size_t>(B * chunks * C));
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    CandidateScanner scanner(params, C);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t a_begin = std::min(A, (t % chunks) * anchors_per_chunk);
-      const int64_t a_end = std::min(A, a_begin + anchors_per_chunk);
-      scanner.reset();
-      scanner.scan(logits, t / chunks, a_begin, a_end);
-      for (int64_t c = 0; c < C; ++c) {
-        BoundedCandidates& cands = scanner.per_class()[c];
-        cands.finish(k);
-        parts[t * C + c] = cands.items();
-      }
-    }
-  });
-  std::vector<std::vector<Candidate>> merged(static_cast<size_t>(B * C));
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t b = s / C, c = s % C;
-      std::vector<Candidate>& out_segment = merged[s];
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const auto& part = parts[(b * chunks + chunk) * C + c];
-        out_segment.insert(out_segment.end(), part.begin(), part.end());
-      }
-      if (static_cast<int64_t>(out_segment.size()) > k) {
-        std::nth_element(out_segment.begin(), out_segment.begin() + (k - 1), out_segment.end(),
-                         ranks_before);
-        out_segment.resize(k);
-      }
-      std::sort(out_segment.begin(), out_segment.end(), ranks_before);
-    }
-  });
+  const int64_t B = logits.size(0), C = logits.size(2);
+  const std::vector<std::vector<Candidate>> merged = rank_segments(logits, params);
   std::vector<int64_t> first(static_cast<size_t>(B * C + 1), 0);
   for (int64_t s = 0; s < B * C; ++s) first[s + 1] = first[s] + static_cast<int64_t>(merged[s].size());
   at::Tensor scales = at::empty({2 * first[B * C]}, at::kFloat);
@@ -328,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
   if (chunks == 1) {
     postprocess_per_image(logits, params, in, nms_thresh, out);
   } else {
-    postprocess_split_anchors(logits, params, in, nms_thresh, chunks, out);
+    postprocess_split_anchors(logits, params, in, nms_thresh, out);
   }
   return {out_boxes, out_scores, out_labels, out_count};
 }
