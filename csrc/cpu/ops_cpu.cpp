@@ -48,42 +48,55 @@ SelectParams make_select_params(double score_thresh, int64_t topk_candidates,
           topk_candidates, background_class.value_or(-1)};
 }
 
-// Decodes (and clips) the box of every selected candidate into out[N, 4]. exp(dw)
-// and exp(dh) come from one call of torch's exp over all candidates: torch's exp is
-// the same for an element wherever it sits in a tensor, and torchvision decodes with
-// it, so the boxes are bit-identical to torchvision's and NMS decisions near the
-// IoU threshold cannot flip.
+// Writes (dw, dh) of the n ranked candidates of image b, clamped, to logs[2 * i],
+// ready for one call of torch's exp over many of them: torch's exp is the same for
+// an element wherever it sits in a tensor, and torchvision decodes with it, so the
+// boxes are bit-identical to torchvision's and NMS decisions near the IoU threshold
+// cannot flip.
+void fill_scale_logs(const Candidate* ranked, int64_t n, int64_t b, const DecodeInputs& in,
+                     float* logs) {
+  const float* locs = in.locs.data_ptr<float>() + b * in.locs.size(1) * 4;
+  for (int64_t i = 0; i < n; ++i) {
+    clamped_scale_logs(locs + 4 * ranked[i].anchor, in.weights, &logs[2 * i], &logs[2 * i + 1]);
+  }
+}
+
+// Decodes (and clips) the n ranked candidates of image b into out[n, 4], given
+// their exp(dw), exp(dh) in scales[2 * i].
+void decode_ranked(const Candidate* ranked, int64_t n, int64_t b, const DecodeInputs& in,
+                   const float* scales, float* out) {
+  const int64_t A = in.locs.size(1);
+  const float* locs = in.locs.data_ptr<float>() + b * A * 4;
+  const float* anchors = in.anchors.data_ptr<float>() + (in.anchors.dim() == 3 ? b * A * 4 : 0);
+  const float* sizes = in.image_sizes.data_ptr<float>() + 2 * b;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t a = ranked[i].anchor;
+    float* box = out + 4 * i;
+    decode_box_from_exp(locs + 4 * a, anchors + 4 * a, in.weights, scales[2 * i],
+                        scales[2 * i + 1], box);
+    if (in.clip) clip_box(box, sizes[0], sizes[1]);
+  }
+}
+
+// Decodes (and clips) the box of every selected candidate into out[N, 4], with one
+// torch exp over all candidates.
 void decode_selection(const Selection& sel, const DecodeInputs& in, float* out) {
   const int64_t C = sel.num_classes;
-  const int64_t A = in.locs.size(1);
-  const float* locs = in.locs.data_ptr<float>();
-  const float* anchors = in.anchors.data_ptr<float>();
-  const float* sizes = in.image_sizes.data_ptr<float>();
-  const bool per_image_anchors = in.anchors.dim() == 3;
   at::Tensor scales = at::empty({sel.size(), 2}, at::kFloat);  // (exp dw, exp dh) per candidate
   float* scale = scales.data_ptr<float>();
   at::parallel_for(0, sel.num_segments(), 16, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
-      const float* image_locs = locs + (s / C) * A * 4;
-      for (int64_t i = sel.segment_begin[s]; i < sel.segment_begin[s + 1]; ++i) {
-        clamped_scale_logs(image_locs + 4 * sel.items[i].anchor, in.weights, &scale[2 * i],
-                           &scale[2 * i + 1]);
-      }
+      const int64_t first = sel.segment_begin[s];
+      fill_scale_logs(sel.items.data() + first, sel.segment_begin[s + 1] - first, s / C, in,
+                      scale + 2 * first);
     }
   });
   scales.exp_();
   at::parallel_for(0, sel.num_segments(), 16, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
-      const int64_t b = s / C;
-      const float* image_locs = locs + b * A * 4;
-      const float* image_anchors = anchors + (per_image_anchors ? b * A * 4 : 0);
-      for (int64_t i = sel.segment_begin[s]; i < sel.segment_begin[s + 1]; ++i) {
-        const int64_t a = sel.items[i].anchor;
-        float* box = out + 4 * i;
-        decode_box_from_exp(image_locs + 4 * a, image_anchors + 4 * a, in.weights, scale[2 * i],
-                            scale[2 * i + 1], box);
-        if (in.clip) clip_box(box, sizes[2 * b], sizes[2 * b + 1]);
-      }
+      const int64_t first = sel.segment_begin[s];
+      decode_ranked(sel.items.data() + first, sel.segment_begin[s + 1] - first, s / C, in,
+                    scale + 2 * first, out + 4 * first);
     }
   });
 }
@@ -132,16 +145,6 @@ struct NmsWorkspace {
   std::vector<uint8_t> keep;
 };
 
-// Writes (dw, dh) of each ranked candidate of image b, clamped, to logs[2 * i],
-// ready for one call of torch's exp over many classes (see decode_selection).
-void fill_scale_logs(const std::vector<Candidate>& ranked, int64_t b, const DecodeInputs& in,
-                     float* logs) {
-  const float* locs = in.locs.data_ptr<float>() + b * in.locs.size(1) * 4;
-  for (size_t i = 0; i < ranked.size(); ++i) {
-    clamped_scale_logs(locs + 4 * ranked[i].anchor, in.weights, &logs[2 * i], &logs[2 * i + 1]);
-  }
-}
-
 // Decodes the ranked candidates of (image b, class label) given their exp(dw),
 // exp(dh) in scales[2 * i], runs greedy NMS on them and appends the survivors.
 void nms_class(const std::vector<Candidate>& ranked, int64_t b, int64_t label,
@@ -149,19 +152,9 @@ void nms_class(const std::vector<Candidate>& ranked, int64_t b, int64_t label,
                std::vector<Survivor>& out) {
   const int64_t n = static_cast<int64_t>(ranked.size());
   if (n == 0) return;
-  const int64_t A = in.locs.size(1);
-  const float* locs = in.locs.data_ptr<float>() + b * A * 4;
-  const float* anchors = in.anchors.data_ptr<float>() + (in.anchors.dim() == 3 ? b * A * 4 : 0);
-  const float* sizes = in.image_sizes.data_ptr<float>() + 2 * b;
   ws.boxes.resize(static_cast<size_t>(4 * n));
   ws.keep.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t a = ranked[i].anchor;
-    float* box = ws.boxes.data() + 4 * i;
-    decode_box_from_exp(locs + 4 * a, anchors + 4 * a, in.weights, scales[2 * i],
-                        scales[2 * i + 1], box);
-    if (in.clip) clip_box(box, sizes[0], sizes[1]);
-  }
+  decode_ranked(ranked.data(), n, b, in, scales, ws.boxes.data());
   nms_ranked_run(ws.boxes.data(), n, nms_thresh, ws.keep.data(), ws.scratch);
   for (int64_t i = 0; i < n; ++i) {
     if (!ws.keep[i]) continue;
@@ -215,7 +208,8 @@ void postprocess_per_image(const at::Tensor& logits, const SelectParams& params,
       for (int64_t c = 0; c < C; ++c) {
         BoundedCandidates& cands = scanner.per_class()[c];
         cands.finish(k);
-        fill_scale_logs(cands.items(), b, in, scales.data_ptr<float>() + 2 * total);
+        fill_scale_logs(cands.items().data(), static_cast<int64_t>(cands.items().size()), b, in,
+                        scales.data_ptr<float>() + 2 * total);
         total += static_cast<int64_t>(cands.items().size());
       }
       if (total > 0) scales.narrow(0, 0, 2 * total).exp_();
@@ -243,7 +237,10 @@ void postprocess_split_anchors(const at::Tensor& logits, const SelectParams& par
   for (int64_t s = 0; s < B * C; ++s) first[s + 1] = first[s] + static_cast<int64_t>(merged[s].size());
   at::Tensor scales = at::empty({2 * first[B * C]}, at::kFloat);
   float* scale = scales.data_ptr<float>();
-  for (int64_t s = 0; s < B * C; ++s) fill_scale_logs(merged[s], s / C, in, scale + 2 * first[s]);
+  for (int64_t s = 0; s < B * C; ++s) {
+    fill_scale_logs(merged[s].data(), static_cast<int64_t>(merged[s].size()), s / C, in,
+                    scale + 2 * first[s]);
+  }
   scales.exp_();
   std::vector<std::vector<Survivor>> segment_survivors(static_cast<size_t>(B * C));
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
