@@ -56,13 +56,13 @@ def _per_image_top(boxes: Tensor, scores: Tensor, keys: Tensor, keep: Tensor, nu
     image = keys[keep] // num_classes
     counts = torch.bincount(image, minlength=batch)
     first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(keep.numel()) - first[image]
+    rank = torch.arange(keep.numel(), device=keep.device) - first[image]
     chosen = rank < detections_per_img
     keep, image, rank = keep[chosen], image[chosen], rank[chosen]
     out = Detections(
         boxes.new_zeros((batch, detections_per_img, 4)),
         scores.new_zeros((batch, detections_per_img)),
-        torch.zeros((batch, detections_per_img), dtype=torch.int64),
+        torch.zeros((batch, detections_per_img), dtype=torch.int64, device=boxes.device),
         counts.clamp(max=detections_per_img),
     )
     out.boxes[image, rank] = boxes[keep]

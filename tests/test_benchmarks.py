@@ -55,3 +55,19 @@ def test_memory_measurement_reports_extra_bytes():
     # softmax allocates its [B, A, C] output: about one logits tensor.
     assert result["logits_bytes"] == 2 * 180 * 11 * 4
     assert result["extra_bytes"] >= 0 and "extra_fraction" in result
+
+
+def test_gpu_benchmark_code_runs_on_the_cpu(tmp_path):
+    """benchmarks.gpu only gets a GPU now and then: its whole path (scenarios,
+    parity against torchvision, timing, JSON) runs here on the CPU instead."""
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--device", "cpu", "--model", "toy", "--batches", "1", "3",
+                     "--iters", "1", "--slow-iters", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert {(r["scenario"], r["batch"], r["method"]) for r in rows} == {
+        (s, b, m) for s in ("sparse", "dense") for b in (1, 3) for m in gpu.GPU_METHODS}
+    assert all(r["parity_ok"] and r["median_ms"] > 0 for r in rows)
+    assert report["command"].startswith("python -m benchmarks.gpu --device cpu")

@@ -19,7 +19,7 @@ struct DecodeParams {
   BoxWeights weights;
 };
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(SSD_POST_CUDA_EMULATION)
 __device__ __forceinline__ void decode_candidate(const DecodeParams& p, int64_t image,
                                                  int64_t anchor, float box[4]) {
   const float* rel = p.locs + (image * p.num_anchors + anchor) * 4;

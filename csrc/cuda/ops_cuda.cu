@@ -16,8 +16,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cub/block/block_scan.cuh>
-
 #include <algorithm>
 #include <limits>
 #include <string>
@@ -26,6 +24,7 @@
 #include "../common/checks.h"
 #include "decode.cuh"
 #include "nms.cuh"
+#include "output_kernels.cuh"
 #include "rank_keys.cuh"
 #include "select.cuh"
 #include "sort.cuh"
@@ -33,9 +32,6 @@
 namespace ssd_post {
 namespace gpu {
 namespace {
-
-constexpr int kElementwiseThreads = 256;
-constexpr int kCollectThreads = 256;
 
 unsigned blocks_for(int64_t items, int threads) {
   const int64_t blocks = (items + threads - 1) / threads;
@@ -74,102 +70,6 @@ SelectParams make_select_params(double score_thresh, c10::string_view score_acti
   const Activation activation = parse_activation(std::string(score_activation));
   return {activation, static_cast<float>(score_thresh),
           make_score_bound(activation, score_thresh).value, background_class.value_or(-1)};
-}
-
-// One thread per slot: the ranked candidates of every segment, decoded, at
-// first_output[segment] + rank of the flat outputs.
-__global__ void __launch_bounds__(kElementwiseThreads) emit_candidates_kernel(
-    const uint64_t* __restrict__ sorted_keys, const int32_t* __restrict__ counts,
-    const int64_t* __restrict__ first_output, int64_t slots, int64_t capacity,
-    int64_t num_classes, int anchor_bits, DecodeParams decode, float* __restrict__ boxes,
-    float* __restrict__ scores, int64_t* __restrict__ keys) {
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (slot >= slots) return;
-  const int64_t segment = slot / capacity;
-  const int64_t rank = slot % capacity;
-  if (rank >= counts[segment]) return;
-  const int64_t out = first_output[segment] + rank;
-  const uint64_t key = sorted_keys[slot];
-  float box[4];
-  decode_candidate(decode, segment / num_classes,
-                   rank_key_index(key, decode.num_anchors, anchor_bits), box);
-  for (int k = 0; k < 4; ++k) boxes[4 * out + k] = box[k];
-  scores[out] = __uint_as_float(rank_key_score_bits(key, anchor_bits));
-  keys[out] = segment;
-}
-
-using CollectScan = cub::BlockScan<int, kCollectThreads>;
-
-// One block per image: the NMS survivors of its segments, in (class, rank) order,
-// compacted into the image's slots as rank keys over the image-local slot index,
-// so that the descending sort breaks equal scores by class, then rank, as the CPU
-// kernel's stable sort of the class-ordered survivors does.
-__global__ void __launch_bounds__(kCollectThreads) collect_survivors_kernel(
-    const uint64_t* __restrict__ ranked_keys, const int32_t* __restrict__ counts,
-    const uint8_t* __restrict__ keep, int64_t num_classes, int64_t capacity, int anchor_bits,
-    int slot_bits, uint64_t* __restrict__ survivor_keys, int32_t* __restrict__ survivor_begin,
-    int32_t* __restrict__ survivor_end) {
-  __shared__ CollectScan::TempStorage scan;
-  const int64_t image = blockIdx.x;
-  const int64_t image_slots = num_classes * capacity;
-  const int64_t image_first = image * image_slots;
-  int64_t written = 0;
-  for (int64_t cls = 0; cls < num_classes; ++cls) {
-    const int64_t segment = image * num_classes + cls;
-    const int n = counts[segment];
-    const int64_t segment_first = segment * capacity;
-    for (int base = 0; base < n; base += kCollectThreads) {
-      const int i = base + static_cast<int>(threadIdx.x);
-      const bool kept = i < n && keep[segment_first + i] != 0;
-      int position = 0, chunk_total = 0;
-      CollectScan(scan).ExclusiveSum(static_cast<int>(kept), position, chunk_total);
-      if (kept) {
-        const uint32_t score_bits = rank_key_score_bits(ranked_keys[segment_first + i], anchor_bits);
-        survivor_keys[image_first + written + position] =
-            make_rank_key(score_bits, cls * capacity + i, image_slots, slot_bits);
-      }
-      written += chunk_total;
-      __syncthreads();  // the scan storage is reused by the next chunk
-    }
-  }
-  if (threadIdx.x == 0) {
-    survivor_begin[image] = static_cast<int32_t>(image_first);
-    survivor_end[image] = static_cast<int32_t>(image_first + written);
-  }
-}
-
-// One thread per output row (image, r): the r-th best survivor, or zeros.
-__global__ void __launch_bounds__(kElementwiseThreads) write_detections_kernel(
-    const uint64_t* __restrict__ sorted_survivors, const int32_t* __restrict__ survivor_begin,
-    const int32_t* __restrict__ survivor_end, int64_t batch, int64_t detections_per_img,
-    int64_t num_classes, int64_t capacity, int slot_bits, const float4* __restrict__ boxes,
-    float* __restrict__ out_boxes, float* __restrict__ out_scores,
-    int64_t* __restrict__ out_labels, int64_t* __restrict__ out_counts) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= batch * detections_per_img) return;
-  const int64_t image = row / detections_per_img;
-  const int64_t r = row % detections_per_img;
-  const int64_t available =
-      static_cast<int64_t>(survivor_end[image]) - static_cast<int64_t>(survivor_begin[image]);
-  const int64_t n = min(available, detections_per_img);
-  if (r == 0) out_counts[image] = n;
-  float4 box = make_float4(0.f, 0.f, 0.f, 0.f);
-  float score = 0.f;
-  int64_t label = 0;
-  if (r < n) {
-    const uint64_t key = sorted_survivors[survivor_begin[image] + r];
-    const int64_t image_slots = num_classes * capacity;
-    const int64_t local_slot = rank_key_index(key, image_slots, slot_bits);
-    box = boxes[image * image_slots + local_slot];
-    score = __uint_as_float(rank_key_score_bits(key, slot_bits));
-    label = local_slot / capacity;
-  }
-  out_boxes[4 * row + 0] = box.x;
-  out_boxes[4 * row + 1] = box.y;
-  out_boxes[4 * row + 2] = box.z;
-  out_boxes[4 * row + 3] = box.w;
-  out_scores[row] = score;
-  out_labels[row] = label;
 }
 
 uint64_t* as_keys(const at::Tensor& t) { return reinterpret_cast<uint64_t*>(t.data_ptr<int64_t>()); }

@@ -6,17 +6,10 @@
 
 #include <cstdint>
 
-#include "../common/score_bounds.h"
+#include "select_kernels.cuh"
 
 namespace ssd_post {
 namespace gpu {
-
-struct SelectParams {
-  Activation activation;
-  float score_thresh;       // compared as float32, as on the CPU
-  float bound;              // ScoreBound::value for this activation and threshold
-  int64_t background_class;  // -1: every column is a class
-};
 
 // Candidates of the B * C segments (segment s = image * C + class). Segment s owns
 // the slots [s * capacity, (s + 1) * capacity) of `keys`, of which the first

@@ -1,0 +1,200 @@
+"""The CUDA kernels of csrc/cuda, compiled for the CPU with emulator.h and called
+through ctypes, so that a machine without a GPU runs the kernel code itself.
+
+``library()`` builds ``emulated_ops.cpp`` once per source version into
+``build/cuda_emulation/`` with the host C++ compiler; the functions below take
+CPU tensors and return what the CUDA ops would. ``sanitized_runner()`` builds
+``sanitized_run.cpp`` with AddressSanitizer and UndefinedBehaviorSanitizer.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ssd_post import PostprocessConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+KERNEL_DIR = ROOT / "csrc" / "cuda"
+BUILD_DIR = ROOT / "build" / "cuda_emulation"
+
+_FLAGS = ["-std=c++20", "-fPIC", "-pthread", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
+          f"-I{KERNEL_DIR}"]
+# For sanitized_run: every out-of-bounds access and undefined operation is fatal.
+SANITIZER_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                   "-fno-sanitize-recover=undefined"]
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _sources() -> list[Path]:
+    common = ROOT / "csrc" / "common"
+    return sorted([*HERE.glob("*.h"), *HERE.glob("*.cpp"), *KERNEL_DIR.glob("*.cuh"),
+                   *common.glob("*.h")])
+
+
+def _build(name: str, sources: list[str], flags: list[str]) -> Path:
+    """Compiles `sources` (in this folder) into build/cuda_emulation/, once per
+    version of every file they may include (a hash in the output's name)."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) to build the CUDA emulator")
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for path in _sources():
+        digest.update(path.read_bytes())
+    target = BUILD_DIR / f"{name}_{digest.hexdigest()[:16]}"
+    if not target.exists():
+        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        command = [cxx, *_FLAGS, *flags, *(str(HERE / s) for s in sources), "-o", str(partial)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"building {name} failed:\n{' '.join(command)}\n{result.stderr}")
+        os.replace(partial, target)  # atomic: parallel test processes never see half a file
+    return target
+
+
+@lru_cache(maxsize=None)
+def library() -> ctypes.CDLL:
+    """The emulated kernels as a shared library (built on first use, a few seconds)."""
+    return ctypes.CDLL(str(_build("emulated_ops.so", ["emulated_ops.cpp"], ["-O2", "-shared"])))
+
+
+def sanitized_runner() -> Path:
+    """sanitized_run.cpp with the emulated kernels, built with ASan and UBSan: an
+    executable that runs them on seeded problems and checks their outputs."""
+    return _build("sanitized_run", ["emulated_ops.cpp", "sanitized_run.cpp"], SANITIZER_FLAGS)
+
+
+def _ptr(t: Tensor):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _inputs(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor):
+    """float32 contiguous CPU copies, as the CUDA ops' make_decode_inputs makes them."""
+    return tuple(t.detach().to("cpu", torch.float32).contiguous()
+                 for t in (locs, logits, anchors, image_sizes))
+
+
+def _config_args(config: PostprocessConfig):
+    weights = (ctypes.c_double * 4)(*config.box_weights)
+    activation = 0 if config.score_activation == "softmax" else 1
+    background = -1 if config.background_class is None else config.background_class
+    return weights, activation, background
+
+
+def _check(status: int, op: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"emulated {op} failed")
+
+
+def postprocess(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
+                config: PostprocessConfig) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What ``torch.ops.ssd_post.postprocess`` returns on CUDA: boxes [B, K, 4],
+    scores [B, K], labels [B, K], counts [B]."""
+    locs, logits, anchors, sizes = _inputs(locs, logits, anchors, image_sizes)
+    B, A, C = logits.shape
+    K = config.detections_per_img
+    out = (torch.zeros(B, K, 4), torch.zeros(B, K), torch.zeros(B, K, dtype=torch.int64),
+           torch.zeros(B, dtype=torch.int64))
+    if B * C * min(config.topk_candidates, A) == 0:
+        return out  # the CUDA op returns zeros without a launch
+    weights, activation, background = _config_args(config)
+    lib = library()
+    lib.emulated_postprocess.restype = ctypes.c_int
+    status = lib.emulated_postprocess(
+        _ptr(locs), _ptr(logits), _ptr(anchors), ctypes.c_int(anchors.dim() == 3), _ptr(sizes),
+        ctypes.c_int64(B), ctypes.c_int64(A), ctypes.c_int64(C),
+        ctypes.c_double(config.score_thresh), ctypes.c_double(config.nms_thresh),
+        ctypes.c_int64(config.topk_candidates), ctypes.c_int64(K), weights,
+        ctypes.c_int(activation), ctypes.c_int64(background), ctypes.c_int(bool(config.clip_boxes)),
+        *(_ptr(t) for t in out))
+    _check(status, "postprocess")
+    return out
+
+
+def decode_threshold_flatten(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
+                             config: PostprocessConfig) -> Tuple[Tensor, Tensor, Tensor]:
+    """What ``torch.ops.ssd_post.decode_threshold_flatten`` returns on CUDA:
+    boxes [N, 4], scores [N], keys [N]."""
+    locs, logits, anchors, sizes = _inputs(locs, logits, anchors, image_sizes)
+    B, A, C = logits.shape
+    slots = B * C * min(config.topk_candidates, A)
+    boxes, scores = torch.zeros(slots, 4), torch.zeros(slots)
+    keys = torch.zeros(slots, dtype=torch.int64)
+    if slots == 0:
+        return boxes, scores, keys
+    weights, activation, background = _config_args(config)
+    count = ctypes.c_int64(-1)
+    lib = library()
+    lib.emulated_decode_threshold_flatten.restype = ctypes.c_int
+    status = lib.emulated_decode_threshold_flatten(
+        _ptr(locs), _ptr(logits), _ptr(anchors), ctypes.c_int(anchors.dim() == 3), _ptr(sizes),
+        ctypes.c_int64(B), ctypes.c_int64(A), ctypes.c_int64(C),
+        ctypes.c_double(config.score_thresh), ctypes.c_int64(config.topk_candidates), weights,
+        ctypes.c_int(activation), ctypes.c_int64(background), ctypes.c_int(bool(config.clip_boxes)),
+        _ptr(boxes), _ptr(scores), _ptr(keys), ctypes.byref(count))
+    _check(status, "decode_threshold_flatten")
+    n = count.value
+    return boxes[:n], scores[:n], keys[:n]
+
+
+def nms_ranked_groups(ranked_boxes: Tensor, group_begin: Tensor, group_end: Tensor,
+                      iou_threshold: float) -> Tensor:
+    """keep (Tensor[N] uint8) of the NMS kernel of batched_nms on ranked_boxes [N, 4],
+    grouped into runs [group_begin[g], group_end[g]), each in rank order."""
+    boxes = ranked_boxes.to(torch.float32).contiguous()
+    begin = group_begin.to(torch.int64).contiguous()
+    end = group_end.to(torch.int64).contiguous()
+    keep = torch.full((boxes.shape[0],), 0xCD, dtype=torch.uint8)
+    if begin.numel() == 0:
+        return keep
+    lib = library()
+    lib.emulated_nms_ranked_groups.restype = ctypes.c_int
+    status = lib.emulated_nms_ranked_groups(_ptr(boxes), _ptr(begin), _ptr(end),
+                                            ctypes.c_int64(begin.numel()),
+                                            ctypes.c_double(iou_threshold), _ptr(keep))
+    _check(status, "nms_ranked_groups")
+    return keep
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """What ``torch.ops.ssd_post.batched_nms`` returns on CUDA: the host steps of
+    batched_nms_cuda (ops_cuda.cu), one for one in torch on the CPU, around the
+    emulated NMS kernel. Returns kept indices (Tensor[K] int64)."""
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64)
+    boxes, scores, idxs = boxes.float().contiguous(), scores.double(), idxs.long()
+    # NaN ranks above every number and -0.0 equals 0.0, as in the CPU kernel.
+    nan_mask = scores.isnan()
+    is_nan = nan_mask.to(torch.uint8)
+    rank_scores = scores.masked_fill(nan_mask, float("inf")).masked_fill(scores == 0, 0.0)
+
+    def order_by_score(candidates: Tensor) -> Tensor:
+        by_score = torch.sort(rank_scores[candidates], stable=True, descending=True).indices
+        ordered = candidates[by_score]
+        return ordered[torch.sort(is_nan[ordered], stable=True, descending=True).indices]
+
+    by_rank = order_by_score(torch.arange(n))
+    order = by_rank[torch.sort(idxs[by_rank], stable=True).indices]
+    sorted_idxs = idxs[order]
+    is_group_start = torch.ones(n, dtype=torch.bool)
+    is_group_start[1:] = sorted_idxs[1:] != sorted_idxs[:-1]
+    group_begin = is_group_start.nonzero().flatten()
+    group_end = torch.cat((group_begin[1:], torch.tensor([n])))
+    keep = nms_ranked_groups(boxes[order], group_begin, group_end, iou_threshold)
+    if not bool(((keep == 0) | (keep == 1)).all()):
+        raise RuntimeError("the emulated NMS kernel left slots of keep unwritten")
+    return order_by_score(torch.sort(order[keep.bool()]).values)

@@ -1,0 +1,193 @@
+// Runs the emulated CUDA kernels on seeded random problems, built with
+// AddressSanitizer and UndefinedBehaviorSanitizer (tests/test_cuda.py builds and
+// runs it), so that a kernel index that leaves its buffer stops with a report
+// instead of passing unnoticed. The inputs live in exactly-sized std::vectors,
+// so any read or write past a tensor of the CUDA op is caught. It also checks
+// what every output must satisfy, whatever the input.
+//
+// Prints one line per problem and "ok" at the end; exits 1 on the first failure.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "emulated_ops.h"
+
+namespace {
+
+struct Problem {
+  int64_t B, A, C;
+  int activation;            // 0: softmax, 1: sigmoid
+  int64_t background_class;  // -1: none
+  double score_thresh, nms_thresh;
+  int64_t topk, detections_per_img;
+  bool per_image_anchors, clip, special_values;
+};
+
+int failures = 0;
+
+void expect(bool condition, const std::string& what, const Problem& p) {
+  if (condition) return;
+  ++failures;
+  std::fprintf(stderr, "FAILED (B=%lld A=%lld C=%lld act=%d bg=%lld topk=%lld): %s\n",
+               static_cast<long long>(p.B), static_cast<long long>(p.A),
+               static_cast<long long>(p.C), p.activation, static_cast<long long>(p.background_class),
+               static_cast<long long>(p.topk), what.c_str());
+}
+
+struct Inputs {
+  std::vector<float> locs, logits, anchors, image_sizes;
+};
+
+Inputs make_inputs(const Problem& p, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::uniform_real_distribution<float> uniform(0.f, 1.f);
+  Inputs in;
+  in.locs.resize(p.B * p.A * 4);
+  for (float& v : in.locs) v = 0.5f * normal(rng);
+  in.logits.resize(p.B * p.A * p.C);
+  for (float& v : in.logits) v = 2.f * normal(rng);
+  // Copies of rows make exact ties across anchors.
+  for (int64_t a = 1; a < p.A; a += 7) {
+    for (int64_t c = 0; c < p.C; ++c) in.logits[a * p.C + c] = in.logits[(a - 1) * p.C + c];
+  }
+  if (p.special_values) {
+    const float specials[] = {NAN, INFINITY, -INFINITY, 80.f, -80.f};
+    for (size_t i = 0; i < in.logits.size(); i += 13) in.logits[i] = specials[i % 5];
+    for (size_t i = 0; i < in.locs.size(); i += 29) in.locs[i] = i % 2 ? 40.f : NAN;
+  }
+  const int64_t anchor_rows = p.per_image_anchors ? p.B * p.A : p.A;
+  in.anchors.resize(anchor_rows * 4);
+  for (int64_t i = 0; i < anchor_rows; ++i) {
+    const float cx = 300.f * uniform(rng), cy = 300.f * uniform(rng);
+    const float w = 10.f + 90.f * uniform(rng), h = 10.f + 90.f * uniform(rng);
+    in.anchors[4 * i + 0] = cx - w / 2;
+    in.anchors[4 * i + 1] = cy - h / 2;
+    in.anchors[4 * i + 2] = cx + w / 2;
+    in.anchors[4 * i + 3] = cy + h / 2;
+  }
+  for (int64_t b = 0; b < p.B; ++b) {
+    in.image_sizes.push_back(b % 2 ? 240.f : 300.f);
+    in.image_sizes.push_back(b % 2 ? 320.f : 300.f);
+  }
+  return in;
+}
+
+const double kWeights[4] = {10.0, 10.0, 5.0, 5.0};
+
+void check_postprocess(const Problem& p, const Inputs& in) {
+  const int64_t K = p.detections_per_img;
+  std::vector<float> boxes(p.B * K * 4, -1.f), scores(p.B * K, -1.f);
+  std::vector<int64_t> labels(p.B * K, -1), counts(p.B, -1);
+  const int status = emulated_postprocess(
+      in.locs.data(), in.logits.data(), in.anchors.data(), p.per_image_anchors,
+      in.image_sizes.data(), p.B, p.A, p.C, p.score_thresh, p.nms_thresh, p.topk, K, kWeights,
+      p.activation, p.background_class, p.clip, boxes.data(), scores.data(), labels.data(),
+      counts.data());
+  expect(status == 0, "postprocess returned an error", p);
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t n = counts[b];
+    expect(n >= 0 && n <= K, "count in [0, K]", p);
+    for (int64_t r = 0; r < K; ++r) {
+      const int64_t row = b * K + r;
+      if (r >= n) {
+        expect(scores[row] == 0.f && labels[row] == 0, "padding is zero", p);
+        for (int k = 0; k < 4; ++k) expect(boxes[4 * row + k] == 0.f, "padded boxes are zero", p);
+        continue;
+      }
+      expect(scores[row] > static_cast<float>(p.score_thresh) && scores[row] <= 1.f,
+             "score in (score_thresh, 1]", p);
+      expect(r == 0 || scores[row] <= scores[row - 1], "scores non-increasing", p);
+      expect(labels[row] >= 0 && labels[row] < p.C && labels[row] != p.background_class,
+             "label is a foreground class", p);
+    }
+  }
+}
+
+void check_flatten(const Problem& p, const Inputs& in) {
+  const int64_t capacity = std::min(p.topk, p.A);
+  const int64_t slots = p.B * p.C * capacity;
+  std::vector<float> boxes(slots * 4), scores(slots);
+  std::vector<int64_t> keys(slots);
+  int64_t n = -1;
+  const int status = emulated_decode_threshold_flatten(
+      in.locs.data(), in.logits.data(), in.anchors.data(), p.per_image_anchors,
+      in.image_sizes.data(), p.B, p.A, p.C, p.score_thresh, p.topk, kWeights, p.activation,
+      p.background_class, p.clip, boxes.data(), scores.data(), keys.data(), &n);
+  expect(status == 0, "decode_threshold_flatten returned an error", p);
+  expect(n >= 0 && n <= slots, "N in [0, slots]", p);
+  int64_t run = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    expect(keys[i] >= 0 && keys[i] < p.B * p.C && keys[i] % p.C != p.background_class,
+           "key = image * C + foreground class", p);
+    const bool same_key = i > 0 && keys[i] == keys[i - 1];
+    expect(i == 0 || keys[i] >= keys[i - 1], "keys non-decreasing", p);
+    expect(!same_key || scores[i] <= scores[i - 1], "scores non-increasing within a key", p);
+    run = same_key ? run + 1 : 1;
+    expect(run <= capacity, "at most topk_candidates per key", p);
+    expect(scores[i] > static_cast<float>(p.score_thresh), "score above the threshold", p);
+  }
+}
+
+void check_nms(std::mt19937& rng, int64_t n, int64_t groups, double iou_threshold) {
+  const Problem p{1, n, groups, 0, -1, 0.0, iou_threshold, 0, 0, false, false, false};
+  std::uniform_real_distribution<float> uniform(0.f, 1.f);
+  std::vector<float> boxes(n * 4);
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = 100.f * uniform(rng), y = 100.f * uniform(rng);
+    boxes[4 * i + 0] = x;
+    boxes[4 * i + 1] = y;
+    boxes[4 * i + 2] = x + 30.f * uniform(rng);
+    boxes[4 * i + 3] = y + 30.f * uniform(rng);
+  }
+  std::vector<int64_t> begin, end;
+  for (int64_t g = 0; g < groups; ++g) {
+    begin.push_back(g * n / groups);
+    end.push_back((g + 1) * n / groups);
+  }
+  std::vector<uint8_t> keep(n, 0xCD);
+  expect(emulated_nms_ranked_groups(boxes.data(), begin.data(), end.data(), groups, iou_threshold,
+                                    keep.data()) == 0,
+         "nms returned an error", p);
+  for (int64_t i = 0; i < n; ++i) expect(keep[i] == 0 || keep[i] == 1, "keep is 0 or 1", p);
+  for (int64_t g = 0; g < groups; ++g) {
+    if (end[g] > begin[g]) expect(keep[begin[g]] == 1, "the best box of a group is kept", p);
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(2024);
+  const Problem problems[] = {
+      // B, A, C, activation, background, score, nms, topk, K, per-image, clip, specials
+      {2, 700, 7, 0, 0, 0.01, 0.45, 400, 200, false, true, false},
+      {3, 300, 5, 0, 0, 0.01, 0.45, 5, 20, false, true, false},  // radix select
+      {2, 257, 3, 1, -1, 0.3, 0.5, 64, 50, true, false, false},
+      {1, 1, 1, 1, -1, 0.0, 0.5, 1, 1, false, true, false},
+      {2, 65, 2, 0, 1, 0.0, 1.0, 400, 1000, false, true, false},  // everything kept
+      {2, 500, 4, 0, 3, 0.05, 0.0, 200, 300, true, true, true},   // NaN / inf, NMS all
+      {1, 10300, 2, 1, -1, 0.6, 0.5, 300, 100, false, true, false},  // keys not cached
+      {2, 100, 9, 0, 0, 1.0, 0.5, 50, 10, false, true, false},       // nothing passes
+  };
+  for (const Problem& p : problems) {
+    const Inputs in = make_inputs(p, rng);
+    check_postprocess(p, in);
+    check_flatten(p, in);
+    std::printf("B=%lld A=%lld C=%lld done\n", static_cast<long long>(p.B),
+                static_cast<long long>(p.A), static_cast<long long>(p.C));
+  }
+  check_nms(rng, 1, 1, 0.5);
+  check_nms(rng, 300, 1, 0.5);
+  check_nms(rng, 2000, 37, 0.3);
+  check_nms(rng, 500, 500, 0.0);
+  if (failures > 0) {
+    std::printf("%d checks failed\n", failures);
+    return 1;
+  }
+  std::printf("ok\n");
+  return 0;
+}
