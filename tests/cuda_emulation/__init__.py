@@ -77,48 +77,58 @@ def sanitized_runner() -> Path:
     return _build("sanitized_run", ["emulated_ops.cpp", "sanitized_run.cpp"], SANITIZER_FLAGS)
 
 
-def _ptr(t: Tensor):
+class EmulatedInputs(ctypes.Structure):
+    """The C struct of emulated_ops.h, field for field."""
+
+    _fields_ = [
+        ("locs", ctypes.c_void_p), ("logits", ctypes.c_void_p), ("anchors", ctypes.c_void_p),
+        ("image_sizes", ctypes.c_void_p),
+        ("B", ctypes.c_int64), ("A", ctypes.c_int64), ("C", ctypes.c_int64),
+        ("background_class", ctypes.c_int64), ("topk_candidates", ctypes.c_int64),
+        ("score_thresh", ctypes.c_double), ("box_weights", ctypes.c_double * 4),
+        ("activation", ctypes.c_int32), ("per_image_anchors", ctypes.c_int32),
+        ("clip", ctypes.c_int32),
+    ]
+
+
+def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _inputs(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor):
-    """float32 contiguous CPU copies, as the CUDA ops' make_decode_inputs makes them."""
-    return tuple(t.detach().to("cpu", torch.float32).contiguous()
-                 for t in (locs, logits, anchors, image_sizes))
-
-
-def _config_args(config: PostprocessConfig):
-    weights = (ctypes.c_double * 4)(*config.box_weights)
-    activation = 0 if config.score_activation == "softmax" else 1
-    background = -1 if config.background_class is None else config.background_class
-    return weights, activation, background
+def _prepare(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
+             config: PostprocessConfig):
+    """float32 contiguous CPU copies (as the CUDA ops' make_decode_inputs makes them)
+    and the struct pointing at them; the tensors must outlive the call."""
+    tensors = tuple(t.detach().to("cpu", torch.float32).contiguous()
+                    for t in (locs, logits, anchors, image_sizes))
+    B, A, C = tensors[1].shape
+    inputs = EmulatedInputs(
+        *(t.data_ptr() for t in tensors), B, A, C,
+        -1 if config.background_class is None else config.background_class,
+        config.topk_candidates, config.score_thresh, (ctypes.c_double * 4)(*config.box_weights),
+        0 if config.score_activation == "softmax" else 1, int(tensors[2].dim() == 3),
+        int(bool(config.clip_boxes)))
+    return tensors, inputs
 
 
 def _check(status: int, op: str) -> None:
     if status != 0:
-        raise RuntimeError(f"emulated {op} failed")
+        raise RuntimeError(f"emulated {op} failed (its reason is on stderr)")
 
 
 def postprocess(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
                 config: PostprocessConfig) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """What ``torch.ops.ssd_post.postprocess`` returns on CUDA: boxes [B, K, 4],
     scores [B, K], labels [B, K], counts [B]."""
-    locs, logits, anchors, sizes = _inputs(locs, logits, anchors, image_sizes)
     B, A, C = logits.shape
     K = config.detections_per_img
     out = (torch.zeros(B, K, 4), torch.zeros(B, K), torch.zeros(B, K, dtype=torch.int64),
            torch.zeros(B, dtype=torch.int64))
     if B * C * min(config.topk_candidates, A) == 0:
         return out  # the CUDA op returns zeros without a launch
-    weights, activation, background = _config_args(config)
-    lib = library()
-    lib.emulated_postprocess.restype = ctypes.c_int
-    status = lib.emulated_postprocess(
-        _ptr(locs), _ptr(logits), _ptr(anchors), ctypes.c_int(anchors.dim() == 3), _ptr(sizes),
-        ctypes.c_int64(B), ctypes.c_int64(A), ctypes.c_int64(C),
-        ctypes.c_double(config.score_thresh), ctypes.c_double(config.nms_thresh),
-        ctypes.c_int64(config.topk_candidates), ctypes.c_int64(K), weights,
-        ctypes.c_int(activation), ctypes.c_int64(background), ctypes.c_int(bool(config.clip_boxes)),
+    tensors, inputs = _prepare(locs, logits, anchors, image_sizes, config)
+    status = library().emulated_postprocess(
+        ctypes.byref(inputs), ctypes.c_double(config.nms_thresh), ctypes.c_int64(K),
         *(_ptr(t) for t in out))
     _check(status, "postprocess")
     return out
@@ -128,23 +138,16 @@ def decode_threshold_flatten(locs: Tensor, logits: Tensor, anchors: Tensor, imag
                              config: PostprocessConfig) -> Tuple[Tensor, Tensor, Tensor]:
     """What ``torch.ops.ssd_post.decode_threshold_flatten`` returns on CUDA:
     boxes [N, 4], scores [N], keys [N]."""
-    locs, logits, anchors, sizes = _inputs(locs, logits, anchors, image_sizes)
     B, A, C = logits.shape
     slots = B * C * min(config.topk_candidates, A)
     boxes, scores = torch.zeros(slots, 4), torch.zeros(slots)
     keys = torch.zeros(slots, dtype=torch.int64)
     if slots == 0:
         return boxes, scores, keys
-    weights, activation, background = _config_args(config)
+    tensors, inputs = _prepare(locs, logits, anchors, image_sizes, config)
     count = ctypes.c_int64(-1)
-    lib = library()
-    lib.emulated_decode_threshold_flatten.restype = ctypes.c_int
-    status = lib.emulated_decode_threshold_flatten(
-        _ptr(locs), _ptr(logits), _ptr(anchors), ctypes.c_int(anchors.dim() == 3), _ptr(sizes),
-        ctypes.c_int64(B), ctypes.c_int64(A), ctypes.c_int64(C),
-        ctypes.c_double(config.score_thresh), ctypes.c_int64(config.topk_candidates), weights,
-        ctypes.c_int(activation), ctypes.c_int64(background), ctypes.c_int(bool(config.clip_boxes)),
-        _ptr(boxes), _ptr(scores), _ptr(keys), ctypes.byref(count))
+    status = library().emulated_decode_threshold_flatten(
+        ctypes.byref(inputs), _ptr(boxes), _ptr(scores), _ptr(keys), ctypes.byref(count))
     _check(status, "decode_threshold_flatten")
     n = count.value
     return boxes[:n], scores[:n], keys[:n]
@@ -160,9 +163,7 @@ def nms_ranked_groups(ranked_boxes: Tensor, group_begin: Tensor, group_end: Tens
     keep = torch.full((boxes.shape[0],), 0xCD, dtype=torch.uint8)
     if begin.numel() == 0:
         return keep
-    lib = library()
-    lib.emulated_nms_ranked_groups.restype = ctypes.c_int
-    status = lib.emulated_nms_ranked_groups(_ptr(boxes), _ptr(begin), _ptr(end),
+    status = library().emulated_nms_ranked_groups(_ptr(boxes), _ptr(begin), _ptr(end),
                                             ctypes.c_int64(begin.numel()),
                                             ctypes.c_double(iou_threshold), _ptr(keep))
     _check(status, "nms_ranked_groups")

@@ -24,21 +24,6 @@ using namespace ssd_post::gpu;
 
 namespace {
 
-struct Problem {
-  const float* locs;         // [B, A, 4]
-  const float* logits;       // [B, A, C]
-  const float* anchors;      // [A, 4] or [B, A, 4]
-  bool per_image_anchors;
-  const float* image_sizes;  // [B, 2]
-  int64_t B, A, C;
-  double score_thresh;
-  int64_t topk_candidates;
-  const double* box_weights;  // 4
-  int activation;             // 0: softmax, 1: sigmoid
-  int64_t background_class;   // -1: none
-  bool clip;
-};
-
 unsigned blocks_for(int64_t items, int threads) {
   return static_cast<unsigned>((items + threads - 1) / threads);
 }
@@ -53,13 +38,13 @@ void sort_segments_descending(const std::vector<uint64_t>& keys_in, std::vector<
   }
 }
 
-DecodeParams decode_params(const Problem& p) {
+DecodeParams decode_params(const EmulatedInputs& p) {
   return DecodeParams{p.locs,
                       p.anchors,
                       p.image_sizes,
                       p.A,
-                      p.per_image_anchors,
-                      p.clip,
+                      p.per_image_anchors != 0,
+                      p.clip != 0,
                       BoxWeights{static_cast<float>(p.box_weights[0]),
                                  static_cast<float>(p.box_weights[1]),
                                  static_cast<float>(p.box_weights[2]),
@@ -72,9 +57,10 @@ struct Ranked {
   std::vector<int32_t> counts;
   int64_t capacity;
   int anchor_bits;
+  int64_t slots;  // B * C * capacity
 };
 
-Ranked select_ranked(const Problem& p) {
+Ranked select_ranked(const EmulatedInputs& p) {
   const Activation activation = p.activation == 0 ? Activation::kSoftmax : Activation::kSigmoid;
   const SelectParams params{activation, static_cast<float>(p.score_thresh),
                             make_score_bound(activation, p.score_thresh).value,
@@ -102,6 +88,7 @@ Ranked select_ranked(const Problem& p) {
          out.capacity, out.anchor_bits, cache_keys, unsorted.data(), begin.data(), end.data(),
          out.counts.data());
   out.keys.assign(slots, ~uint64_t{0});
+  out.slots = slots;
   sort_segments_descending(unsorted, out.keys, begin, end);
   return out;
 }
@@ -121,53 +108,38 @@ int guarded(F&& body) {
 
 extern "C" {
 
-int emulated_decode_threshold_flatten(const float* locs, const float* logits, const float* anchors,
-                                      int per_image_anchors, const float* image_sizes, int64_t B,
-                                      int64_t A, int64_t C, double score_thresh,
-                                      int64_t topk_candidates, const double* box_weights,
-                                      int activation, int64_t background_class, int clip,
-                                      float* boxes, float* scores, int64_t* keys,
-                                      int64_t* num_out) {
+int emulated_decode_threshold_flatten(const EmulatedInputs* inputs, float* boxes, float* scores,
+                                      int64_t* keys, int64_t* num_out) {
   return guarded([&] {
-    const Problem p{locs,     logits,          anchors,        per_image_anchors != 0,
-                    image_sizes, B, A, C,      score_thresh,   topk_candidates,
-                    box_weights, activation,   background_class, clip != 0};
-    const Ranked ranked = select_ranked(p);
-    const int64_t segments = B * C, slots = segments * ranked.capacity;
-    std::vector<int64_t> first_output(segments);
+    const Ranked ranked = select_ranked(*inputs);
+    std::vector<int64_t> first_output(ranked.counts.size());
     int64_t n = 0;
-    for (int64_t s = 0; s < segments; ++s) {
+    for (size_t s = 0; s < first_output.size(); ++s) {
       first_output[s] = n;
       n += ranked.counts[s];
     }
     *num_out = n;
     if (n > 0) {
-      launch(blocks_for(slots, kElementwiseThreads), kElementwiseThreads, 0,
+      launch(blocks_for(ranked.slots, kElementwiseThreads), kElementwiseThreads, 0,
              &emit_candidates_kernel, ranked.keys.data(), ranked.counts.data(),
-             first_output.data(), slots, ranked.capacity, C, ranked.anchor_bits, decode_params(p),
-             boxes, scores, keys);
+             first_output.data(), ranked.slots, ranked.capacity, inputs->C, ranked.anchor_bits,
+             decode_params(*inputs), boxes, scores, keys);
     }
   });
 }
 
-int emulated_postprocess(const float* locs, const float* logits, const float* anchors,
-                         int per_image_anchors, const float* image_sizes, int64_t B, int64_t A,
-                         int64_t C, double score_thresh, double nms_thresh,
-                         int64_t topk_candidates, int64_t detections_per_img,
-                         const double* box_weights, int activation, int64_t background_class,
-                         int clip, float* out_boxes, float* out_scores, int64_t* out_labels,
-                         int64_t* out_counts) {
+int emulated_postprocess(const EmulatedInputs* inputs, double nms_thresh,
+                         int64_t detections_per_img, float* out_boxes, float* out_scores,
+                         int64_t* out_labels, int64_t* out_counts) {
   return guarded([&] {
-    const Problem p{locs,     logits,          anchors,        per_image_anchors != 0,
-                    image_sizes, B, A, C,      score_thresh,   topk_candidates,
-                    box_weights, activation,   background_class, clip != 0};
-    const Ranked ranked = select_ranked(p);
-    const int64_t segments = B * C, slots = segments * ranked.capacity;
+    const int64_t B = inputs->B, C = inputs->C;
+    const Ranked ranked = select_ranked(*inputs);
+    const int64_t slots = ranked.slots;
     std::vector<float4> boxes(slots);
     std::vector<uint8_t> keep(slots, 0xCD);
-    launch(static_cast<unsigned>(segments), kNmsThreads, 0, &decode_and_nms_segments_kernel,
+    launch(static_cast<unsigned>(B * C), kNmsThreads, 0, &decode_and_nms_segments_kernel,
            ranked.keys.data(), ranked.counts.data(), ranked.capacity, C, ranked.anchor_bits,
-           decode_params(p), nms_thresh, boxes.data(), keep.data());
+           decode_params(*inputs), nms_thresh, boxes.data(), keep.data());
 
     const int64_t image_slots = C * ranked.capacity;
     const int slot_bits = index_bits_for(image_slots);

@@ -1,29 +1,39 @@
 // The C API of emulated_ops.cpp (the CUDA kernels run on the CPU). Python calls it
-// through ctypes (__init__.py); sanitized_run.cpp calls it directly.
+// through ctypes (__init__.py, whose EmulatedInputs mirrors the struct below);
+// sanitized_run.cpp calls it directly. Every function returns 0, or 1 when an
+// emulated launch failed (a deadlock, a bad launch), with the reason on stderr.
 #pragma once
 
 #include <cstdint>
 
 extern "C" {
 
-// decode_threshold_flatten on CUDA: outputs sized B * C * min(topk, A); *num_out = N.
-// Returns 0, or 1 when an emulated launch failed (a deadlock, a bad launch).
-int emulated_decode_threshold_flatten(const float* locs, const float* logits, const float* anchors,
-                                      int per_image_anchors, const float* image_sizes, int64_t B,
-                                      int64_t A, int64_t C, double score_thresh,
-                                      int64_t topk_candidates, const double* box_weights,
-                                      int activation, int64_t background_class, int clip,
-                                      float* boxes, float* scores, int64_t* keys, int64_t* num_out);
+// The inputs and settings shared by decode_threshold_flatten and postprocess,
+// float32 and contiguous, with B * C * min(topk_candidates, A) > 0 (the CUDA ops
+// launch nothing otherwise).
+struct EmulatedInputs {
+  const float* locs;         // [B, A, 4]
+  const float* logits;       // [B, A, C]
+  const float* anchors;      // [A, 4], or [B, A, 4] with per_image_anchors
+  const float* image_sizes;  // [B, 2] (height, width)
+  int64_t B, A, C;
+  int64_t background_class;  // -1: none
+  int64_t topk_candidates;
+  double score_thresh;
+  double box_weights[4];
+  int32_t activation;  // 0: softmax, 1: sigmoid
+  int32_t per_image_anchors;
+  int32_t clip;
+};
 
-// postprocess on CUDA: outputs [B, K, 4], [B, K], [B, K], [B]. Needs
-// B * C * min(topk, A) > 0, as the CUDA op launches nothing otherwise.
-int emulated_postprocess(const float* locs, const float* logits, const float* anchors,
-                         int per_image_anchors, const float* image_sizes, int64_t B, int64_t A,
-                         int64_t C, double score_thresh, double nms_thresh,
-                         int64_t topk_candidates, int64_t detections_per_img,
-                         const double* box_weights, int activation, int64_t background_class,
-                         int clip, float* out_boxes, float* out_scores, int64_t* out_labels,
-                         int64_t* out_counts);
+// decode_threshold_flatten on CUDA: outputs sized B * C * min(topk, A); *num_out = N.
+int emulated_decode_threshold_flatten(const EmulatedInputs* inputs, float* boxes, float* scores,
+                                      int64_t* keys, int64_t* num_out);
+
+// postprocess on CUDA: outputs [B, K, 4], [B, K], [B, K], [B] with K = detections_per_img.
+int emulated_postprocess(const EmulatedInputs* inputs, double nms_thresh,
+                         int64_t detections_per_img, float* out_boxes, float* out_scores,
+                         int64_t* out_labels, int64_t* out_counts);
 
 // The NMS kernel of batched_nms: ranked_boxes [N, 4] grouped into runs
 // [group_begin[g], group_end[g]), each in rank order; keep[i] = 1 for survivors.

@@ -76,17 +76,30 @@ Inputs make_inputs(const Problem& p, std::mt19937& rng) {
   return in;
 }
 
-const double kWeights[4] = {10.0, 10.0, 5.0, 5.0};
+EmulatedInputs emulated_inputs(const Problem& p, const Inputs& in) {
+  return EmulatedInputs{in.locs.data(),
+                        in.logits.data(),
+                        in.anchors.data(),
+                        in.image_sizes.data(),
+                        p.B,
+                        p.A,
+                        p.C,
+                        p.background_class,
+                        p.topk,
+                        p.score_thresh,
+                        {10.0, 10.0, 5.0, 5.0},
+                        p.activation,
+                        p.per_image_anchors,
+                        p.clip};
+}
 
 void check_postprocess(const Problem& p, const Inputs& in) {
   const int64_t K = p.detections_per_img;
   std::vector<float> boxes(p.B * K * 4, -1.f), scores(p.B * K, -1.f);
   std::vector<int64_t> labels(p.B * K, -1), counts(p.B, -1);
-  const int status = emulated_postprocess(
-      in.locs.data(), in.logits.data(), in.anchors.data(), p.per_image_anchors,
-      in.image_sizes.data(), p.B, p.A, p.C, p.score_thresh, p.nms_thresh, p.topk, K, kWeights,
-      p.activation, p.background_class, p.clip, boxes.data(), scores.data(), labels.data(),
-      counts.data());
+  const EmulatedInputs inputs = emulated_inputs(p, in);
+  const int status = emulated_postprocess(&inputs, p.nms_thresh, K, boxes.data(), scores.data(),
+                                          labels.data(), counts.data());
   expect(status == 0, "postprocess returned an error", p);
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t n = counts[b];
@@ -113,10 +126,9 @@ void check_flatten(const Problem& p, const Inputs& in) {
   std::vector<float> boxes(slots * 4), scores(slots);
   std::vector<int64_t> keys(slots);
   int64_t n = -1;
-  const int status = emulated_decode_threshold_flatten(
-      in.locs.data(), in.logits.data(), in.anchors.data(), p.per_image_anchors,
-      in.image_sizes.data(), p.B, p.A, p.C, p.score_thresh, p.topk, kWeights, p.activation,
-      p.background_class, p.clip, boxes.data(), scores.data(), keys.data(), &n);
+  const EmulatedInputs inputs = emulated_inputs(p, in);
+  const int status =
+      emulated_decode_threshold_flatten(&inputs, boxes.data(), scores.data(), keys.data(), &n);
   expect(status == 0, "decode_threshold_flatten returned an error", p);
   expect(n >= 0 && n <= slots, "N in [0, slots]", p);
   int64_t run = 0;
