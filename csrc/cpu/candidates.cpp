@@ -43,11 +43,17 @@ CandidateScanner::CandidateScanner(const SelectParams& params, int64_t num_class
     pending_rows_ = at::empty({kPendingRows, C_}, at::kFloat);
     pending_probs_ = at::empty({kPendingRows, C_}, at::kFloat);
     pending_anchor_.resize(static_cast<size_t>(kPendingRows));
+    passing_columns_.resize(static_cast<size_t>(C_));
   }
+  reset();
 }
 
 void CandidateScanner::reset() {
   for (auto& cands : per_class_) cands.reset();
+  limits_.assign(static_cast<size_t>(C_), params_.score_thresh);
+  if (params_.background_class >= 0) {
+    limits_[static_cast<size_t>(params_.background_class)] = std::numeric_limits<float>::infinity();
+  }
   pending_count_ = 0;
 }
 
@@ -58,15 +64,14 @@ void CandidateScanner::flush_softmax_rows() {
   at::Tensor probs_view = pending_probs_.narrow(0, 0, n);
   at::_softmax_out(probs_view, pending_rows_.narrow(0, 0, n), /*dim=*/1, /*half_to_float=*/false);
   const float* prob = pending_probs_.data_ptr<float>();
-  const int64_t bg = params_.background_class, k = params_.topk_candidates;
-  const float thresh = params_.score_thresh;
+  int32_t* columns = passing_columns_.data();
   for (int64_t r = 0; r < n; ++r) {
     const float* row = prob + r * C_;
     const int32_t anchor = pending_anchor_[r];
-    for (int64_t c = 0; c < C_; ++c) {
-      // NaN fails the comparison: a row with a NaN logit is never kept.
-      if (row[c] > thresh && c != bg) per_class_[c].push(row[c], anchor, k);
-    }
+    // NaN fails the comparison: a row with a NaN logit is never kept. An offer
+    // only moves its own class's limit, so the columns found stay valid.
+    const int64_t found = columns_above(row, limits_.data(), C_, columns);
+    for (int64_t i = 0; i < found; ++i) offer(columns[i], row[columns[i]], anchor);
   }
 }
 
@@ -98,14 +103,15 @@ void CandidateScanner::scan_softmax(const scalar_t* image, int64_t a_begin, int6
 
 template <typename scalar_t>
 void CandidateScanner::scan_sigmoid(const scalar_t* image, int64_t a_begin, int64_t a_end) {
-  const int64_t bg = params_.background_class, k = params_.topk_candidates;
+  const float* limit = limits_.data();
   for (int64_t a = a_begin; a < a_end; ++a) {
     const scalar_t* row = image + a * C_;
     for (int64_t c = 0; c < C_; ++c) {
       const float x = static_cast<float>(row[c]);
-      if (c == bg || !(x > params_.bound.value)) continue;  // the test also drops NaN
+      // The bound test also drops NaN; the background's limit is +inf.
+      if (!(x > params_.bound.value)) continue;
       const float prob = sigmoid_f32(x);
-      if (prob > params_.score_thresh) per_class_[c].push(prob, static_cast<int32_t>(a), k);
+      if (prob > limit[c]) offer(c, prob, static_cast<int32_t>(a));
     }
   }
 }

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -19,9 +21,18 @@ struct Candidate {
 };
 
 // Higher score first; equal scores in anchor order, so every result is unique.
-inline bool ranks_before(const Candidate& a, const Candidate& b) {
-  return a.score > b.score || (a.score == b.score && a.anchor < b.anchor);
-}
+// Candidate scores passed `score > score_thresh >= 0`, so they are positive floats
+// whose bits order like their values: one 64-bit compare of (score bits, ~anchor)
+// ranks two candidates without a branch. A function object, not a function, so
+// that std::sort and std::nth_element inline it.
+struct RanksBefore {
+  static uint64_t key(const Candidate& c) {
+    return (static_cast<uint64_t>(std::bit_cast<uint32_t>(c.score)) << 32) |
+           static_cast<uint32_t>(~c.anchor);
+  }
+  bool operator()(const Candidate& a, const Candidate& b) const { return key(a) > key(b); }
+};
+inline constexpr RanksBefore ranks_before{};
 
 struct SelectParams {
   Activation activation;
@@ -31,10 +42,11 @@ struct SelectParams {
   int64_t background_class;  // -1: every column is a class
 };
 
-// The candidates of one (image, class) seen so far. Keeps at most k + k / 2 + 1
-// entries: when full it drops all but the k best and remembers the k-th best
-// score, below which nothing can enter any more (anchors arrive in increasing
-// order, so an equal score ranks after every kept one too).
+// The candidates of one (image, class) seen so far. Keeps at most 2k + 1 entries:
+// when full it drops all but the k best and remembers the k-th best score, below
+// which nothing can enter any more (anchors arrive in increasing order, so an
+// equal score ranks after every kept one too). The slack of k entries makes each
+// pruning (a linear nth_element over 2k) pay for k pushes.
 class BoundedCandidates {
  public:
   void reset() {
@@ -42,14 +54,18 @@ class BoundedCandidates {
     floor_ = -std::numeric_limits<float>::infinity();
   }
 
-  void push(float score, int32_t anchor, int64_t k) {
-    if (score <= floor_) return;
+  // Returns true when the floor rose (callers may cache it).
+  bool push(float score, int32_t anchor, int64_t k) {
+    if (score <= floor_) return false;
     items_.push_back({score, anchor});
-    if (static_cast<int64_t>(items_.size()) > k + k / 2) {
-      keep_best(k);
-      floor_ = items_.back().score;
-    }
+    if (static_cast<int64_t>(items_.size()) <= 2 * k) return false;
+    keep_best(k);
+    floor_ = items_.back().score;
+    return true;
   }
+
+  // A score must be above this to enter (-inf until the first pruning).
+  float floor() const { return floor_; }
 
   // Leaves the k best, ranked.
   void finish(int64_t k);
@@ -86,10 +102,21 @@ class CandidateScanner {
   template <typename scalar_t>
   void scan_sigmoid(const scalar_t* image, int64_t a_begin, int64_t a_end);
   void flush_softmax_rows();
+  // Offers a score that passed limits_[c] to class c.
+  void offer(int64_t c, float score, int32_t anchor) {
+    BoundedCandidates& cands = per_class_[static_cast<size_t>(c)];
+    if (cands.push(score, anchor, params_.topk_candidates)) {
+      limits_[static_cast<size_t>(c)] = std::max(params_.score_thresh, cands.floor());
+    }
+  }
 
   SelectParams params_;
   int64_t C_;
   std::vector<BoundedCandidates> per_class_;
+  // Per class, the score a candidate must exceed: score_thresh, raised to the
+  // class's floor once it is full, +inf for the background. One compare per
+  // (anchor, class) then decides, and in a dense image most of them fail it.
+  std::vector<float> limits_;
   std::vector<float> converted_;  // a block of rows as float32 (half / bfloat16 input)
   std::vector<int32_t> passing_;  // rows of the current block that may pass
   // Rows that may pass wait here and get their probabilities from torch's own
@@ -100,6 +127,7 @@ class CandidateScanner {
   at::Tensor pending_probs_;  // [kPendingRows, C] float32
   std::vector<int32_t> pending_anchor_;
   int64_t pending_count_ = 0;
+  std::vector<int32_t> passing_columns_;  // [C]: the classes of a row above their limit
 };
 
 // Candidates of all B * C segments, segment s = image * C + class, each segment

@@ -118,6 +118,23 @@ RowsFn pick_rows_fn() {
 
 }  // namespace
 
+int64_t columns_above(const float* row, const float* limit, int64_t C, int32_t* columns) {
+  int64_t count = 0, c = 0;
+  for (; c + 4 <= C; c += 4) {
+    // Ordered compare: false for NaN, like the scalar `>`.
+    unsigned mask = static_cast<unsigned>(
+        _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(row + c), _mm_loadu_ps(limit + c))));
+    while (mask != 0) {
+      columns[count++] = static_cast<int32_t>(c + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (; c < C; ++c) {
+    if (row[c] > limit[c]) columns[count++] = static_cast<int32_t>(c);
+  }
+  return count;
+}
+
 int64_t float_rows_may_pass(const float* rows, int64_t C, int64_t background, float bound,
                             int64_t begin, int64_t end, int32_t* passing) {
   static const RowsFn fn = pick_rows_fn();

@@ -19,5 +19,12 @@ namespace cpu {
 int64_t float_rows_may_pass(const float* rows, int64_t C, int64_t background, float bound,
                             int64_t begin, int64_t end, int32_t* passing);
 
+// The columns c in [0, C) of one row of probabilities with row[c] > limit[c] (NaN
+// never is), in increasing order, written to `columns` (room for C entries);
+// returns how many there are. Four columns per compare (SSE2, on every x86-64):
+// in a dense image most (anchor, class) pairs fail their class's limit, and a
+// branch per pair cost more than the rest of the scan.
+int64_t columns_above(const float* row, const float* limit, int64_t C, int32_t* columns);
+
 }  // namespace cpu
 }  // namespace ssd_post
