@@ -9,7 +9,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test bench install clean
+.PHONY: run test bench gpu-check install clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# On a machine with a CUDA GPU: the CUDA tests, then the GPU benchmark
+# (benchmarks/results/gpu_<device>.json).
+gpu-check: install
+	$(PY) -m pytest -q -m cuda tests/test_cuda.py
+	$(PY) -m benchmarks.gpu
 
 clean:
 	rm -rf build *.egg-info ssd_post/*.so $(VENV)/.built
