@@ -4,7 +4,7 @@
 // The kernel headers are compiled twice: by nvcc into the extension, and by the
 // host compiler into the CUDA emulator of the tests (tests/cuda_emulation/), which
 // defines SSD_POST_CUDA_EMULATION and provides the built-ins (threadIdx,
-// __syncthreads, warp shuffles, cub::BlockScan, ...) on CPU threads. That lets a
+// __syncthreads, warp shuffles, cub::BlockScan, ...) with one fiber per CUDA thread. That lets a
 // machine without a GPU run the very kernel code, not a copy of it.
 #pragma once
 

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 KERNEL_DIR = ROOT / "csrc" / "cuda"
 BUILD_DIR = ROOT / "build" / "cuda_emulation"
 
-_FLAGS = ["-std=c++20", "-fPIC", "-pthread", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
+_FLAGS = ["-std=c++20", "-fPIC", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
           f"-I{KERNEL_DIR}"]
 # For sanitized_run: every out-of-bounds access and undefined operation is fatal.
 SANITIZER_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
@@ -44,7 +44,7 @@ def _sources() -> list[Path]:
                    *common.glob("*.h")])
 
 
-def _build(name: str, sources: list[str], flags: list[str]) -> Path:
+def _build(name: str, sources: list[str], flags: list[str], suffix: str = "") -> Path:
     """Compiles `sources` (in this folder) into build/cuda_emulation/, once per
     version of every file they may include (a hash in the output's name)."""
     cxx = compiler()
@@ -53,7 +53,7 @@ def _build(name: str, sources: list[str], flags: list[str]) -> Path:
     digest = hashlib.sha256(" ".join(flags).encode())
     for path in _sources():
         digest.update(path.read_bytes())
-    target = BUILD_DIR / f"{name}_{digest.hexdigest()[:16]}"
+    target = BUILD_DIR / f"{name}_{digest.hexdigest()[:16]}{suffix}"
     if not target.exists():
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
@@ -68,7 +68,7 @@ def _build(name: str, sources: list[str], flags: list[str]) -> Path:
 @lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
     """The emulated kernels as a shared library (built on first use, a few seconds)."""
-    return ctypes.CDLL(str(_build("emulated_ops.so", ["emulated_ops.cpp"], ["-O2", "-shared"])))
+    return ctypes.CDLL(str(_build("emulated_ops", ["emulated_ops.cpp"], ["-O2", "-shared"], ".so")))
 
 
 def sanitized_runner() -> Path:
