@@ -13,8 +13,31 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the kernels)
+from .config import padded_detections, unit_scalar
+from .corners import handle_inverted_boxes
 
-__all__ = ["decode_threshold_flatten_op", "batched_nms", "postprocess_op", "has_cuda_kernels"]
+__all__ = ["decode_threshold_flatten_op", "batched_nms", "postprocess_op", "has_cuda_kernels",
+           "check_same_device"]
+
+
+def check_same_device(reference: str, tensors: dict) -> None:
+    """Raises a ValueError naming both devices when a tensor of ``tensors`` (name ->
+    Tensor) is not on the device of ``tensors[reference]``. Run before dispatch,
+    and by the fake kernels: a ``meta`` tensor next to a CPU tensor would
+    otherwise reach the fake kernel and pass."""
+    device = tensors[reference].device
+    for name, tensor in tensors.items():
+        if tensor.device != device:
+            raise ValueError(f"{name} should be on the same device as {reference}, got "
+                             f"{tensor.device} and {device}")
+
+
+def _check_image_sizes_device(image_sizes: Tensor, locs: Tensor) -> None:
+    # CPU image sizes are accepted on every device (their values are checked on the
+    # host without a synchronization, csrc/common/op_inputs.h).
+    if image_sizes.device != locs.device and image_sizes.device.type != "cpu":
+        raise ValueError(f"image_sizes should be on the CPU or on the same device as locs, got "
+                         f"{image_sizes.device} and {locs.device}")
 
 
 def has_cuda_kernels() -> bool:
@@ -27,6 +50,8 @@ def _decode_threshold_flatten_fake(locs, logits, anchors, image_sizes, score_thr
                                    topk_candidates, box_weights, score_activation,
                                    background_class, clip_boxes):
     torch._check(locs.dim() == 3 and logits.dim() == 3, lambda: "locs and logits should be 3d")
+    check_same_device("locs", {"locs": locs, "logits": logits, "anchors": anchors})
+    _check_image_sizes_device(image_sizes, locs)
     n = torch.library.get_ctx().new_dynamic_size()
     return (
         locs.new_empty((n, 4), dtype=torch.float32),
@@ -38,6 +63,7 @@ def _decode_threshold_flatten_fake(locs, logits, anchors, image_sizes, score_thr
 @torch.library.register_fake("ssd_post::batched_nms")
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: "boxes should be [N, 4]")
+    check_same_device("boxes", {"boxes": boxes, "scores": scores, "idxs": idxs})
     n = torch.library.get_ctx().new_dynamic_size()
     return boxes.new_empty((n,), dtype=torch.int64)
 
@@ -47,7 +73,11 @@ def _postprocess_fake(locs, logits, anchors, image_sizes, score_thresh, nms_thre
                       topk_candidates, detections_per_img, box_weights, score_activation,
                       background_class, clip_boxes):
     torch._check(logits.dim() == 3, lambda: "logits should be [B, A, C]")
-    batch, k = logits.shape[0], detections_per_img
+    check_same_device("locs", {"locs": locs, "logits": logits, "anchors": anchors})
+    _check_image_sizes_device(image_sizes, locs)
+    batch, num_anchors, num_classes = logits.shape
+    foreground = num_classes - (0 if background_class is None else 1)
+    k = padded_detections(detections_per_img, topk_candidates, num_anchors, foreground)
     return (
         locs.new_empty((batch, k, 4), dtype=torch.float32),
         locs.new_empty((batch, k), dtype=torch.float32),
@@ -56,24 +86,39 @@ def _postprocess_fake(locs, logits, anchors, image_sizes, score_thresh, nms_thre
     )
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
+                inverted_boxes: str = "keep") -> Tensor:
     """Greedy NMS applied independently inside each group of equal ``idxs``.
 
     Same contract as ``torchvision.ops.batched_nms``, computed per group (no
     coordinate-offset trick, so any idx values and coordinates are exact).
 
     Args:
-        boxes (Tensor[N, 4]): xyxy boxes, floating point (computed in float32).
+        boxes (Tensor[N, 4]): xyxy boxes with x1 <= x2, y1 <= y2, floating point
+            (computed in float32). An inverted box has zero area and suppresses
+            nothing, as in torchvision; see ``inverted_boxes``.
         scores (Tensor[N]): scores; NaN ranks above every number, as in ``torch.sort``.
         idxs (Tensor[N]): integer group of each box (e.g. image * C + class).
         iou_threshold (float): in [0, 1]; a box whose IoU with a kept box of its group
             is ``> iou_threshold`` is dropped. Zero-area boxes suppress nothing.
+            Any real number that converts exactly (numpy scalar, 0-d tensor).
+        inverted_boxes: ``"keep"`` (torchvision), ``"sort"`` the corners first
+            (ONNX / TensorFlow NMS) or ``"raise"`` a ValueError on an inverted box.
 
     Returns:
         Tensor[K] int64: indices of the kept boxes, by decreasing score, equal scores
         in increasing index order.
     """
-    return torch.ops.ssd_post.batched_nms(boxes, scores, idxs, float(iou_threshold))
+    for name, value in (("boxes", boxes), ("scores", scores), ("idxs", idxs)):
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name} should be a Tensor, got {type(value).__name__}")
+    check_same_device("boxes", {"boxes": boxes, "scores": scores, "idxs": idxs})
+    if boxes.is_quantized or scores.is_quantized:
+        raise ValueError("boxes and scores should be floating point tensors, got "
+                         f"{boxes.dtype} and {scores.dtype} (dequantize them first)")
+    boxes = handle_inverted_boxes(boxes, inverted_boxes, "boxes")
+    return torch.ops.ssd_post.batched_nms(boxes, scores, idxs,
+                                          unit_scalar(iou_threshold, "iou_threshold"))
 
 
 def decode_threshold_flatten_op(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,

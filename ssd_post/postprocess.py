@@ -9,6 +9,7 @@ from torch import Tensor
 
 from . import ops
 from .config import PostprocessConfig
+from .corners import handle_inverted_boxes
 from .formats import Detections
 
 Anchors = Union[Tensor, Sequence[Tensor]]
@@ -27,17 +28,25 @@ def _check_float_tensor(t, name: str, rank: int, layout: str) -> None:
 
 
 def normalize_inputs(
-    locs: Tensor, logits: Tensor, anchors: Anchors, image_sizes: ImageSizes
+    locs: Tensor, logits: Tensor, anchors: Anchors, image_sizes: ImageSizes,
+    inverted_boxes: str = "keep",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Checks the batch and brings anchors and image sizes to tensors on the device of locs.
+    """Checks the batch and brings anchors and image sizes to tensors.
+
+    Every tensor must be on the device of ``locs`` (a ValueError names both devices),
+    except image sizes, which may stay on the CPU: the ops check their values there
+    without a device synchronization. Fractional sizes are truncated toward zero,
+    as torchvision's ``int()`` of a size.
 
     Returns:
         locs (Tensor[B, A, 4]), logits (Tensor[B, A, C]), anchors (Tensor[A, 4] or
-        Tensor[B, A, 4], float32) and image_sizes (Tensor[B, 2] int64 (h, w) or the
-        given tensor).
+        Tensor[B, A, 4], float32, corners handled per ``inverted_boxes``, see
+        :mod:`ssd_post.corners`) and image_sizes (Tensor[B, 2] (h, w): int64 on the
+        CPU for a list, else the given tensor).
     """
     _check_float_tensor(locs, "locs", 3, "[B, A, 4]")
     _check_float_tensor(logits, "logits", 3, "[B, A, C]")
+    ops.check_same_device("locs", {"locs": locs, "logits": logits})
     batch = logits.shape[0]
     if isinstance(anchors, (list, tuple)):
         if len(anchors) != batch:
@@ -55,10 +64,14 @@ def normalize_inputs(
         raise ValueError(f"anchors should be a Tensor [A, 4] / [B, A, 4] or a list of them, got {type(anchors).__name__}")
     if not anchors.is_floating_point():
         raise ValueError(f"anchors should be a floating point tensor, got {anchors.dtype}")
-    anchors = anchors.to(device=locs.device, dtype=torch.float32)
+    ops.check_same_device("locs", {"locs": locs, "anchors": anchors})
+    anchors = handle_inverted_boxes(anchors.to(torch.float32), inverted_boxes, "anchors")
 
     if isinstance(image_sizes, Tensor):
-        sizes = image_sizes.to(locs.device)
+        sizes = image_sizes
+        if sizes.device != locs.device and sizes.device.type != "cpu":
+            raise ValueError(f"image_sizes should be on the CPU or on the same device as locs, "
+                             f"got {sizes.device} and {locs.device}")
     else:
         try:
             pairs = [tuple(int(v) for v in hw) for hw in image_sizes]
@@ -66,7 +79,7 @@ def normalize_inputs(
             raise ValueError(f"image_sizes should be a list of (height, width) pairs, got {image_sizes!r}") from err
         if any(len(hw) != 2 for hw in pairs):
             raise ValueError(f"image_sizes should be a list of (height, width) pairs, got {image_sizes!r}")
-        sizes = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2).to(locs.device)
+        sizes = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
     if sizes.dim() != 2 or sizes.shape[0] != batch or sizes.shape[1] != 2:
         raise ValueError(f"image_sizes should be [B, 2] = [{batch}, 2] of (height, width), got shape {tuple(sizes.shape)}")
     return locs, logits, anchors, sizes
@@ -95,7 +108,8 @@ def decode_threshold_flatten(
         anchor index), at most ``topk_candidates`` per group.
     """
     config = config or PostprocessConfig()
-    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
+    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes,
+                                                    config.inverted_boxes)
     return ops.decode_threshold_flatten_op(
         locs, logits, anchors, sizes, config.score_thresh, config.topk_candidates,
         list(config.box_weights), config.score_activation, config.background_class, config.clip_boxes)
@@ -118,13 +132,20 @@ def postprocess(
         image_sizes (Tensor[B, 2] or list of (h, w)): per-image size for clipping.
         config: thresholds and coder weights (defaults: torchvision SSD's).
 
+    Anchors (and so boxes) are x1 <= x2, y1 <= y2; an inverted anchor decodes into
+    an inverted box, which has zero area and suppresses nothing (torchvision),
+    unless ``config.inverted_boxes`` says "sort" or "raise".
+
     Returns:
         Detections with boxes[B, K, 4], scores[B, K], labels[B, K] and
-        num_detections[B], K = ``config.detections_per_img``, zero-padded; per image
-        sorted by decreasing score (equal scores by class, then rank in the class).
+        num_detections[B], zero-padded to K = ``config.padded_detections(A, C)`` =
+        min(detections_per_img, C_fg * min(topk_candidates, A)) rows per image;
+        per image sorted by decreasing score (equal scores by class, then rank in
+        the class).
     """
     config = config or PostprocessConfig()
-    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
+    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes,
+                                                    config.inverted_boxes)
     boxes, scores, labels, counts = ops.postprocess_op(
         locs, logits, anchors, sizes, config.score_thresh, config.nms_thresh,
         config.topk_candidates, config.detections_per_img, list(config.box_weights),

@@ -34,9 +34,11 @@ def postprocess_loop(
 ) -> Detections:
     """Same contract as :func:`ssd_post.postprocess`, one image and one class at a time."""
     config = config or PostprocessConfig()
-    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
+    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes,
+                                                    config.inverted_boxes)
     coder = BoxCoder(config.box_weights)
-    batch, _, num_classes = logits.shape
+    batch, num_anchors, num_classes = logits.shape
+    padded = config.padded_detections(num_anchors, num_classes)
     results = []
     for i in range(batch):
         image_anchors = anchors if anchors.dim() == 2 else anchors[i]
@@ -62,11 +64,11 @@ def postprocess_loop(
         keep = batched_nms_reference(image_boxes, image_scores, image_labels, config.nms_thresh)
         keep = keep[: config.detections_per_img]
         results.append({"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": image_labels[keep]})
-    out = Detections.from_list(results, config.detections_per_img)
+    out = Detections.from_list(results, padded)
     if batch == 0:
-        out = Detections(locs.new_zeros((0, config.detections_per_img, 4), dtype=torch.float32),
-                         locs.new_zeros((0, config.detections_per_img), dtype=torch.float32),
-                         locs.new_zeros((0, config.detections_per_img), dtype=torch.int64),
+        out = Detections(locs.new_zeros((0, padded, 4), dtype=torch.float32),
+                         locs.new_zeros((0, padded), dtype=torch.float32),
+                         locs.new_zeros((0, padded), dtype=torch.int64),
                          locs.new_zeros((0,), dtype=torch.int64))
     return out
 

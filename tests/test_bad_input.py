@@ -136,7 +136,8 @@ def test_empty_batches_and_anchor_sets(batch, anchors_n):
     logits = torch.zeros(batch, anchors_n, C)
     anchors = torch.zeros(anchors_n, 4)
     det = ssd_post.postprocess(locs, logits, anchors, [(10, 10)] * batch, PostprocessConfig(detections_per_img=3))
-    assert det.boxes.shape == (batch, 3, 4) and det.num_detections.shape == (batch,)
+    k = 3 if anchors_n else 0  # K = min(detections_per_img, C_fg * min(topk, A))
+    assert det.boxes.shape == (batch, k, 4) and det.num_detections.shape == (batch,)
     assert int(det.num_detections.sum()) == 0
     boxes, scores, keys = ssd_post.decode_threshold_flatten(locs, logits, anchors, [(10, 10)] * batch)
     assert boxes.shape == (0, 4) and scores.shape == (0,) and keys.dtype == torch.int64

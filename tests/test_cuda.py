@@ -230,7 +230,9 @@ def test_empty_inputs(kernels):
     config = PostprocessConfig(detections_per_img=5)
     for batch, anchors in ((0, 100), (2, 0)):
         out = kernels.postprocess(make_inputs(batch, anchors, 4), config)
-        assert [tuple(t.shape) for t in out] == [(batch, 5, 4), (batch, 5), (batch, 5), (batch,)]
+        k = config.padded_detections(anchors, 4)  # 0 without anchors
+        assert k == (5 if anchors else 0)
+        assert [tuple(t.shape) for t in out] == [(batch, k, 4), (batch, k), (batch, k), (batch,)]
         assert not any(t.any() for t in out)
         flat = kernels.flatten(make_inputs(batch, anchors, 4), config)
         assert [tuple(t.shape) for t in flat] == [(0, 4), (0,), (0,)]

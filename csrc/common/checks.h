@@ -86,7 +86,11 @@ inline BatchDims check_decode_inputs(const at::Tensor& locs, const at::Tensor& l
               image_sizes.scalar_type());
   check_same_device(logits, locs, "logits", "locs");
   check_same_device(anchors, locs, "anchors", "locs");
-  check_same_device(image_sizes, locs, "image_sizes", "locs");
+  // CPU image sizes are accepted on every device: their values are checked on the
+  // host without a synchronization (op_inputs.h).
+  TORCH_CHECK(image_sizes.device() == locs.device() || image_sizes.device().is_cpu(),
+              "image_sizes should be on the CPU or on the same device as locs, got ",
+              image_sizes.device(), " and ", locs.device());
   check_unit_interval(score_thresh, "score_thresh");
   TORCH_CHECK(topk_candidates >= 1, "topk_candidates should be >= 1, got ", topk_candidates);
   TORCH_CHECK(box_weights.size() == 4, "box_weights should have 4 values, got ",

@@ -10,7 +10,7 @@
 #include <limits>
 #include <vector>
 
-#include "../common/score_bounds.h"
+#include "../common/select_params.h"
 
 namespace ssd_post {
 namespace cpu {
@@ -33,14 +33,6 @@ struct RanksBefore {
   bool operator()(const Candidate& a, const Candidate& b) const { return key(a) > key(b); }
 };
 inline constexpr RanksBefore ranks_before{};
-
-struct SelectParams {
-  Activation activation;
-  float score_thresh;       // compared as float32, as torch compares a tensor to a Python float
-  ScoreBound bound;         // pruning bound derived from score_thresh
-  int64_t topk_candidates;
-  int64_t background_class;  // -1: every column is a class
-};
 
 // The candidates of one (image, class) seen so far. Keeps at most 2k + 1 entries:
 // when full it drops all but the k best and remembers the k-th best score, below

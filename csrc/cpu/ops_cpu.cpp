@@ -9,44 +9,13 @@
 
 #include "../common/box_math.h"
 #include "../common/checks.h"
+#include "../common/op_inputs.h"
 #include "candidates.h"
 #include "nms.h"
 
 namespace ssd_post {
 namespace cpu {
 namespace {
-
-struct DecodeInputs {
-  at::Tensor locs;         // [B, A, 4] float32, contiguous
-  at::Tensor anchors;      // [A, 4] or [B, A, 4] float32, contiguous
-  at::Tensor image_sizes;  // [B, 2] float32 (h, w)
-  BoxWeights weights;
-  bool clip;
-};
-
-DecodeInputs make_decode_inputs(const at::Tensor& locs, const at::Tensor& anchors,
-                                const at::Tensor& image_sizes, at::ArrayRef<double> box_weights,
-                                bool clip) {
-  DecodeInputs in{locs.to(at::kFloat).contiguous(), anchors.to(at::kFloat).contiguous(),
-                  image_sizes.to(at::kFloat).contiguous(), to_box_weights(box_weights), clip};
-  if (clip) {
-    const float* sizes = in.image_sizes.data_ptr<float>();
-    for (int64_t i = 0; i < in.image_sizes.numel(); ++i) {
-      TORCH_CHECK(sizes[i] > 0 && std::isfinite(sizes[i]),
-                  "image_sizes should hold positive finite (height, width), got ", sizes[i],
-                  " for image ", i / 2);
-    }
-  }
-  return in;
-}
-
-SelectParams make_select_params(double score_thresh, int64_t topk_candidates,
-                                const std::string& score_activation,
-                                c10::optional<int64_t> background_class) {
-  const Activation activation = parse_activation(score_activation);
-  return {activation, static_cast<float>(score_thresh), make_score_bound(activation, score_thresh),
-          topk_candidates, background_class.value_or(-1)};
-}
 
 // Writes (dw, dh) of the n ranked candidates of image b, clamped, to logs[2 * i],
 // ready for one call of torch's exp over many of them: torch's exp is the same for
@@ -55,9 +24,9 @@ SelectParams make_select_params(double score_thresh, int64_t topk_candidates,
 // cannot flip.
 void fill_scale_logs(const Candidate* ranked, int64_t n, int64_t b, const DecodeInputs& in,
                      float* logs) {
-  const float* locs = in.locs.data_ptr<float>() + b * in.locs.size(1) * 4;
+  const DecodeParams& p = in.params;
   for (int64_t i = 0; i < n; ++i) {
-    clamped_scale_logs(locs + 4 * ranked[i].anchor, in.weights, &logs[2 * i], &logs[2 * i + 1]);
+    clamped_scale_logs(p.rel(b, ranked[i].anchor), p.weights, &logs[2 * i], &logs[2 * i + 1]);
   }
 }
 
@@ -65,16 +34,14 @@ void fill_scale_logs(const Candidate* ranked, int64_t n, int64_t b, const Decode
 // their exp(dw), exp(dh) in scales[2 * i].
 void decode_ranked(const Candidate* ranked, int64_t n, int64_t b, const DecodeInputs& in,
                    const float* scales, float* out) {
-  const int64_t A = in.locs.size(1);
-  const float* locs = in.locs.data_ptr<float>() + b * A * 4;
-  const float* anchors = in.anchors.data_ptr<float>() + (in.anchors.dim() == 3 ? b * A * 4 : 0);
-  const float* sizes = in.image_sizes.data_ptr<float>() + 2 * b;
+  const DecodeParams& p = in.params;
+  const float* sizes = p.image_sizes + 2 * b;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t a = ranked[i].anchor;
     float* box = out + 4 * i;
-    decode_box_from_exp(locs + 4 * a, anchors + 4 * a, in.weights, scales[2 * i],
+    decode_box_from_exp(p.rel(b, a), p.anchor_box(b, a), p.weights, scales[2 * i],
                         scales[2 * i + 1], box);
-    if (in.clip) clip_box(box, sizes[0], sizes[1]);
+    if (p.clip) clip_box(box, sizes[0], sizes[1]);
   }
 }
 
@@ -106,9 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cpu(
     const at::Tensor& image_sizes, double score_thresh, int64_t topk_candidates,
     at::ArrayRef<double> box_weights, c10::string_view score_activation,
     c10::optional<int64_t> background_class, bool clip_boxes) {
-  check_decode_inputs(locs, logits, anchors, image_sizes, score_thresh, topk_candidates,
-                      box_weights, background_class);
-  const SelectParams params = make_select_params(score_thresh, topk_candidates,
+  const BatchDims dims = check_decode_inputs(locs, logits, anchors, image_sizes, score_thresh,
+                                             topk_candidates, box_weights, background_class);
+  const SelectParams params = make_select_params(dims, score_thresh, topk_candidates,
                                                  std::string(score_activation), background_class);
   const DecodeInputs in = make_decode_inputs(locs, anchors, image_sizes, box_weights, clip_boxes);
   const Selection sel = select_candidates(logits, params);
@@ -199,15 +166,21 @@ void postprocess_per_image(const at::Tensor& logits, const SelectParams& params,
     CandidateScanner scanner(params, C);
     NmsWorkspace ws;
     std::vector<Survivor> survivors;
-    // (dw, dh) of every candidate of the image, exp'd in place by one torch call.
-    at::Tensor scales = at::empty({2 * C * k}, at::kFloat);
+    // (dw, dh) of every candidate of the image, exp'd in place by one torch call;
+    // grown to the largest image's candidate count, not to 2 * C * topk.
+    at::Tensor scales = at::empty({0}, at::kFloat);
     for (int64_t b = begin; b < end; ++b) {
       scanner.reset();
       scanner.scan(logits, b, 0, A);
       int64_t total = 0;
       for (int64_t c = 0; c < C; ++c) {
+        scanner.per_class()[c].finish(k);
+        total += static_cast<int64_t>(scanner.per_class()[c].items().size());
+      }
+      if (scales.numel() < 2 * total) scales = at::empty({2 * total}, at::kFloat);
+      total = 0;
+      for (int64_t c = 0; c < C; ++c) {
         BoundedCandidates& cands = scanner.per_class()[c];
-        cands.finish(k);
         fill_scale_logs(cands.items().data(), static_cast<int64_t>(cands.items().size()), b, in,
                         scales.data_ptr<float>() + 2 * total);
         total += static_cast<int64_t>(cands.items().size());
@@ -274,12 +247,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
   const BatchDims dims = check_decode_inputs(locs, logits_in, anchors, image_sizes, score_thresh,
                                              topk_candidates, box_weights, background_class);
   check_postprocess_scalars(nms_thresh, detections_per_img);
-  const SelectParams params = make_select_params(score_thresh, topk_candidates,
+  const SelectParams params = make_select_params(dims, score_thresh, topk_candidates,
                                                  std::string(score_activation), background_class);
   const DecodeInputs in = make_decode_inputs(locs, anchors, image_sizes, box_weights, clip_boxes);
   const at::Tensor logits = logits_in.contiguous();
 
-  const int64_t B = dims.batch, K = detections_per_img;
+  const int64_t B = dims.batch;
+  const int64_t K = padded_detections(detections_per_img, params.topk_candidates, dims.anchors,
+                                      dims.classes, params.background_class);
   at::Tensor out_boxes = at::zeros({B, K, 4}, locs.options().dtype(at::kFloat));
   at::Tensor out_scores = at::zeros({B, K}, locs.options().dtype(at::kFloat));
   at::Tensor out_labels = at::zeros({B, K}, locs.options().dtype(at::kLong));

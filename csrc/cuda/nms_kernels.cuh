@@ -13,7 +13,7 @@
 #include "../common/box_math.h"
 #include "decode.cuh"
 #include "kernel_support.cuh"
-#include "rank_keys.cuh"
+#include "../common/rank_keys.h"
 
 namespace ssd_post {
 namespace gpu {

@@ -1,10 +1,14 @@
 // CUDA kernels of the three ssd_post ops.
 //
-// postprocess runs entirely on the device with fixed-size buffers: every stage
-// writes into slots sized from the input shapes (B * C * min(topk_candidates, A)),
-// and counts stay on the device, so there is no host synchronization and the
-// whole op can be captured in a CUDA graph. decode_threshold_flatten and
-// batched_nms return data-dependent sizes and synchronize for them.
+// The host side of postprocess and decode_threshold_flatten is host_pipeline.h,
+// shared with the CUDA emulator of the tests; this file builds its inputs (with
+// csrc/common, as the CPU kernels do) and its outputs. postprocess runs entirely
+// on the device with fixed-size buffers: every stage writes into slots sized from
+// the input shapes (B * C * min(topk_candidates, A)), and counts stay on the
+// device, so there is no host synchronization and the whole op can be captured in
+// a CUDA graph (with image_sizes on the device: CPU image sizes are copied over).
+// decode_threshold_flatten and batched_nms return data-dependent sizes and
+// synchronize for them.
 //
 // Scores are exp(x - max) * (1 / sum) in float32 with the device's expf and the
 // device's summation order, so they may differ from the CPU kernel (which uses
@@ -22,57 +26,37 @@
 #include <tuple>
 
 #include "../common/checks.h"
-#include "decode.cuh"
-#include "nms.cuh"
-#include "output_kernels.cuh"
-#include "rank_keys.cuh"
-#include "select.cuh"
-#include "sort.cuh"
+#include "../common/op_inputs.h"
+#include "cuda_backend.cuh"
+#include "host_pipeline.h"
 
 namespace ssd_post {
 namespace gpu {
 namespace {
 
-unsigned blocks_for(int64_t items, int threads) {
-  const int64_t blocks = (items + threads - 1) / threads;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "too many elements for one launch: ",
-              items);
-  return static_cast<unsigned>(blocks);
+// Stage 1 on logits of any admitted dtype (only the three that the checks admit,
+// to keep the number of kernels small).
+RankedCandidates<CudaBackend> select_ranked_any(CudaBackend& backend, const at::Tensor& logits_in,
+                                                const SelectParams& params) {
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      return select_ranked(backend, logits.data_ptr<float>(), B, A, C, params);
+    case at::kHalf:
+      return select_ranked(backend, logits.data_ptr<at::Half>(), B, A, C, params);
+    case at::kBFloat16:
+      return select_ranked(backend, logits.data_ptr<at::BFloat16>(), B, A, C, params);
+    default:
+      TORCH_CHECK(false, "logits should be float32, float16 or bfloat16, got ",
+                  logits.scalar_type());
+  }
 }
 
-// The float32 copies that decoding reads, kept alive next to the raw pointers.
-struct DecodeInputs {
-  at::Tensor locs;
-  at::Tensor anchors;
-  at::Tensor image_sizes;
-  DecodeParams params;
-};
-
-// Unlike the CPU kernel, image sizes are not checked for positive finite values:
-// that would need their values on the host, i.e. a synchronization.
-DecodeInputs make_decode_inputs(const at::Tensor& locs, const at::Tensor& anchors,
-                                const at::Tensor& image_sizes, at::ArrayRef<double> box_weights,
-                                bool clip) {
-  DecodeInputs in{locs.to(at::kFloat).contiguous(), anchors.to(at::kFloat).contiguous(),
-                  image_sizes.to(at::kFloat).contiguous(), DecodeParams{}};
-  in.params = DecodeParams{in.locs.data_ptr<float>(),
-                           in.anchors.data_ptr<float>(),
-                           in.image_sizes.data_ptr<float>(),
-                           in.locs.size(1),
-                           in.anchors.dim() == 3,
-                           clip,
-                           to_box_weights(box_weights)};
-  return in;
+// Whether stage 1 has any slot: B * C * min(topk, A) > 0.
+bool has_slots(const BatchDims& dims) {
+  return dims.batch > 0 && dims.anchors > 0 && dims.classes > 0;
 }
-
-SelectParams make_select_params(double score_thresh, c10::string_view score_activation,
-                                c10::optional<int64_t> background_class) {
-  const Activation activation = parse_activation(std::string(score_activation));
-  return {activation, static_cast<float>(score_thresh),
-          make_score_bound(activation, score_thresh).value, background_class.value_or(-1)};
-}
-
-uint64_t* as_keys(const at::Tensor& t) { return reinterpret_cast<uint64_t*>(t.data_ptr<int64_t>()); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cuda(
     const at::Tensor& locs, const at::Tensor& logits, const at::Tensor& anchors,
@@ -81,34 +65,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cuda(
     c10::optional<int64_t> background_class, bool clip_boxes) {
   const BatchDims dims = check_decode_inputs(locs, logits, anchors, image_sizes, score_thresh,
                                              topk_candidates, box_weights, background_class);
-  const SelectParams params = make_select_params(score_thresh, score_activation, background_class);
+  const SelectParams params = make_select_params(dims, score_thresh, topk_candidates,
+                                                 std::string(score_activation), background_class);
   const c10::cuda::CUDAGuard device_guard(locs.device());
-  const int64_t B = dims.batch, A = dims.anchors, C = dims.classes;
   const at::TensorOptions float_options = locs.options().dtype(at::kFloat);
-  if (B * C * std::min(topk_candidates, A) == 0) {
-    return {at::empty({0, 4}, float_options), at::empty({0}, float_options),
-            at::empty({0}, locs.options().dtype(at::kLong))};
-  }
+  at::Tensor boxes = at::empty({0, 4}, float_options);
+  at::Tensor scores = at::empty({0}, float_options);
+  at::Tensor keys = at::empty({0}, locs.options().dtype(at::kLong));
+  if (!has_slots(dims)) return {boxes, scores, keys};
   const DecodeInputs in = make_decode_inputs(locs, anchors, image_sizes, box_weights, clip_boxes);
-  const RankedCandidates ranked = select_ranked_candidates(logits, params, topk_candidates);
-
-  const at::Tensor counts = ranked.counts.to(at::kLong);
-  const at::Tensor ends = at::cumsum(counts, 0);
-  const at::Tensor first_output = ends - counts;
-  // The one synchronization of this op: N sizes its outputs.
-  const int64_t N = ends.select(0, -1).item<int64_t>();
-  at::Tensor boxes = at::empty({N, 4}, float_options);
-  at::Tensor scores = at::empty({N}, float_options);
-  at::Tensor keys = at::empty({N}, locs.options().dtype(at::kLong));
-  if (N > 0) {
-    const int64_t slots = ranked.keys.numel();
-    emit_candidates_kernel<<<blocks_for(slots, kElementwiseThreads), kElementwiseThreads, 0,
-                             at::cuda::getCurrentCUDAStream()>>>(
-        as_keys(ranked.keys), ranked.counts.data_ptr<int32_t>(),
-        first_output.data_ptr<int64_t>(), slots, ranked.capacity, C, ranked.anchor_bits,
-        in.params, boxes.data_ptr<float>(), scores.data_ptr<float>(), keys.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  CudaBackend backend(locs.device());
+  const auto ranked = select_ranked_any(backend, logits, params);
+  flatten_candidates(backend, ranked, in.params, [&](int64_t n) {
+    boxes = at::empty({n, 4}, float_options);
+    scores = at::empty({n}, float_options);
+    keys = at::empty({n}, locs.options().dtype(at::kLong));
+    return FlatOutputs{boxes.data_ptr<float>(), scores.data_ptr<float>(),
+                       keys.data_ptr<int64_t>()};
+  });
   return {boxes, scores, keys};
 }
 
@@ -121,53 +95,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cuda(
   const BatchDims dims = check_decode_inputs(locs, logits, anchors, image_sizes, score_thresh,
                                              topk_candidates, box_weights, background_class);
   check_postprocess_scalars(nms_thresh, detections_per_img);
-  const SelectParams params = make_select_params(score_thresh, score_activation, background_class);
+  const SelectParams params = make_select_params(dims, score_thresh, topk_candidates,
+                                                 std::string(score_activation), background_class);
   const c10::cuda::CUDAGuard device_guard(locs.device());
-  const int64_t B = dims.batch, A = dims.anchors, C = dims.classes, K = detections_per_img;
+  const int64_t B = dims.batch;
+  const int64_t K = padded_detections(detections_per_img, params.topk_candidates, dims.anchors,
+                                      dims.classes, params.background_class);
   const at::TensorOptions float_options = locs.options().dtype(at::kFloat);
   const at::TensorOptions long_options = locs.options().dtype(at::kLong);
-  if (B * C * std::min(topk_candidates, A) == 0) {
+  if (!has_slots(dims) || K == 0) {
     return {at::zeros({B, K, 4}, float_options), at::zeros({B, K}, float_options),
             at::zeros({B, K}, long_options), at::zeros({B}, long_options)};
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const DecodeInputs in = make_decode_inputs(locs, anchors, image_sizes, box_weights, clip_boxes);
-  const RankedCandidates ranked = select_ranked_candidates(logits, params, topk_candidates);
-  const int64_t slots = ranked.keys.numel();
-
-  at::Tensor boxes = at::empty({slots, 4}, float_options);
-  at::Tensor keep = at::empty({slots}, locs.options().dtype(at::kByte));
-  decode_and_nms_segments(ranked, C, in.params, nms_thresh, boxes.data_ptr<float>(),
-                          keep.data_ptr<uint8_t>(), stream);
-
-  const int64_t image_slots = C * ranked.capacity;
-  const int slot_bits = index_bits_for(image_slots);
-  at::Tensor survivor_keys = at::empty({slots}, long_options);
-  at::Tensor sorted_survivors = at::empty({slots}, long_options);
-  at::Tensor survivor_begin = at::empty({B}, locs.options().dtype(at::kInt));
-  at::Tensor survivor_end = at::empty({B}, locs.options().dtype(at::kInt));
-  collect_survivors_kernel<<<static_cast<unsigned>(B), kCollectThreads, 0, stream>>>(
-      as_keys(ranked.keys), ranked.counts.data_ptr<int32_t>(), keep.data_ptr<uint8_t>(), C,
-      ranked.capacity, ranked.anchor_bits, slot_bits, as_keys(survivor_keys),
-      survivor_begin.data_ptr<int32_t>(), survivor_end.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sort_segments_descending(as_keys(survivor_keys), as_keys(sorted_survivors),
-                           static_cast<int>(slots), static_cast<int>(B),
-                           survivor_begin.data_ptr<int32_t>(), survivor_end.data_ptr<int32_t>(),
-                           kScoreKeyBits + slot_bits, stream, locs.device());
-
+  CudaBackend backend(locs.device());
+  const auto ranked = select_ranked_any(backend, logits, params);
   at::Tensor out_boxes = at::empty({B, K, 4}, float_options);
   at::Tensor out_scores = at::empty({B, K}, float_options);
   at::Tensor out_labels = at::empty({B, K}, long_options);
   at::Tensor out_counts = at::empty({B}, long_options);
-  write_detections_kernel<<<blocks_for(B * K, kElementwiseThreads), kElementwiseThreads, 0,
-                            stream>>>(
-      as_keys(sorted_survivors), survivor_begin.data_ptr<int32_t>(),
-      survivor_end.data_ptr<int32_t>(), B, K, C, ranked.capacity, slot_bits,
-      reinterpret_cast<const float4*>(boxes.data_ptr<float>()), out_boxes.data_ptr<float>(),
-      out_scores.data_ptr<float>(), out_labels.data_ptr<int64_t>(),
-      out_counts.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  postprocess_ranked(backend, ranked, in.params, nms_thresh,
+                     DetectionOutputs{out_boxes.data_ptr<float>(), out_scores.data_ptr<float>(),
+                                      out_labels.data_ptr<int64_t>(),
+                                      out_counts.data_ptr<int64_t>(), K});
   return {out_boxes, out_scores, out_labels, out_counts};
 }
 
@@ -220,9 +170,10 @@ at::Tensor batched_nms_cuda(const at::Tensor& boxes_in, const at::Tensor& scores
       at::cat({group_begin.slice(0, 1), at::full({1}, N, group_begin.options())}).contiguous();
 
   at::Tensor keep = at::empty({N}, idxs.options().dtype(at::kByte));
-  nms_ranked_groups(ranked_boxes.data_ptr<float>(), group_begin.data_ptr<int64_t>(),
+  CudaBackend backend(boxes_in.device());
+  nms_ranked_groups(backend, ranked_boxes.data_ptr<float>(), group_begin.data_ptr<int64_t>(),
                     group_end.data_ptr<int64_t>(), group_begin.numel(), iou_threshold,
-                    keep.data_ptr<uint8_t>(), at::cuda::getCurrentCUDAStream());
+                    keep.data_ptr<uint8_t>());
 
   const at::Tensor kept = std::get<0>(at::sort(order.index_select(0, at::nonzero(keep).flatten())));
   return order_by_score(kept, rank_scores, is_nan);

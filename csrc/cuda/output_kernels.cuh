@@ -7,7 +7,7 @@
 
 #include "decode.cuh"
 #include "kernel_support.cuh"
-#include "rank_keys.cuh"
+#include "../common/rank_keys.h"
 
 namespace ssd_post {
 namespace gpu {

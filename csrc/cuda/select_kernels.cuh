@@ -8,18 +8,12 @@
 #include <limits>
 
 #include "../common/score_bounds.h"
+#include "../common/select_params.h"
 #include "kernel_support.cuh"
-#include "rank_keys.cuh"
+#include "../common/rank_keys.h"
 
 namespace ssd_post {
 namespace gpu {
-
-struct SelectParams {
-  Activation activation;
-  float score_thresh;        // compared as float32, as on the CPU
-  float bound;               // ScoreBound::value for this activation and threshold
-  int64_t background_class;  // -1: every column is a class
-};
 
 constexpr int kRowStatsThreads = 256;  // one warp per row of logits
 constexpr int kSelectThreads = 256;
@@ -186,7 +180,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_candidates_kernel(
                                       softmax ? row_inv_sum + image * A : nullptr,
                                       softmax,
                                       params.score_thresh,
-                                      params.bound};
+                                      params.bound.value};
 
   // Pass 1: how many anchors pass, filling the key cache on the way.
   int64_t passing = 0;

@@ -41,7 +41,7 @@ def compiler() -> str | None:
 def _sources() -> list[Path]:
     common = ROOT / "csrc" / "common"
     return sorted([*HERE.glob("*.h"), *HERE.glob("*.cpp"), *KERNEL_DIR.glob("*.cuh"),
-                   *common.glob("*.h")])
+                   *KERNEL_DIR.glob("*.h"), *common.glob("*.h")])
 
 
 def _build(name: str, sources: list[str], flags: list[str], suffix: str = "") -> Path:
@@ -119,12 +119,12 @@ def _check(status: int, op: str) -> None:
 def postprocess(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
                 config: PostprocessConfig) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """What ``torch.ops.ssd_post.postprocess`` returns on CUDA: boxes [B, K, 4],
-    scores [B, K], labels [B, K], counts [B]."""
+    scores [B, K], labels [B, K], counts [B], K = config.padded_detections(A, C)."""
     B, A, C = logits.shape
-    K = config.detections_per_img
+    K = config.padded_detections(A, C)
     out = (torch.zeros(B, K, 4), torch.zeros(B, K), torch.zeros(B, K, dtype=torch.int64),
            torch.zeros(B, dtype=torch.int64))
-    if B * C * min(config.topk_candidates, A) == 0:
+    if B * C * min(config.topk_candidates, A) * K == 0:
         return out  # the CUDA op returns zeros without a launch
     tensors, inputs = _prepare(locs, logits, anchors, image_sizes, config)
     status = library().emulated_postprocess(

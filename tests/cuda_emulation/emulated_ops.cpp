@@ -1,41 +1,77 @@
-// The CUDA kernels of ssd_post, run on the CPU by emulator.h, behind the C API of
-// emulated_ops.h. The host side here follows
-// csrc/cuda/{select.cu, nms.cu, ops_cuda.cu} launch for launch, with std::vector
-// in place of device tensors and std::sort in place of CUB's segmented sort.
+// The CUDA ops of ssd_post run on the CPU: the kernels by emulator.h, the host side
+// by csrc/cuda/host_pipeline.h itself (the very code that ops_cuda.cu runs),
+// instantiated with a backend of std::vector buffers, emulated launches and
+// std::sort in place of CUB's segmented sort. Behind the C API of emulated_ops.h.
 // Inputs are float32 and contiguous; the Python side converts.
 #include "emulator.h"
 #include "emulated_ops.h"
 
-// The kernel headers, exactly as nvcc compiles them.
-#include "nms_kernels.cuh"
-#include "output_kernels.cuh"
-#include "select_kernels.cuh"
+// The kernel headers and the host pipeline, exactly as nvcc compiles them.
+#include "host_pipeline.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <vector>
 
-using cuda_emulation::launch;
 using namespace ssd_post;
 using namespace ssd_post::gpu;
 
 namespace {
 
-unsigned blocks_for(int64_t items, int threads) {
-  return static_cast<unsigned>((items + threads - 1) / threads);
-}
+// The backend of host_pipeline.h on the CPU.
+struct EmulatorBackend {
+  // Filled with 0xCD bytes, so a slot that no kernel wrote stands out.
+  template <typename T>
+  struct Buffer {
+    std::vector<T> items;
+    T* data() { return items.data(); }
+    const T* data() const { return items.data(); }
+  };
 
-// Sorts each [begin[s], end[s]) of keys_in into keys_out, largest first, as
-// sort_segments_descending does (the keys carry their own tie-break).
-void sort_segments_descending(const std::vector<uint64_t>& keys_in, std::vector<uint64_t>& keys_out,
-                              const std::vector<int32_t>& begin, const std::vector<int32_t>& end) {
-  for (size_t s = 0; s < begin.size(); ++s) {
-    std::copy(keys_in.begin() + begin[s], keys_in.begin() + end[s], keys_out.begin() + begin[s]);
-    std::sort(keys_out.begin() + begin[s], keys_out.begin() + end[s], std::greater<uint64_t>());
+  template <typename T>
+  Buffer<T> buffer(int64_t n) {
+    Buffer<T> out;
+    out.items.resize(static_cast<size_t>(n));
+    if (!out.items.empty()) {
+      std::memset(static_cast<void*>(out.items.data()), 0xCD, out.items.size() * sizeof(T));
+    }
+    return out;
   }
+
+  template <typename Kernel, typename... Args>
+  void launch(unsigned grid, int threads, size_t shared_bytes, Kernel kernel, Args... args) {
+    cuda_emulation::launch(grid, threads, shared_bytes, kernel, args...);
+  }
+
+  // The keys carry their own tie-break, so any correct sort gives CUB's order.
+  void sort_segments_descending(const uint64_t* in, uint64_t* out, int64_t /*items*/,
+                                int64_t segments, const int32_t* begin, const int32_t* end,
+                                int /*end_bit*/) {
+    for (int64_t s = 0; s < segments; ++s) {
+      std::copy(in + begin[s], in + end[s], out + begin[s]);
+      std::sort(out + begin[s], out + end[s], std::greater<uint64_t>());
+    }
+  }
+
+  int64_t exclusive_scan(const int32_t* counts, int64_t n, int64_t* first) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      first[i] = total;
+      total += counts[i];
+    }
+    return total;
+  }
+};
+
+// The op's parameters as the CUDA ops build them (common/select_params.h).
+SelectParams select_params(const EmulatedInputs& p) {
+  const Activation activation = p.activation == 0 ? Activation::kSoftmax : Activation::kSigmoid;
+  return make_select_params(activation, p.score_thresh, p.topk_candidates, p.A,
+                            p.background_class);
 }
 
 DecodeParams decode_params(const EmulatedInputs& p) {
@@ -51,46 +87,8 @@ DecodeParams decode_params(const EmulatedInputs& p) {
                                  static_cast<float>(p.box_weights[3])}};
 }
 
-// select_ranked_candidates of select.cu.
-struct Ranked {
-  std::vector<uint64_t> keys;
-  std::vector<int32_t> counts;
-  int64_t capacity;
-  int anchor_bits;
-  int64_t slots;  // B * C * capacity
-};
-
-Ranked select_ranked(const EmulatedInputs& p) {
-  const Activation activation = p.activation == 0 ? Activation::kSoftmax : Activation::kSigmoid;
-  const SelectParams params{activation, static_cast<float>(p.score_thresh),
-                            make_score_bound(activation, p.score_thresh).value,
-                            p.background_class};
-  Ranked out;
-  out.capacity = std::min(p.topk_candidates, p.A);
-  out.anchor_bits = index_bits_for(p.A);
-  const int64_t segments = p.B * p.C, slots = segments * out.capacity;
-  std::vector<float> row_max(p.B * p.A), row_inv_sum(p.B * p.A);
-  if (activation == Activation::kSoftmax) {
-    const int rows_per_block = kRowStatsThreads / kWarpSize;
-    launch(blocks_for(p.B * p.A, rows_per_block), kRowStatsThreads, 0,
-           &softmax_row_stats_kernel<float>, p.logits, p.B * p.A, static_cast<int>(p.C),
-           row_max.data(), row_inv_sum.data());
-  }
-  const bool cache_keys = p.A <= kMaxCachedAnchors;
-  std::vector<uint64_t> unsorted(slots, ~uint64_t{0});  // poison: unwritten slots stand out
-  std::vector<int32_t> begin(segments), end(segments);
-  out.counts.assign(segments, -1);
-  launch(static_cast<unsigned>(segments), kSelectThreads,
-         cache_keys ? static_cast<size_t>(p.A) * sizeof(uint32_t) : 0,
-         &select_candidates_kernel<float>, p.logits,
-         activation == Activation::kSoftmax ? row_max.data() : nullptr,
-         activation == Activation::kSoftmax ? row_inv_sum.data() : nullptr, p.A, p.C, params,
-         out.capacity, out.anchor_bits, cache_keys, unsorted.data(), begin.data(), end.data(),
-         out.counts.data());
-  out.keys.assign(slots, ~uint64_t{0});
-  out.slots = slots;
-  sort_segments_descending(unsorted, out.keys, begin, end);
-  return out;
+RankedCandidates<EmulatorBackend> select(EmulatorBackend& backend, const EmulatedInputs& p) {
+  return select_ranked<float>(backend, p.logits, p.B, p.A, p.C, select_params(p));
 }
 
 template <typename F>
@@ -111,20 +109,12 @@ extern "C" {
 int emulated_decode_threshold_flatten(const EmulatedInputs* inputs, float* boxes, float* scores,
                                       int64_t* keys, int64_t* num_out) {
   return guarded([&] {
-    const Ranked ranked = select_ranked(*inputs);
-    std::vector<int64_t> first_output(ranked.counts.size());
-    int64_t n = 0;
-    for (size_t s = 0; s < first_output.size(); ++s) {
-      first_output[s] = n;
-      n += ranked.counts[s];
-    }
-    *num_out = n;
-    if (n > 0) {
-      launch(blocks_for(ranked.slots, kElementwiseThreads), kElementwiseThreads, 0,
-             &emit_candidates_kernel, ranked.keys.data(), ranked.counts.data(),
-             first_output.data(), ranked.slots, ranked.capacity, inputs->C, ranked.anchor_bits,
-             decode_params(*inputs), boxes, scores, keys);
-    }
+    EmulatorBackend backend;
+    const auto ranked = select(backend, *inputs);
+    flatten_candidates(backend, ranked, decode_params(*inputs), [&](int64_t n) {
+      *num_out = n;
+      return FlatOutputs{boxes, scores, keys};
+    });
   });
 }
 
@@ -132,27 +122,11 @@ int emulated_postprocess(const EmulatedInputs* inputs, double nms_thresh,
                          int64_t detections_per_img, float* out_boxes, float* out_scores,
                          int64_t* out_labels, int64_t* out_counts) {
   return guarded([&] {
-    const int64_t B = inputs->B, C = inputs->C;
-    const Ranked ranked = select_ranked(*inputs);
-    const int64_t slots = ranked.slots;
-    std::vector<float4> boxes(slots);
-    std::vector<uint8_t> keep(slots, 0xCD);
-    launch(static_cast<unsigned>(B * C), kNmsThreads, 0, &decode_and_nms_segments_kernel,
-           ranked.keys.data(), ranked.counts.data(), ranked.capacity, C, ranked.anchor_bits,
-           decode_params(*inputs), nms_thresh, boxes.data(), keep.data());
-
-    const int64_t image_slots = C * ranked.capacity;
-    const int slot_bits = index_bits_for(image_slots);
-    std::vector<uint64_t> survivors(slots, ~uint64_t{0}), sorted(slots, ~uint64_t{0});
-    std::vector<int32_t> begin(B), end(B);
-    launch(static_cast<unsigned>(B), kCollectThreads, 0, &collect_survivors_kernel,
-           ranked.keys.data(), ranked.counts.data(), keep.data(), C, ranked.capacity,
-           ranked.anchor_bits, slot_bits, survivors.data(), begin.data(), end.data());
-    sort_segments_descending(survivors, sorted, begin, end);
-    launch(blocks_for(B * detections_per_img, kElementwiseThreads), kElementwiseThreads, 0,
-           &write_detections_kernel, sorted.data(), begin.data(), end.data(), B,
-           detections_per_img, C, ranked.capacity, slot_bits, boxes.data(), out_boxes, out_scores,
-           out_labels, out_counts);
+    EmulatorBackend backend;
+    const auto ranked = select(backend, *inputs);
+    postprocess_ranked(backend, ranked, decode_params(*inputs), nms_thresh,
+                       DetectionOutputs{out_boxes, out_scores, out_labels, out_counts,
+                                        detections_per_img});
   });
 }
 
@@ -160,9 +134,9 @@ int emulated_nms_ranked_groups(const float* ranked_boxes, const int64_t* group_b
                                const int64_t* group_end, int64_t num_groups, double iou_threshold,
                                uint8_t* keep) {
   return guarded([&] {
-    launch(static_cast<unsigned>(num_groups), kNmsThreads, 0, &nms_ranked_groups_kernel,
-           reinterpret_cast<const float4*>(ranked_boxes), group_begin, group_end, iou_threshold,
-           keep);
+    EmulatorBackend backend;
+    nms_ranked_groups(backend, ranked_boxes, group_begin, group_end, num_groups, iou_threshold,
+                      keep);
   });
 }
 

@@ -30,7 +30,8 @@ struct EmulatedInputs {
 int emulated_decode_threshold_flatten(const EmulatedInputs* inputs, float* boxes, float* scores,
                                       int64_t* keys, int64_t* num_out);
 
-// postprocess on CUDA: outputs [B, K, 4], [B, K], [B, K], [B] with K = detections_per_img.
+// postprocess on CUDA: outputs [B, K, 4], [B, K], [B, K], [B], K >= 1 rows per image
+// (the op passes K = padded_detections(), common/select_params.h).
 int emulated_postprocess(const EmulatedInputs* inputs, double nms_thresh,
                          int64_t detections_per_img, float* out_boxes, float* out_scores,
                          int64_t* out_labels, int64_t* out_counts);

@@ -1,4 +1,4 @@
-// 64-bit sort keys that carry their own tie-break, so that a radix sort orders
+// Host and device: 64-bit sort keys that carry their own tie-break, so that a radix sort orders
 // candidates exactly as the CPU kernels do without relying on sort stability.
 //
 // key = score_bits << index_bits | (count - 1 - index)
@@ -11,10 +11,9 @@
 
 #include <cstdint>
 
-#include "../common/macros.h"
+#include "macros.h"
 
 namespace ssd_post {
-namespace gpu {
 
 constexpr int kScoreKeyBits = 31;
 
@@ -40,5 +39,4 @@ SSD_HOST_DEVICE uint32_t rank_key_score_bits(uint64_t key, int index_bits) {
   return static_cast<uint32_t>(key >> index_bits);
 }
 
-}  // namespace gpu
 }  // namespace ssd_post

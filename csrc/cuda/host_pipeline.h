@@ -1,0 +1,194 @@
+// The host side of the CUDA ops, once: buffer sizing, rank-key bits and the launch
+// sequence of every stage, templated on a small backend so that the same code
+// drives the real device (cuda_backend.cuh, instantiated in ops_cuda.cu) and the
+// CPU emulator of the tests (tests/cuda_emulation/emulated_ops.cpp). Free of ATen.
+//
+// A Backend provides:
+//   template <typename T> Buffer<T> buffer(int64_t n);   // device memory, .data()
+//   template <typename Kernel, typename... Args>
+//   void launch(unsigned grid, int threads, size_t shared_bytes, Kernel kernel, Args... args);
+//   void sort_segments_descending(const uint64_t* in, uint64_t* out, int64_t items,
+//                                 int64_t segments, const int32_t* begin,
+//                                 const int32_t* end, int end_bit);
+//   int64_t exclusive_scan(const int32_t* counts, int64_t n, int64_t* first);
+//       // first[i] = sum of counts[0, i); returns the total on the host (this is
+//       // the one synchronization, used only by decode_threshold_flatten).
+//
+// postprocess never calls exclusive_scan: every buffer is sized from the shapes
+// (B * C * min(topk_candidates, A) slots), so it runs without a host sync.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "../common/decode_params.h"
+#include "../common/rank_keys.h"
+#include "../common/select_params.h"
+#include "nms_kernels.cuh"
+#include "output_kernels.cuh"
+#include "select_kernels.cuh"
+
+namespace ssd_post {
+namespace gpu {
+
+inline void require(bool ok, const std::string& message) {
+  if (!ok) throw std::length_error(message);
+}
+
+inline unsigned blocks_for(int64_t items, int threads) {
+  const int64_t blocks = (items + threads - 1) / threads;
+  require(blocks <= std::numeric_limits<int32_t>::max(),
+          "too many elements for one launch: " + std::to_string(items));
+  return static_cast<unsigned>(blocks);
+}
+
+// Candidates of the B * C segments (segment s = image * C + class). Segment s owns
+// the slots [s * capacity, (s + 1) * capacity) of `keys`, of which the first
+// counts[s] hold its candidates ranked best first (score descending, anchor
+// ascending) as rank keys (common/rank_keys.h) over anchor indices with
+// `anchor_bits`.
+template <class Backend>
+struct RankedCandidates {
+  typename Backend::template Buffer<uint64_t> keys;  // [B * C * capacity]
+  typename Backend::template Buffer<int32_t> counts;  // [B * C]
+  int64_t batch = 0, anchors = 0, classes = 0;
+  int64_t capacity = 0;  // min(topk_candidates, A), from SelectParams
+  int anchor_bits = 1;
+
+  int64_t segments() const { return batch * classes; }
+  int64_t slots() const { return segments() * capacity; }
+};
+
+// Stage 1: activation, threshold and per-segment top-k of logits [B, A, C]
+// (contiguous, on the backend's device), ranked. The segment offsets are int32
+// (CUB's segmented sort), so B * C * min(topk, A) must stay below 2^31; indices
+// over B * A * C inside the kernels are int64.
+template <typename scalar_t, class Backend>
+RankedCandidates<Backend> select_ranked(Backend& backend, const scalar_t* logits, int64_t B,
+                                        int64_t A, int64_t C, const SelectParams& params) {
+  RankedCandidates<Backend> out;
+  out.batch = B;
+  out.anchors = A;
+  out.classes = C;
+  out.capacity = params.topk_candidates;
+  out.anchor_bits = index_bits_for(A);
+  const int64_t segments = out.segments();
+  // slots <= B * C * A = logits.numel(), so the product itself cannot overflow.
+  const int64_t slots = out.slots();
+  require(slots > 0 && slots <= std::numeric_limits<int32_t>::max(),
+          "B * C * min(topk_candidates, A) should be in [1, 2^31), got " + std::to_string(slots));
+  out.counts = backend.template buffer<int32_t>(segments);
+  out.keys = backend.template buffer<uint64_t>(slots);
+  auto unsorted = backend.template buffer<uint64_t>(slots);
+  auto segment_begin = backend.template buffer<int32_t>(segments);
+  auto segment_end = backend.template buffer<int32_t>(segments);
+
+  const bool softmax = params.activation == Activation::kSoftmax;
+  const int64_t rows = softmax ? B * A : 0;
+  auto row_max = backend.template buffer<float>(rows);
+  auto row_inv_sum = backend.template buffer<float>(rows);
+  if (softmax) {
+    backend.launch(blocks_for(rows, kRowStatsThreads / kWarpSize), kRowStatsThreads, 0,
+                   &softmax_row_stats_kernel<scalar_t>, logits, rows, static_cast<int>(C),
+                   row_max.data(), row_inv_sum.data());
+  }
+  const bool cache_keys = A <= kMaxCachedAnchors;
+  const size_t cache_bytes = cache_keys ? static_cast<size_t>(A) * sizeof(uint32_t) : 0;
+  require(segments <= std::numeric_limits<int32_t>::max(),
+          "B * C should be below 2^31, got " + std::to_string(segments));
+  backend.launch(static_cast<unsigned>(segments), kSelectThreads, cache_bytes,
+                 &select_candidates_kernel<scalar_t>, logits,
+                 softmax ? static_cast<const float*>(row_max.data()) : nullptr,
+                 softmax ? static_cast<const float*>(row_inv_sum.data()) : nullptr, A, C, params,
+                 out.capacity, out.anchor_bits, cache_keys, unsorted.data(),
+                 segment_begin.data(), segment_end.data(), out.counts.data());
+  backend.sort_segments_descending(unsorted.data(), out.keys.data(), slots, segments,
+                                   segment_begin.data(), segment_end.data(),
+                                   kScoreKeyBits + out.anchor_bits);
+  return out;
+}
+
+// Pointers to the outputs of decode_threshold_flatten, [N, 4], [N], [N].
+struct FlatOutputs {
+  float* boxes;
+  float* scores;
+  int64_t* keys;
+};
+
+// decode_threshold_flatten after stage 1: counts the candidates (the one host
+// sync), lets `allocate(N)` make the outputs and fills them, grouped by segment.
+template <class Backend, class Allocate>
+void flatten_candidates(Backend& backend, const RankedCandidates<Backend>& ranked,
+                        const DecodeParams& decode, Allocate&& allocate) {
+  auto first_output = backend.template buffer<int64_t>(ranked.segments());
+  const int64_t total = backend.exclusive_scan(ranked.counts.data(), ranked.segments(),
+                                               first_output.data());
+  const FlatOutputs out = allocate(total);
+  if (total == 0) return;
+  backend.launch(blocks_for(ranked.slots(), kElementwiseThreads), kElementwiseThreads, 0,
+                 &emit_candidates_kernel, ranked.keys.data(), ranked.counts.data(),
+                 first_output.data(), ranked.slots(), ranked.capacity, ranked.classes,
+                 ranked.anchor_bits, decode, out.boxes, out.scores, out.keys);
+}
+
+// Pointers to the outputs of postprocess, [B, K, 4], [B, K], [B, K], [B].
+struct DetectionOutputs {
+  float* boxes;
+  float* scores;
+  int64_t* labels;
+  int64_t* counts;
+  int64_t detections_per_img;  // K >= 1, already padded_detections()
+};
+
+// postprocess after stage 1: decode + NMS per segment, the survivors of each image
+// ranked, the best K written. No host synchronization.
+template <class Backend>
+void postprocess_ranked(Backend& backend, const RankedCandidates<Backend>& ranked,
+                        const DecodeParams& decode, double nms_thresh,
+                        const DetectionOutputs& out) {
+  const int64_t B = ranked.batch, C = ranked.classes, slots = ranked.slots();
+  auto boxes = backend.template buffer<float4>(slots);
+  auto keep = backend.template buffer<uint8_t>(slots);
+  backend.launch(static_cast<unsigned>(ranked.segments()), kNmsThreads, 0,
+                 &decode_and_nms_segments_kernel, ranked.keys.data(), ranked.counts.data(),
+                 ranked.capacity, C, ranked.anchor_bits, decode, nms_thresh, boxes.data(),
+                 keep.data());
+
+  const int slot_bits = index_bits_for(C * ranked.capacity);
+  auto survivor_keys = backend.template buffer<uint64_t>(slots);
+  auto sorted_survivors = backend.template buffer<uint64_t>(slots);
+  auto survivor_begin = backend.template buffer<int32_t>(B);
+  auto survivor_end = backend.template buffer<int32_t>(B);
+  backend.launch(static_cast<unsigned>(B), kCollectThreads, 0, &collect_survivors_kernel,
+                 ranked.keys.data(), ranked.counts.data(), keep.data(), C, ranked.capacity,
+                 ranked.anchor_bits, slot_bits, survivor_keys.data(), survivor_begin.data(),
+                 survivor_end.data());
+  backend.sort_segments_descending(survivor_keys.data(), sorted_survivors.data(), slots, B,
+                                   survivor_begin.data(), survivor_end.data(),
+                                   kScoreKeyBits + slot_bits);
+  const int64_t K = out.detections_per_img;
+  backend.launch(blocks_for(B * K, kElementwiseThreads), kElementwiseThreads, 0,
+                 &write_detections_kernel, sorted_survivors.data(), survivor_begin.data(),
+                 survivor_end.data(), B, K, C, ranked.capacity, slot_bits,
+                 static_cast<const float4*>(boxes.data()), out.boxes, out.scores, out.labels,
+                 out.counts);
+}
+
+// The NMS of batched_nms: ranked_boxes [N, 4] grouped into runs
+// [group_begin[g], group_end[g]), each in rank order; keep[i] = 1 for survivors.
+template <class Backend>
+void nms_ranked_groups(Backend& backend, const float* ranked_boxes, const int64_t* group_begin,
+                       const int64_t* group_end, int64_t num_groups, double iou_threshold,
+                       uint8_t* keep) {
+  if (num_groups == 0) return;
+  require(num_groups <= std::numeric_limits<int32_t>::max(),
+          "too many NMS groups: " + std::to_string(num_groups));
+  backend.launch(static_cast<unsigned>(num_groups), kNmsThreads, 0, &nms_ranked_groups_kernel,
+                 reinterpret_cast<const float4*>(ranked_boxes), group_begin, group_end,
+                 iou_threshold, keep);
+}
+
+}  // namespace gpu
+}  // namespace ssd_post
