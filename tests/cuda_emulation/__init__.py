@@ -99,6 +99,8 @@ def _prepare(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
              config: PostprocessConfig):
     """float32 contiguous CPU copies (as the CUDA ops' make_decode_inputs makes them)
     and the struct pointing at them; the tensors must outlive the call."""
+    # Sizes truncated toward zero, as whole_image_sizes (csrc/common/op_inputs.h) does.
+    image_sizes = image_sizes.trunc() if image_sizes.is_floating_point() else image_sizes
     tensors = tuple(t.detach().to("cpu", torch.float32).contiguous()
                     for t in (locs, logits, anchors, image_sizes))
     B, A, C = tensors[1].shape
