@@ -70,8 +70,8 @@ def test_postprocess_matches_the_oracle(problem):
         torch.testing.assert_close(actual.scores, expected.scores, rtol=1e-6, atol=0)
         actual.scores = expected.scores
     assert_same_detections(actual, expected, box_atol=0.0)
-    batch = logits.shape[0]
-    k = config.detections_per_img
+    batch, num_anchors, num_classes = logits.shape
+    k = config.padded_detections(num_anchors, num_classes)  # min(detections_per_img, C_fg * min(topk, A))
     assert actual.boxes.shape == (batch, k, 4) and actual.labels.dtype == torch.int64
     # Padding rows are zero and every reported label is a foreground class.
     for i, n in enumerate(actual.num_detections.tolist()):
