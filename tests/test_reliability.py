@@ -358,3 +358,20 @@ def test_none_config_fields_are_refused():
         PostprocessConfig(score_thresh=None)
     with pytest.raises(ValueError, match="topk_candidates should be an int >= 1"):
         PostprocessConfig(topk_candidates=None)
+
+
+# --- the fake kernel's K equals the real one's ----------------------------------
+
+
+@pytest.mark.parametrize("detections, topk", [(sys.maxsize, sys.maxsize), (10**9, 3), (7, 2**62)])
+def test_fake_kernel_pads_like_the_real_kernel(detections, topk):
+    locs, logits, anchors, sizes = _problem(anchors=40, classes=4)
+    args = (locs, logits, anchors, torch.tensor(sizes), 0.05, 0.5, topk, detections)
+    kwargs = dict(box_weights=[10.0, 10.0, 5.0, 5.0], score_activation="softmax",
+                  background_class=0, clip_boxes=True)
+    torch.library.opcheck(torch.ops.ssd_post.postprocess.default, args, kwargs)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fake = torch.ops.ssd_post.postprocess(*fake_args, **kwargs)
+    real = torch.ops.ssd_post.postprocess(*args, **kwargs)
+    assert fake[0].shape == real[0].shape == (2, min(detections, 3 * min(topk, 40)), 4)

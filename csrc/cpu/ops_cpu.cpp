@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cpu(
 struct Survivor {
   float score;
   int32_t label;
-  int32_t order;  // position in class-then-rank order: breaks score ties as torchvision does
+  int64_t order;  // position in class-then-rank order (C * topk can pass 2^31): breaks ties
   float box[4];
 };
 
@@ -125,7 +125,7 @@ void nms_class(const std::vector<Candidate>& ranked, int64_t b, int64_t label,
   nms_ranked_run(ws.boxes.data(), n, nms_thresh, ws.keep.data(), ws.scratch);
   for (int64_t i = 0; i < n; ++i) {
     if (!ws.keep[i]) continue;
-    Survivor s{ranked[i].score, static_cast<int32_t>(label), static_cast<int32_t>(out.size()), {}};
+    Survivor s{ranked[i].score, static_cast<int32_t>(label), static_cast<int64_t>(out.size()), {}};
     std::copy_n(ws.boxes.data() + 4 * i, 4, s.box);
     out.push_back(s);
   }
@@ -229,7 +229,7 @@ void postprocess_split_anchors(const at::Tensor& logits, const SelectParams& par
       survivors.clear();
       for (int64_t c = 0; c < C; ++c) {
         for (Survivor s : segment_survivors[b * C + c]) {
-          s.order = static_cast<int32_t>(survivors.size());
+          s.order = static_cast<int64_t>(survivors.size());
           survivors.push_back(s);
         }
       }
