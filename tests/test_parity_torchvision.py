@@ -9,7 +9,7 @@ from torchvision.models.detection import ssd300_vgg16, ssdlite320_mobilenet_v3_l
 import ssd_post
 from ssd_post import PostprocessConfig, reference
 
-from conftest import assert_same_detections
+from conftest import assert_same_detections, assert_same_detections_up_to_ties
 
 BUILDERS = {"ssd300_vgg16": ssd300_vgg16, "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large}
 
@@ -64,7 +64,9 @@ def test_postprocess_matches_torchvision(model_outputs, batch, score_thresh):
     config = PostprocessConfig.from_torchvision(model)
     actual = ssd_post.postprocess(head["bbox_regression"], head["cls_logits"], anchors[:batch],
                                   image_sizes[:batch], config)
-    assert_same_detections(actual, ssd_post.Detections.from_list(expected, config.detections_per_img))
+    # Exact ties remain even with spread logits (ssdlite, B=8: two boxes of one class
+    # at the same score): compared as sets inside each tie, the rest to the bit.
+    assert_same_detections_up_to_ties(actual, ssd_post.Detections.from_list(expected, config.detections_per_img))
 
 
 def test_oracle_matches_torchvision(model_outputs):
