@@ -33,10 +33,11 @@ def normalize_inputs(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Checks the batch and brings anchors and image sizes to tensors.
 
-    Every tensor must be on the device of ``locs`` (a ValueError names both devices),
-    except image sizes, which may stay on the CPU: the ops check their values there
-    without a device synchronization. Fractional sizes are truncated toward zero,
-    as torchvision's ``int()`` of a size.
+    logits must be on the device of ``locs`` (a ValueError names both devices);
+    anchors and image sizes may also be on the CPU (constants: anchors are copied
+    to the device of ``locs``; image sizes stay on the CPU, where the ops check
+    their values without a device synchronization). Fractional sizes are truncated
+    toward zero, as torchvision's ``int()`` of a size.
 
     Returns:
         locs (Tensor[B, A, 4]), logits (Tensor[B, A, C]), anchors (Tensor[A, 4] or
@@ -64,8 +65,10 @@ def normalize_inputs(
         raise ValueError(f"anchors should be a Tensor [A, 4] / [B, A, 4] or a list of them, got {type(anchors).__name__}")
     if not anchors.is_floating_point():
         raise ValueError(f"anchors should be a floating point tensor, got {anchors.dtype}")
-    ops.check_same_device("locs", {"locs": locs, "anchors": anchors})
-    anchors = handle_inverted_boxes(anchors.to(torch.float32), inverted_boxes, "anchors")
+    if anchors.device.type != "cpu":  # CPU anchors are constants: copied to locs' device
+        ops.check_same_device("locs", {"locs": locs, "anchors": anchors})
+    anchors = handle_inverted_boxes(anchors.to(device=locs.device, dtype=torch.float32),
+                                    inverted_boxes, "anchors")
 
     if isinstance(image_sizes, Tensor):
         sizes = image_sizes

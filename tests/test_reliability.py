@@ -197,6 +197,13 @@ def test_mixed_devices_name_both_devices(moved):
         _op_postprocess(args["locs"], args["logits"], args["anchors"], sizes, PostprocessConfig())
 
 
+def test_cpu_anchors_and_sizes_are_accepted_as_constants_on_any_device():
+    locs, logits, anchors, sizes = _problem(anchors=40, classes=4)
+    det = ssd_post.postprocess(locs.to("meta"), logits.to("meta"), anchors, sizes,
+                               PostprocessConfig(detections_per_img=500))
+    assert det.boxes.device.type == "meta" and det.boxes.shape == (2, 3 * 40, 4)
+
+
 def test_meta_image_sizes_with_cpu_locs_are_refused():
     locs, logits, anchors, _ = _problem()
     sizes = torch.full((2, 2), 100, device="meta")
