@@ -255,6 +255,30 @@ def test_postprocess_does_not_synchronize():
 
 
 @needs_gpu
+def test_cpu_image_sizes_with_cuda_inputs_are_checked_then_used():
+    """The one image-size contract (csrc/common/op_inputs.h): CPU sizes are checked
+    on the host and copied over; fractions are truncated on every device."""
+    inputs = make_inputs(2, 500, 5, seed=4)
+    locs, logits, anchors = (t.cuda() for t in inputs[:3])
+    fractional = inputs[3].float() + 0.75
+    config = PostprocessConfig()
+    expected = run_postprocess(inputs, config, "cpu")
+
+    def on_cuda(sizes):  # the op itself: run_postprocess would move the sizes too
+        return torch.ops.ssd_post.postprocess(
+            locs, logits, anchors, sizes, config.score_thresh, config.nms_thresh,
+            config.topk_candidates, config.detections_per_img, list(config.box_weights),
+            config.score_activation, config.background_class, config.clip_boxes)
+
+    for sizes in (inputs[3], fractional, fractional.cuda()):
+        assert_postprocess_match(expected, on_cuda(sizes))
+    bad = fractional.clone()
+    bad[1, 0] = 0.5
+    with pytest.raises(RuntimeError, match="image_sizes should hold positive finite"):
+        on_cuda(bad)
+
+
+@needs_gpu
 def test_postprocess_cuda_graph_capture_and_replay():
     config = PostprocessConfig(topk_candidates=50, detections_per_img=40)
     first = [t.cuda() for t in make_inputs(2, 1200, 8, seed=21)]
