@@ -22,9 +22,9 @@ def unavailable_reason(checkpoint: str = CHECKPOINT) -> Optional[str]:
         return f"{checkpoint} not found (train the tiny model first)"
     try:
         import models.checkpoint  # noqa: F401
-        import ssd_post.data.coco  # noqa: F401
-        import ssd_post.data.shapes  # noqa: F401
-        import ssd_post.data.transforms  # noqa: F401
+        import training.data.coco  # noqa: F401
+        import training.data.shapes  # noqa: F401
+        import training.data.transforms  # noqa: F401
     except ImportError as err:
         return f"model or data code missing: {err}"
     return None
@@ -37,9 +37,9 @@ def make_real_inputs(batch: int, checkpoint: str = CHECKPOINT) -> Inputs:
     Batches larger than the validation split reuse its images in order.
     """
     from models.checkpoint import load_detector
-    from ssd_post.data.coco import CocoDetectionDataset
-    from ssd_post.data.shapes import ensure_shapes_dataset
-    from ssd_post.data.transforms import eval_transforms
+    from training.data.coco import CocoDetectionDataset
+    from training.data.shapes import ensure_shapes_dataset
+    from training.data.transforms import eval_transforms
 
     model = load_detector(checkpoint).eval()
     image_dir, ann_file = ensure_shapes_dataset(DATA_ROOT)["val"]

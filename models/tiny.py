@@ -67,10 +67,15 @@ def tiny_default_boxes() -> DefaultBoxes:
     return DefaultBoxes([list(r) for r in TINY_ASPECT_RATIOS], scales=list(TINY_SCALES))
 
 
+def check_width(width: object) -> None:
+    """ValueError unless ``width`` (channels of the first stage) is an even int >= 4."""
+    if not isinstance(width, int) or isinstance(width, bool) or width < 4 or width % 2:
+        raise ValueError(f"width should be an even int >= 4, got {width!r}")
+
+
 def build_tiny(num_classes: int, width: int = 32) -> Tuple[TinyBackbone, SSDHead, DefaultBoxes]:
     """Backbone, head and default boxes of the tiny SSD."""
-    if width < 4 or width % 2:
-        raise ValueError(f"width should be an even int >= 4, got {width}")
+    check_width(width)
     backbone = TinyBackbone(width)
     boxes = tiny_default_boxes()
     head = SSDHead(backbone.out_channels, boxes.num_anchors_per_location(), num_classes)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ssd_post.data.coco import CocoDetectionDataset, CocoFormatError, collate_fn
-from ssd_post.evaluation import coco_evaluate
-from ssd_post.data.shapes import ensure_shapes_dataset
-from ssd_post.data.transforms import eval_transforms, train_transforms
+from training.data.coco import CocoDetectionDataset, CocoFormatError, collate_fn
+from training.evaluation import coco_evaluate
+from training.data.shapes import ensure_shapes_dataset
+from training.data.transforms import eval_transforms, train_transforms
 
 
 @pytest.fixture(scope="module")

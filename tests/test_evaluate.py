@@ -1,4 +1,4 @@
-"""evaluate.py and ssd_post.evaluation: metrics, timing, box mapping, pictures, CLI errors,
+"""evaluate.py and training.evaluation: metrics, timing, box mapping, pictures, CLI errors,
 and equal mAP between postprocess paths and between 1 and 2 processes."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ssd_post import Detections
-from ssd_post.evaluation import (
+from training.evaluation import (
     METRIC_KEYS,
     StageTimer,
     coco_evaluate,

@@ -1,0 +1,29 @@
+"""Helpers shared by the test modules (imported as ``from common_utils import ...``).
+
+Fixtures stay in ``conftest.py``; plain functions and constants live here, so a test
+module imports what it uses instead of reaching into ``conftest``.
+"""
+from __future__ import annotations
+
+import torch
+
+import ssd_post
+
+# Feature-map sizes of SSD300-VGG16 (8732 anchors with DefaultBoxes.ssd300()).
+SSD300_GRIDS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+
+
+def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> torch.Tensor:
+    """n valid xyxy boxes inside [0, size]^2 (Tensor[n, 4])."""
+    xy = torch.rand(n, 2, generator=generator) * size * 0.8
+    wh = torch.rand(n, 2, generator=generator) * size * 0.3 + 1.0
+    return torch.cat((xy, xy + wh), dim=1)
+
+
+def assert_same_detections(actual: ssd_post.Detections, expected: ssd_post.Detections,
+                           box_atol: float = 0.0) -> None:
+    """Counts, labels, scores and (by default) boxes to the bit."""
+    torch.testing.assert_close(actual.num_detections, expected.num_detections, rtol=0, atol=0)
+    torch.testing.assert_close(actual.labels, expected.labels, rtol=0, atol=0)
+    torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=0)
+    torch.testing.assert_close(actual.boxes, expected.boxes, rtol=0, atol=box_atol)

@@ -1,0 +1,104 @@
+"""The library is lean: ``import ssd_post`` works without the training stack, and the
+wheel declares torch/torchvision only and packages ``ssd_post`` alone."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINING_MODULES = ("pytorch_lightning", "lightning", "albumentations", "cv2", "pycocotools", "yaml", "PIL",
+                    "matplotlib")
+
+# Runs in a fresh interpreter: a meta-path finder refuses every training module, as
+# if it were not installed, before ssd_post is imported. torch and torchvision, the
+# declared dependencies, are imported first: torchvision imports PIL itself (pillow
+# is torchvision's own dependency), which is not the library's doing.
+LEAN_IMPORT = textwrap.dedent("""
+    import sys
+
+    import torch
+    import torchvision
+
+    BLOCKED = set(sys.argv[1].split(","))
+    BY_TORCHVISION = {name for name in BLOCKED if name in sys.modules}
+    assert BY_TORCHVISION <= {"PIL"}, f"torch/torchvision loaded {BY_TORCHVISION}"
+    BLOCKED -= BY_TORCHVISION
+
+    class Refuse:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked: the library must not need it")
+            return None
+
+    sys.meta_path.insert(0, Refuse())
+
+    import ssd_post
+    from ssd_post import reference
+
+    anchors = ssd_post.DefaultBoxes.ssd300()((300, 300), [(3, 3), (2, 2), (2, 2), (1, 1), (1, 1), (1, 1)])  # [A, 4]
+    generator = torch.Generator().manual_seed(0)
+    locs = torch.randn(2, anchors.shape[0], 4, generator=generator) * 0.1    # [B, A, 4]
+    logits = torch.randn(2, anchors.shape[0], 3, generator=generator) * 3    # [B, A, C]
+    coder = ssd_post.BoxCoder()
+    boxes = coder.decode(locs[0], anchors)
+    assert torch.allclose(coder.encode(boxes, anchors), locs[0], atol=1e-4), "encode(decode(x)) != x"
+    result = reference.postprocess_loop(locs, logits, anchors, [(300, 300)] * 2,
+                                        ssd_post.PostprocessConfig(score_thresh=0.2))
+    assert result.boxes.shape[0] == 2 and int(result.num_detections.sum()) > 0, result.num_detections
+    loaded = sorted(name for name in BLOCKED if name in sys.modules)
+    assert not loaded, f"imported by the library: {loaded}"
+    print("lean ok")
+""")
+
+
+def test_import_ssd_post_needs_no_training_module():
+    result = subprocess.run([sys.executable, "-c", LEAN_IMPORT, ",".join(TRAINING_MODULES)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lean ok" in result.stdout
+
+
+def test_the_blocker_itself_refuses_a_training_module():
+    """The check above would pass vacuously if the finder refused nothing."""
+    script = LEAN_IMPORT.replace("import ssd_post\n", "import yaml\nimport ssd_post\n", 1)
+    result = subprocess.run([sys.executable, "-c", script, ",".join(TRAINING_MODULES)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "yaml is blocked" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def _name(requirement: str) -> str:
+    """The distribution name of a requirement string ("torch>=2.4" -> "torch")."""
+    for index, char in enumerate(requirement):
+        if not (char.isalnum() or char in "-_."):
+            return requirement[:index].lower()
+    return requirement.lower()
+
+
+def test_the_library_depends_on_torch_and_torchvision_only(pyproject):
+    names = {_name(r) for r in pyproject["project"]["dependencies"]}
+    assert names - {"numpy"} == {"torch", "torchvision"}, names
+
+
+def test_training_tools_are_extras(pyproject):
+    extras = pyproject["project"]["optional-dependencies"]
+    train = {_name(r) for r in extras["train"]}
+    assert {"pytorch-lightning", "albumentations", "pycocotools", "opencv-python-headless", "pyyaml",
+            "pillow"} <= train
+    assert {"pytest", "hypothesis", "matplotlib"} <= {_name(r) for r in extras["dev"]}
+
+
+def test_only_ssd_post_is_packaged(pyproject):
+    packages = pyproject["tool"]["setuptools"]["packages"]
+    assert packages and all(p == "ssd_post" or p.startswith("ssd_post.") for p in packages), packages
+    assert not {"models", "training"} & {p.split(".")[0] for p in packages}
