@@ -102,3 +102,37 @@ def test_only_ssd_post_is_packaged(pyproject):
     packages = pyproject["tool"]["setuptools"]["packages"]
     assert packages and all(p == "ssd_post" or p.startswith("ssd_post.") for p in packages), packages
     assert not {"models", "training"} & {p.split(".")[0] for p in packages}
+
+
+def _imported_modules(path: str):
+    """Top-level names of every import statement in a file, function-local ones too."""
+    import ast
+
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0]
+
+
+def _python_files(*folders: str):
+    for folder in folders:
+        for root, _, files in os.walk(os.path.join(REPO, folder)):
+            yield from (os.path.join(root, name) for name in files if name.endswith(".py"))
+
+
+def test_no_library_file_imports_a_training_module_even_lazily():
+    """The subprocess test sees import time only; a lazy import inside a function
+    would still make part of the library need the training stack."""
+    offenders = {os.path.relpath(path, REPO): sorted(set(_imported_modules(path)) & set(TRAINING_MODULES))
+                 for path in _python_files("ssd_post")}
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_no_code_imports_a_script():
+    scripts = {"train", "evaluate", "demo"}
+    offenders = {os.path.relpath(path, REPO): sorted(set(_imported_modules(path)) & scripts)
+                 for path in _python_files("ssd_post", "models", "training", "benchmarks")}
+    assert {path: names for path, names in offenders.items() if names} == {}

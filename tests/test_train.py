@@ -194,3 +194,19 @@ def test_loss_falls_when_fitting_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"num_classes": 5}, "model.arch: missing"),
+    ({"arch": "tiny"}, "model.num_classes: missing"),
+])
+def test_a_missing_required_model_key_is_named(model, message, tmp_path, capsys):
+    path = tmp_path / "partial.yaml"
+    path.write_text(yaml.safe_dump({"model": model}))
+    assert train.main(["--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_max_time_format_is_checked(tmp_path, capsys):
+    assert train.main(["--config", _config(tmp_path), "--set", "trainer.max_time=12 minutes"]) == 2
+    assert "trainer.max_time: got '12 minutes'; allowed: \"DD:HH:MM:SS\"" in capsys.readouterr().err

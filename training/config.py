@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
@@ -60,8 +61,9 @@ def _one_of(*choices: Any) -> Check:
 class ModelConfig:
     """``models.build_model`` arguments (options an arch does not take stay None)."""
 
-    arch: str = _option("", doc="tiny, ssd300_vgg16 or ssdlite320_mobilenet_v3_large")
-    num_classes: int = _option(0, _at_least("an integer", 2), "logit columns, background included")
+    # Required: no default model (None here means "missing").
+    arch: Optional[str] = _option(None, doc="tiny, ssd300_vgg16 or ssdlite320_mobilenet_v3_large")
+    num_classes: Optional[int] = _option(None, _at_least("an integer", 2), "logit columns, background included")
     image_size: Optional[List[int]] = _option(None, doc="(h, w) network input; tiny only")
     width: Optional[int] = _option(None, _at_least("an integer", 1), "channels of the first stage; tiny only")
     postprocess: Dict[str, Any] = _option({}, doc="PostprocessConfig fields to override")
@@ -132,7 +134,8 @@ class TrainerConfig:
     """``pytorch_lightning.Trainer`` arguments (None: Lightning's default)."""
 
     max_epochs: int = _option(10, _at_least("an integer", 1))
-    max_time: Optional[str] = _option(None, doc='"DD:HH:MM:SS" wall-clock cap')
+    max_time: Optional[str] = _option(None, (lambda v: re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None,
+                                             '"DD:HH:MM:SS"'), "wall-clock cap")
     accelerator: str = _option("auto", doc="cpu, gpu or auto")
     devices: Union[int, str] = _option(1, (lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
                                            "an integer >= 1 or 'auto'"))
@@ -253,10 +256,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _check_model(model: ModelConfig) -> None:
     """The model section against ``models``' own rules (arch names, per-arch options)."""
-    from models import check_model_options
+    from models import ARCHS, check_model_options
 
-    if not model.arch:
-        raise ConfigError("model.arch: missing; allowed: one of the archs of models.ARCHS")
+    if model.arch is None:
+        raise ConfigError(f"model.arch: missing; allowed: one of {list(ARCHS)}")
+    if model.num_classes is None:
+        raise ConfigError("model.num_classes: missing; allowed: an integer >= 2 (background included)")
     try:
         check_model_options(model.arch, model.num_classes, **model.build_kwargs())
     except ValueError as err:

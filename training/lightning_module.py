@@ -1,7 +1,8 @@
 """Lightning wrappers: the detection DataModule and the SSD training module.
 
-Both take plain dicts (the ``data`` / ``model`` / ``optim`` sections of a config in
-``configs/``), so a checkpoint's hyperparameters rebuild them.
+Both take the sections of a config (``training.config``); the training module takes
+them as plain dicts, which Lightning saves as hyperparameters, so a checkpoint
+rebuilds it. Defaults and checks are those of :mod:`training.config`.
 """
 from __future__ import annotations
 
