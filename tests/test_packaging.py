@@ -13,20 +13,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_MODULES = ("pytorch_lightning", "lightning", "albumentations", "cv2", "pycocotools", "yaml", "PIL",
                     "matplotlib")
 
-# Runs in a fresh interpreter: a meta-path finder refuses every training module, as
-# if it were not installed, before ssd_post is imported. torch and torchvision, the
-# declared dependencies, are imported first: torchvision imports PIL itself (pillow
-# is torchvision's own dependency), which is not the library's doing.
-LEAN_IMPORT = textwrap.dedent("""
+# A meta-path finder that refuses the modules named in argv[1], as if they were not
+# installed. Modules already imported (by torch/torchvision) are left alone.
+BLOCKER = textwrap.dedent("""
     import sys
 
-    import torch
-    import torchvision
-
-    BLOCKED = set(sys.argv[1].split(","))
-    BY_TORCHVISION = {name for name in BLOCKED if name in sys.modules}
-    assert BY_TORCHVISION <= {"PIL"}, f"torch/torchvision loaded {BY_TORCHVISION}"
-    BLOCKED -= BY_TORCHVISION
+    BLOCKED = set(sys.argv[1].split(",")) - set(sys.modules)
 
     class Refuse:
         def find_spec(self, name, path=None, target=None):
@@ -35,7 +27,20 @@ LEAN_IMPORT = textwrap.dedent("""
             return None
 
     sys.meta_path.insert(0, Refuse())
+""")
 
+# Runs in a fresh interpreter. torch and torchvision, the declared dependencies, are
+# imported before the blocker: torchvision imports PIL itself (pillow is its own
+# dependency), which is not the library's doing; nothing else may be loaded by them.
+LEAN_IMPORT = textwrap.dedent("""
+    import sys
+
+    import torch
+    import torchvision
+
+    by_torchvision = {name for name in sys.argv[1].split(",") if name in sys.modules}
+    assert by_torchvision <= {"PIL"}, f"torch/torchvision loaded {by_torchvision}"
+""") + BLOCKER + textwrap.dedent("""
     import ssd_post
     from ssd_post import reference
 
@@ -55,18 +60,20 @@ LEAN_IMPORT = textwrap.dedent("""
 """)
 
 
+def _run(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script, ",".join(TRAINING_MODULES)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
 def test_import_ssd_post_needs_no_training_module():
-    result = subprocess.run([sys.executable, "-c", LEAN_IMPORT, ",".join(TRAINING_MODULES)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = _run(LEAN_IMPORT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lean ok" in result.stdout
 
 
 def test_the_blocker_itself_refuses_a_training_module():
     """The check above would pass vacuously if the finder refused nothing."""
-    script = LEAN_IMPORT.replace("import ssd_post\n", "import yaml\nimport ssd_post\n", 1)
-    result = subprocess.run([sys.executable, "-c", script, ",".join(TRAINING_MODULES)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = _run(BLOCKER + "import yaml\n")
     assert result.returncode != 0 and "yaml is blocked" in result.stderr
 
 
