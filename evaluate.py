@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ssd_post.formats import write_coco_results
-from training.config import ConfigError, TrainConfig, load_config
+from training.config import ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
 from training.evaluation import (
     POSTPROCESSORS,
     STAGES,
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(checkpoint: str, model_config) -> torch.nn.Module:
+def load_model(checkpoint: str, model_config: ModelConfig) -> torch.nn.Module:
     """The detector of ``checkpoint`` in eval mode, checked against the config's
     ``arch`` and ``num_classes``; loading never unpickles code (weights_only=True)."""
     from models.checkpoint import load_detector
@@ -126,7 +126,7 @@ def load_model(checkpoint: str, model_config) -> torch.nn.Module:
     return detector.eval()
 
 
-def build_val_dataset(data_config, detector: torch.nn.Module):
+def build_val_dataset(data_config: DataConfig, detector: torch.nn.Module):
     """The validation set exactly as training validates: the same DataModule, so the
     data layout (shapes generated on first use, or COCO folders) and the label
     mapping are defined once. Images are resized and normalised as ``detector``
