@@ -17,8 +17,6 @@ from .torchvision_ssd import FIXED_SIZES, build_ssd300_vgg16, build_ssdlite320_m
 ARCHS = ("tiny", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
 TINY_MEAN = (0.5, 0.5, 0.5)
 TINY_STD = (0.25, 0.25, 0.25)
-
-
 TINY_DEFAULT_SIZE = (128, 128)
 TINY_DEFAULT_WIDTH = 32
 MIN_TINY_SIDE = 64

@@ -39,7 +39,7 @@ class TinyBackbone(nn.Module):
     which find the small objects, the context of the coarser ones.
     """
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int) -> None:
         super().__init__()
         w = width
         self.stem = nn.Sequential(conv_bn(3, w // 2, 2), conv_bn(w // 2, w, 2), conv_bn(w, w))  # stride 4
@@ -73,8 +73,9 @@ def check_width(width: object) -> None:
         raise ValueError(f"width should be an even int >= 4, got {width!r}")
 
 
-def build_tiny(num_classes: int, width: int = 32) -> Tuple[TinyBackbone, SSDHead, DefaultBoxes]:
-    """Backbone, head and default boxes of the tiny SSD."""
+def build_tiny(num_classes: int, width: int) -> Tuple[TinyBackbone, SSDHead, DefaultBoxes]:
+    """Backbone, head and default boxes of the tiny SSD (``width``: channels of the
+    first stage; the default is ``models.TINY_DEFAULT_WIDTH``)."""
     check_width(width)
     backbone = TinyBackbone(width)
     boxes = tiny_default_boxes()
