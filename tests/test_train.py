@@ -41,7 +41,6 @@ def test_fast_dev_run(tmp_path):
     assert train.main(["--config", _config(tmp_path), "--fast-dev-run"]) == 0
 
 
-@pytest.mark.slow
 def test_short_run_writes_checkpoints_logs_curve_and_detector(tmp_path):
     export = tmp_path / "exported" / "tiny.pt"
     code = train.main(["--config", _config(tmp_path, limit_train_batches=2), "--max-epochs", "2",
