@@ -9,22 +9,21 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: run test bench gpu-check install clean
+.PHONY: run test test-fast bench gpu-check install clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Third-party dependencies change rarely; the extension is rebuilt whenever csrc/ changes.
+# torch comes first and pinned: the extension is built against it without build
+# isolation. Everything else is pyproject.toml's (the library's dependencies and
+# the train, dev and export extras), so no dependency is listed here a second time.
 $(VENV)/.deps: $(VENV)/bin/python pyproject.toml
 	$(PIP) install --quiet "setuptools>=64" wheel
 	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet $(TORCH_PINS) pytest hypothesis matplotlib pyyaml \
-		"pytorch-lightning>=2.2" "albumentations>=1.4" "pycocotools>=2.0.7" \
-		opencv-python-headless tensorboard
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(EXT_SOURCES)
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	$(PIP) install --quiet --no-build-isolation -e ".[train,dev,export]" $(TORCH_PINS)
 	touch $@
 
 install: $(VENV)/.built
@@ -34,6 +33,11 @@ run: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (multi-process DDP, the 500-image evaluation,
+# the benchmark harness): about a minute.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m benchmarks.run

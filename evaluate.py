@@ -23,7 +23,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ssd_post.evaluation import (
+from ssd_post.formats import write_coco_results
+from training.config import ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
+from training.evaluation import (
     POSTPROCESSORS,
     STAGES,
     StageTimer,
@@ -35,7 +37,6 @@ from ssd_post.evaluation import (
     run_inference,
     save_visualizations,
 )
-from ssd_post.formats import write_coco_results
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 # The shipped model and the config it was trained with: what `python evaluate.py` evaluates.
@@ -43,18 +44,23 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_shapes.yaml")
 DEFAULT_CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "tiny_shapes.pt")
 
 
+# Exit status of a run refused for its inputs, as argparse uses for a bad flag.
+INPUT_ERROR_EXIT = 2
+
+
 class EvaluationError(Exception):
-    """A problem with the inputs of a run (files, config, checkpoint), reported
-    as one line without a traceback."""
+    """A problem with the inputs of a run (files, config, checkpoint, data), reported
+    as one line without a traceback (exit status 2)."""
 
 
-def load_run_config(config_path: str) -> Dict[str, Any]:
-    """The config, read and checked by train.py's loader, so both scripts accept the
-    same files; its problems are reported as an EvaluationError."""
-    from train import ConfigError, load_config
-
+def load_run_config(config_path: str, data_root: Optional[str] = None) -> TrainConfig:
+    """The config, read and checked by the same schema as train.py's, so both scripts
+    accept the same files; ``data_root`` overrides ``data.root``. Problems are
+    reported as an EvaluationError."""
+    if data_root is not None and os.path.exists(data_root) and not os.path.isdir(data_root):
+        raise EvaluationError(f"--data-root: got {data_root!r}, which is a file; allowed: a folder")
     try:
-        return load_config(config_path)
+        return load_config(config_path, {"data.root": data_root} if data_root is not None else None)
     except ConfigError as err:
         raise EvaluationError(str(err)) from err
 
@@ -103,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(checkpoint: str, model_config: Dict[str, Any]) -> torch.nn.Module:
+def load_model(checkpoint: str, model_config: ModelConfig) -> torch.nn.Module:
     """The detector of ``checkpoint`` in eval mode, checked against the config's
     ``arch`` and ``num_classes``; loading never unpickles code (weights_only=True)."""
     from models.checkpoint import load_detector
@@ -112,35 +118,41 @@ def load_model(checkpoint: str, model_config: Dict[str, Any]) -> torch.nn.Module
         raise EvaluationError(
             f"checkpoint file not found: {checkpoint} (train one with `python train.py --config "
             "configs/tiny_shapes.yaml`, or pass --checkpoint)")
-    expected = {"arch": model_config["arch"], "num_classes": model_config["num_classes"]}
+    expected = {"arch": model_config.arch, "num_classes": model_config.num_classes}
     try:
         detector = load_detector(checkpoint, expected=expected)
-    except ValueError as err:  # a code-running pickle, an arch or class-count mismatch
+    except ValueError as err:  # a code-running pickle, a mismatch, a damaged stored config
         raise EvaluationError(f"cannot use checkpoint {checkpoint}: {err}") from err
     return detector.eval()
 
 
-def build_val_dataset(data_config: Dict[str, Any], detector: torch.nn.Module):
+def build_val_dataset(data_config: DataConfig, detector: torch.nn.Module):
     """The validation set exactly as training validates: the same DataModule, so the
     data layout (shapes generated on first use, or COCO folders) and the label
     mapping are defined once. Images are resized and normalised as ``detector``
-    expects. Returns a ``CocoDetectionDataset``."""
-    from ssd_post.lightning import DetectionDataModule
+    expects; a data set whose categories do not fit the detector's classes is
+    refused. Returns a ``CocoDetectionDataset``."""
+    from training.lightning_module import DetectionDataModule
 
     try:
         datamodule = DetectionDataModule(data_config, detector.image_size, detector.image_mean,
                                          detector.image_std)
         datamodule.setup("validate")  # builds the val set only
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         raise EvaluationError(f"cannot read the validation set: {err}") from err
-    return datamodule.val_dataset
+    dataset = datamodule.val_dataset
+    try:
+        dataset.check_num_classes(detector.num_classes)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from err
+    return dataset
 
 
 def build_loader(dataset, batch_size: int, limit: Optional[int], num_workers: int):
     """A DataLoader over the first ``limit`` images (all when None), in file order."""
     from torch.utils.data import DataLoader, Subset
 
-    from ssd_post.data.coco import collate_fn
+    from training.data.coco import collate_fn
 
     subset = Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -253,19 +265,17 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         The metrics dict on rank 0 (every process when not distributed); None on the
         other ranks of a distributed run.
     """
-    config = load_run_config(args.config)
-    if args.data_root is not None:
-        config["data"]["root"] = args.data_root
-    batch_size = args.batch_size or int(config["data"].get("batch_size", 32))
-    num_workers = args.num_workers if args.num_workers is not None else int(config["data"].get("num_workers", 0))
+    config = load_run_config(args.config, args.data_root)
+    batch_size = args.batch_size or config.data.batch_size
+    num_workers = args.num_workers if args.num_workers is not None else config.data.num_workers
     if num_workers < 0:
         raise EvaluationError(f"--num-workers should be >= 0, got {num_workers}")
     if not 0.0 <= args.vis_score <= 1.0:
         raise EvaluationError(f"--vis-score should be a score in [0, 1], got {args.vis_score}")
-    if config.get("threads") and args.devices == 1:
-        torch.set_num_threads(int(config["threads"]))  # as train.py does, so timings compare
-    detector = load_model(args.checkpoint, config["model"])
-    dataset = build_val_dataset(config["data"], detector)
+    if config.threads and args.devices == 1:
+        torch.set_num_threads(config.threads)  # as train.py does, so timings compare
+    detector = load_model(args.checkpoint, config.model)
+    dataset = build_val_dataset(config.data, detector)
     loader = build_loader(dataset, batch_size, args.limit, num_workers)
     num_to_evaluate = len(loader.dataset)
     if args.devices > num_to_evaluate:
@@ -345,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metrics = evaluate(args)
     except EvaluationError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
-        return 1
+        return INPUT_ERROR_EXIT
     if metrics is not None:
         print(format_report(metrics))
     return 0

@@ -10,84 +10,18 @@ TensorBoard logs, ``detector.pt`` (``models.checkpoint.save_detector`` format) a
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import os
 import sys
 import time
 from typing import Any, Dict, List, Optional
 
-import yaml
-
-SECTIONS: Dict[str, Any] = {
-    "seed": 0,
-    "output_dir": "outputs/run",
-    "export": None,          # extra path for the final detector.pt copy (e.g. checkpoints/...)
-    "threads": None,         # torch intra-op threads (None: torch's default)
-    "model": {},
-    "data": {},
-    "optim": {},
-    "loss": {},
-    "trainer": {},
-}
-TRAINER_DEFAULTS: Dict[str, Any] = {
-    "max_epochs": 10,
-    "max_time": None,        # "DD:HH:MM:SS" wall-clock cap
-    "accelerator": "auto",
-    "devices": 1,
-    "num_nodes": 1,
-    "strategy": "auto",
-    "precision": "32-true",
-    "check_val_every_n_epoch": 1,
-    "log_every_n_steps": 20,
-    "gradient_clip_val": None,
-    "limit_train_batches": None,
-    "limit_val_batches": None,
-    "num_sanity_val_steps": 0,
-    "enable_progress_bar": True,
-}
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid."""
-
-
-def load_config(path: str) -> Dict[str, Any]:
-    """Reads a YAML config and checks every key against the known sections."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: should be a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(SECTIONS)}")
-    config = copy.deepcopy(SECTIONS)
-    for key, value in raw.items():
-        if isinstance(SECTIONS[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: '{key}' should be a mapping, got {value!r}")
-            config[key] = dict(value)
-        else:
-            config[key] = value
-    unknown = sorted(set(config["trainer"]) - set(TRAINER_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown trainer key(s) {unknown}; known: {sorted(TRAINER_DEFAULTS)}")
-    config["trainer"] = {**TRAINER_DEFAULTS, **config["trainer"]}
-    for key in ("arch", "num_classes"):
-        if key not in config["model"]:
-            raise ConfigError(f"{path}: model.{key} is missing")
-    config["_path"] = path
-    return config
+from training.config import ConfigError, TrainConfig, load_config, parse_override, to_dict
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file in configs/")
+    parser.add_argument("--config", required=True, help="YAML file in configs/ (keys: training/config.py)")
     parser.add_argument("--data-root", help="overrides data.root")
     parser.add_argument("--max-epochs", type=int, help="overrides trainer.max_epochs")
     parser.add_argument("--devices", help="overrides trainer.devices (an int, or 'auto')")
@@ -103,41 +37,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def apply_overrides(config: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
-    if args.data_root:
-        config["data"]["root"] = args.data_root
-    if args.max_epochs is not None:
-        config["trainer"]["max_epochs"] = args.max_epochs
-    if args.devices is not None:
-        config["trainer"]["devices"] = int(args.devices) if args.devices.isdigit() else args.devices
-    if args.num_nodes is not None:
-        config["trainer"]["num_nodes"] = args.num_nodes
-    if args.accelerator:
-        config["trainer"]["accelerator"] = args.accelerator
-    if args.strategy:
-        config["trainer"]["strategy"] = args.strategy
-    if args.output_dir:
-        config["output_dir"] = args.output_dir
-    if args.export:
-        config["export"] = args.export
+# Command-line flag (argparse dest) -> the config key it overrides.
+FLAG_KEYS = {
+    "data_root": "data.root",
+    "max_epochs": "trainer.max_epochs",
+    "devices": "trainer.devices",
+    "num_nodes": "trainer.num_nodes",
+    "accelerator": "trainer.accelerator",
+    "strategy": "trainer.strategy",
+    "output_dir": "output_dir",
+    "export": "export",
+}
+
+
+def overrides_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """Dotted config key -> value, from the flags and every ``--set`` (later wins)."""
+    overrides: Dict[str, Any] = {}
+    for dest, key in FLAG_KEYS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            # --devices is text so that 'auto' passes; a number is a device count.
+            overrides[key] = int(value) if dest == "devices" and value.isdigit() else value
     for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set should be SECTION.KEY=VALUE, got {item!r}")
-        value = yaml.safe_load(text)
-        section, _, name = key.partition(".")
-        if section not in SECTIONS:
-            raise ConfigError(f"--set {item!r}: unknown key {section!r}; known: {sorted(SECTIONS)}")
-        if not name:
-            config[section] = value
-        elif section == "trainer" and name not in TRAINER_DEFAULTS:
-            raise ConfigError(f"--set {item!r}: unknown trainer key {name!r}; known: {sorted(TRAINER_DEFAULTS)}")
-        elif not isinstance(SECTIONS[section], dict):
-            raise ConfigError(f"--set {item!r}: {section!r} has no sub-keys")
-        else:
-            # Keys inside model/data/optim/loss are checked where they are used.
-            config[section][name] = value
-    return config
+        key, value = parse_override(item)
+        overrides[key] = value
+    return overrides
 
 
 def plot_curve(metrics_csv: str, png: str) -> List[Dict[str, float]]:
@@ -182,7 +106,7 @@ def last_validated_step(trainer) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        config = apply_overrides(load_config(args.config), args)
+        config: TrainConfig = load_config(args.config, overrides_from_args(args))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -193,20 +117,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     from models.checkpoint import save_detector
-    from ssd_post.lightning import DetectionDataModule, SSDLightningModule
+    from training.lightning_module import DetectionDataModule, SSDLightningModule
 
-    if config["threads"]:
-        torch.set_num_threads(int(config["threads"]))
-    pl.seed_everything(int(config["seed"]), workers=True)
-    try:
-        module = SSDLightningModule(config["model"], config["optim"], config["loss"])
-        detector = module.detector
-        datamodule = DetectionDataModule(config["data"], detector.image_size, detector.image_mean, detector.image_std)
-    except ValueError as err:
-        print(f"error: {config['_path']}: {err}", file=sys.stderr)
-        return 2
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    pl.seed_everything(config.seed, workers=True)
+    # The config is checked whole already: building the model cannot fail on a value.
+    module = SSDLightningModule(to_dict(config.model), to_dict(config.optim), to_dict(config.loss))
+    detector = module.detector
+    datamodule = DetectionDataModule(config.data, detector.image_size, detector.image_mean, detector.image_std)
 
-    output_dir = config["output_dir"]
+    output_dir = config.output_dir
     os.makedirs(output_dir, exist_ok=True)
     loggers = [CSVLogger(output_dir, name="logs")]
     try:
@@ -216,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     checkpoint = ModelCheckpoint(dirpath=os.path.join(output_dir, "checkpoints"), monitor="val/mAP", mode="max",
                                  save_last=True, filename="epoch{epoch:03d}-map{val/mAP:.4f}",
                                  auto_insert_metric_name=False)
-    trainer_cfg = {k: v for k, v in config["trainer"].items() if v is not None}
+    trainer_cfg = {k: v for k, v in to_dict(config.trainer).items() if v is not None}
     trainer = pl.Trainer(
         default_root_dir=output_dir,
         logger=loggers,
@@ -235,8 +156,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     final = os.path.join(output_dir, "detector.pt")
     save_detector(module.detector, final)
-    if config["export"]:
-        save_detector(module.detector, config["export"])
+    if config.export:
+        save_detector(module.detector, config.export)
     rows = plot_curve(os.path.join(loggers[0].log_dir, "metrics.csv"), os.path.join(output_dir, "map_curve.png"))
     for row in rows:
         print(f"epoch {row['epoch']:3d}  {row['elapsed_s'] / 60:6.2f} min  "

@@ -22,29 +22,34 @@ def unavailable_reason(checkpoint: str = CHECKPOINT) -> Optional[str]:
         return f"{checkpoint} not found (train the tiny model first)"
     try:
         import models.checkpoint  # noqa: F401
-        import ssd_post.data.coco  # noqa: F401
-        import ssd_post.data.shapes  # noqa: F401
-        import ssd_post.data.transforms  # noqa: F401
+        import training.data.coco  # noqa: F401
+        import training.data.shapes  # noqa: F401
+        import training.data.transforms  # noqa: F401
     except ImportError as err:
         return f"model or data code missing: {err}"
     return None
 
 
+def model_input_images(model, image_dir: str, ann_file: str, batch: int) -> torch.Tensor:
+    """The first ``batch`` images of a COCO-format set as ``model`` takes them
+    (Tensor[batch, 3, H, W]): resized to its input size and normalised with its own
+    mean and std. Batches larger than the set reuse its images in order."""
+    from training.data.coco import CocoDetectionDataset
+    from training.data.transforms import eval_transforms
+
+    transform = eval_transforms(model.image_size, model.image_mean, model.image_std)
+    dataset = CocoDetectionDataset(image_dir, ann_file, transform, verbose=False)
+    return torch.stack([dataset[i % len(dataset)][0] for i in range(batch)])
+
+
 @torch.no_grad()
 def make_real_inputs(batch: int, checkpoint: str = CHECKPOINT) -> Inputs:
-    """The model's (locs, logits) on the first ``batch`` validation images.
-
-    Batches larger than the validation split reuse its images in order.
-    """
+    """The model's (locs, logits) on the first ``batch`` validation images."""
     from models.checkpoint import load_detector
-    from ssd_post.data.coco import CocoDetectionDataset
-    from ssd_post.data.shapes import ensure_shapes_dataset
-    from ssd_post.data.transforms import eval_transforms
+    from training.data.shapes import ensure_shapes_dataset
 
     model = load_detector(checkpoint).eval()
-    image_dir, ann_file = ensure_shapes_dataset(DATA_ROOT)["val"]
-    dataset = CocoDetectionDataset(image_dir, ann_file, eval_transforms(model.image_size))
-    images = torch.stack([dataset[i % len(dataset)][0] for i in range(batch)])
+    images = model_input_images(model, *ensure_shapes_dataset(DATA_ROOT)["val"], batch)
     locs, logits = [], []
     for chunk in images.split(16):
         chunk_locs, chunk_logits = model(chunk)

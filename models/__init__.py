@@ -11,22 +11,69 @@ from typing import Any, Dict, Optional
 from ssd_post import PostprocessConfig
 
 from .detector import SSDDetector
-from .tiny import build_tiny
-from .torchvision_ssd import build_ssd300_vgg16, build_ssdlite320_mobilenet_v3_large
+from .tiny import build_tiny, check_width
+from .torchvision_ssd import FIXED_SIZES, build_ssd300_vgg16, build_ssdlite320_mobilenet_v3_large
 
 ARCHS = ("tiny", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
 TINY_MEAN = (0.5, 0.5, 0.5)
 TINY_STD = (0.25, 0.25, 0.25)
+TINY_DEFAULT_SIZE = (128, 128)
+TINY_DEFAULT_WIDTH = 32
+MIN_TINY_SIDE = 64
 
 
 def _postprocess_config(base: PostprocessConfig, overrides: Optional[Dict[str, Any]]) -> PostprocessConfig:
     if not overrides:
         return base
-    known = {f.name for f in dataclasses.fields(PostprocessConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown postprocess option(s) {unknown}; known: {sorted(known)}")
     return dataclasses.replace(base, **overrides)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_model_options(arch: Any, num_classes: Any, **kwargs: Any) -> None:
+    """Checks :func:`build_model`'s arguments without building anything.
+
+    A stored ``model_config`` (a checkpoint) or a config file goes through here, so
+    a bad value is refused with its name before any tensor is allocated.
+
+    Raises:
+        ValueError: naming the option, the value received and what is allowed.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {list(ARCHS)}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes should be an int >= 2 (background included), got {num_classes!r}")
+    known = {"postprocess", "image_size", "image_mean", "image_std"} | ({"width"} if arch == "tiny" else set())
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) for arch {arch!r}: {unknown}")
+    postprocess = kwargs.get("postprocess")
+    if postprocess is not None:
+        if not isinstance(postprocess, dict):
+            raise ValueError(f"postprocess should be a dict of PostprocessConfig fields, got {postprocess!r}")
+        fields = {f.name for f in dataclasses.fields(PostprocessConfig)}
+        unknown = sorted(set(postprocess) - fields)
+        if unknown:
+            raise ValueError(f"unknown postprocess option(s) {unknown}; known: {sorted(fields)}")
+        PostprocessConfig(**postprocess)  # its own checks name a bad value
+    image_size = kwargs.get("image_size")
+    if image_size is not None:
+        if not isinstance(image_size, (list, tuple)) or len(image_size) != 2 \
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in image_size):
+            raise ValueError(f"image_size should be (h, w), two ints, got {image_size!r}")
+        if arch == "tiny" and min(image_size) < MIN_TINY_SIDE:
+            raise ValueError(f"image_size should be (h, w) with both >= {MIN_TINY_SIDE}, got {image_size!r}")
+        if arch != "tiny" and tuple(image_size) != FIXED_SIZES[arch]:
+            raise ValueError(f"{arch} has a fixed input size {FIXED_SIZES[arch]}, got image_size {tuple(image_size)}")
+    for name in ("image_mean", "image_std"):
+        value = kwargs.get(name)
+        if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 3
+                                  or not all(_is_number(v) for v in value)):
+            raise ValueError(f"{name} should be three numbers, got {value!r}")
+    if "width" in kwargs:
+        check_width(kwargs["width"])
 
 
 def build_model(arch: str, num_classes: int, **kwargs: Any) -> SSDDetector:
@@ -43,38 +90,27 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> SSDDetector:
             accepted for every arch and must equal the arch's own.
 
     Raises:
-        ValueError: unknown arch or option, or a bad value.
+        ValueError: unknown arch or option, or a bad value (see :func:`check_model_options`).
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known: {list(ARCHS)}")
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"num_classes should be an int >= 2 (background included), got {num_classes!r}")
-    kwargs = dict(kwargs)
-    postprocess = kwargs.pop("postprocess", None)
-    image_size = kwargs.pop("image_size", None)
-    mean, std = kwargs.pop("image_mean", None), kwargs.pop("image_std", None)
+    check_model_options(arch, num_classes, **kwargs)
+    postprocess = kwargs.get("postprocess")
+    mean, std = kwargs.get("image_mean"), kwargs.get("image_std")
     extra: Dict[str, Any] = {}
     if arch == "tiny":
-        width = int(kwargs.pop("width", 32))
+        width = kwargs.get("width", TINY_DEFAULT_WIDTH)
         backbone, head, boxes = build_tiny(num_classes, width)
-        size = tuple(image_size or (128, 128))
-        if len(size) != 2 or min(size) < 64:
-            raise ValueError(f"image_size should be (h, w) with both >= 64, got {image_size!r}")
+        size = tuple(kwargs.get("image_size") or TINY_DEFAULT_SIZE)
         arch_mean, arch_std = TINY_MEAN, TINY_STD
         base = PostprocessConfig(score_thresh=0.01, nms_thresh=0.45, topk_candidates=200, detections_per_img=100)
         extra["width"] = width
     else:
         builder = build_ssd300_vgg16 if arch == "ssd300_vgg16" else build_ssdlite320_mobilenet_v3_large
         backbone, head, base, arch_mean, arch_std, boxes, size = builder(num_classes)
-        if image_size is not None and tuple(image_size) != tuple(size):
-            raise ValueError(f"{arch} has a fixed input size {tuple(size)}, got image_size {tuple(image_size)}")
     for name, given, own in (("image_mean", mean, arch_mean), ("image_std", std, arch_std)):
         if given is not None and any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(given, own)):
             raise ValueError(f"{arch} expects {name} {tuple(own)}, got {tuple(given)}")
-    if kwargs:
-        raise ValueError(f"unknown option(s) for arch {arch!r}: {sorted(kwargs)}")
     return SSDDetector(arch, num_classes, size, backbone, head, boxes,
                        _postprocess_config(base, postprocess), arch_mean, arch_std, extra)
 
 
-__all__ = ["ARCHS", "SSDDetector", "build_model"]
+__all__ = ["ARCHS", "SSDDetector", "build_model", "check_model_options"]

@@ -75,7 +75,10 @@ def load_detector(path: str, expected: Optional[Dict[str, Any]] = None) -> SSDDe
         if key not in config:
             raise ValueError(f"{path}: model_config lacks {key!r}")
     arch, num_classes = config.pop("arch"), config.pop("num_classes")
-    model = build_model(arch, num_classes, **config)
+    try:
+        model = build_model(arch, num_classes, **config)
+    except ValueError as err:  # a stored option edited or damaged after saving
+        raise ValueError(f"{path}: model_config is invalid: {err}") from err
     try:
         model.load_state_dict(data["state_dict"], strict=True)
     except RuntimeError as err:

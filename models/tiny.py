@@ -39,7 +39,7 @@ class TinyBackbone(nn.Module):
     which find the small objects, the context of the coarser ones.
     """
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int) -> None:
         super().__init__()
         w = width
         self.stem = nn.Sequential(conv_bn(3, w // 2, 2), conv_bn(w // 2, w, 2), conv_bn(w, w))  # stride 4
@@ -67,10 +67,16 @@ def tiny_default_boxes() -> DefaultBoxes:
     return DefaultBoxes([list(r) for r in TINY_ASPECT_RATIOS], scales=list(TINY_SCALES))
 
 
-def build_tiny(num_classes: int, width: int = 32) -> Tuple[TinyBackbone, SSDHead, DefaultBoxes]:
-    """Backbone, head and default boxes of the tiny SSD."""
-    if width < 4 or width % 2:
-        raise ValueError(f"width should be an even int >= 4, got {width}")
+def check_width(width: object) -> None:
+    """ValueError unless ``width`` (channels of the first stage) is an even int >= 4."""
+    if not isinstance(width, int) or isinstance(width, bool) or width < 4 or width % 2:
+        raise ValueError(f"width should be an even int >= 4, got {width!r}")
+
+
+def build_tiny(num_classes: int, width: int) -> Tuple[TinyBackbone, SSDHead, DefaultBoxes]:
+    """Backbone, head and default boxes of the tiny SSD (``width``: channels of the
+    first stage; the default is ``models.TINY_DEFAULT_WIDTH``)."""
+    check_width(width)
     backbone = TinyBackbone(width)
     boxes = tiny_default_boxes()
     head = SSDHead(backbone.out_channels, boxes.num_anchors_per_location(), num_classes)

@@ -1,4 +1,4 @@
-"""Shared fixtures and generators for the ssd_post tests."""
+"""Fixtures for the ssd_post tests (plain helpers are in common_utils.py)."""
 from __future__ import annotations
 
 import os
@@ -7,46 +7,12 @@ import pytest
 import torch
 
 import ssd_post
+from common_utils import SSD300_GRIDS
 
 # Keep the suite deterministic and light on the 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-SSD300_GRIDS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 
 
 @pytest.fixture(scope="session")
 def ssd300_anchors() -> torch.Tensor:
     return ssd_post.DefaultBoxes.ssd300()((300, 300), SSD300_GRIDS)
-
-
-def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> torch.Tensor:
-    """n valid xyxy boxes inside [0, size]^2 (Tensor[n, 4])."""
-    xy = torch.rand(n, 2, generator=generator) * size * 0.8
-    wh = torch.rand(n, 2, generator=generator) * size * 0.3 + 1.0
-    return torch.cat((xy, xy + wh), dim=1)
-
-
-def assert_same_detections(actual: ssd_post.Detections, expected: ssd_post.Detections,
-                           box_atol: float = 0.0) -> None:
-    """Counts, labels, scores and (by default) boxes to the bit."""
-    torch.testing.assert_close(actual.num_detections, expected.num_detections, rtol=0, atol=0)
-    torch.testing.assert_close(actual.labels, expected.labels, rtol=0, atol=0)
-    torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=0)
-    torch.testing.assert_close(actual.boxes, expected.boxes, rtol=0, atol=box_atol)
-
-
-def assert_same_detections_up_to_ties(actual: ssd_post.Detections,
-                                      expected: ssd_post.Detections) -> None:
-    """Counts and ranked scores to the bit; inside each run of exactly equal scores
-    the (label, box) rows as a multiset, since torchvision leaves the order of
-    exact ties unspecified (topk, unstable sort) while ssd_post fixes it."""
-    torch.testing.assert_close(actual.num_detections, expected.num_detections, rtol=0, atol=0)
-    torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=0)
-
-    def rows(det, image):
-        n = int(det.num_detections[image])
-        return sorted(zip((-s for s in det.scores[image, :n].tolist()), det.labels[image, :n].tolist(),
-                          map(tuple, det.boxes[image, :n].tolist())))
-
-    for image in range(actual.num_detections.shape[0]):
-        assert rows(actual, image) == rows(expected, image), f"image {image} differs beyond ties"

@@ -12,7 +12,7 @@ from torchvision.models.detection.image_list import ImageList
 import ssd_post
 from ssd_post import BoxCoder, DefaultBoxes, Detections, PostprocessConfig
 
-from conftest import SSD300_GRIDS, random_boxes
+from common_utils import SSD300_GRIDS, random_boxes
 
 
 def _torchvision_anchors(generator: DefaultBoxGenerator, image_size, grids):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import ssd_post
 from ssd_post.reference import batched_nms_reference
 
-from conftest import random_boxes
+from common_utils import random_boxes
 
 
 def _shifted_pairs(n: int, iou_threshold: float, eps: float, generator: torch.Generator) -> torch.Tensor:

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from ssd_post.data.coco import CocoDetectionDataset, CocoFormatError, collate_fn
-from ssd_post.evaluation import coco_evaluate
-from ssd_post.data.shapes import ensure_shapes_dataset
-from ssd_post.data.transforms import eval_transforms, train_transforms
+from models import TINY_MEAN as MEAN, TINY_STD as STD
+from training.config import AugmentConfig
+from training.data.coco import CocoDetectionDataset, CocoFormatError, collate_fn
+from training.evaluation import coco_evaluate
+from training.data.shapes import ensure_shapes_dataset
+from training.data.transforms import eval_transforms, train_transforms
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def test_pycocotools_scores_ground_truth_as_perfect(shapes):
 
 def test_reader_item_and_eval_transform(shapes):
     raw = CocoDetectionDataset(*shapes["val"])
-    resized = CocoDetectionDataset(*shapes["val"], transform=eval_transforms((64, 96)))
+    resized = CocoDetectionDataset(*shapes["val"], transform=eval_transforms((64, 96), MEAN, STD))
     image, target = raw[0]
     small, small_target = resized[0]
     h, w = target["orig_size"]
@@ -89,7 +91,7 @@ def test_reader_item_and_eval_transform(shapes):
 
 def test_train_transform_keeps_boxes_consistent(shapes):
     dataset = CocoDetectionDataset(*shapes["train"], transform=train_transforms(
-        (128, 128), expand_p=1.0, crop_p=1.0, photometric_p=1.0, max_expand=3.0))
+        (128, 128), MEAN, STD, AugmentConfig(expand_p=1.0, crop_p=1.0, photometric_p=1.0, max_expand=3.0)))
     seen = 0
     for i in range(len(dataset)):
         image, target = dataset[i]
@@ -187,3 +189,18 @@ def test_missing_files_and_folders_are_named(tmp_path):
         CocoDetectionDataset(str(tmp_path / "nowhere"), str(tmp_path / "ann.json"))
     with pytest.raises(FileNotFoundError, match="missing.json"):
         CocoDetectionDataset(str(tmp_path), str(tmp_path / "missing.json"))
+
+
+def test_eval_transform_normalises_with_the_given_mean_and_std():
+    image = np.full((20, 30, 3), 200, dtype=np.uint8)
+    out = eval_transforms((16, 16), (0.5, 0.25, 0.0), (0.25, 0.5, 1.0))(image=image, bboxes=[], labels=[])["image"]
+    pixel = 200 / 255
+    expected = torch.tensor([(pixel - 0.5) / 0.25, (pixel - 0.25) / 0.5, pixel])
+    torch.testing.assert_close(out[:, 8, 8], expected, atol=1e-5, rtol=0)
+
+
+def test_class_count_that_does_not_fit_the_categories_is_named(shapes):
+    dataset = CocoDetectionDataset(*shapes["val"], verbose=False)
+    dataset.check_num_classes(5)  # 4 shapes + background
+    with pytest.raises(ValueError, match=r"num_classes is 3 but .* has 4 categories .* needs 5 classes"):
+        dataset.check_num_classes(3)

@@ -1,4 +1,4 @@
-"""evaluate.py and ssd_post.evaluation: metrics, timing, box mapping, pictures, CLI errors,
+"""evaluate.py and training.evaluation: metrics, timing, box mapping, pictures, CLI errors,
 and equal mAP between postprocess paths and between 1 and 2 processes."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ssd_post import Detections
-from ssd_post.evaluation import (
+from training.evaluation import (
     METRIC_KEYS,
     StageTimer,
     coco_evaluate,
@@ -317,8 +317,8 @@ def test_torchvision_and_ssd_post_postprocess_give_the_same_12_numbers(small_con
 
 def test_infer_batch_stages_give_the_detections_of_model_predict(small_config, model_checkpoint):
     config = evaluate.load_run_config(small_config)
-    detector = evaluate.load_model(model_checkpoint, config["model"])
-    dataset = evaluate.build_val_dataset(config["data"], detector)
+    detector = evaluate.load_model(model_checkpoint, config.model)
+    dataset = evaluate.build_val_dataset(config.data, detector)
     images, targets = next(iter(evaluate.build_loader(dataset, 4, None, 0)))
     for name in ("ssd_post", "torchvision"):
         per_image = infer_batch(detector, images, targets, detector.anchors(), get_postprocess(name),
@@ -330,8 +330,8 @@ def test_infer_batch_stages_give_the_detections_of_model_predict(small_config, m
 
 def test_lightning_module_on_one_process_equals_the_plain_loop(small_config, model_checkpoint):
     config = evaluate.load_run_config(small_config)
-    detector = evaluate.load_model(model_checkpoint, config["model"])
-    dataset = evaluate.build_val_dataset(config["data"], detector)
+    detector = evaluate.load_model(model_checkpoint, config.model)
+    dataset = evaluate.build_val_dataset(config.data, detector)
     loader = evaluate.build_loader(dataset, 5, 11, 0)
     plain = run_inference(detector, loader, get_postprocess("ssd_post"), StageTimer(), dataset.label_to_category)
     rank, per_rank, seconds, inference_s = evaluate.run_lightning(
@@ -341,6 +341,7 @@ def test_lightning_module_on_one_process_equals_the_plain_loop(small_config, mod
     assert set(seconds) == {"data", "forward", "postprocess", "evaluation"} and inference_s > 0
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_map_as_one(small_config, model_checkpoint, tmp_path, capsys):
     common = ["--config", small_config, "--checkpoint", model_checkpoint, "--limit", "15", "--batch-size", "4"]
     code, _, err = run_main(common + ["--json", tmp_path / "one.json"], capsys)
@@ -363,14 +364,14 @@ def test_two_processes_give_the_same_map_as_one(small_config, model_checkpoint, 
 def test_missing_checkpoint_file_is_named(small_config, tmp_path, capsys):
     missing = tmp_path / "nope.pt"
     code, _, err = run_main(["--config", small_config, "--checkpoint", missing], capsys)
-    assert code == 1
+    assert code == 2
     assert f"checkpoint file not found: {missing}" in err
 
 
 def test_missing_config_file_is_named(model_checkpoint, tmp_path, capsys):
     missing = tmp_path / "nope.yaml"
     code, _, err = run_main(["--config", missing, "--checkpoint", model_checkpoint], capsys)
-    assert code == 1
+    assert code == 2
     assert f"config file not found: {missing}" in err
 
 
@@ -394,7 +395,7 @@ def test_unknown_postprocess_value_is_refused(capsys):
 def test_negative_num_workers_is_refused(small_config, model_checkpoint, capsys):
     code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--num-workers", -1],
                             capsys)
-    assert code == 1 and "--num-workers should be >= 0, got -1" in err
+    assert code == 2 and "--num-workers should be >= 0, got -1" in err
 
 
 class _RunsCode:
@@ -412,45 +413,130 @@ def test_a_checkpoint_that_would_run_code_is_refused(small_config, tmp_path, cap
     bad = tmp_path / "bad.pt"
     torch.save({"model_config": {"arch": "tiny", "num_classes": 5}, "state_dict": _RunsCode(str(marker))}, bad)
     code, _, err = run_main(["--config", small_config, "--checkpoint", bad], capsys)
-    assert code == 1
+    assert code == 2
     assert f"cannot use checkpoint {bad}" in err and "refused to load" in err
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("override, message", [
     ({"num_classes": 7}, "num_classes mismatch: checkpoint has 5, expected 7"),
-    ({"arch": "ssdlite320_mobilenet_v3_large"},
+    # null: the arch's own default (tiny's width and input size do not apply to it)
+    ({"arch": "ssdlite320_mobilenet_v3_large", "width": None, "image_size": None},
      "arch mismatch: checkpoint has 'tiny', expected 'ssdlite320_mobilenet_v3_large'"),
 ])
 def test_a_checkpoint_of_another_model_names_the_mismatch(override, message, model_checkpoint, tmp_path, capsys):
     config = write_config(tmp_path / "other.yaml", tmp_path / "shapes", **override)
     code, _, err = run_main(["--config", config, "--checkpoint", model_checkpoint], capsys)
-    assert code == 1
+    assert code == 2
     assert message in err
 
 
 def test_out_of_range_vis_score_is_refused(small_config, model_checkpoint, capsys):
     code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--vis-score", 1.5],
                             capsys)
-    assert code == 1 and "--vis-score should be a score in [0, 1], got 1.5" in err
+    assert code == 2 and "--vis-score should be a score in [0, 1], got 1.5" in err
 
 
 def test_more_devices_than_images_is_refused_before_any_process_starts(small_config, model_checkpoint, capsys):
     code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--limit", 2,
                              "--devices", 3], capsys)
-    assert code == 1 and "--devices 3 is more than the 2 image(s) to evaluate" in err
+    assert code == 2 and "--devices 3 is more than the 2 image(s) to evaluate" in err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(SHIPPED_CHECKPOINT),
                     reason="checkpoints/tiny_shapes.pt is not trained and committed yet")
 def test_default_run_evaluates_the_shipped_checkpoint_on_shapes_val_to_map_at_least_half(
-        monkeypatch, capsys):
-    """`python evaluate.py` with no arguments, as `make run` calls it (in this process,
-    from the repository root, so the data set lands where `make run` puts it)."""
-    monkeypatch.chdir(REPO_ROOT)
-    code, out, err = run_main([], capsys)
+        tmp_path_factory, capsys):
+    """`python evaluate.py` as `make run` calls it (in this process), except that the
+    generated shapes set goes to a temporary folder instead of the repository's data/."""
+    data_root = tmp_path_factory.mktemp("default_run") / "shapes"
+    code, out, err = run_main(["--data-root", data_root], capsys)
     assert code == 0, err
     assert "images=500" in out
     first_line = next(line for line in out.splitlines() if "Average Precision" in line)
     assert "IoU=0.50:0.95 | area=   all" in first_line
     assert float(first_line.rsplit("=", 1)[1]) >= 0.5
+
+
+def _assert_one_line(err: str, *parts: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+def _coco_set(root, categories):
+    """A two-image COCO-format val set under ``root`` with the given category ids."""
+    os.makedirs(root / "val", exist_ok=True)
+    images, annotations = [], []
+    for image_id in (1, 2):
+        Image.new("RGB", (40, 30), (90, 120, 150)).save(root / "val" / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 40, "height": 30})
+        annotations.append({"id": image_id, "image_id": image_id, "category_id": categories[0],
+                            "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0})
+    (root / "val.json").write_text(json.dumps({
+        "images": images, "annotations": annotations,
+        "categories": [{"id": c, "name": f"thing{c}"} for c in categories]}))
+
+
+def _coco_config(tmp_path, contiguous_labels=True) -> str:
+    with open(SHIPPED_CONFIG) as f:
+        config = yaml.safe_load(f)
+    config["data"] = {"kind": "coco", "root": str(tmp_path / "coco"), "val_images": "val", "val_ann": "val.json",
+                      "num_workers": 0, "contiguous_labels": contiguous_labels}
+    path = tmp_path / "coco.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_model_whose_classes_do_not_fit_the_json_categories_is_refused(model_checkpoint, tmp_path, capsys):
+    """A 5-class model (4 shapes) against a COCO json with 2 categories: refused, not scored."""
+    _coco_set(tmp_path / "coco", categories=[1, 2])
+    code, out, err = run_main(["--config", _coco_config(tmp_path), "--checkpoint", model_checkpoint], capsys)
+    assert code == 2 and "Average Precision" not in out
+    _assert_one_line(err, "num_classes is 5", "has 2 categories", "needs 3 classes")
+
+
+def test_category_ids_that_do_not_map_to_model_labels_are_refused(model_checkpoint, tmp_path, capsys):
+    """Labels = category ids (no contiguous mapping): id 9 is past the model's 5 columns."""
+    _coco_set(tmp_path / "coco", categories=[1, 9])
+    code, _, err = run_main(["--config", _coco_config(tmp_path, contiguous_labels=False),
+                             "--checkpoint", model_checkpoint], capsys)
+    assert code == 2
+    _assert_one_line(err, "num_classes is 5", "ids [1, 9]", "needs 10 classes")
+
+
+def test_data_root_that_is_a_file_is_refused(small_config, model_checkpoint, tmp_path, capsys):
+    a_file = tmp_path / "not_a_folder.txt"
+    a_file.write_text("x")
+    code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint,
+                             "--data-root", a_file], capsys)
+    assert code == 2
+    _assert_one_line(err, "--data-root", str(a_file), "a folder")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("width", None, "width should be an even int >= 4, got None"),
+    ("image_size", [32, "x"], "image_size should be (h, w), two ints, got [32, 'x']"),
+    ("postprocess", {"score_thresh": "high"}, "score_thresh"),
+])
+def test_a_checkpoint_with_a_tampered_model_config_names_the_field(field, value, message, small_config,
+                                                                   model_checkpoint, tmp_path, capsys):
+    data = torch.load(model_checkpoint, weights_only=True)
+    data["model_config"][field] = value
+    tampered = tmp_path / "tampered.pt"
+    torch.save(data, tampered)
+    code, _, err = run_main(["--config", small_config, "--checkpoint", tampered], capsys)
+    assert code == 2
+    _assert_one_line(err, str(tampered), "model_config is invalid", message)
+
+
+def test_a_bad_config_value_is_one_line_with_exit_2(model_checkpoint, tmp_path, capsys):
+    config = write_config(tmp_path / "bad.yaml", tmp_path / "shapes")
+    data = yaml.safe_load(open(config))
+    data["data"]["batch_size"] = 0
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    code, _, err = run_main(["--config", config, "--checkpoint", model_checkpoint], capsys)
+    assert code == 2
+    _assert_one_line(err, "data.batch_size: got 0; allowed: an integer >= 1")

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import pytest
 import torch
 from torchvision.models import detection
 
 import ssd_post
-from models import build_model
+from models import build_model, check_model_options
 from models.checkpoint import load_detector, save_detector
 from models.multibox import match_anchors, multibox_loss, pad_targets
 from ssd_post import BoxCoder
@@ -29,6 +30,34 @@ def test_unknown_arch_is_named():
 def test_unknown_option_is_named():
     with pytest.raises(ValueError, match="depth"):
         build_model("tiny", 5, depth=3)
+
+
+@pytest.mark.parametrize("arch, options, message", [
+    ("tiny", {"width": None}, "width should be an even int >= 4, got None"),
+    ("tiny", {"width": 7}, "width should be an even int >= 4, got 7"),
+    ("tiny", {"image_size": [32, 32]}, "both >= 64"),
+    ("tiny", {"image_size": "128"}, "image_size should be (h, w), two ints"),
+    ("tiny", {"image_mean": [0.5, None, 0.5]}, "image_mean should be three numbers"),
+    ("tiny", {"postprocess": {"nms": 0.5}}, "unknown postprocess option(s) ['nms']"),
+    ("tiny", {"postprocess": {"score_thresh": 2.0}}, "score_thresh"),
+    ("ssd300_vgg16", {"width": 8}, "unknown option(s) for arch 'ssd300_vgg16': ['width']"),
+    ("ssd300_vgg16", {"image_size": [320, 320]}, "fixed input size (300, 300)"),
+])
+def test_bad_model_options_are_named_before_anything_is_built(arch, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_model_options(arch, 5, **options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_model(arch, 5, **options)
+
+
+def test_checkpoint_with_a_tampered_config_names_the_field(tiny, tmp_path):
+    path = str(tmp_path / "tiny.pt")
+    save_detector(tiny, path)
+    data = torch.load(path, weights_only=True)
+    data["model_config"]["width"] = None
+    torch.save(data, path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: model_config is invalid: width should be")):
+        load_detector(path)
 
 
 def test_tiny_shapes_and_anchor_count(tiny):
@@ -72,6 +101,7 @@ def test_predict_calls_ssd_post(tiny, monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.slow  # builds full-size torchvision models: about 15 s each on 2 shared cores
 @pytest.mark.parametrize("arch,builder,size", [
     ("ssd300_vgg16", detection.ssd300_vgg16, 300),
     ("ssdlite320_mobilenet_v3_large", detection.ssdlite320_mobilenet_v3_large, 320),

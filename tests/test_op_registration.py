@@ -18,6 +18,7 @@ def _inputs(batch=2, anchors_n=64, classes=5, seed=0):
     return locs, logits, anchors, sizes
 
 
+OPS = ("postprocess", "decode_threshold_flatten", "batched_nms")
 COMMON = dict(box_weights=[10.0, 10.0, 5.0, 5.0], score_activation="softmax", background_class=0,
               clip_boxes=True)
 
@@ -43,7 +44,7 @@ def test_opcheck_batched_nms():
 
 
 def test_schemas_are_registered():
-    for op in ("postprocess", "decode_threshold_flatten", "batched_nms"):
+    for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ssd_post::{op}", "CPU")
 
 
@@ -77,5 +78,17 @@ def test_data_dependent_ops_inside_torch_compile():
     assert len(result[0]) > 0
 
 
-def test_has_cuda_kernels_reports_a_bool():
-    assert isinstance(ssd_post.has_cuda_kernels(), bool)
+def test_has_cuda_kernels_agrees_with_the_dispatcher_for_every_op():
+    """True exactly when all three ops have a CUDA kernel (a build registers all or none)."""
+    per_op = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ssd_post::{op}", "CUDA") for op in OPS}
+    assert len(set(per_op.values())) == 1, per_op
+    assert ssd_post.has_cuda_kernels() is per_op["postprocess"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_has_cuda_kernels_means_the_op_runs_on_cuda():
+    if not ssd_post.has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    locs, logits, anchors, sizes = (t.cuda() for t in _inputs())
+    det = ssd_post.postprocess(locs, logits, anchors, sizes, PostprocessConfig(score_thresh=0.1))
+    assert det.boxes.device.type == "cuda"

@@ -9,7 +9,7 @@ from torchvision.models.detection import ssd300_vgg16, ssdlite320_mobilenet_v3_l
 import ssd_post
 from ssd_post import PostprocessConfig, reference
 
-from conftest import assert_same_detections, assert_same_detections_up_to_ties
+from common_utils import assert_same_detections, assert_same_detections_up_to_ties
 
 BUILDERS = {"ssd300_vgg16": ssd300_vgg16, "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large}
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import ssd_post
 from ssd_post import PostprocessConfig, reference
 
-from conftest import assert_same_detections
+from common_utils import assert_same_detections
 
 # Logits on a grid of 1/4: distinct logits give probabilities far apart compared to
 # float rounding, so both implementations agree on every comparison; equal logits

@@ -16,7 +16,7 @@ import torch
 
 import cuda_emulation
 import ssd_post
-from conftest import assert_same_detections, assert_same_detections_up_to_ties
+from common_utils import assert_same_detections, assert_same_detections_up_to_ties
 from cuda_parity import assert_postprocess_match
 from ssd_post import PostprocessConfig, reference
 

@@ -14,7 +14,8 @@ import yaml
 import train
 from models.checkpoint import load_detector
 from models.multibox import multibox_loss
-from ssd_post.lightning import SSDLightningModule, warmup_cosine
+from training.config import AugmentConfig, ConfigError, OptimConfig, load_config
+from training.lightning_module import SSDLightningModule, warmup_cosine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,6 +59,7 @@ def test_short_run_writes_checkpoints_logs_curve_and_detector(tmp_path):
     assert load_detector(str(run / "detector.pt")).model_config() == model.model_config()
 
 
+@pytest.mark.slow
 def test_ddp_two_process_cpu_fast_dev_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -93,19 +95,78 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
 
 
+# Issue 13's bad values, each as a file entry and as an override: one line on stderr
+# naming the key, the value and what is allowed; exit status 2; nothing trained.
+BAD_VALUES = [
+    ("optim", "lr", -0.1, "a number > 0"),
+    ("optim", "lr", "abc", "a number"),
+    ("data", "batch_size", 0, "an integer >= 1"),
+    ("trainer", "max_epochs", -3, "an integer >= 1"),
+    ("optim", "name", "adam", "one of ['sgd', 'adamw']"),
+    ("data", "num_workers", 1.5, "an integer"),
+    ("model", "width", 3, "even int >= 4"),
+    ("model", "arch", "resnet", "unknown arch 'resnet'"),
+    ("data", "augment", {"flip_p": 2.0}, "a number in [0, 1]"),
+]
+
+
+def _assert_one_line_error(code, err, key, allowed):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert key in lines[0] and allowed in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("section, key, value, allowed", BAD_VALUES)
+def test_bad_value_in_the_file_is_one_line_naming_the_key(section, key, value, allowed, tmp_path, capsys):
+    config = yaml.safe_load(open(_config(tmp_path)))
+    config[section][key] = value
+    path = tmp_path / "bad_value.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code = train.main(["--config", str(path)])
+    _assert_one_line_error(code, capsys.readouterr().err, section if section == "model" else f"{section}.{key}",
+                           allowed)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("section, key, value, allowed", BAD_VALUES[:5])
+def test_bad_value_given_by_set_is_one_line_naming_the_key(section, key, value, allowed, tmp_path, capsys):
+    code = train.main(["--config", _config(tmp_path), "--set", f"{section}.{key}={value}"])
+    _assert_one_line_error(code, capsys.readouterr().err, f"{section}.{key}", allowed)
+
+
+def test_bad_values_from_the_command_line_exit_2_in_a_subprocess(tmp_path):
+    """As a user runs it: the process exits 2 with one line, not a traceback."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--config", _config(tmp_path), "--max-epochs", "-1"],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    _assert_one_line_error(result.returncode, result.stderr, "trainer.max_epochs", "an integer >= 1")
+
+
+def test_defaults_and_overrides_land_in_the_typed_config(tmp_path):
+    config = load_config(_config(tmp_path), {"optim.lr": "1e-3", "trainer.devices": 2})
+    assert config.optim.lr == pytest.approx(1e-3)  # PyYAML reads 1e-3 as text: still a number
+    assert config.trainer.devices == 2
+    assert config.optim.momentum == OptimConfig().momentum  # not in the file: the schema's default
+    assert config.data.augment == AugmentConfig()
+    with pytest.raises(ConfigError, match=r"optim\.lr: got 'abc'; allowed: a number"):
+        load_config(_config(tmp_path), {"optim.lr": "abc"})
+
+
 def test_class_count_mismatch_with_data_is_named(tmp_path):
     config = yaml.safe_load(open(_config(tmp_path)))
     config["model"]["num_classes"] = 7
     path = tmp_path / "mismatch.yaml"
     path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match="num_classes is 7.*= 5"):
+    with pytest.raises(ValueError, match="num_classes is 7 .* needs 5 classes"):
         train.main(["--config", str(path), "--fast-dev-run"])
 
 
 def test_shipped_configs_parse():
     for name in ("tiny_shapes.yaml", "ssd300_coco.yaml", "ssdlite320_coco.yaml"):
-        config = train.load_config(os.path.join(REPO, "configs", name))
-        assert config["model"]["arch"] in ("tiny", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
+        config = load_config(os.path.join(REPO, "configs", name))
+        assert config.model.arch in ("tiny", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
 
 
 def test_warmup_cosine_schedule():
@@ -132,3 +193,19 @@ def test_loss_falls_when_fitting_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"num_classes": 5}, "model.arch: missing"),
+    ({"arch": "tiny"}, "model.num_classes: missing"),
+])
+def test_a_missing_required_model_key_is_named(model, message, tmp_path, capsys):
+    path = tmp_path / "partial.yaml"
+    path.write_text(yaml.safe_dump({"model": model}))
+    assert train.main(["--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_max_time_format_is_checked(tmp_path, capsys):
+    assert train.main(["--config", _config(tmp_path), "--set", "trainer.max_time=12 minutes"]) == 2
+    assert "trainer.max_time: got '12 minutes'; allowed: \"DD:HH:MM:SS\"" in capsys.readouterr().err

@@ -1,68 +1,54 @@
 """Lightning wrappers: the detection DataModule and the SSD training module.
 
-Both take plain dicts (the ``data`` / ``model`` / ``optim`` sections of a config in
-``configs/``), so a checkpoint's hyperparameters rebuild them.
+Both take the sections of a config (``training.config``); the training module takes
+them as plain dicts, which Lightning saves as hyperparameters, so a checkpoint
+rebuilds it. Defaults and checks are those of :mod:`training.config`.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
 from ssd_post import BoxCoder
-from ssd_post.data.coco import CocoDetectionDataset, collate_fn
-from ssd_post.evaluation import coco_evaluate, detections_to_coco
-from ssd_post.data.shapes import ensure_shapes_dataset
-from ssd_post.data.transforms import eval_transforms, train_transforms
 
-DATA_DEFAULTS: Dict[str, Any] = {
-    "kind": "shapes",           # "shapes" (generated) or "coco" (files given below)
-    "root": "data/shapes",
-    "seed": 0,                  # shapes only
-    "num_train": 3000,          # shapes only
-    "num_val": 500,             # shapes only
-    "train_images": "train2017", "train_ann": "annotations/instances_train2017.json",  # coco only
-    "val_images": "val2017", "val_ann": "annotations/instances_val2017.json",          # coco only
-    "contiguous_labels": True,  # False: label = COCO category id (torchvision's 91-class layout)
-    "batch_size": 32,
-    "num_workers": 1,
-    "augment": {},              # keyword arguments of ssd_post.data.transforms.train_transforms
-}
+from .config import DataConfig, LossConfig, ModelConfig, OptimConfig, section
+from .data.coco import CocoDetectionDataset, collate_fn
+from .data.shapes import ensure_shapes_dataset
+from .data.transforms import eval_transforms, train_transforms
+from .evaluation import coco_evaluate, detections_to_coco
 
 
 class DetectionDataModule(pl.LightningDataModule):
     """Train / val loaders of the shapes set or any COCO-format set.
 
     Args:
-        data: the ``data`` section of a config (keys of ``DATA_DEFAULTS``).
+        data: the ``data`` section of a config (a :class:`~training.config.DataConfig`
+            or its dict; missing keys take the defaults there).
         image_size: (h, w) network input.
         mean, std: the model's input normalisation.
     """
 
-    def __init__(self, data: Dict[str, Any], image_size: Tuple[int, int],
+    def __init__(self, data: Union[DataConfig, Dict[str, Any]], image_size: Tuple[int, int],
                  mean: Tuple[float, ...], std: Tuple[float, ...]) -> None:
         super().__init__()
-        unknown = sorted(set(data) - set(DATA_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown data option(s) {unknown}; known: {sorted(DATA_DEFAULTS)}")
-        self.cfg = {**DATA_DEFAULTS, **data}
-        if self.cfg["kind"] not in ("shapes", "coco"):
-            raise ValueError(f"data.kind should be 'shapes' or 'coco', got {self.cfg['kind']!r}")
+        self.cfg = data if isinstance(data, DataConfig) else section(DataConfig, data, "data")
         self.image_size = tuple(image_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.train_dataset: Optional[CocoDetectionDataset] = None
         self.val_dataset: Optional[CocoDetectionDataset] = None
 
     def paths(self) -> Dict[str, Tuple[str, str]]:
-        root = self.cfg["root"]
-        if self.cfg["kind"] == "shapes":
-            return ensure_shapes_dataset(root, self.cfg["seed"], self.cfg["num_train"], self.cfg["num_val"])
-        return {split: (os.path.join(root, self.cfg[f"{split}_images"]), os.path.join(root, self.cfg[f"{split}_ann"]))
+        cfg = self.cfg
+        if cfg.kind == "shapes":
+            return ensure_shapes_dataset(cfg.root, cfg.seed, cfg.num_train, cfg.num_val)
+        return {split: (os.path.join(cfg.root, getattr(cfg, f"{split}_images")),
+                        os.path.join(cfg.root, getattr(cfg, f"{split}_ann")))
                 for split in ("train", "val")}
 
     def prepare_data(self) -> None:
@@ -72,19 +58,19 @@ class DetectionDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         paths = self.paths()
         if stage in ("fit", None) and self.train_dataset is None:
-            transform = train_transforms(self.image_size, self.mean, self.std, **self.cfg["augment"])
+            transform = train_transforms(self.image_size, self.mean, self.std, self.cfg.augment)
             self.train_dataset = self._dataset(*paths["train"], transform)
         if self.val_dataset is None:
             self.val_dataset = self._dataset(*paths["val"], eval_transforms(self.image_size, self.mean, self.std))
 
     def _dataset(self, image_dir: str, ann_file: str, transform) -> CocoDetectionDataset:
         return CocoDetectionDataset(image_dir, ann_file, transform,
-                                    contiguous_labels=self.cfg["contiguous_labels"])
+                                    contiguous_labels=self.cfg.contiguous_labels)
 
     def _loader(self, dataset, shuffle: bool) -> torch.utils.data.DataLoader:
-        workers = int(self.cfg["num_workers"])
+        workers = self.cfg.num_workers
         return torch.utils.data.DataLoader(
-            dataset, batch_size=int(self.cfg["batch_size"]), shuffle=shuffle, drop_last=shuffle,
+            dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, drop_last=shuffle,
             num_workers=workers, persistent_workers=workers > 0, collate_fn=collate_fn,
             worker_init_fn=_single_threaded_worker)
 
@@ -103,18 +89,6 @@ def _single_threaded_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-OPTIM_DEFAULTS: Dict[str, Any] = {
-    "name": "sgd",         # "sgd" (momentum 0.9) or "adamw"
-    "lr": 0.01,
-    "weight_decay": 5e-4,
-    "momentum": 0.9,
-    "warmup_steps": 200,   # linear warm-up from warmup_factor * lr
-    "warmup_factor": 0.01,
-    "min_lr_ratio": 0.01,  # cosine decays to min_lr_ratio * lr at the last step
-    "time_budget_s": None,  # also end the cosine when this much wall clock has passed
-}
-
-
 def warmup_cosine(step: int, total: int, warmup: int, warmup_factor: float, min_ratio: float) -> float:
     """LR multiplier: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio``."""
     if step < warmup:
@@ -127,30 +101,21 @@ class SSDLightningModule(pl.LightningModule):
     """Trains an SSD detector with the MultiBox loss and validates with COCO mAP.
 
     Args:
-        model: ``build_model`` arguments: ``arch``, ``num_classes`` and options.
-        optim: keys of ``OPTIM_DEFAULTS``.
-        loss: ``iou_thresh`` (0.5) and ``neg_pos_ratio`` (3).
+        model, optim, loss: the sections of a config as dicts (what Lightning saves
+            as hyperparameters); checked and completed by :mod:`training.config`.
     """
 
     def __init__(self, model: Dict[str, Any], optim: Optional[Dict[str, Any]] = None,
                  loss: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
-        from models import build_model  # models/ sits next to ssd_post in the repo
+        from models import build_model  # models/ sits next to training/ in the repository
 
         self.save_hyperparameters()
-        optim = dict(optim or {})
-        unknown = sorted(set(optim) - set(OPTIM_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown optim option(s) {unknown}; known: {sorted(OPTIM_DEFAULTS)}")
-        self.optim_cfg = {**OPTIM_DEFAULTS, **optim}
-        loss = dict(loss or {})
-        unknown = sorted(set(loss) - {"iou_thresh", "neg_pos_ratio"})
-        if unknown:
-            raise ValueError(f"unknown loss option(s) {unknown}; known: ['iou_thresh', 'neg_pos_ratio']")
-        self.iou_thresh = float(loss.get("iou_thresh", 0.5))
-        self.neg_pos_ratio = int(loss.get("neg_pos_ratio", 3))
-        model = dict(model)
-        self.detector = build_model(model.pop("arch"), model.pop("num_classes"), **model)
+        model_cfg = section(ModelConfig, model, "model")
+        self.optim_cfg = section(OptimConfig, optim, "optim")
+        loss_cfg = section(LossConfig, loss, "loss")
+        self.iou_thresh, self.neg_pos_ratio = loss_cfg.iou_thresh, loss_cfg.neg_pos_ratio
+        self.detector = build_model(model_cfg.arch, model_cfg.num_classes, **model_cfg.build_kwargs())
         self.box_coder = BoxCoder(self.detector.postprocess_config.box_weights)
         self._val_results: List[dict] = []
         self._fit_start: Optional[float] = None
@@ -171,10 +136,8 @@ class SSDLightningModule(pl.LightningModule):
             self._fit_start = time.time()
         datamodule = getattr(self.trainer, "datamodule", None)
         dataset = getattr(datamodule, "val_dataset", None) or getattr(datamodule, "train_dataset", None)
-        if dataset is not None and dataset.num_classes != self.detector.num_classes:
-            raise ValueError(
-                f"model.num_classes is {self.detector.num_classes} but {dataset.ann_file} has "
-                f"{dataset.num_classes - 1} categories + background = {dataset.num_classes}")
+        if dataset is not None:
+            dataset.check_num_classes(self.detector.num_classes)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch
@@ -226,16 +189,15 @@ class SSDLightningModule(pl.LightningModule):
         for name, param in self.detector.named_parameters():
             if param.requires_grad:
                 (no_decay if param.dim() <= 1 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-        if cfg["name"] == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
-        elif cfg["name"] == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # optim.name is one of these two: training.config checked it.
+        if cfg.name == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
         else:
-            raise ValueError(f"optim.name should be 'sgd' or 'adamw', got {cfg['name']!r}")
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(int(cfg["warmup_steps"]), total // 2)
-        budget = cfg["time_budget_s"]
+        warmup = min(cfg.warmup_steps, total // 2)
+        budget = cfg.time_budget_s
 
         def multiplier(step: int) -> float:
             # On a machine of unknown (or shared) speed a step count cannot promise a
@@ -244,7 +206,7 @@ class SSDLightningModule(pl.LightningModule):
             if budget and self._fit_start is not None and step >= warmup:
                 by_time = (time.time() - self._fit_start) / float(budget)
                 step = max(step, warmup + int(by_time * (total - warmup)))
-            return warmup_cosine(step, total, warmup, cfg["warmup_factor"], cfg["min_lr_ratio"])
+            return warmup_cosine(step, total, warmup, cfg.warmup_factor, cfg.min_lr_ratio)
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -16,11 +16,11 @@ import numpy as np
 from albumentations.augmentations.crops.transforms import BaseCrop
 from albumentations.pytorch import ToTensorV2
 
+from ..config import AugmentConfig
+
 ImageSize = Tuple[int, int]
 Mean = Tuple[float, float, float]
 
-IMAGENET_MEAN: Mean = (0.485, 0.456, 0.406)
-IMAGENET_STD: Mean = (0.229, 0.224, 0.225)
 
 
 def _box_iou(crop: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -91,29 +91,23 @@ def _bbox_params(min_visibility: float) -> A.BboxParams:
                         clip=True, filter_invalid_bboxes=True)
 
 
-def train_transforms(
-    image_size: ImageSize,
-    mean: Mean = IMAGENET_MEAN,
-    std: Mean = IMAGENET_STD,
-    photometric_p: float = 0.5,
-    expand_p: float = 0.5,
-    max_expand: float = 3.0,
-    crop_p: float = 0.5,
-    flip_p: float = 0.5,
-    min_visibility: float = 0.3,
-) -> A.Compose:
+def train_transforms(image_size: ImageSize, mean: Mean, std: Mean,
+                     augment: Optional[AugmentConfig] = None) -> A.Compose:
     """SSD training augmentation ending in a normalised float tensor [3, H, W].
 
     Args:
         image_size: (height, width) of the network input.
-        mean, std: per-channel normalisation of [0, 1] pixels (the model's own).
-        photometric_p: probability of the brightness / contrast / saturation / hue jitter.
-        expand_p: probability of zooming out onto a canvas up to ``max_expand`` times
-            the image side, filled with the mean colour.
-        crop_p: probability of the IoU-constrained crop.
-        flip_p: probability of the horizontal flip.
-        min_visibility: boxes keeping less than this fraction of their area are dropped.
+        mean, std: per-channel normalisation of [0, 1] pixels: the model's own
+            (``detector.image_mean``, ``detector.image_std``); no default, so a
+            pipeline never silently normalises for another model.
+        augment: probabilities and strengths (defaults: :class:`AugmentConfig`).
+            ``expand_p`` zooms out onto a canvas up to ``max_expand`` times the image
+            side, filled with the mean colour; boxes keeping less than
+            ``min_visibility`` of their area are dropped.
     """
+    augment = augment or AugmentConfig()
+    photometric_p, expand_p, max_expand = augment.photometric_p, augment.expand_p, augment.max_expand
+    crop_p, flip_p, min_visibility = augment.crop_p, augment.flip_p, augment.min_visibility
     height, width = int(image_size[0]), int(image_size[1])
     fill = tuple(int(round(255 * m)) for m in mean)
     # CropAndPad pads each side by a random fraction: an expand with random placement.
@@ -137,8 +131,9 @@ def train_transforms(
     )
 
 
-def eval_transforms(image_size: ImageSize, mean: Mean = IMAGENET_MEAN, std: Mean = IMAGENET_STD) -> A.Compose:
-    """Resize to (height, width) and normalise; boxes follow the resize."""
+def eval_transforms(image_size: ImageSize, mean: Mean, std: Mean) -> A.Compose:
+    """Resize to (height, width) and normalise with the model's own ``mean``/``std``;
+    boxes follow the resize."""
     height, width = int(image_size[0]), int(image_size[1])
     return A.Compose(
         [A.Resize(height, width), A.Normalize(mean=mean, std=std), ToTensorV2()],

@@ -4,6 +4,6 @@
 - :mod:`.coco`: ``CocoDetectionDataset`` for any COCO-format set, and ``collate_fn``.
 - :mod:`.transforms`: albumentations pipelines (``train_transforms``, ``eval_transforms``).
 
-The submodules are imported where they are used, so ``import ssd_post`` stays free
-of albumentations, OpenCV and pycocotools.
+Training code, outside the ``ssd_post`` wheel: it needs the ``[train]`` extra
+(albumentations, OpenCV, pycocotools, numpy).
 """

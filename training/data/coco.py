@@ -136,7 +136,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         ann_file: instances json (COCO format).
         transform: an albumentations ``Compose`` with ``bbox_params`` in
             ``pascal_voc`` format and a ``labels`` label field (see
-            :mod:`ssd_post.data.transforms`); its output image is a float tensor.
+            :mod:`training.data.transforms`); its output image is a float tensor.
             None: the image as float [0, 1] tensor and the boxes as they are.
         check_files: verify at construction that every image file exists.
         verbose: print the counts of clipped and dropped boxes.
@@ -208,6 +208,18 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             print(f"{ann_file}: {totals['clipped']} box(es) clipped to their image, "
                   f"{totals['empty']} zero-size box(es) and {totals['crowd']} crowd region(s) "
                   "left out of the training targets")
+
+    def check_num_classes(self, num_classes: int) -> None:
+        """ValueError unless a model with ``num_classes`` logit columns (background
+        included) predicts exactly this set's labels: a mismatch would score a model
+        against categories it was not trained on, without a word."""
+        if num_classes != self.num_classes:
+            layout = ("contiguous labels: categories + background" if self.num_classes == len(self.label_to_category) + 1
+                      else "labels = category ids: largest id + 1")
+            raise ValueError(
+                f"model.num_classes is {num_classes} but {self.ann_file} has {len(self.label_to_category)} "
+                f"categories (ids {sorted(self.category_to_label)[:8]}), so the model needs {self.num_classes} "
+                f"classes ({layout}); use a checkpoint trained on this data, or set data.contiguous_labels")
 
     def __len__(self) -> int:
         return len(self.image_ids)

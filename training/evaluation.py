@@ -23,9 +23,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 from torch import Tensor
 
-from .formats import Detections, to_coco_results
-from .postprocess import postprocess as ssd_post_postprocess
-from .reference import torchvision_postprocess
+from ssd_post import Detections, to_coco_results
+from ssd_post import postprocess as ssd_post_postprocess
+from ssd_post.reference import torchvision_postprocess
 
 # The order of COCOeval.stats, named the way COCOeval.summarize prints them.
 COCO_STAT_NAMES: Tuple[str, ...] = (

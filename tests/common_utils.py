@@ -1,0 +1,46 @@
+"""Helpers shared by the test modules (imported as ``from common_utils import ...``).
+
+Fixtures stay in ``conftest.py``; plain functions and constants live here, so a test
+module imports what it uses instead of reaching into ``conftest``.
+"""
+from __future__ import annotations
+
+import torch
+
+import ssd_post
+
+# Feature-map sizes of SSD300-VGG16 (8732 anchors with DefaultBoxes.ssd300()).
+SSD300_GRIDS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+
+
+def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> torch.Tensor:
+    """n valid xyxy boxes inside [0, size]^2 (Tensor[n, 4])."""
+    xy = torch.rand(n, 2, generator=generator) * size * 0.8
+    wh = torch.rand(n, 2, generator=generator) * size * 0.3 + 1.0
+    return torch.cat((xy, xy + wh), dim=1)
+
+
+def assert_same_detections(actual: ssd_post.Detections, expected: ssd_post.Detections,
+                           box_atol: float = 0.0) -> None:
+    """Counts, labels, scores and (by default) boxes to the bit."""
+    torch.testing.assert_close(actual.num_detections, expected.num_detections, rtol=0, atol=0)
+    torch.testing.assert_close(actual.labels, expected.labels, rtol=0, atol=0)
+    torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=0)
+    torch.testing.assert_close(actual.boxes, expected.boxes, rtol=0, atol=box_atol)
+
+
+def assert_same_detections_up_to_ties(actual: ssd_post.Detections,
+                                      expected: ssd_post.Detections) -> None:
+    """Counts and ranked scores to the bit; inside each run of exactly equal scores
+    the (label, box) rows as a multiset, since torchvision leaves the order of
+    exact ties unspecified (topk, unstable sort) while ssd_post fixes it."""
+    torch.testing.assert_close(actual.num_detections, expected.num_detections, rtol=0, atol=0)
+    torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=0)
+
+    def rows(det, image):
+        n = int(det.num_detections[image])
+        return sorted(zip((-s for s in det.scores[image, :n].tolist()), det.labels[image, :n].tolist(),
+                          map(tuple, det.boxes[image, :n].tolist())))
+
+    for image in range(actual.num_detections.shape[0]):
+        assert rows(actual, image) == rows(expected, image), f"image {image} differs beyond ties"
