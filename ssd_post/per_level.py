@@ -1,0 +1,169 @@
+"""Per-level selection of RetinaNet and FCOS, batched over images.
+
+torchvision's ``RetinaNet`` / ``FCOS.postprocess_detections`` loop over images and
+feature levels; here the threshold, the per-(image, level) top-k, the decode and the
+NMS run once for the whole batch, with the same bits:
+
+- scores come from torch's own sigmoid / mul / sqrt on exactly the (image, level)
+  blocks torchvision computes them on: torch's CPU sigmoid rounds the vectorised
+  body of a loop and its scalar tail differently, so the bits of a score depend on
+  where it sits in the block it was computed in (a whole-batch sigmoid differs);
+- the top-k keeps, per (image, level), the ``topk_candidates`` highest scores over
+  all anchor x class pairs, equal scores by flattened index (anchor * C + class);
+- NMS is ssd_post's batched NMS with key = image * C + class.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .box_coder import BoxCoder, clip_boxes
+from .config import PostprocessConfig
+from .formats import Detections
+from .linear_coder import LinearBoxCoder
+from .ops import batched_nms
+
+LevelSizes = Union[Sequence[int], Tensor]
+
+
+def check_level_sizes(level_sizes: Optional[LevelSizes], num_anchors: int) -> List[int]:
+    """Anchors per feature level as a list of ints summing to ``num_anchors`` (A)."""
+    if level_sizes is None:
+        raise ValueError("level_sizes should be given (anchors per feature level) for selection='per_level', got None")
+    if isinstance(level_sizes, Tensor):
+        if level_sizes.dim() != 1 or level_sizes.is_floating_point():
+            raise ValueError(f"level_sizes should be a 1d integer tensor, got {level_sizes.dim()}D {level_sizes.dtype}")
+        level_sizes = level_sizes.tolist()
+    try:
+        sizes = [int(n) for n in level_sizes]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"level_sizes should be a list of ints, got {level_sizes!r}") from err
+    if not sizes or any(n < 0 for n in sizes) or sum(sizes) != num_anchors:
+        raise ValueError(f"level_sizes should be ints >= 0 summing to A = {num_anchors}, got {sizes}")
+    return sizes
+
+
+def check_centerness(centerness: Optional[Tensor], activation: str, batch: int, num_anchors: int) -> Optional[Tensor]:
+    """Centerness logits as Tensor[B, A, 1], or None when the activation has none."""
+    if activation != "sigmoid_centerness":
+        if centerness is not None:
+            raise ValueError(f"centerness is only used by score_activation='sigmoid_centerness', got {activation!r}")
+        return None
+    if not isinstance(centerness, Tensor):
+        raise ValueError(f"centerness should be a Tensor [B, A] or [B, A, 1], got {type(centerness).__name__}")
+    if not centerness.is_floating_point():
+        raise ValueError(f"centerness should be a floating point tensor, got {centerness.dtype}")
+    if centerness.dim() == 2:
+        centerness = centerness.unsqueeze(-1)
+    if centerness.dim() != 3 or tuple(centerness.shape) != (batch, num_anchors, 1):
+        raise ValueError(f"centerness should be [B, A] or [B, A, 1] = [{batch}, {num_anchors}(, 1)], "
+                         f"got {tuple(centerness.shape)}")
+    return centerness
+
+
+def level_scores(logits: Tensor, activation: str, level_sizes: List[int], centerness: Optional[Tensor]) -> Tensor:
+    """Scores (Tensor[B, A, C] float32), each (image, level) block computed on its own
+    (see the module docstring for why the blocks matter)."""
+    logits = logits.float()
+    scores = torch.empty_like(logits)
+    for image in range(logits.shape[0]):
+        for block in _level_slices(level_sizes):
+            if activation == "sigmoid_centerness":
+                ctr = centerness[image, block].float()
+                scores[image, block] = torch.sqrt(torch.sigmoid(logits[image, block]) * torch.sigmoid(ctr))
+            else:
+                torch.sigmoid(logits[image, block], out=scores[image, block])
+    return scores
+
+
+def _level_slices(level_sizes: List[int]) -> List[slice]:
+    ends = torch.tensor(level_sizes).cumsum(0).tolist()
+    return [slice(end - size, end) for size, end in zip(level_sizes, ends)]
+
+
+def select_per_level(scores: Tensor, score_thresh: float, topk_candidates: int, level_sizes: List[int],
+                     background_class: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Threshold and per-(image, level) top-k over anchor x class pairs.
+
+    Args:
+        scores (Tensor[B, A, C]): float32 scores.
+
+    Returns:
+        image, anchor, label (Tensor[N] int64) and score (Tensor[N] float32) of the
+        candidates, grouped by (image, level), each group by decreasing score (equal
+        scores by flattened index), at most ``topk_candidates`` per group.
+    """
+    batch, num_anchors, num_classes = scores.shape
+    passing = scores > score_thresh
+    if background_class is not None:
+        passing[..., background_class] = False
+    image, flat = passing.view(batch, -1).nonzero(as_tuple=True)  # flat = anchor * C + class, increasing
+    score = scores.view(batch, -1)[image, flat]
+    anchor = torch.div(flat, num_classes, rounding_mode="floor")
+    level_ends = torch.tensor(level_sizes, device=scores.device).cumsum(0)
+    group = image * len(level_sizes) + torch.bucketize(anchor, level_ends, right=True)
+    # Two stable sorts: by score inside each group, equal scores keep flattened order.
+    order = torch.sort(score, descending=True, stable=True).indices
+    order = order[torch.sort(group[order], stable=True).indices]
+    group = group[order]
+    counts = torch.bincount(group, minlength=batch * len(level_sizes))
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(group.numel(), device=scores.device) - starts[group]
+    order = order[rank < topk_candidates]
+    return image[order], anchor[order], flat[order] % num_classes, score[order]
+
+
+def decode_boxes(locs: Tensor, anchors: Tensor, config: PostprocessConfig) -> Tensor:
+    """xyxy float32 boxes (Tensor[N, 4]) from regressions and anchors (Tensor[N, 4])."""
+    coder = LinearBoxCoder() if config.box_coder == "linear" else BoxCoder(config.box_weights)
+    return coder.decode(locs, anchors)
+
+
+def pad_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, keep: Tensor,
+                  batch: int, detections_per_img: int) -> Detections:
+    """The first ``detections_per_img`` of ``keep`` (indices by decreasing score) of
+    each image, zero-padded into Detections [B, K]."""
+    keep = keep[torch.sort(image[keep], stable=True).indices]  # by image, score order kept
+    kept_image = image[keep]
+    counts = torch.bincount(kept_image, minlength=batch)
+    rank = torch.arange(keep.numel(), device=keep.device) - (counts.cumsum(0) - counts)[kept_image]
+    inside = rank < detections_per_img
+    keep, kept_image, rank = keep[inside], kept_image[inside], rank[inside]
+    out = Detections(
+        boxes=boxes.new_zeros((batch, detections_per_img, 4)),
+        scores=scores.new_zeros((batch, detections_per_img)),
+        labels=labels.new_zeros((batch, detections_per_img)),
+        num_detections=counts.clamp(max=detections_per_img),
+    )
+    out.boxes[kept_image, rank] = boxes[keep]
+    out.scores[kept_image, rank] = scores[keep]
+    out.labels[kept_image, rank] = labels[keep]
+    return out
+
+
+def postprocess_per_level(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
+                          config: PostprocessConfig, level_sizes: List[int],
+                          centerness: Optional[Tensor]) -> Detections:
+    """RetinaNet / FCOS postprocess of a batch (inputs already checked and normalised).
+
+    Args:
+        locs (Tensor[B, A, 4]), logits (Tensor[B, A, C]), anchors (Tensor[A, 4] or
+        Tensor[B, A, 4] float32), image_sizes (Tensor[B, 2] (h, w)), level_sizes
+        (anchors per level, summing to A), centerness (Tensor[B, A, 1] or None).
+    """
+    batch, _, num_classes = logits.shape
+    if locs.device.type != "cpu":
+        raise NotImplementedError(f"selection='per_level' is not implemented on CUDA yet, got {locs.device}")
+    scores = level_scores(logits, config.score_activation, level_sizes, centerness)
+    image, anchor, label, score = select_per_level(
+        scores, config.score_thresh, config.topk_candidates, level_sizes,
+        config.resolve_background_class(num_classes))
+    box_anchors = anchors[anchor] if anchors.dim() == 2 else anchors[image, anchor]
+    boxes = decode_boxes(locs[image, anchor], box_anchors, config)
+    if config.clip_boxes:
+        hw = image_sizes[image].to(torch.float32)
+        boxes = clip_boxes(boxes, (hw[:, 0:1], hw[:, 1:2]))
+    keep = batched_nms(boxes, score, image * num_classes + label, config.nms_thresh)
+    return pad_per_image(boxes, score, label, image, keep, batch, config.detections_per_img)
