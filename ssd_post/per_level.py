@@ -55,12 +55,10 @@ def check_centerness(centerness: Optional[Tensor], activation: str, batch: int, 
         raise ValueError(f"centerness should be a Tensor [B, A] or [B, A, 1], got {type(centerness).__name__}")
     if not centerness.is_floating_point():
         raise ValueError(f"centerness should be a floating point tensor, got {centerness.dtype}")
-    if centerness.dim() == 2:
-        centerness = centerness.unsqueeze(-1)
-    if centerness.dim() != 3 or tuple(centerness.shape) != (batch, num_anchors, 1):
+    if tuple(centerness.shape) not in ((batch, num_anchors), (batch, num_anchors, 1)):
         raise ValueError(f"centerness should be [B, A] or [B, A, 1] = [{batch}, {num_anchors}(, 1)], "
                          f"got {tuple(centerness.shape)}")
-    return centerness
+    return centerness.reshape(batch, num_anchors, 1)
 
 
 def level_scores(logits: Tensor, activation: str, level_sizes: List[int], centerness: Optional[Tensor]) -> Tensor:
@@ -99,8 +97,8 @@ def select_per_level(scores: Tensor, score_thresh: float, topk_candidates: int, 
     passing = scores > score_thresh
     if background_class is not None:
         passing[..., background_class] = False
-    image, flat = passing.view(batch, -1).nonzero(as_tuple=True)  # flat = anchor * C + class, increasing
-    score = scores.view(batch, -1)[image, flat]
+    image, flat = passing.reshape(batch, num_anchors * num_classes).nonzero(as_tuple=True)  # flat increasing
+    score = scores.reshape(batch, num_anchors * num_classes)[image, flat]
     anchor = torch.div(flat, num_classes, rounding_mode="floor")
     level_ends = torch.tensor(level_sizes, device=scores.device).cumsum(0)
     group = image * len(level_sizes) + torch.bucketize(anchor, level_ends, right=True)
