@@ -61,19 +61,12 @@ def check_centerness(centerness: Optional[Tensor], activation: str, batch: int, 
     return centerness.reshape(batch, num_anchors, 1)
 
 
-def level_scores(logits: Tensor, activation: str, level_sizes: List[int], centerness: Optional[Tensor]) -> Tensor:
-    """Scores (Tensor[B, A, C] float32), each (image, level) block computed on its own
-    (see the module docstring for why the blocks matter)."""
-    logits = logits.float()
-    scores = torch.empty_like(logits)
-    for image in range(logits.shape[0]):
-        for block in _level_slices(level_sizes):
-            if activation == "sigmoid_centerness":
-                ctr = centerness[image, block].float()
-                scores[image, block] = torch.sqrt(torch.sigmoid(logits[image, block]) * torch.sigmoid(ctr))
-            else:
-                torch.sigmoid(logits[image, block], out=scores[image, block])
-    return scores
+def block_scores(logits: Tensor, activation: str, centerness: Optional[Tensor]) -> Tensor:
+    """Scores (Tensor[A_l, C] float32) of one (image, level) block: torch's own kernels
+    on exactly the block torchvision computes them on (see the module docstring)."""
+    if activation == "sigmoid_centerness":
+        return torch.sqrt(torch.sigmoid(logits.float()) * torch.sigmoid(centerness.float()))
+    return torch.sigmoid(logits.float())
 
 
 def _level_slices(level_sizes: List[int]) -> List[slice]:
@@ -81,26 +74,47 @@ def _level_slices(level_sizes: List[int]) -> List[slice]:
     return [slice(end - size, end) for size, end in zip(level_sizes, ends)]
 
 
-def select_per_level(scores: Tensor, score_thresh: float, topk_candidates: int, level_sizes: List[int],
-                     background_class: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Threshold and per-(image, level) top-k over anchor x class pairs.
+def select_per_level(logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
+                     level_sizes: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scores, threshold and per-(image, level) top-k over anchor x class pairs.
 
     Args:
-        scores (Tensor[B, A, C]): float32 scores.
+        logits (Tensor[B, A, C]), centerness (Tensor[B, A, 1] or None).
 
     Returns:
         image, anchor, label (Tensor[N] int64) and score (Tensor[N] float32) of the
         candidates, grouped by (image, level), each group by decreasing score (equal
-        scores by flattened index), at most ``topk_candidates`` per group.
+        scores by flattened index anchor * C + class), at most ``topk_candidates``
+        per group.
     """
-    batch, num_anchors, num_classes = scores.shape
-    passing = scores > score_thresh
-    if background_class is not None:
-        passing[..., background_class] = False
-    image, flat = passing.reshape(batch, num_anchors * num_classes).nonzero(as_tuple=True)  # flat increasing
-    score = scores.reshape(batch, num_anchors * num_classes)[image, flat]
+    batch, _, num_classes = logits.shape
+    background = config.resolve_background_class(num_classes)
+    images, flats, scores = [], [], []
+    # One (image, level) block at a time, as torchvision: the score bits depend on
+    # the block, and a block's candidates are cut to about k before any sort.
+    for image in range(batch):
+        for block in _level_slices(level_sizes):
+            block_centerness = None if centerness is None else centerness[image, block]
+            score = block_scores(logits[image, block], config.score_activation, block_centerness)
+            passing = score > config.score_thresh
+            if background is not None:
+                passing[:, background] = False
+            flat = passing.flatten().nonzero().flatten()  # anchor * C + class in the block
+            score = score.flatten()[flat]
+            if flat.numel() > config.topk_candidates:
+                # Ties with the k-th score all stay: the rank cut below picks among
+                # them by flattened index.
+                keep = score >= score.topk(config.topk_candidates, sorted=False).values.min()
+                flat, score = flat[keep], score[keep]
+            images.append(torch.full_like(flat, image))
+            flats.append(flat + block.start * num_classes)
+            scores.append(score)
+    if not scores:
+        empty = logits.new_zeros((0,), dtype=torch.int64)
+        return empty, empty, empty, logits.new_zeros((0,), dtype=torch.float32)
+    image, flat, score = torch.cat(images), torch.cat(flats), torch.cat(scores)
     anchor = torch.div(flat, num_classes, rounding_mode="floor")
-    level_ends = torch.tensor(level_sizes, device=scores.device).cumsum(0)
+    level_ends = torch.tensor(level_sizes, device=logits.device).cumsum(0)
     group = image * len(level_sizes) + torch.bucketize(anchor, level_ends, right=True)
     # Two stable sorts: by score inside each group, equal scores keep flattened order.
     order = torch.sort(score, descending=True, stable=True).indices
@@ -108,8 +122,8 @@ def select_per_level(scores: Tensor, score_thresh: float, topk_candidates: int, 
     group = group[order]
     counts = torch.bincount(group, minlength=batch * len(level_sizes))
     starts = counts.cumsum(0) - counts
-    rank = torch.arange(group.numel(), device=scores.device) - starts[group]
-    order = order[rank < topk_candidates]
+    rank = torch.arange(group.numel(), device=logits.device) - starts[group]
+    order = order[rank < config.topk_candidates]
     return image[order], anchor[order], flat[order] % num_classes, score[order]
 
 
@@ -154,10 +168,7 @@ def postprocess_per_level(locs: Tensor, logits: Tensor, anchors: Tensor, image_s
     batch, _, num_classes = logits.shape
     if locs.device.type != "cpu":
         raise NotImplementedError(f"selection='per_level' is not implemented on CUDA yet, got {locs.device}")
-    scores = level_scores(logits, config.score_activation, level_sizes, centerness)
-    image, anchor, label, score = select_per_level(
-        scores, config.score_thresh, config.topk_candidates, level_sizes,
-        config.resolve_background_class(num_classes))
+    image, anchor, label, score = select_per_level(logits, centerness, config, level_sizes)
     box_anchors = anchors[anchor] if anchors.dim() == 2 else anchors[image, anchor]
     boxes = decode_boxes(locs[image, anchor], box_anchors, config)
     if config.clip_boxes:
