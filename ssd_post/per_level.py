@@ -14,11 +14,13 @@ NMS run once for the whole batch, with the same bits:
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .block_sigmoid import loop_step, sigmoid_at
 from .box_coder import BoxCoder, clip_boxes
 from .config import PostprocessConfig
 from .formats import Detections
@@ -69,6 +71,52 @@ def block_scores(logits: Tensor, activation: str, centerness: Optional[Tensor]) 
     return torch.sigmoid(logits.float())
 
 
+def logit_bound(activation: str, score_thresh: float) -> float:
+    """A logit at or below which no score of ``activation`` can pass ``score_thresh``
+    (for sigmoid_centerness it bounds the class and the centerness logit alike, as
+    both sigmoids are <= 1); -inf when no useful bound exists.
+
+    sigmoid(x) > t needs x > logit(t); sqrt(s * c) > t needs s * c > t^2 up to
+    rounding, so s > t^2 (1 - 1e-3). The 0.01 margin in logit space (a 1% change
+    of the score) covers torch's sigmoid rounding by far."""
+    p = score_thresh if activation == "sigmoid" else score_thresh * score_thresh * (1 - 1e-3)
+    if p < 1e-30:  # tiny or subnormal thresholds: the relative rounding bound fails
+        return float("-inf")
+    if p >= 1.0:
+        return float("inf")
+    return math.log(p) - math.log1p(-p) - 0.01
+
+
+def _block_candidates(logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
+                      background: Optional[int], step: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """Flat positions (anchor * C + class, Tensor[N] int64, increasing) and scores
+    (Tensor[N] float32) of one (image, level) block that pass the threshold."""
+    bound = logit_bound(config.score_activation, config.score_thresh)
+    if (step is not None and bound > float("-inf") and logits.dtype == torch.float32
+            and logits.is_contiguous() and (centerness is None or centerness.is_contiguous())):
+        # Only the logits above the bound go through the sigmoid, when they are few
+        # (gathering pays off for a trained head, not for a dense one).
+        passing = logits > bound
+        if centerness is not None:
+            passing &= centerness.float() > bound
+        if background is not None:
+            passing[:, background] = False
+        flat = passing.flatten().nonzero().flatten()
+        if flat.numel() * 8 <= logits.numel():
+            score = sigmoid_at(logits, flat, step)
+            if centerness is not None:
+                anchor = torch.div(flat, logits.shape[1], rounding_mode="floor")
+                score = torch.sqrt(score * sigmoid_at(centerness.float(), anchor, step))
+            keep = score > config.score_thresh
+            return flat[keep], score[keep]
+    score = block_scores(logits, config.score_activation, centerness)
+    passing = score > config.score_thresh
+    if background is not None:
+        passing[:, background] = False
+    flat = passing.flatten().nonzero().flatten()
+    return flat, score.flatten()[flat]
+
+
 def _level_slices(level_sizes: List[int]) -> List[slice]:
     ends = torch.tensor(level_sizes).cumsum(0).tolist()
     return [slice(end - size, end) for size, end in zip(level_sizes, ends)]
@@ -89,18 +137,14 @@ def select_per_level(logits: Tensor, centerness: Optional[Tensor], config: Postp
     """
     batch, _, num_classes = logits.shape
     background = config.resolve_background_class(num_classes)
+    step = loop_step() if logits.device.type == "cpu" else None
     images, flats, scores = [], [], []
     # One (image, level) block at a time, as torchvision: the score bits depend on
     # the block, and a block's candidates are cut to about k before any sort.
     for image in range(batch):
         for block in _level_slices(level_sizes):
             block_centerness = None if centerness is None else centerness[image, block]
-            score = block_scores(logits[image, block], config.score_activation, block_centerness)
-            passing = score > config.score_thresh
-            if background is not None:
-                passing[:, background] = False
-            flat = passing.flatten().nonzero().flatten()  # anchor * C + class in the block
-            score = score.flatten()[flat]
+            flat, score = _block_candidates(logits[image, block], block_centerness, config, background, step)
             if flat.numel() > config.topk_candidates:
                 # Ties with the k-th score all stay: the rank cut below picks among
                 # them by flattened index.
