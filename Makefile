@@ -37,6 +37,7 @@ test: install
 
 bench: install
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.family
 
 # On a machine with a CUDA GPU: the CUDA tests, then the GPU benchmark
 # (benchmarks/results/gpu_<device>.json).
