@@ -95,13 +95,18 @@ def _block_candidates(logits: Tensor, centerness: Optional[Tensor], config: Post
     if (step is not None and bound > float("-inf") and logits.dtype == torch.float32
             and logits.is_contiguous() and (centerness is None or centerness.is_contiguous())):
         # Only the logits above the bound go through the sigmoid, when they are few
-        # (gathering pays off for a trained head, not for a dense one).
-        passing = logits > bound
+        # (gathering pays off for a trained head, not for a dense one). One max per
+        # anchor first: comparing and scanning all A_l x C logits costs more than
+        # that read. "not <=" keeps rows whose max is NaN (another class may pass).
+        rows = ~(logits.amax(dim=1) <= bound)
         if centerness is not None:
-            passing &= centerness.float() > bound
+            rows &= centerness[:, 0].float() > bound
+        rows = rows.nonzero().flatten()
+        passing = logits[rows] > bound
         if background is not None:
             passing[:, background] = False
-        flat = passing.flatten().nonzero().flatten()
+        row, column = passing.nonzero(as_tuple=True)
+        flat = rows[row] * logits.shape[1] + column  # row-major order: increasing
         if flat.numel() * 8 <= logits.numel():
             score = sigmoid_at(logits, flat, step)
             if centerness is not None:
