@@ -8,6 +8,8 @@ NMS run once for the whole batch, with the same bits:
   blocks torchvision computes them on: torch's CPU sigmoid rounds the vectorised
   body of a loop and its scalar tail differently, so the bits of a score depend on
   where it sits in the block it was computed in (a whole-batch sigmoid differs);
+  a sparse block computes only the pairs above a logit bound, with those bits
+  reproduced by ``block_sigmoid``;
 - the top-k keeps, per (image, level), the ``topk_candidates`` highest scores over
   all anchor x class pairs, equal scores by flattened index (anchor * C + class);
 - NMS is ssd_post's batched NMS with key = image * C + class.
