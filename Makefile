@@ -41,6 +41,7 @@ test-fast: install
 
 bench: install
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.family
 
 # On a machine with a CUDA GPU: the CUDA tests, then the GPU benchmark
 # (benchmarks/results/gpu_<device>.json).

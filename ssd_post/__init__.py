@@ -7,16 +7,19 @@ from .box_coder import BoxCoder
 from .config import PostprocessConfig
 from .formats import Detections, to_coco_results, write_coco_results
 from .ops import batched_nms, has_cuda_kernels
-from .postprocess import decode_threshold_flatten, patch_torchvision_ssd, postprocess
+from .linear_coder import LinearBoxCoder
+from .postprocess import decode_threshold_flatten, patch_torchvision, patch_torchvision_ssd, postprocess
 
 __all__ = [
     "BoxCoder",
     "DefaultBoxes",
     "Detections",
+    "LinearBoxCoder",
     "PostprocessConfig",
     "batched_nms",
     "decode_threshold_flatten",
     "has_cuda_kernels",
+    "patch_torchvision",
     "patch_torchvision_ssd",
     "postprocess",
     "to_coco_results",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -99,9 +99,13 @@ def _check_last_dim(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} should be a floating point tensor, got {t.dtype}")
 
 
-def clip_boxes(boxes: Tensor, image_size: Tuple[int, int]) -> Tensor:
-    """Clip xyxy boxes (Tensor[..., 4]) to an image of size (height, width)."""
+def clip_boxes(boxes: Tensor, image_size: Tuple[Union[int, Tensor], Union[int, Tensor]]) -> Tensor:
+    """Clip xyxy boxes (Tensor[..., 4]) to an image of size (height, width).
+
+    height and width are ints, or Tensors of shape [..., 1] (one size per box)."""
     height, width = image_size
-    x = boxes[..., 0::2].clamp(min=0, max=width)
-    y = boxes[..., 1::2].clamp(min=0, max=height)
+    # Two clamps rather than one: clamp takes a Tensor max only without a Number min.
+    # min(max(x, 0), w) either way, the same bits as torchvision's clamp(min=0, max=w).
+    x = boxes[..., 0::2].clamp(min=0).clamp(max=width)
+    y = boxes[..., 1::2].clamp(min=0).clamp(max=height)
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)

@@ -5,11 +5,15 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
+ACTIVATIONS = ("softmax", "sigmoid", "sigmoid_centerness")
+SELECTIONS = ("per_class", "per_level")
+BOX_CODERS = ("box", "linear")
+# mmdet's spelling of the background column: "first" is column 0, "last" is C - 1.
+BACKGROUND_NAMES = ("first", "last")
 import torch
 
-ACTIVATIONS = ("softmax", "sigmoid")
 # What to do with a box whose corners are not x1 <= x2, y1 <= y2 (ssd_post.corners).
 INVERTED_BOXES = ("keep", "sort", "raise")
 
@@ -71,11 +75,17 @@ class PostprocessConfig:
         detections_per_img: per image, keep this many highest-scoring NMS survivors.
         box_weights: (wx, wy, ww, wh) of the box coder; (10, 10, 5, 5) are SSD's
             variances (0.1, 0.2).
-        score_activation: ``"softmax"`` over all classes (torchvision SSD) or
-            ``"sigmoid"`` per class.
-        background_class: column of the logits that is never reported, or None when
-            every column is a real class.
+        score_activation: ``"softmax"`` over all classes (torchvision SSD),
+            ``"sigmoid"`` per class (RetinaNet) or ``"sigmoid_centerness"``:
+            sqrt(sigmoid(class logit) * sigmoid(centerness logit)) (FCOS).
+        background_class: column of the logits that is never reported, None when
+            every column is a real class, or "first" / "last" (column 0 / C - 1).
         clip_boxes: clip decoded boxes to each image's (h, w).
+        selection: ``"per_class"``: ``topk_candidates`` per (image, class) (SSD);
+            ``"per_level"``: per (image, feature level) over all anchor x class pairs
+            (RetinaNet, FCOS; needs the anchors per level at call time).
+        box_coder: ``"box"`` (torchvision BoxCoder with ``box_weights``) or
+            ``"linear"`` (torchvision BoxLinearCoder, normalize_by_size=True).
         inverted_boxes: boxes are x1 <= x2, y1 <= y2. A box (here: an anchor, which
             decodes into the box) that is not: ``"keep"`` it as given, with zero
             area, so it suppresses nothing (torchvision); ``"sort"`` its corners
@@ -93,16 +103,21 @@ class PostprocessConfig:
     detections_per_img: int = 200
     box_weights: Tuple[float, float, float, float] = field(default=(10.0, 10.0, 5.0, 5.0))
     score_activation: str = "softmax"
-    background_class: Optional[int] = 0
+    background_class: Optional[Union[int, str]] = 0
     clip_boxes: bool = True
     inverted_boxes: str = "keep"
+    selection: str = "per_class"
+    box_coder: str = "box"
 
     def __post_init__(self) -> None:
         for name in ("score_thresh", "nms_thresh"):
             object.__setattr__(self, name, unit_scalar(getattr(self, name), name))
         for name in ("topk_candidates", "detections_per_img"):
             object.__setattr__(self, name, whole_scalar(getattr(self, name), name))
-        if self.background_class is not None:
+        if self.background_class is not None and self.background_class not in BACKGROUND_NAMES:
+            if isinstance(self.background_class, str):
+                raise ValueError(f"background_class should be None, an int >= 0, 'first' or 'last', "
+                                 f"got {self.background_class!r}")
             object.__setattr__(self, "background_class",
                                whole_scalar(self.background_class, "background_class", 0))
         try:
@@ -118,8 +133,12 @@ class PostprocessConfig:
         has at most C_fg * min(topk_candidates, A) candidates, so
         K = min(detections_per_img, C_fg * min(topk_candidates, A)) with C_fg the
         foreground classes. Mirrors padded_detections of csrc/common/select_params.h
-        (A and C may be symbolic sizes under torch.compile)."""
+        (A and C may be symbolic sizes under torch.compile). With
+        ``selection="per_level"``: K = min(detections_per_img, C_fg * A)."""
         foreground = num_classes - (0 if self.background_class is None else 1)
+        if self.selection == "per_level":
+            # Every (anchor, foreground class) pair can be a candidate of its level.
+            return min(self.detections_per_img, foreground * num_anchors)
         return padded_detections(self.detections_per_img, self.topk_candidates, num_anchors,
                                  foreground)
 
@@ -141,26 +160,52 @@ class PostprocessConfig:
             raise ValueError(
                 f"inverted_boxes should be one of {INVERTED_BOXES}, got {self.inverted_boxes!r}"
             )
+        for name, allowed in (("selection", SELECTIONS), ("box_coder", BOX_CODERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} should be one of {allowed}, got {getattr(self, name)!r}")
+        # The fused per-class op has only the softmax/sigmoid scores and the box coder.
+        if self.selection == "per_class" and self.score_activation == "sigmoid_centerness":
+            raise ValueError("score_activation 'sigmoid_centerness' needs selection='per_level', got 'per_class'")
+        if self.selection == "per_class" and self.box_coder == "linear":
+            raise ValueError("box_coder 'linear' needs selection='per_level', got 'per_class'")
+
+    def resolve_background_class(self, num_classes: int) -> Optional[int]:
+        """The background column for logits with ``num_classes`` columns (None: no background)."""
+        if self.background_class == "first":
+            return 0
+        if self.background_class == "last":
+            return num_classes - 1
+        return self.background_class
 
     @classmethod
     def from_torchvision(cls, model) -> "PostprocessConfig":
-        """Read the postprocess parameters off a torchvision ``SSD`` model
-        (``ssd300_vgg16``, ``ssdlite320_mobilenet_v3_large``)."""
-        for attr in ("score_thresh", "nms_thresh", "topk_candidates", "detections_per_img", "box_coder"):
-            if not hasattr(model, attr):
-                raise ValueError(
-                    f"model should be a torchvision SSD with attribute {attr!r}, got {type(model).__name__}"
-                )
-        return cls(
+        """Read the postprocess parameters off a torchvision ``SSD`` (``ssd300_vgg16``,
+        ``ssdlite320_mobilenet_v3_large``), ``RetinaNet`` (``retinanet_resnet50_fpn``,
+        ``_v2``) or ``FCOS`` (``fcos_resnet50_fpn``) model."""
+        from torchvision.models.detection.fcos import FCOS
+        from torchvision.models.detection.retinanet import RetinaNet
+        from torchvision.models.detection.ssd import SSD
+
+        if not isinstance(model, (SSD, RetinaNet, FCOS)):
+            raise ValueError(f"model should be a torchvision SSD, RetinaNet or FCOS, got {type(model).__name__}")
+        common = dict(
             score_thresh=float(model.score_thresh),
             nms_thresh=float(model.nms_thresh),
             topk_candidates=int(model.topk_candidates),
             detections_per_img=int(model.detections_per_img),
-            box_weights=tuple(float(w) for w in model.box_coder.weights),
-            score_activation="softmax",
-            background_class=0,
             clip_boxes=True,
         )
+        if isinstance(model, SSD):
+            return cls(**common, box_weights=tuple(float(w) for w in model.box_coder.weights),
+                       score_activation="softmax", background_class=0)
+        if isinstance(model, RetinaNet):
+            return cls(**common, box_weights=tuple(float(w) for w in model.box_coder.weights),
+                       score_activation="sigmoid", background_class=None, selection="per_level")
+        if not getattr(model.box_coder, "normalize_by_size", False):
+            raise ValueError("FCOS model should use BoxLinearCoder(normalize_by_size=True), got "
+                             f"normalize_by_size={getattr(model.box_coder, 'normalize_by_size', None)!r}")
+        return cls(**common, score_activation="sigmoid_centerness", background_class=None,
+                   selection="per_level", box_coder="linear")
 
 
 def padded_detections(detections_per_img, topk_candidates, num_anchors, foreground_classes):

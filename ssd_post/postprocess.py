@@ -11,6 +11,7 @@ from . import ops
 from .config import PostprocessConfig
 from .corners import handle_inverted_boxes
 from .formats import Detections
+from .per_level import LevelSizes, check_centerness, check_level_sizes, postprocess_per_level
 
 Anchors = Union[Tensor, Sequence[Tensor]]
 ImageSizes = Union[Tensor, Sequence[Tuple[int, int]]]
@@ -115,7 +116,8 @@ def decode_threshold_flatten(
                                                     config.inverted_boxes)
     return ops.decode_threshold_flatten_op(
         locs, logits, anchors, sizes, config.score_thresh, config.topk_candidates,
-        list(config.box_weights), config.score_activation, config.background_class, config.clip_boxes)
+        list(config.box_weights), config.score_activation,
+        config.resolve_background_class(logits.shape[2]), config.clip_boxes)
 
 
 def postprocess(
@@ -124,8 +126,13 @@ def postprocess(
     anchors: Anchors,
     image_sizes: ImageSizes,
     config: Optional[PostprocessConfig] = None,
+    *,
+    level_sizes: Optional[LevelSizes] = None,
+    centerness: Optional[Tensor] = None,
 ) -> Detections:
-    """Final detections of a batch, equal to torchvision's ``SSD.postprocess_detections``.
+    """Final detections of a batch, equal to torchvision's ``SSD``, ``RetinaNet`` or
+    ``FCOS`` ``postprocess_detections`` (as ``config.selection`` / ``score_activation``
+    / ``box_coder`` say).
 
     Args:
         locs (Tensor[B, A, 4]): box regressions (float32, float16 or bfloat16;
@@ -134,6 +141,10 @@ def postprocess(
         anchors (Tensor[A, 4], Tensor[B, A, 4] or list of B Tensor[A, 4]): xyxy anchors.
         image_sizes (Tensor[B, 2] or list of (h, w)): per-image size for clipping.
         config: thresholds and coder weights (defaults: torchvision SSD's).
+        level_sizes (list of ints or Tensor[L]): anchors per feature level, summing
+            to A; needed by ``selection="per_level"`` only.
+        centerness (Tensor[B, A] or Tensor[B, A, 1]): centerness logits; needed by
+            ``score_activation="sigmoid_centerness"`` only.
 
     Anchors (and so boxes) are x1 <= x2, y1 <= y2; an inverted anchor decodes into
     an inverted box, which has zero area and suppresses nothing (torchvision),
@@ -149,10 +160,17 @@ def postprocess(
     config = config or PostprocessConfig()
     locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes,
                                                     config.inverted_boxes)
+    batch, num_anchors, num_classes = logits.shape
+    centerness = check_centerness(centerness, config.score_activation, batch, num_anchors)
+    if config.selection == "per_level":
+        return postprocess_per_level(locs, logits, anchors, sizes, config,
+                                     check_level_sizes(level_sizes, num_anchors), centerness)
+    if level_sizes is not None:
+        raise ValueError("level_sizes is only used by selection='per_level', got selection='per_class'")
     boxes, scores, labels, counts = ops.postprocess_op(
         locs, logits, anchors, sizes, config.score_thresh, config.nms_thresh,
         config.topk_candidates, config.detections_per_img, list(config.box_weights),
-        config.score_activation, config.background_class, config.clip_boxes)
+        config.score_activation, config.resolve_background_class(num_classes), config.clip_boxes)
     return Detections(boxes, scores, labels, counts)
 
 
@@ -169,6 +187,33 @@ def patch_torchvision_ssd(model: torch.nn.Module) -> torch.nn.Module:
         return postprocess(
             head_outputs["bbox_regression"], head_outputs["cls_logits"], image_anchors,
             image_shapes, config).to_list()
+
+    model.postprocess_detections = types.MethodType(postprocess_detections, model)
+    return model
+
+
+def patch_torchvision(model: torch.nn.Module) -> torch.nn.Module:
+    """Serves ``model.postprocess_detections`` of a torchvision SSD, RetinaNet or FCOS
+    with ssd_post (thresholds read off the model at every call). Returns the same model.
+
+    RetinaNet and FCOS hand their head outputs and anchors over split by feature
+    level; they are concatenated back and the level sizes passed on.
+    """
+    from torchvision.models.detection.ssd import SSD
+
+    PostprocessConfig.from_torchvision(model)  # fails early on an unknown model
+    if isinstance(model, SSD):
+        return patch_torchvision_ssd(model)
+
+    def postprocess_detections(self, head_outputs, anchors: List[List[Tensor]], image_shapes):
+        config = PostprocessConfig.from_torchvision(self)
+        logits = head_outputs["cls_logits"]  # L x [B, A_l, C]
+        centerness = head_outputs.get("bbox_ctrness")
+        return postprocess(
+            torch.cat(head_outputs["bbox_regression"], dim=1), torch.cat(logits, dim=1),
+            [torch.cat(per_image) for per_image in anchors], image_shapes, config,
+            level_sizes=[level.shape[1] for level in logits],
+            centerness=None if centerness is None else torch.cat(centerness, dim=1)).to_list()
 
     model.postprocess_detections = types.MethodType(postprocess_detections, model)
     return model

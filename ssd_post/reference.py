@@ -2,7 +2,7 @@
 of the benchmarks. It states the semantics of ssd_post in plain torch ops."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torchvision
@@ -11,13 +11,20 @@ from torch import Tensor
 from .box_coder import BoxCoder, clip_boxes
 from .config import PostprocessConfig
 from .formats import Detections
+from .linear_coder import LinearBoxCoder
+from .per_level import LevelSizes, check_centerness, check_level_sizes
 from .postprocess import Anchors, ImageSizes, normalize_inputs
 
 
-def scores_from_logits(logits: Tensor, activation: str) -> Tensor:
-    """Per-class probabilities (Tensor[..., C]) in float32."""
+def scores_from_logits(logits: Tensor, activation: str, centerness: Optional[Tensor] = None) -> Tensor:
+    """Per-class scores (Tensor[..., C]) in float32; ``centerness`` (Tensor[..., 1])
+    only for ``"sigmoid_centerness"``."""
     logits = logits.float()
-    return logits.softmax(-1) if activation == "softmax" else logits.sigmoid()
+    if activation == "softmax":
+        return logits.softmax(-1)
+    if activation == "sigmoid_centerness":
+        return torch.sqrt(logits.sigmoid() * centerness.float().sigmoid())
+    return logits.sigmoid()
 
 
 def rank_order(scores: Tensor) -> Tensor:
@@ -31,13 +38,21 @@ def postprocess_loop(
     anchors: Anchors,
     image_sizes: ImageSizes,
     config: Optional[PostprocessConfig] = None,
+    *,
+    level_sizes: Optional[LevelSizes] = None,
+    centerness: Optional[Tensor] = None,
 ) -> Detections:
-    """Same contract as :func:`ssd_post.postprocess`, one image and one class at a time."""
+    """Same contract as :func:`ssd_post.postprocess`, one image and one class (or one
+    feature level) at a time."""
     config = config or PostprocessConfig()
     locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes,
                                                     config.inverted_boxes)
-    coder = BoxCoder(config.box_weights)
     batch, num_anchors, num_classes = logits.shape
+    centerness = check_centerness(centerness, config.score_activation, batch, num_anchors)
+    if config.selection == "per_level":
+        level_sizes = check_level_sizes(level_sizes, num_anchors)
+    coder = LinearBoxCoder() if config.box_coder == "linear" else BoxCoder(config.box_weights)
+    background = config.resolve_background_class(num_classes)
     padded = config.padded_detections(num_anchors, num_classes)
     results = []
     for i in range(batch):
@@ -46,21 +61,13 @@ def postprocess_loop(
         if config.clip_boxes:
             height, width = (int(v) for v in sizes[i].tolist())
             boxes = clip_boxes(boxes, (height, width))
-        scores = scores_from_logits(logits[i], config.score_activation)
-        image_boxes, image_scores, image_labels = [], [], []
-        for label in range(num_classes):
-            if label == config.background_class:
-                continue
-            class_scores = scores[:, label]
-            candidates = torch.nonzero(class_scores > config.score_thresh).flatten()
-            order = rank_order(class_scores[candidates])[: config.topk_candidates]
-            candidates = candidates[order]
-            image_boxes.append(boxes[candidates])
-            image_scores.append(class_scores[candidates])
-            image_labels.append(torch.full((len(candidates),), label, dtype=torch.int64))
-        image_boxes = torch.cat(image_boxes) if image_boxes else boxes.new_zeros((0, 4))
-        image_scores = torch.cat(image_scores) if image_scores else boxes.new_zeros((0,))
-        image_labels = torch.cat(image_labels) if image_labels else torch.zeros(0, dtype=torch.int64)
+        if config.selection == "per_level":
+            candidates = _per_level_candidates(logits[i], None if centerness is None else centerness[i],
+                                               level_sizes, config, background)
+        else:
+            candidates = _per_class_candidates(logits[i], config, background)
+        anchor_idxs, image_scores, image_labels = candidates
+        image_boxes = boxes[anchor_idxs]
         keep = batched_nms_reference(image_boxes, image_scores, image_labels, config.nms_thresh)
         keep = keep[: config.detections_per_img]
         results.append({"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": image_labels[keep]})
@@ -71,6 +78,54 @@ def postprocess_loop(
                          locs.new_zeros((0, padded), dtype=torch.int64),
                          locs.new_zeros((0,), dtype=torch.int64))
     return out
+
+
+def _per_class_candidates(logits: Tensor, config: PostprocessConfig,
+                          background: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """SSD: per class, the ``topk_candidates`` best scores above the threshold.
+    Returns anchor index, score and label (Tensor[N] each) of the candidates."""
+    scores = scores_from_logits(logits, config.score_activation)
+    anchor_idxs, image_scores, image_labels = [], [], []
+    for label in range(logits.shape[1]):
+        if label == background:
+            continue
+        class_scores = scores[:, label]
+        candidates = torch.nonzero(class_scores > config.score_thresh).flatten()
+        candidates = candidates[rank_order(class_scores[candidates])[: config.topk_candidates]]
+        anchor_idxs.append(candidates)
+        image_scores.append(class_scores[candidates])
+        image_labels.append(torch.full((len(candidates),), label, dtype=torch.int64))
+    return _cat_candidates(anchor_idxs, image_scores, image_labels)
+
+
+def _per_level_candidates(logits: Tensor, centerness: Optional[Tensor], level_sizes: List[int],
+                          config: PostprocessConfig, background: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """RetinaNet / FCOS: per feature level, the ``topk_candidates`` best scores above
+    the threshold over all anchor x class pairs (scores computed level by level, as
+    torchvision does). Returns anchor index, score and label (Tensor[N] each)."""
+    num_classes = logits.shape[1]
+    anchor_idxs, image_scores, image_labels = [], [], []
+    start = 0
+    for size in level_sizes:
+        level = slice(start, start + size)
+        scores = scores_from_logits(logits[level], config.score_activation,
+                                    None if centerness is None else centerness[level])
+        if background is not None:
+            scores[:, background] = 0.0  # never above a threshold >= 0
+        scores = scores.flatten()
+        candidates = torch.nonzero(scores > config.score_thresh).flatten()
+        candidates = candidates[rank_order(scores[candidates])[: config.topk_candidates]]
+        anchor_idxs.append(start + candidates // num_classes)
+        image_scores.append(scores[candidates])
+        image_labels.append(candidates % num_classes)
+        start += size
+    return _cat_candidates(anchor_idxs, image_scores, image_labels)
+
+
+def _cat_candidates(anchor_idxs: List[Tensor], scores: List[Tensor], labels: List[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    if not anchor_idxs:
+        return (torch.zeros(0, dtype=torch.int64), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    return torch.cat(anchor_idxs), torch.cat(scores), torch.cat(labels)
 
 
 def batched_nms_reference(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:

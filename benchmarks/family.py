@@ -1,0 +1,146 @@
+"""RetinaNet and FCOS shapes: ssd_post's per-level postprocess against torchvision's
+own per-image loop (the oracle and the baseline) and one read of the logits.
+
+    python -m benchmarks.family --quick                 # smoke: B=1, parity checked
+    python -m benchmarks.family --batch 8 --scenario sparse
+
+800x800 input, FPN levels P3-P7 (strides 8..128): 13,343 locations; RetinaNet has 9
+anchors per location (120,087 anchors), FCOS one; 91 classes. ``sparse``: a
+trained model (almost every logit far below the threshold, a few objects);
+``dense``: unit-noise logits (half the sigmoid scores pass RetinaNet's 0.05).
+Kept apart from benchmarks.run, whose scenarios are SSD-only.
+"""
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.fcos import FCOS
+from torchvision.models.detection.retinanet import RetinaNet
+
+import ssd_post
+from ssd_post import PostprocessConfig
+
+from .timing import time_calls
+
+IMAGE_SIZE = 800
+STRIDES = (8, 16, 32, 64, 128)
+NUM_CLASSES = 91
+CONFIGS = {
+    "retinanet": PostprocessConfig(score_thresh=0.05, nms_thresh=0.5, topk_candidates=1000,
+                                   detections_per_img=300, box_weights=(1, 1, 1, 1),
+                                   score_activation="sigmoid", background_class=None, selection="per_level"),
+    "fcos": PostprocessConfig(score_thresh=0.2, nms_thresh=0.6, topk_candidates=1000, detections_per_img=100,
+                              score_activation="sigmoid_centerness", background_class=None,
+                              selection="per_level", box_coder="linear"),
+}
+ANCHORS_PER_LOCATION = {"retinanet": 9, "fcos": 1}
+
+
+def make_anchors(model: str) -> Tuple[Tensor, List[int]]:
+    """xyxy anchors (Tensor[A, 4]) in level order, and the anchors per level."""
+    levels, sizes = [], []
+    for stride in STRIDES:
+        cells = -(-IMAGE_SIZE // stride)
+        centres = (torch.arange(cells, dtype=torch.float32) + 0.5) * stride
+        cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+        half = torch.tensor([4.0 * stride * s / 2 for s in (1.0, 1.26, 1.59)] * 3)[
+            : ANCHORS_PER_LOCATION[model]]
+        ctr = torch.stack((cx.flatten(), cy.flatten()), dim=1).repeat_interleave(half.numel(), 0)
+        h = half.repeat(cells * cells)[:, None]
+        levels.append(torch.cat((ctr - h, ctr + h), dim=1))
+        sizes.append(levels[-1].shape[0])
+    return torch.cat(levels), sizes
+
+
+def make_inputs(model: str, scenario: str, batch: int, seed: int = 0) -> Dict[str, object]:
+    anchors, level_sizes = make_anchors(model)
+    gen = torch.Generator().manual_seed(seed)
+    num_anchors = anchors.shape[0]
+    logits = torch.randn(batch, num_anchors, NUM_CLASSES, generator=gen)
+    if scenario == "sparse":
+        logits = logits - 8.0
+        hits = torch.randint(0, num_anchors, (batch, 400), generator=gen)
+        labels = torch.randint(0, NUM_CLASSES, (batch, 400), generator=gen)
+        logits[torch.arange(batch)[:, None], hits, labels] = 4.0 * torch.rand(batch, 400, generator=gen)
+    locs = 0.3 * torch.randn(batch, num_anchors, 4, generator=gen)
+    if model == "fcos":
+        locs = locs.abs() + 0.5
+    centerness = torch.randn(batch, num_anchors, 1, generator=gen) if model == "fcos" else None
+    return dict(locs=locs, logits=logits, anchors=anchors, level_sizes=level_sizes, centerness=centerness,
+                sizes=[(IMAGE_SIZE, IMAGE_SIZE)] * batch, config=CONFIGS[model], model=model)
+
+
+def run_ssd_post(inp) -> ssd_post.Detections:
+    return ssd_post.postprocess(inp["locs"], inp["logits"], inp["anchors"], inp["sizes"], inp["config"],
+                                level_sizes=inp["level_sizes"], centerness=inp["centerness"])
+
+
+def run_torchvision(inp) -> ssd_post.Detections:
+    """torchvision's own RetinaNet / FCOS postprocess_detections on the same tensors."""
+    cfg, sizes = inp["config"], inp["level_sizes"]
+    fake = SimpleNamespace(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh,
+                           topk_candidates=cfg.topk_candidates, detections_per_img=cfg.detections_per_img)
+    head = {"cls_logits": list(inp["logits"].split(sizes, 1)), "bbox_regression": list(inp["locs"].split(sizes, 1))}
+    if inp["model"] == "fcos":
+        fake.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
+        head["bbox_ctrness"] = list(inp["centerness"].split(sizes, 1))
+        method = FCOS.postprocess_detections
+    else:
+        fake.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        method = RetinaNet.postprocess_detections
+    anchors = [list(inp["anchors"].split(sizes))] * len(inp["sizes"])
+    return ssd_post.Detections.from_list(method(fake, head, anchors, inp["sizes"]), cfg.detections_per_img)
+
+
+def run_read(inp) -> Tensor:
+    """One read of the logits: the memory-bound floor."""
+    return inp["logits"].amax(-1)
+
+
+def same_up_to_ties(a: ssd_post.Detections, b: ssd_post.Detections) -> bool:
+    """Equal counts and scores to the bit, (label, box) rows equal as sets inside
+    each run of equal scores."""
+    if not (torch.equal(a.num_detections, b.num_detections) and torch.equal(a.scores, b.scores)):
+        return False
+    for i, n in enumerate(a.num_detections.tolist()):
+        for value in torch.unique(a.scores[i, :n]):
+            tied = (a.scores[i, :n] == value).nonzero().flatten()
+            rows = [sorted(zip(d.labels[i, tied].tolist(), d.boxes[i, tied].tolist())) for d in (a, b)]
+            if rows[0] != rows[1]:
+                return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="B=1, one repeat, both models and scenarios")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--scenario", choices=("sparse", "dense"), nargs="*", default=["sparse", "dense"])
+    parser.add_argument("--model", choices=sorted(CONFIGS), nargs="*", default=sorted(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    batch, repeats = (1, 1) if args.quick else (args.batch, args.repeats)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    for model in args.model:
+        for scenario in args.scenario:
+            inp = make_inputs(model, scenario, batch)
+            ours, theirs = run_ssd_post(inp), run_torchvision(inp)
+            parity = same_up_to_ties(ours, theirs)
+            times = {name: time_calls(lambda fn=fn: fn(inp), repeats, budget_s=30.0)[0]
+                     for name, fn in (("torchvision", run_torchvision), ("ssd_post", run_ssd_post), ("read", run_read))}
+            print(f"{model:9s} {scenario:6s} B={batch} detections={int(ours.num_detections.sum())} "
+                  f"parity={parity} torchvision={times['torchvision'] * 1e3:.1f}ms "
+                  f"ssd_post={times['ssd_post'] * 1e3:.1f}ms read={times['read'] * 1e3:.1f}ms "
+                  f"speedup={times['torchvision'] / times['ssd_post']:.1f}x "
+                  f"vs_read={times['ssd_post'] / times['read']:.1f}x", flush=True)
+            if not parity:
+                raise SystemExit(f"{model} {scenario}: ssd_post differs from torchvision")
+
+
+if __name__ == "__main__":
+    main()
