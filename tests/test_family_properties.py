@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import ssd_post
 from ssd_post import PostprocessConfig, reference
 
-from conftest import assert_same_detections
+from common_utils import assert_same_detections
 
 # Logits on a grid of 1/4: equal logits give exact ties, which the tie rules
 # (equal scores by level, then flattened index) must order the same way.
