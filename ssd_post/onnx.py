@@ -19,7 +19,7 @@ Importing :mod:`ssd_post` does not import this module (it needs onnx, onnxscript
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ __all__ = [
     "export",
     "export_postprocess",
     "load_runner",
+    "load_session",
     "RUNTIMES",
 ]
 
@@ -277,7 +278,7 @@ def _export_module(module: nn.Module, path: str, args: Tuple[Tensor, ...], input
     module = module.eval()
     with torch.no_grad():
         program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, custom_translation_table=translation_table(),
+            module, args, dynamo=True, opset_version=opset, verbose=False, custom_translation_table=translation_table(),
             input_names=list(input_names),
             output_names=["boxes", "scores", "labels", "num_detections"], dynamic_shapes=dynamic,
             optimize=True)
@@ -315,15 +316,19 @@ def export_postprocess(anchors: Tensor, config: PostprocessConfig, path: str, ex
 # ----------------------------------------------------------------------------- runtimes
 
 
-def load_runner(path: str, runtime: str, threads: Optional[int] = None) -> Callable[..., Detections]:
-    """A callable running the exported file: tensors in (graph input order), Detections out.
+def load_session(path: str, runtime: str, threads: Optional[int] = None) -> Callable[..., List[Tensor]]:
+    """A callable running an .onnx file in ``runtime``: tensors in (graph input order),
+    the graph's outputs out as CPU tensors.
 
     Args:
-        path: an .onnx file written by :func:`export` or :func:`export_postprocess`.
-        runtime: ``"onnxruntime"`` or ``"openvino"`` (f32 inference precision: OpenVINO
-            would otherwise pick bf16 on CPUs that have it).
+        path: an .onnx file.
+        runtime: ``"onnxruntime"`` (CPU execution provider) or ``"openvino"`` (CPU, f32
+            inference precision: OpenVINO would otherwise pick bf16 on CPUs that have it).
         threads: intra-op threads (None: the runtime's default).
     """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime should be one of {RUNTIMES}, got {runtime!r}")
+    arrays = lambda inputs: [t.detach().cpu().contiguous().numpy() for t in inputs]  # noqa: E731
     if runtime == "onnxruntime":
         ort = require("onnxruntime", "the onnxruntime backend")
         options = ort.SessionOptions()
@@ -332,22 +337,29 @@ def load_runner(path: str, runtime: str, threads: Optional[int] = None) -> Calla
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
 
-        def run(*inputs: Tensor) -> Detections:
-            feeds = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, inputs)}
-            return Detections(*(torch.from_numpy(o) for o in session.run(None, feeds)))
-        return run
-    if runtime == "openvino":
-        ov = require("openvino", "the openvino backend")
-        config = {"INFERENCE_PRECISION_HINT": "f32"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        compiled = ov.Core().compile_model(str(path), "CPU", config)
-        request = compiled.create_infer_request()
+        def run_ort(*inputs: Tensor) -> List[Tensor]:
+            return [torch.from_numpy(o) for o in session.run(None, dict(zip(names, arrays(inputs))))]
+        return run_ort
+    ov = require("openvino", "the openvino backend")
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
 
-        def run(*inputs: Tensor) -> Detections:
-            result = request.infer([t.detach().cpu().contiguous().numpy() for t in inputs])
-            outs = [torch.from_numpy(result[o].copy()) for o in compiled.outputs]
-            boxes, scores, labels, counts = outs
-            return Detections(boxes, scores, labels.long(), counts.long())
-        return run
-    raise ValueError(f"runtime should be one of {RUNTIMES}, got {runtime!r}")
+    def run_ov(*inputs: Tensor) -> List[Tensor]:
+        result = request.infer(arrays(inputs))
+        # OpenVINO may return int32 for int64 outputs; copy: its buffers are reused.
+        return [torch.from_numpy(result[o].copy()) for o in compiled.outputs]
+    return run_ov
+
+
+def load_runner(path: str, runtime: str, threads: Optional[int] = None) -> Callable[..., Detections]:
+    """:func:`load_session` for a file written by :func:`export` or :func:`export_postprocess`:
+    Detections out (boxes [B, K, 4], scores [B, K], labels [B, K] int64, num_detections [B] int64)."""
+    session = load_session(path, runtime, threads)
+
+    def run(*inputs: Tensor) -> Detections:
+        boxes, scores, labels, counts = session(*inputs)
+        return Detections(boxes, scores, labels.long(), counts.long())
+    return run
