@@ -91,7 +91,7 @@ def build_runtime_backend(detector: nn.Module, backend: str, folder: str):
 def _export_network(detector: nn.Module, path: str, images: Tensor, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
-        program = torch.onnx.export(_Network(detector).eval(), (images,), dynamo=True, opset_version=opset, verbose=False,
-                                    input_names=["images"], output_names=["locs", "logits"],
+        program = torch.onnx.export(_Network(detector).eval(), (images,), dynamo=True, opset_version=opset,
+                                    verbose=False, input_names=["images"], output_names=["locs", "logits"],
                                     dynamic_shapes=({0: batch},))
     program.save(path, external_data=False)

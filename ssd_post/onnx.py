@@ -19,6 +19,7 @@ Importing :mod:`ssd_post` does not import this module (it needs onnx, onnxscript
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -276,12 +277,13 @@ def _export_module(module: nn.Module, path: str, args: Tuple[Tensor, ...], input
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} for _ in args)
     module = module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Every input shares the one batch Dim; torch warns that the name is used once.
+        warnings.filterwarnings("ignore", message=r".*axis name: batch will not be used.*")
         program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, verbose=False, custom_translation_table=translation_table(),
-            input_names=list(input_names),
-            output_names=["boxes", "scores", "labels", "num_detections"], dynamic_shapes=dynamic,
-            optimize=True)
+            module, args, dynamo=True, opset_version=opset, verbose=False,
+            custom_translation_table=translation_table(), input_names=list(input_names),
+            output_names=["boxes", "scores", "labels", "num_detections"], dynamic_shapes=dynamic)
     program.save(str(path), external_data=False)
     return str(path)
 

@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from benchmarks import run
+from benchmarks import deploy, run
 
-METHODS = ("torchvision", "flatten_nms", "flatten_topk_nms", "ssd_post", "amax", "softmax")
+METHODS = ("torchvision", "flatten_nms", "flatten_topk_nms", "ssd_post", "amax", "softmax",
+           *deploy.available_runtimes())
 
 
 @pytest.fixture(scope="module")
