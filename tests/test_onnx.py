@@ -209,3 +209,43 @@ def test_import_ssd_post_does_not_import_onnx():
     code = "import sys, ssd_post; print('onnx' in sys.modules or 'onnxscript' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_evaluate_backends_agree_on_map():
+    """evaluate.py --backend: the same COCO numbers in PyTorch, onnxruntime and OpenVINO."""
+    import evaluate
+
+    backends = ["pytorch"] + [b for b in ssd_onnx.RUNTIMES if _installed(b)]
+    stats = {}
+    for backend in backends:
+        args = evaluate.build_parser().parse_args(["--backend", backend, "--limit", "24", "--batch-size", "8"])
+        metrics = evaluate.evaluate(args)
+        assert metrics["backend"] == backend and metrics["num_images"] == 24
+        stats[backend] = metrics["stats"]
+    assert len(stats) > 1 and stats["pytorch"][0] > 0.1  # a trained model, something to agree on
+    for backend in backends[1:]:
+        torch.testing.assert_close(torch.tensor(stats[backend]), torch.tensor(stats["pytorch"]), rtol=0, atol=1e-3)
+
+
+def test_evaluate_missing_runtime_is_one_line(monkeypatch, capsys):
+    import evaluate
+
+    real_import = ssd_onnx.importlib.import_module
+
+    def fake_import(name, *args):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(ssd_onnx.importlib, "import_module", fake_import)
+    assert evaluate.main(["--backend", "onnxruntime", "--limit", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'onnxruntime' package: pip install ssd-post[export]" in err
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
