@@ -74,7 +74,7 @@ def build_runtime_backend(detector: nn.Module, backend: str, folder: str):
     postprocess_path = os.path.join(folder, "postprocess.onnx")
     with torch.no_grad():
         locs, logits = detector(images)
-    _export_network(detector, network_path, images, ssd_onnx.DEFAULT_OPSET)
+    ssd_onnx.export_module(_Network(detector), network_path, (images,), ["images"], ["locs", "logits"])
     sizes = torch.tensor([list(detector.image_size)] * _EXAMPLE_BATCH, dtype=torch.int64)
     ssd_onnx.export_postprocess(detector.anchors(), detector.postprocess_config, postprocess_path, locs, logits,
                                 sizes)
@@ -86,12 +86,3 @@ def build_runtime_backend(detector: nn.Module, backend: str, folder: str):
         return run_postprocess(locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64))
 
     return RuntimeDetector(detector, network), postprocess_fn
-
-
-def _export_network(detector: nn.Module, path: str, images: Tensor, opset: int) -> None:
-    batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
-        program = torch.onnx.export(_Network(detector).eval(), (images,), dynamo=True, opset_version=opset,
-                                    verbose=False, input_names=["images"], output_names=["locs", "logits"],
-                                    dynamic_shapes=({0: batch},))
-    program.save(path, external_data=False)

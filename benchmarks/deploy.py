@@ -31,10 +31,10 @@ _FOLDER = tempfile.mkdtemp(prefix="ssd_post_onnx_bench_")
 
 
 def available_runtimes() -> List[str]:
-    """The runtimes whose packages (and the export's: onnx, onnxscript) are installed."""
+    """The peers (keys of PEERS) whose packages (and the export's: onnx, onnxscript) are installed."""
     if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
         return []
-    return [r for r in RUNTIMES if importlib.util.find_spec(r)]
+    return [name for name, (_, package) in PEERS.items() if importlib.util.find_spec(package)]
 
 
 def _key(inp: Inputs, runtime: str) -> Tuple:
@@ -49,10 +49,13 @@ def _export(inp: Inputs) -> str:
 
 
 def prepare(inp: Inputs, runtime: str) -> Callable[..., Detections]:
-    """Exports (once per geometry and config) and loads the graph in ``runtime``."""
+    """Exports (once per geometry and config) and loads the graph in ``runtime``
+    (``onnxruntime``, ``openvino`` or ``openvino_multiclass_nms``)."""
     from ssd_post import onnx as ssd_onnx
 
     key = _key(inp, runtime)
+    if key not in _CACHE and runtime == "openvino_multiclass_nms":
+        _CACHE[key] = _prepare_multiclass_nms(inp)
     if key not in _CACHE:
         threads = torch.get_num_threads()  # the same cores as the PyTorch methods
         _CACHE[key] = ssd_onnx.load_runner(_export(inp), runtime, threads=threads)
@@ -67,8 +70,78 @@ def run_openvino(inp: Inputs) -> Detections:
     return prepare(inp, "openvino")(inp.locs, inp.logits, inp.image_sizes)
 
 
-# method name -> (run, runtime)
-PEERS = {"onnxruntime": (run_onnxruntime, "onnxruntime"), "openvino": (run_openvino, "openvino")}
+class _DecodeSoftmax(torch.nn.Module):
+    """The front of OpenVINO's MulticlassNms peer: decoded, clipped boxes [B, A, 4] and
+    per-class scores [B, C, A] (the layout MulticlassNms reads)."""
+
+    def __init__(self, inp: Inputs) -> None:
+        super().__init__()
+        self.register_buffer("anchors", inp.anchors.float().clone(), persistent=False)
+        self.box_weights = inp.config.box_weights
+
+    def forward(self, locs, logits, image_sizes):
+        from .methods import decode_clip
+
+        boxes = decode_clip(locs, self.anchors, image_sizes, self.box_weights)
+        return boxes, logits.float().softmax(-1).transpose(1, 2)
+
+
+def _prepare_multiclass_nms(inp: Inputs) -> Callable[..., Detections]:
+    """OpenVINO's own MulticlassNms (opset9) after a softmax + decode front: what an
+    OpenVINO user would reach for. Per-class top-k (nms_top_k), strict NMS, per-image
+    keep_top_k; boxes are pixels, normalized=True only means "no +1 in the areas"."""
+    import openvino as ov
+    import openvino.opset9 as ov9
+
+    from ssd_post import onnx as ssd_onnx
+
+    cfg = inp.config
+    path = os.path.join(_FOLDER, f"front_{len(os.listdir(_FOLDER))}.onnx")
+    ssd_onnx.export_module(_DecodeSoftmax(inp), path, (inp.locs, inp.logits, inp.image_sizes),
+                           ["locs", "logits", "image_sizes"], ["boxes", "scores"])
+    core = ov.Core()
+    front = core.read_model(path)
+    # The values feeding the front's Result nodes (model.outputs are the Results themselves).
+    boxes, scores = (result.input_value(0) for result in front.get_results())
+    nms = ov9.multiclass_nms(boxes, scores, sort_result_type="score", sort_result_across_batch=False,
+                             output_type="i64", iou_threshold=cfg.nms_thresh, score_threshold=cfg.score_thresh,
+                             nms_top_k=cfg.topk_candidates, keep_top_k=cfg.detections_per_img,
+                             background_class=-1 if cfg.background_class is None else cfg.background_class,
+                             nms_eta=1.0, normalized=True)
+    model = ov.Model([nms.output(0), nms.output(2)], front.get_parameters(), "multiclass_nms")
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    request = compiled.create_infer_request()
+    k = cfg.detections_per_img
+
+    def run(locs, logits, image_sizes) -> Detections:
+        result = request.infer([locs.numpy(), logits.numpy(), image_sizes.numpy()])
+        selected = torch.from_numpy(result[compiled.outputs[0]].copy())  # [M, 6] class, score, x1, y1, x2, y2
+        counts = torch.from_numpy(result[compiled.outputs[1]].copy()).long()  # [B]
+        return _pad(selected, counts, k)
+    return run
+
+
+def _pad(selected: torch.Tensor, counts: torch.Tensor, k: int) -> Detections:
+    """Rows [M, 6] grouped by image (``counts`` [B] each, by decreasing score) -> Detections."""
+    batch = counts.numel()
+    image = torch.repeat_interleave(torch.arange(batch), counts)
+    rank = torch.arange(selected.shape[0]) - (torch.cumsum(counts, 0) - counts)[image]
+    out = Detections(torch.zeros(batch, k, 4), torch.zeros(batch, k), torch.zeros(batch, k, dtype=torch.int64),
+                     counts.clamp(max=k))
+    out.boxes[image, rank] = selected[:, 2:]
+    out.scores[image, rank] = selected[:, 1]
+    out.labels[image, rank] = selected[:, 0].long()
+    return out
+
+
+def run_openvino_multiclass_nms(inp: Inputs) -> Detections:
+    return prepare(inp, "openvino_multiclass_nms")(inp.locs, inp.logits, inp.image_sizes)
+
+
+# method name -> (run, runtime package)
+PEERS = {"onnxruntime": (run_onnxruntime, "onnxruntime"), "openvino": (run_openvino, "openvino"),
+         "openvino_multiclass_nms": (run_openvino_multiclass_nms, "openvino")}
 
 
 def profile(inp: Inputs, repeats: int = 5) -> Dict[str, Dict[str, float]]:

@@ -37,6 +37,7 @@ __all__ = [
     "translation_table",
     "export",
     "export_postprocess",
+    "export_module",
     "load_runner",
     "load_session",
     "RUNTIMES",
@@ -269,8 +270,13 @@ def _check_opset(opset: int) -> None:
         raise ValueError(f"opset should be one of {list(SUPPORTED_OPSETS)}, got {opset!r}")
 
 
-def _export_module(module: nn.Module, path: str, args: Tuple[Tensor, ...], input_names: Sequence[str],
-                   opset: int) -> str:
+DETECTION_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
+
+
+def export_module(module: nn.Module, path: str, args: Tuple[Tensor, ...], input_names: Sequence[str],
+                  output_names: Sequence[str] = DETECTION_OUTPUTS, opset: int = DEFAULT_OPSET) -> str:
+    """``torch.onnx.export`` (dynamo) of ``module`` with ssd_post's lowerings, dim 0 of
+    every input a dynamic batch, into one self-contained file at ``path``."""
     _check_opset(opset)
     require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
@@ -283,7 +289,7 @@ def _export_module(module: nn.Module, path: str, args: Tuple[Tensor, ...], input
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, verbose=False,
             custom_translation_table=translation_table(), input_names=list(input_names),
-            output_names=["boxes", "scores", "labels", "num_detections"], dynamic_shapes=dynamic)
+            output_names=list(output_names), dynamic_shapes=dynamic)
     program.save(str(path), external_data=False)
     return str(path)
 
@@ -303,16 +309,16 @@ def export(model: nn.Module, path: str, example_images: Tensor, opset: int = DEF
     """
     module = DetectorModule(model)
     check_expressible(model.postprocess_config, model.num_classes)
-    return _export_module(module, path, (example_images,), ["images"], opset)
+    return export_module(module, path, (example_images,), ["images"], opset=opset)
 
 
 def export_postprocess(anchors: Tensor, config: PostprocessConfig, path: str, example_locs: Tensor,
                        example_logits: Tensor, example_image_sizes: Tensor, opset: int = DEFAULT_OPSET) -> str:
     """Exports the postprocess alone (inputs locs, logits, image_sizes; anchors baked in)."""
     check_expressible(config, example_logits.shape[-1])
-    return _export_module(PostprocessModule(anchors, config), path,
-                          (example_locs, example_logits, example_image_sizes),
-                          ["locs", "logits", "image_sizes"], opset)
+    return export_module(PostprocessModule(anchors, config), path,
+                         (example_locs, example_logits, example_image_sizes),
+                         ["locs", "logits", "image_sizes"], opset=opset)
 
 
 # ----------------------------------------------------------------------------- runtimes
