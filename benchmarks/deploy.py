@@ -89,7 +89,8 @@ class _DecodeSoftmax(torch.nn.Module):
 def _prepare_multiclass_nms(inp: Inputs) -> Callable[..., Detections]:
     """OpenVINO's own MulticlassNms (opset9) after a softmax + decode front: what an
     OpenVINO user would reach for. Per-class top-k (nms_top_k), strict NMS, per-image
-    keep_top_k; boxes are pixels, normalized=True only means "no +1 in the areas"."""
+    keep_top_k; boxes are pixels, normalized=True only means "no +1 in the areas".
+    Its output is re-sorted by score per image (see :func:`_pad`) before the parity check."""
     import openvino as ov
     import openvino.opset9 as ov9
 
@@ -126,6 +127,11 @@ def _pad(selected: torch.Tensor, counts: torch.Tensor, k: int) -> Detections:
     """Rows [M, 6] grouped by image (``counts`` [B] each, by decreasing score) -> Detections."""
     batch = counts.numel()
     image = torch.repeat_interleave(torch.arange(batch), counts)
+    # MulticlassNms's "score" order is not strictly by score across classes (two scores
+    # 5e-7 apart came out swapped): re-sort each image's rows, stable, by decreasing score.
+    order = torch.sort(selected[:, 1], descending=True, stable=True).indices
+    order = order[torch.sort(image[order], stable=True).indices]
+    selected = selected[order]
     rank = torch.arange(selected.shape[0]) - (torch.cumsum(counts, 0) - counts)[image]
     out = Detections(torch.zeros(batch, k, 4), torch.zeros(batch, k), torch.zeros(batch, k, dtype=torch.int64),
                      counts.clamp(max=k))
