@@ -1,5 +1,6 @@
 """Deployment peers: ssd_post's postprocess exported to ONNX, run in onnxruntime and
-in OpenVINO (CPU, f32), as a deployment user would run it instead of PyTorch.
+in OpenVINO (CPU, f32), and OpenVINO's own MulticlassNms, as a deployment user would
+run it instead of PyTorch.
 
 Only the postprocess is timed: the graph takes the head outputs (locs, logits,
 image_sizes) with the anchors baked in. Export and session creation happen once per
@@ -25,7 +26,6 @@ from ssd_post.formats import Detections
 
 from .scenarios import Inputs, make_inputs
 
-RUNTIMES = ("onnxruntime", "openvino")
 _CACHE: Dict[Tuple, Callable[..., Detections]] = {}
 _FOLDER = tempfile.mkdtemp(prefix="ssd_post_onnx_bench_")
 

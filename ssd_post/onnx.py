@@ -114,7 +114,7 @@ def _lowering():
         """Per (image, class) top-k of the scores and their boxes.
 
         Returns values [B, C, k] (background and sub-threshold entries are <= score_thresh),
-        indices [B, C, k] into A, boxes [B, C * k, 4], k [1] and C [1].
+        their boxes [B, C * k, 4], and k, C, B as [1] int64 tensors.
         """
         logits = op.Cast(logits, to=FLOAT)
         scores = op.Softmax(logits, axis=-1) if config.score_activation == "softmax" else op.Sigmoid(logits)
@@ -125,8 +125,8 @@ def _lowering():
         batch, num_classes, num_anchors = dim(scores, 0), dim(scores, 1), dim(scores, 2)
         if config.background_class is not None:
             # 0 is never > score_thresh >= 0: the background column yields no candidate.
-            is_background = op.Equal(op.Range(op.Constant(value_int=0), op.Squeeze(num_classes), op.Constant(value_int=1)),
-                                     op.Constant(value_int=config.background_class))
+            columns = op.Range(op.Constant(value_int=0), op.Squeeze(num_classes), op.Constant(value_int=1))
+            is_background = op.Equal(columns, op.Constant(value_int=config.background_class))
             scores = op.Where(op.Unsqueeze(is_background, ints(0, 2)), floats(0.0), scores)
         k = op.Min(num_anchors, ints(config.topk_candidates))
         # TopK keeps equal values in index order: ties go by anchor index, as in ssd_post.
@@ -178,11 +178,10 @@ def _lowering():
         values, cand_boxes, k, num_classes, batch = candidates(locs, logits, anchors, image_sizes, config)
         # NonZero walks [B, C, k] in row-major order: keys increasing, each by rank.
         where = op.Transpose(op.NonZero(op.Greater(values, floats(config.score_thresh))), perm=[1, 0])  # [N, 3]
-        image, label, rank = (op.Gather(where, ints(i), axis=1) for i in range(3))  # [N, 1] each
+        image, label = (op.Gather(where, ints(i), axis=1) for i in range(2))  # [N, 1] each
         boxes = op.GatherND(op.Reshape(cand_boxes, op.Concat(batch, num_classes, k, ints(4), axis=0)), where)
         scores = op.GatherND(values, where)
         keys = op.Squeeze(op.Add(op.Mul(image, num_classes), label), ints(1))
-        del rank
         return boxes, scores, keys
 
     return lower_postprocess, lower_decode_threshold_flatten
