@@ -89,21 +89,18 @@ def _lowering():
 
     def decode(locs, anchors, box_weights):
         """Boxes [B, A, 4] in the op order of ssd_post.BoxCoder.decode (same float32 bits
-        except exp)."""
+        except exp). x and y go together as [..., 2] pairs: half the nodes."""
         wx, wy, ww, wh = box_weights
-        a0, a1, a2, a3 = (op.Slice(anchors, ints(i), ints(i + 1), ints(-1)) for i in range(4))
-        l0, l1, l2, l3 = (op.Slice(locs, ints(i), ints(i + 1), ints(-1)) for i in range(4))
-        widths, heights = op.Sub(a2, a0), op.Sub(a3, a1)
+        low, high = op.Slice(anchors, ints(0), ints(2), ints(-1)), op.Slice(anchors, ints(2), ints(4), ints(-1))
+        sizes = op.Sub(high, low)  # (widths, heights)
         half = floats(0.5)
-        ctr_x, ctr_y = op.Add(a0, op.Mul(half, widths)), op.Add(a1, op.Mul(half, heights))
-        dx, dy = op.Div(l0, floats(wx)), op.Div(l1, floats(wy))
-        dw = op.Min(op.Div(l2, floats(ww)), floats(BOX_SCALE_CLAMP))
-        dh = op.Min(op.Div(l3, floats(wh)), floats(BOX_SCALE_CLAMP))
-        pred_x, pred_y = op.Add(op.Mul(dx, widths), ctr_x), op.Add(op.Mul(dy, heights), ctr_y)
-        half_w = op.Mul(half, op.Mul(op.Exp(dw), widths))
-        half_h = op.Mul(half, op.Mul(op.Exp(dh), heights))
-        return op.Concat(op.Sub(pred_x, half_w), op.Sub(pred_y, half_h),
-                         op.Add(pred_x, half_w), op.Add(pred_y, half_h), axis=-1)
+        centers = op.Add(low, op.Mul(half, sizes))
+        d_center = op.Div(op.Slice(locs, ints(0), ints(2), ints(-1)), floats(wx, wy))
+        d_size = op.Min(op.Div(op.Slice(locs, ints(2), ints(4), ints(-1)), floats(ww, wh)),
+                        floats(BOX_SCALE_CLAMP))
+        pred_center = op.Add(op.Mul(d_center, sizes), centers)
+        half_size = op.Mul(half, op.Mul(op.Exp(d_size), sizes))
+        return op.Concat(op.Sub(pred_center, half_size), op.Add(pred_center, half_size), axis=-1)
 
     def clip(boxes, image_sizes):
         hw = op.Cast(image_sizes, to=FLOAT)  # [B, 2] (h, w)
