@@ -153,6 +153,18 @@ def test_tiny_model_end_to_end(tiny_detector, tmp_path, runtime):
     torch.testing.assert_close(got.boxes[:, top], want.boxes[:, top], rtol=0, atol=1e-2)
 
 
+@pytest.mark.parametrize("opset", [ssd_onnx.SUPPORTED_OPSETS[-1]])  # the default (18) is tested above
+def test_newest_supported_opset(tmp_path, opset):
+    onnx = pytest.importorskip("onnx")
+    inp = make_inputs("dense", "toy", 2, seed=7)
+    path = ssd_onnx.export_postprocess(inp.anchors, inp.config, str(tmp_path / "x.onnx"), inp.locs, inp.logits,
+                                       inp.image_sizes, opset=opset)
+    assert [o.version for o in onnx.load(path).opset_import if o.domain == ""] == [opset]
+    got = ssd_onnx.load_runner(path, _runtime_or_skip("onnxruntime"))(inp.locs, inp.logits, inp.image_sizes)
+    result = compare(got, ssd_post.postprocess(inp.locs, inp.logits, inp.anchors, inp.image_sizes, inp.config))
+    assert result.ok and result.detections > 0, result.message
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
