@@ -4,6 +4,7 @@
     python evaluate.py --postprocess torchvision        # same mAP, torchvision's per-image loop
     python evaluate.py --devices 2                      # two CPU processes through Lightning
     python evaluate.py --json out/metrics.json --save-vis out/vis
+    python evaluate.py --backend onnxruntime            # network + postprocess exported to ONNX
 
 Stages: ``data`` (waiting for the next batch: decoding and resizing images),
 ``forward`` (the network), ``postprocess`` (the chosen path, the only stage that
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ssd_post.formats import write_coco_results
+from training.runtime_backends import BACKENDS, build_runtime_backend
 from training.config import ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
 from training.evaluation import (
     POSTPROCESSORS,
@@ -92,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per batch (default: the config's)")
     parser.add_argument("--postprocess", choices=sorted(POSTPROCESSORS), default="ssd_post",
                         help="ssd_post's batched ops or torchvision's per-image loop (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
+                        help="where the network and the ssd_post postprocess run: PyTorch, or exported to "
+                             "ONNX and run in onnxruntime / OpenVINO (see docs/deploy.md)")
     parser.add_argument("--json", metavar="OUT", default=None,
                         help="write the metrics to OUT and the detections (COCO results) next to it")
     parser.add_argument("--save-vis", metavar="DIR", default=None,
@@ -244,7 +250,7 @@ def run_lightning(detector: torch.nn.Module, loader, postprocess: str,
 def format_report(metrics: Dict[str, Any]) -> str:
     """The printed report: COCO's table, per-stage timing and throughput."""
     lines = [
-        f"postprocess={metrics['postprocess']}  images={metrics['num_images']}  "
+        f"backend={metrics['backend']}  postprocess={metrics['postprocess']}  images={metrics['num_images']}  "
         f"devices={metrics['devices']}  checkpoint={metrics['checkpoint']}",
         metrics["summary"],
         "",
@@ -286,7 +292,13 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     label_to_category = dict(dataset.label_to_category)
 
     timer = StageTimer()
-    if args.devices == 1:
+    if args.backend != "pytorch":
+        with tempfile.TemporaryDirectory() as folder:
+            runner, postprocess_fn = make_backend(detector, args, folder)
+            start = time.perf_counter()
+            per_rank = [run_inference(runner, loader, postprocess_fn, timer, label_to_category)]
+            inference_s = time.perf_counter() - start
+    elif args.devices == 1:
         start = time.perf_counter()
         per_rank = [run_inference(detector, loader, get_postprocess(args.postprocess), timer, label_to_category)]
         inference_s = time.perf_counter() - start
@@ -308,6 +320,7 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     metrics.update(timer.summary(num_images))
     metrics.update(
         postprocess=args.postprocess,
+        backend=args.backend,
         num_images=num_images,
         devices=args.devices,
         checkpoint=display_path(args.checkpoint),
@@ -320,6 +333,17 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         save_visualizations(dataset.coco, dataset.image_dir, results, image_ids, args.save_vis,
                             limit=args.vis_limit, score_min=args.vis_score)
     return metrics
+
+
+def make_backend(detector: torch.nn.Module, args: argparse.Namespace, folder: str):
+    """The exported network and postprocess loaded in ``args.backend`` (files in ``folder``)."""
+    if args.postprocess != "ssd_post" or args.devices != 1:
+        raise EvaluationError(f"--backend {args.backend} runs ssd_post's postprocess in one process; "
+                              f"got --postprocess {args.postprocess} --devices {args.devices}")
+    try:
+        return build_runtime_backend(detector, args.backend, folder)
+    except (ImportError, ValueError) as err:
+        raise EvaluationError(str(err).splitlines()[0]) from err
 
 
 def display_path(path: str) -> str:

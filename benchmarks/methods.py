@@ -18,6 +18,7 @@ from ssd_post.box_coder import BoxCoder
 from ssd_post.formats import Detections
 from ssd_post.reference import torchvision_postprocess
 
+from . import deploy
 from .scenarios import Inputs
 
 
@@ -40,8 +41,13 @@ def run_softmax(inp: Inputs):
 
 def _decode_all(inp: Inputs) -> Tensor:
     """Every anchor's box of every image, clipped: [B, A, 4]."""
-    boxes = BoxCoder(inp.config.box_weights).decode(inp.locs, inp.anchors)
-    hw = inp.image_sizes.to(boxes.dtype)  # [B, 2] (h, w)
+    return decode_clip(inp.locs, inp.anchors, inp.image_sizes, inp.config.box_weights)
+
+
+def decode_clip(locs: Tensor, anchors: Tensor, image_sizes: Tensor, box_weights) -> Tensor:
+    """Boxes [B, A, 4] of locs [B, A, 4] on anchors [A, 4], clipped to image_sizes [B, 2] (h, w)."""
+    boxes = BoxCoder(box_weights).decode(locs, anchors)
+    hw = image_sizes.to(boxes.dtype)  # [B, 2] (h, w)
     limit = torch.stack((hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]), dim=1)[:, None, :]
     return torch.minimum(boxes.clamp(min=0), limit)
 
@@ -112,6 +118,12 @@ METHODS: Dict[str, Callable[[Inputs], object]] = {
     "softmax": run_softmax,
 }
 REFERENCES = ("amax", "softmax")
+# The deployment peers (benchmarks.deploy) join when their runtime is installed;
+# PREPARE exports and loads them before the first, timed, call.
+PREPARE: Dict[str, Callable[[Inputs], object]] = {}
+for _name in deploy.available_runtimes():
+    METHODS[_name] = deploy.PEERS[_name][0]
+    PREPARE[_name] = lambda inp, name=_name: deploy.prepare(inp, name)
 
 
 def parity_oracle(method: str, inp: Inputs) -> Optional[Detections]:

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import memory, report
-from .methods import METHODS, REFERENCES, parity_oracle
+from .methods import METHODS, PREPARE, REFERENCES, parity_oracle
 from .parity import compare
 from .real import make_real_inputs, unavailable_reason
 from .scenarios import MODELS, Inputs, make_inputs
@@ -102,6 +102,8 @@ def run_case(scenario: str, model: str, batch: int, methods: List[str], args,
             print(f"  {method:18s} skipped: a call would take about {estimate:.0f} s", flush=True)
             continue
         fn = METHODS[method]
+        if method in PREPARE:
+            PREPARE[method](inp)  # export / session set-up: not part of a call
         oracle_s = 0.0
         start = time.perf_counter()
         out = fn(inp)

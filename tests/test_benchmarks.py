@@ -8,12 +8,13 @@ import os
 import pytest
 import torch
 
-from benchmarks import run
+from benchmarks import deploy, run
 
 # The harness runs every method with repeats, in subprocesses for memory: slow.
 pytestmark = pytest.mark.slow
 
-METHODS = ("torchvision", "flatten_nms", "flatten_topk_nms", "ssd_post", "amax", "softmax")
+METHODS = ("torchvision", "flatten_nms", "flatten_topk_nms", "ssd_post", "amax", "softmax",
+           *deploy.available_runtimes())
 
 
 @pytest.fixture(scope="module")

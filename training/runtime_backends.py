@@ -1,0 +1,88 @@
+"""evaluate.py's ``--backend onnxruntime|openvino``: the network and ssd_post's
+postprocess exported to ONNX and run in that runtime.
+
+Two graphs are exported (the network: images -> locs, logits; the postprocess:
+locs, logits, image_sizes -> padded detections) so that evaluate.py can time the
+``forward`` and ``postprocess`` stages apart, exactly as for the PyTorch backend.
+``ssd_post.onnx.export`` writes the single graph a deployment would use; it is the
+same two pieces joined.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+BACKENDS = ("pytorch", "onnxruntime", "openvino")
+_EXAMPLE_BATCH = 2  # any batch size runs afterwards: the exported batch is dynamic
+
+
+class _Network(nn.Module):
+    """The detector's forward alone, for export."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.detector(images)
+
+
+class RuntimeDetector:
+    """Stands in for the SSDDetector in :func:`training.evaluation.run_inference`:
+    ``self(images)`` runs the exported network in the runtime; ``anchors()``,
+    ``postprocess_config`` and ``image_size`` come from the PyTorch detector."""
+
+    def __init__(self, detector: nn.Module, run_network: Callable[[Tensor], Sequence[Tensor]]) -> None:
+        self.postprocess_config = detector.postprocess_config
+        self.image_size = detector.image_size
+        self._anchors = detector.anchors()
+        self._run_network = run_network
+
+    def eval(self) -> "RuntimeDetector":
+        return self
+
+    def anchors(self) -> Tensor:
+        return self._anchors
+
+    def __call__(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        locs, logits = self._run_network(images)
+        return locs, logits
+
+
+def build_runtime_backend(detector: nn.Module, backend: str, folder: str):
+    """Exports ``detector`` into ``folder`` and loads both graphs in ``backend``.
+
+    Returns:
+        (a detector stand-in, a postprocess function with the signature of
+        ``ssd_post.postprocess``; its anchors and config are baked into the graph).
+
+    Raises:
+        ImportError: the runtime or the export packages are missing (message names the package).
+        ValueError: unknown backend, or a postprocess config the lowering cannot express.
+    """
+    from ssd_post import onnx as ssd_onnx
+
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"backend should be one of {BACKENDS[1:]}, got {backend!r}")
+    ssd_onnx.require(backend, f"--backend {backend}")
+    ssd_onnx.check_detector(detector)
+    images = torch.zeros((_EXAMPLE_BATCH, 3) + tuple(detector.image_size))
+    network_path = os.path.join(folder, "network.onnx")
+    postprocess_path = os.path.join(folder, "postprocess.onnx")
+    with torch.no_grad():
+        locs, logits = detector(images)
+    ssd_onnx.export_module(_Network(detector), network_path, (images,), ["images"], ["locs", "logits"])
+    sizes = torch.tensor([list(detector.image_size)] * _EXAMPLE_BATCH, dtype=torch.int64)
+    ssd_onnx.export_postprocess(detector.anchors(), detector.postprocess_config, postprocess_path, locs, logits,
+                                sizes)
+    network = ssd_onnx.load_session(network_path, backend)
+    run_postprocess = ssd_onnx.load_runner(postprocess_path, backend)
+
+    def postprocess_fn(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Sequence[Tuple[int, int]],
+                       config) -> "ssd_post.Detections":  # noqa: F821
+        return run_postprocess(locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64))
+
+    return RuntimeDetector(detector, network), postprocess_fn
