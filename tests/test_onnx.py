@@ -5,6 +5,8 @@ rtol 1e-6, boxes to 1e-3 px, exact score ties compared as sets (benchmarks.parit
 """
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -15,6 +17,8 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 import ssd_post  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from benchmarks.parity import compare  # noqa: E402
 from benchmarks.scenarios import MODELS, make_inputs  # noqa: E402
 from ssd_post import onnx as ssd_onnx  # noqa: E402
@@ -196,10 +200,10 @@ def test_unknown_runtime_is_refused(toy_onnx):
 def test_missing_runtime_names_the_package(monkeypatch, toy_onnx):
     real_import = ssd_onnx.importlib.import_module
 
-    def fake_import(name, *args):
+    def fake_import(name, *args, **kwargs):
         if name == "openvino":
             raise ImportError("No module named 'openvino'")
-        return real_import(name, *args)
+        return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(ssd_onnx.importlib, "import_module", fake_import)
     with pytest.raises(ImportError, match=r"'openvino' package: pip install ssd-post\[export\]"):
@@ -224,15 +228,22 @@ def test_import_ssd_post_does_not_import_onnx():
 
 
 @pytest.mark.slow
-def test_evaluate_backends_agree_on_map():
-    """evaluate.py --backend: the same COCO numbers in PyTorch, onnxruntime and OpenVINO."""
-    import evaluate
+def test_evaluate_backends_agree_on_map(tmp_path):
+    """evaluate.py --backend: the same COCO numbers in PyTorch, onnxruntime and OpenVINO.
 
+    Each backend runs as its own `python evaluate.py` process, as a user runs it: the
+    runtimes' thread pools never share a process with later tests that fork."""
     backends = ["pytorch"] + [b for b in ssd_onnx.RUNTIMES if _installed(b)]
+    data_root = tmp_path / "shapes"
     stats = {}
     for backend in backends:
-        args = evaluate.build_parser().parse_args(["--backend", backend, "--limit", "24", "--batch-size", "8"])
-        metrics = evaluate.evaluate(args)
+        out = tmp_path / f"{backend}.json"
+        proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "evaluate.py"), "--backend", backend,
+                               "--limit", "24", "--batch-size", "8", "--data-root", str(data_root),
+                               "--json", str(out)],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = json.loads(out.read_text())
         assert metrics["backend"] == backend and metrics["num_images"] == 24
         stats[backend] = metrics["stats"]
     assert len(stats) > 1 and stats["pytorch"][0] > 0.1  # a trained model, something to agree on
@@ -245,13 +256,13 @@ def test_evaluate_missing_runtime_is_one_line(monkeypatch, capsys):
 
     real_import = ssd_onnx.importlib.import_module
 
-    def fake_import(name, *args):
+    def fake_import(name, *args, **kwargs):
         if name == "onnxruntime":
             raise ImportError("No module named 'onnxruntime'")
-        return real_import(name, *args)
+        return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(ssd_onnx.importlib, "import_module", fake_import)
-    assert evaluate.main(["--backend", "onnxruntime", "--limit", "2"]) == 1
+    assert evaluate.main(["--backend", "onnxruntime", "--limit", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "'onnxruntime' package: pip install ssd-post[export]" in err
