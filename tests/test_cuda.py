@@ -95,6 +95,7 @@ def test_postprocess_cuda_equals_cpu(kernels, case, batch):
     check_postprocess(kernels, inputs, PostprocessConfig(**config_kwargs))
 
 
+@pytest.mark.slow  # about 10 s each on the emulator
 @pytest.mark.parametrize("anchors", [8732, 12000])  # keys cached in shared memory, then recomputed
 def test_postprocess_ssd300_shapes(kernels, anchors):
     inputs = make_inputs(2, anchors, 91 if anchors == 8732 else 5, seed=7)
@@ -196,6 +197,7 @@ def kernel_problems(draw):
 # Derandomized: CPU and CUDA softmax scores may differ by an ULP, so a new random
 # draw could, rarely, flip two near-equal overlapping boxes in NMS; the same
 # 100 examples every run keep the suite deterministic.
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=kernel_problems())
@@ -310,6 +312,7 @@ def test_postprocess_cuda_graph_capture_and_replay():
                                  captured)
 
 
+@pytest.mark.slow  # builds and runs an instrumented binary
 @pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs a C++ compiler")
 def test_emulated_kernels_under_address_and_ub_sanitizers():
     """The emulated kernels on seeded problems (radix select, uncached keys, NaN and
