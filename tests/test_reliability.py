@@ -256,9 +256,8 @@ def test_split_anchors_path_on_a_large_image_with_exact_ties():
 
 def test_stride_zero_logits_equal_contiguous_logits():
     """Expanded (stride-0) logits are made contiguous by the kernels and give the
-    same result. (A real case past 2^31 elements would need > 8 GiB for that copy:
-    the int64 index arithmetic is covered by review of DecodeParams / the kernels,
-    whose offsets over B * A * C are int64.)"""
+    same result (a case past 2^31 elements follows, contiguous: the kernels copy
+    stride-0 logits into a contiguous tensor first)."""
     locs, logits, anchors, sizes = _problem(batch=3, anchors=50)
     expanded = logits[:1].expand(3, -1, -1)
     assert expanded.stride(0) == 0
@@ -267,6 +266,39 @@ def test_stride_zero_logits_equal_contiguous_logits():
     assert_same_detections(ssd_post.postprocess(locs, expanded, anchors, sizes, config),
                            ssd_post.postprocess(locs.contiguous(), expanded.contiguous(), anchors,
                                                 sizes, config))
+
+
+@pytest.mark.slow  # fills 4.4 GB of float16 logits
+def test_one_image_past_two_to_the_31_logits():
+    """A * C = 24M * 91 > 2^31 elements in ONE image: the candidates at the end of
+    the image (anchor * C + class past 2^31) come out with their own anchor, class and
+    box, equal to the same rows posted alone. Softmax, decode and NMS are row-local,
+    so the few rows that can pass decide the whole answer."""
+    num_anchors, num_classes = 24_000_000, 91
+    assert num_anchors * num_classes > 2**31
+    chosen = torch.tensor([5, num_anchors // 2, num_anchors - 2, num_anchors - 1])
+    labels = torch.tensor([90, 45, 1, 90])
+    logits = torch.full((1, num_anchors, num_classes), -8.0, dtype=torch.float16)
+    logits[0, :, 0] = 8.0  # background wins everywhere but in the chosen rows
+    logits[0, chosen, 0] = -8.0
+    logits[0, chosen, labels] = torch.tensor([9.0, 10.0, 11.0, 12.0], dtype=torch.float16)
+    locs = torch.zeros(1, num_anchors, 4)
+    locs[0, chosen] = torch.tensor([[0.5, -0.5, 0.2, 0.1], [0.1, 0.2, -0.3, 0.4],
+                                    [-1.0, 0.3, 0.5, -0.2], [0.7, 0.7, 0.1, 0.1]])
+    anchors = torch.tensor([10.0, 10.0, 60.0, 80.0]).repeat(num_anchors, 1)
+    anchors[chosen] = torch.tensor([[5.0, 5.0, 50.0, 40.0], [100.0, 20.0, 180.0, 90.0],
+                                    [30.0, 150.0, 90.0, 250.0], [200.0, 200.0, 290.0, 280.0]])
+    sizes = [(300, 300)]
+    config = PostprocessConfig(score_thresh=0.5)
+    big = ssd_post.postprocess(locs, logits, anchors, sizes, config)
+    small = ssd_post.postprocess(locs[:, chosen], logits[:, chosen], anchors[chosen], sizes, config)
+    assert int(big.num_detections[0]) == 4
+    assert sorted(big.labels[0, :4].tolist()) == sorted(labels.tolist())
+    k = int(small.num_detections[0])
+    assert k == 4
+    torch.testing.assert_close(big.scores[0, :k], small.scores[0, :k], rtol=0, atol=0)
+    torch.testing.assert_close(big.labels[0, :k], small.labels[0, :k], rtol=0, atol=0)
+    torch.testing.assert_close(big.boxes[0, :k], small.boxes[0, :k], rtol=0, atol=0)
 
 
 # --- inverted boxes ----------------------------------------------------------------
