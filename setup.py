@@ -7,6 +7,7 @@ folders are added here.
 """
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -107,16 +108,48 @@ WITH_CUDA, CPU_ONLY_REASON, NVCC = _build_plan()
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+# vector_kernels.cpp is compiled a second time with these flags on x86 (see
+# csrc/cpu/vector_kernels.h); the CPU picks the variant at run time.
+VECTOR_SOURCE = "csrc/cpu/vector_kernels.cpp"
+AVX2_FLAGS = {
+    "unix": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "msvc": ["/arch:AVX2", "/DCPU_CAPABILITY=AVX2", "/DCPU_CAPABILITY_AVX2"],
+}
+WITH_AVX2_VARIANT = platform.machine().lower() in ("x86_64", "amd64")
+
+
+class BuildWithVectorVariants(BuildExtension):
+    """torch's BuildExtension, plus the AVX2 compilation of VECTOR_SOURCE.
+
+    setuptools gives every source of an extension the same flags, so the second
+    compilation of the one file goes to its own object folder and is linked in as
+    an extra object, the way ATen builds its per-CPU-capability kernels.
+    """
+
+    def build_extension(self, ext):
+        if WITH_AVX2_VARIANT:
+            flags = AVX2_FLAGS["msvc" if self.compiler.compiler_type == "msvc" else "unix"]
+            args = dict(ext.extra_compile_args)
+            args["cxx"] = list(args["cxx"]) + flags
+            objects = self.compiler.compile(
+                [VECTOR_SOURCE], output_dir=os.path.join(self.build_temp, "avx2"),
+                macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs=args, depends=ext.depends)
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
 def _extension():
     cpp_sources = ["csrc/ssd_post.cpp"] + _sources("csrc/cpu/*.cpp")
     # No FMA contraction: CPU boxes and IoUs must round like torchvision's separate ops.
-    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-unknown-pragmas"]
     # at::parallel_for is inline OpenMP: without -fopenmp it would run serially.
     link_flags = ["-fopenmp"]
+    macros = [("SSD_POST_HAVE_AVX2_KERNELS", "1")] if WITH_AVX2_VARIANT else []
     if not WITH_CUDA:
         print(f"ssd_post: building CPU-only extension ({CPU_ONLY_REASON})", file=sys.stderr)
         return CppExtension(
-            "ssd_post._C", cpp_sources,
+            "ssd_post._C", cpp_sources, define_macros=macros,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
             py_limited_api=False,
         )
@@ -142,10 +175,10 @@ def _extension():
         include_dirs=includes,
         library_dirs=libs,
         runtime_library_dirs=pip_libs,
-        define_macros=[("SSD_POST_WITH_CUDA", "1")],
+        define_macros=macros + [("SSD_POST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
     )
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildWithVectorVariants})

@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/vector_kernels.h"
+
 // `from ssd_post import _C` only needs to load this shared library, which runs the
 // TORCH_LIBRARY registrations below; the module itself is empty.
 extern "C" {
@@ -23,4 +25,7 @@ TORCH_LIBRARY(ssd_post, m) {
       "float score_thresh, float nms_thresh, int topk_candidates, int detections_per_img, "
       "float[] box_weights, str score_activation, int? background_class, bool clip_boxes) "
       "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor num_detections)");
+  // Which compilation of cpu/vector_kernels.cpp this process runs ("baseline",
+  // "avx2"): for bug reports, and for the tests that run each variant.
+  m.def("cpu_vector_kernels() -> str", [] { return std::string(ssd_post::cpu::vector_kernels().name); });
 }

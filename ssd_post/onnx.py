@@ -199,7 +199,9 @@ def translation_table() -> Dict[Callable, Callable]:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)`` lowering
     ``ssd_post::postprocess`` and ``ssd_post::decode_threshold_flatten`` to standard
     ONNX ops; ``ssd_post::batched_nms`` raises a clear error when met."""
-    from . import ops  # noqa: F401  (registers the ops)
+    from ._extension import require_extension
+
+    require_extension()  # the table is keyed by the compiled ops
 
     lower_postprocess, lower_dtf = _lowering()
     return {

@@ -1,9 +1,9 @@
 """Thin Python entry points to the compiled ops, and their fake kernels.
 
-Importing this module loads ``ssd_post._C``, whose static initialisers register the
-schemas and the CPU (and, when built with nvcc, CUDA) kernels under
-``torch.ops.ssd_post``. The fake kernels below give torch.compile / torch.export the
-output shapes without running anything.
+The kernels come from ``ssd_post._C`` (loaded by ``_extension``); every entry point
+here checks first that it loaded. The fake kernels below give torch.compile /
+torch.export the output shapes without running anything; they are registered only
+when the ops exist.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the kernels)
+from ._extension import extension_loaded, require_extension
 from .config import padded_detections, unit_scalar
 from .corners import handle_inverted_boxes
 
 __all__ = ["decode_threshold_flatten_op", "batched_nms", "postprocess_op", "has_cuda_kernels",
-           "check_same_device"]
+           "check_same_device", "cpu_vector_kernels"]
 
 
 def check_same_device(reference: str, tensors: dict) -> None:
@@ -41,11 +41,23 @@ def _check_image_sizes_device(image_sizes: Tensor, locs: Tensor) -> None:
 
 
 def has_cuda_kernels() -> bool:
-    """Whether the extension was compiled with its CUDA kernels."""
+    """Whether the extension loaded and was compiled with its CUDA kernels."""
+    if not extension_loaded():
+        return False
+    # torch has no public query for "is a kernel registered for this dispatch key";
+    # this private helper is what torch's own tests use. Calling the op on a CUDA
+    # tensor instead would need a GPU, and the question is about the build.
     return torch._C._dispatch_has_kernel_for_dispatch_key("ssd_post::postprocess", "CUDA")
 
 
-@torch.library.register_fake("ssd_post::decode_threshold_flatten")
+def cpu_vector_kernels() -> str:
+    """The compilation of the CPU vector loops this process runs: ``"avx2"`` on an
+    x86 CPU with AVX2 (unless ``ATEN_CPU_CAPABILITY=default``), else ``"baseline"``
+    (at::vec::Vectorized at the build's baseline ISA: NEON on ARM)."""
+    require_extension()
+    return torch.ops.ssd_post.cpu_vector_kernels()
+
+
 def _decode_threshold_flatten_fake(locs, logits, anchors, image_sizes, score_thresh,
                                    topk_candidates, box_weights, score_activation,
                                    background_class, clip_boxes):
@@ -60,7 +72,6 @@ def _decode_threshold_flatten_fake(locs, logits, anchors, image_sizes, score_thr
     )
 
 
-@torch.library.register_fake("ssd_post::batched_nms")
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: "boxes should be [N, 4]")
     check_same_device("boxes", {"boxes": boxes, "scores": scores, "idxs": idxs})
@@ -68,7 +79,6 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     return boxes.new_empty((n,), dtype=torch.int64)
 
 
-@torch.library.register_fake("ssd_post::postprocess")
 def _postprocess_fake(locs, logits, anchors, image_sizes, score_thresh, nms_thresh,
                       topk_candidates, detections_per_img, box_weights, score_activation,
                       background_class, clip_boxes):
@@ -117,6 +127,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         raise ValueError("boxes and scores should be floating point tensors, got "
                          f"{boxes.dtype} and {scores.dtype} (dequantize them first)")
     boxes = handle_inverted_boxes(boxes, inverted_boxes, "boxes")
+    require_extension()
     return torch.ops.ssd_post.batched_nms(boxes, scores, idxs,
                                           unit_scalar(iou_threshold, "iou_threshold"))
 
@@ -127,6 +138,7 @@ def decode_threshold_flatten_op(locs: Tensor, logits: Tensor, anchors: Tensor, i
                                 background_class: Optional[int],
                                 clip_boxes: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Direct call of ``torch.ops.ssd_post.decode_threshold_flatten`` (tensors already normalised)."""
+    require_extension()
     return torch.ops.ssd_post.decode_threshold_flatten(
         locs, logits, anchors, image_sizes, float(score_thresh), int(topk_candidates),
         [float(w) for w in box_weights], score_activation, background_class, bool(clip_boxes))
@@ -138,7 +150,14 @@ def postprocess_op(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: T
                    background_class: Optional[int],
                    clip_boxes: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Direct call of ``torch.ops.ssd_post.postprocess`` (tensors already normalised)."""
+    require_extension()
     return torch.ops.ssd_post.postprocess(
         locs, logits, anchors, image_sizes, float(score_thresh), float(nms_thresh),
         int(topk_candidates), int(detections_per_img), [float(w) for w in box_weights],
         score_activation, background_class, bool(clip_boxes))
+
+
+if extension_loaded():
+    torch.library.register_fake("ssd_post::decode_threshold_flatten")(_decode_threshold_flatten_fake)
+    torch.library.register_fake("ssd_post::batched_nms")(_batched_nms_fake)
+    torch.library.register_fake("ssd_post::postprocess")(_postprocess_fake)

@@ -143,3 +143,57 @@ def test_no_code_imports_a_script():
     offenders = {os.path.relpath(path, REPO): sorted(set(_imported_modules(path)) & scripts)
                  for path in _python_files("ssd_post", "models", "training", "benchmarks")}
     assert {path: names for path, names in offenders.items() if names} == {}
+
+
+# A copy of the pure-Python package whose compiled extension is missing or broken,
+# imported in a fresh interpreter: the pure-Python parts must work and the first op
+# call must say how to rebuild.
+WITHOUT_EXTENSION = textwrap.dedent("""
+    import sys
+
+    # An editable install's finder maps ssd_post._C to the source tree's build.
+    sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+    import torch
+    import ssd_post
+    from ssd_post import reference
+
+    assert "site-packages" not in ssd_post.__file__ and "{root}" in ssd_post.__file__, ssd_post.__file__
+    anchors = ssd_post.DefaultBoxes.ssd300()((300, 300), [(3, 3), (2, 2), (2, 2), (1, 1), (1, 1), (1, 1)])  # [A, 4]
+    locs = torch.zeros(1, anchors.shape[0], 4)                                     # [B, A, 4]
+    logits = torch.zeros(1, anchors.shape[0], 3)                                   # [B, A, C]
+    logits[0, 0, 1] = 10.0
+    boxes = ssd_post.BoxCoder().decode(locs[0], anchors)
+    assert torch.allclose(boxes, anchors), "zero regressions should decode to the anchors"
+    config = ssd_post.PostprocessConfig(score_thresh=0.5)
+    result = reference.postprocess_loop(locs, logits, anchors, [(300, 300)], config)
+    assert result.num_detections.tolist() == [1], result.num_detections
+    assert ssd_post.has_cuda_kernels() is False
+    for call in (lambda: ssd_post.postprocess(locs, logits, anchors, [(300, 300)], config),
+                 lambda: ssd_post.batched_nms(boxes, logits[0, :, 1], torch.zeros(len(boxes), dtype=torch.long), 0.5)):
+        try:
+            call()
+        except RuntimeError as error:
+            print("ERROR:", error)
+        else:
+            raise AssertionError("an op ran without its extension")
+""")
+
+
+@pytest.mark.parametrize("broken", ["missing", "not_a_library"])
+def test_a_missing_or_broken_extension_fails_at_the_first_op_call(tmp_path, broken):
+    import shutil
+    import sysconfig
+
+    root = tmp_path / "copy"
+    shutil.copytree(os.path.join(REPO, "ssd_post"), root / "ssd_post",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    if broken == "not_a_library":  # what an extension built for another platform looks like
+        (root / "ssd_post" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"\0" * 64)
+    script = WITHOUT_EXTENSION.replace("{root}", str(root))
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [line for line in result.stdout.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 2, result.stdout
+    for line in errors:
+        assert "ssd_post._C" in line and "pip install --no-build-isolation" in line, line

@@ -2,6 +2,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/softmax.h>
 
 #include <algorithm>
 #include <cmath>
@@ -62,7 +63,7 @@ void CandidateScanner::flush_softmax_rows() {
   const int64_t n = pending_count_;
   pending_count_ = 0;
   at::Tensor probs_view = pending_probs_.narrow(0, 0, n);
-  at::_softmax_out(probs_view, pending_rows_.narrow(0, 0, n), /*dim=*/1, /*half_to_float=*/false);
+  at::softmax_out(probs_view, pending_rows_.narrow(0, 0, n), /*dim=*/1);
   const float* prob = pending_probs_.data_ptr<float>();
   int32_t* columns = passing_columns_.data();
   for (int64_t r = 0; r < n; ++r) {

@@ -1,4 +1,4 @@
-// The per-anchor pruning test of the softmax path, vectorised: it is the only code
+// The per-anchor pruning test of the softmax path, vectorised (vector_kernels.cpp): it is the only code
 // that touches every logit, so its speed is the speed of the whole CPU op.
 #pragma once
 
@@ -21,7 +21,7 @@ int64_t float_rows_may_pass(const float* rows, int64_t C, int64_t background, fl
 
 // The columns c in [0, C) of one row of probabilities with row[c] > limit[c] (NaN
 // never is), in increasing order, written to `columns` (room for C entries);
-// returns how many there are. Four columns per compare (SSE2, on every x86-64):
+// returns how many there are. A vector of columns per compare:
 // in a dense image most (anchor, class) pairs fail their class's limit, and a
 // branch per pair cost more than the rest of the scan.
 int64_t columns_above(const float* row, const float* limit, int64_t C, int32_t* columns);

@@ -1,0 +1,190 @@
+// The vectorised loops of the CPU op, written once against at::vec::Vectorized.
+// setup.py compiles this file once with the baseline flags and, on x86, once more
+// with AVX2 + FMA and CPU_CAPABILITY_AVX2 defined (see vector_kernels.h). ATen's
+// vector types live in an inline namespace named after CPU_CAPABILITY, so the two
+// compilations never share a vector function; ours go to `baseline` / `avx2`.
+//
+// -ffp-contract=off holds for both compilations: the IoU must round like
+// torchvision's separate ops, FMA or not.
+#include "vector_kernels.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/llvmMathExtras.h>
+
+#include <limits>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#define SSD_POST_VECTOR_VARIANT avx2
+#else
+#define SSD_POST_VECTOR_VARIANT baseline
+#endif
+
+namespace ssd_post {
+namespace cpu {
+namespace SSD_POST_VECTOR_VARIANT {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kWidth = Vec::size();
+static_assert(kWidth <= kVectorPad, "a vector must fit in the padding after the last box");
+static_assert(kWidth <= 32, "lane masks are 32-bit");
+
+constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+
+// Lane-wise max_first / min_first of macros.h: (a < b) ? b : a and (b < a) ? b : a,
+// NaN and signed zeros included, so the vector IoU equals box_iou bit for bit.
+// (at::vec::maximum propagates NaN instead, which would suppress differently.)
+struct ExactOrder {
+  static Vec max(const Vec& a, const Vec& b) { return Vec::blendv(a, b, a < b); }
+  static Vec min(const Vec& a, const Vec& b) { return Vec::blendv(a, b, b < a); }
+};
+
+// One instruction per max / min on every ISA (MAXPS, FMAXNM, ...), but what a NaN
+// operand gives differs between them. Exact where no operand is NaN, which is
+// all the row max needs (row_bound.h) and all NMS needs on NaN-free boxes (see
+// suppressed()).
+struct FastOrder {
+  static Vec max(const Vec& a, const Vec& b) { return at::vec::clamp_min(a, b); }
+  static Vec min(const Vec& a, const Vec& b) { return at::vec::clamp_max(a, b); }
+};
+
+// Bit l set where lane l of a comparison result is true (all bits set).
+inline uint32_t lane_mask(const Vec& compare) {
+  return ~static_cast<uint32_t>(compare.zero_mask()) & ((uint32_t{1} << kWidth) - 1);
+}
+
+inline unsigned lowest_bit(uint32_t mask) {
+  return static_cast<unsigned>(c10::llvm::countTrailingZeros(mask));
+}
+
+// ---- the row bound of the softmax path ----
+
+inline float scalar_max(const float* x, int64_t n, float m) {
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// Max of x[0, n). Ranges of a vector or more finish with one overlapping load
+// instead of a scalar tail: max does not mind seeing an element twice. NaN
+// handling does not matter here (see row_bound.h).
+inline float max_range(const float* x, int64_t n) {
+  if (n < kWidth) return scalar_max(x, n, kMinusInf);
+  Vec m0 = Vec::loadu(x), m1 = m0;
+  int64_t i = kWidth;
+  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
+    m0 = FastOrder::max(m0, Vec::loadu(x + i));
+    m1 = FastOrder::max(m1, Vec::loadu(x + i + kWidth));
+  }
+  if (i + kWidth <= n) {
+    m0 = FastOrder::max(m0, Vec::loadu(x + i));
+    i += kWidth;
+  }
+  if (i < n) m1 = FastOrder::max(m1, Vec::loadu(x + n - kWidth));
+  return at::vec::vec_reduce_all<float>(
+      [](const Vec& a, const Vec& b) { return FastOrder::max(a, b); }, FastOrder::max(m0, m1));
+}
+
+inline bool row_may_pass(const float* row, int64_t C, int64_t background, float bound) {
+  if (background < 0) {
+    const float m = max_range(row, C);
+    return (m - m) > bound;  // the max column itself gives x - m = 0
+  }
+  float fg = max_range(row, background);
+  const float rest = max_range(row + background + 1, C - background - 1);
+  fg = rest > fg ? rest : fg;
+  const float bg = row[background];
+  const float m = bg > fg ? bg : fg;
+  return (fg - m) > bound;
+}
+
+int64_t rows_may_pass(const float* rows, int64_t C, int64_t background, float bound,
+                      int64_t begin, int64_t end, int32_t* passing) {
+  int64_t count = 0;
+  for (int64_t r = begin; r < end; ++r) {
+    // Branch-free append: the store always happens, the count moves on a pass.
+    passing[count] = static_cast<int32_t>(r);
+    count += row_may_pass(rows + r * C, C, background, bound) ? 1 : 0;
+  }
+  return count;
+}
+
+int64_t columns_above(const float* row, const float* limit, int64_t C, int32_t* columns) {
+  int64_t count = 0, c = 0;
+  for (; c + kWidth <= C; c += kWidth) {
+    // Ordered compare: false for NaN, like the scalar `>`.
+    uint32_t mask = lane_mask(Vec::loadu(row + c) > Vec::loadu(limit + c));
+    while (mask != 0) {
+      columns[count++] = static_cast<int32_t>(c + lowest_bit(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (; c < C; ++c) {
+    if (row[c] > limit[c]) columns[count++] = static_cast<int32_t>(c);
+  }
+  return count;
+}
+
+// ---- greedy NMS ----
+
+// Bit l set where the kept box a suppresses box j + l: box_iou's op order.
+//
+// With FastOrder on NaN-free boxes the corner max / min are exact (up to the sign
+// of a zero, which cannot move an IoU across a threshold >= 0). A NaN can still
+// appear inside, as inf - inf in a width: ExactOrder's max_first(0, NaN) gives
+// width 0 and so IoU 0 or NaN, FastOrder may give width NaN and so IoU NaN;
+// neither suppresses, so both orders keep the same boxes.
+template <typename Order>
+inline uint32_t suppressed(const BoxColumns& b, int64_t j, const Vec& ax1, const Vec& ay1,
+                           const Vec& ax2, const Vec& ay2, const Vec& aarea, const Vec& thresh) {
+  const Vec zero(0.f);
+  const Vec xx1 = Order::max(ax1, Vec::loadu(b.x1 + j));
+  const Vec yy1 = Order::max(ay1, Vec::loadu(b.y1 + j));
+  const Vec xx2 = Order::min(ax2, Vec::loadu(b.x2 + j));
+  const Vec yy2 = Order::min(ay2, Vec::loadu(b.y2 + j));
+  const Vec iw = Order::max(zero, xx2 - xx1);
+  const Vec ih = Order::max(zero, yy2 - yy1);
+  const Vec inter = iw * ih;
+  const Vec uni = (aarea + Vec::loadu(b.area + j)) - inter;
+  return lane_mask((inter / uni) > thresh);
+}
+
+template <typename Order>
+void greedy(const BoxColumns& b, int64_t n, float thresh, uint8_t* keep) {
+  const Vec t(thresh);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!keep[i]) continue;
+    const Vec ax1(b.x1[i]), ay1(b.y1[i]), ax2(b.x2[i]), ay2(b.y2[i]), aarea(b.area[i]);
+    for (int64_t j = i + 1; j < n; j += kWidth) {
+      // Padding boxes past n never pass the threshold, so no bit past n is set.
+      uint32_t mask = suppressed<Order>(b, j, ax1, ay1, ax2, ay2, aarea, t);
+      while (mask != 0) {
+        keep[j + lowest_bit(mask)] = 0;
+        mask &= mask - 1;
+      }
+    }
+  }
+}
+
+void greedy_nms(const BoxColumns& b, int64_t n, float thresh, bool any_nan, uint8_t* keep) {
+  if (any_nan) {
+    greedy<ExactOrder>(b, n, thresh, keep);
+  } else {
+    greedy<FastOrder>(b, n, thresh, keep);
+  }
+}
+
+}  // namespace
+
+VectorKernels kernels() {
+#define SSD_POST_STRINGIFY2(x) #x
+#define SSD_POST_STRINGIFY(x) SSD_POST_STRINGIFY2(x)
+  return VectorKernels{rows_may_pass, columns_above, greedy_nms,
+                       SSD_POST_STRINGIFY(SSD_POST_VECTOR_VARIANT)};
+#undef SSD_POST_STRINGIFY
+#undef SSD_POST_STRINGIFY2
+}
+
+}  // namespace SSD_POST_VECTOR_VARIANT
+}  // namespace cpu
+}  // namespace ssd_post
