@@ -115,6 +115,9 @@ AVX2_FLAGS = {
     "unix": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "msvc": ["/arch:AVX2", "/DCPU_CAPABILITY=AVX2", "/DCPU_CAPABILITY_AVX2"],
 }
+# The op library uses no Python API (csrc/ssd_post.cpp): declaring it limited-API
+# keeps torch from linking libtorch_python, so C++ programs can load it.
+PY_LIMITED_API = True
 WITH_AVX2_VARIANT = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -151,7 +154,7 @@ def _extension():
         return CppExtension(
             "ssd_post._C", cpp_sources, define_macros=macros,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
-            py_limited_api=False,
+            py_limited_api=PY_LIMITED_API,
         )
 
     cuda_home = os.environ["CUDA_HOME"]
@@ -178,6 +181,7 @@ def _extension():
         define_macros=macros + [("SSD_POST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
+        py_limited_api=PY_LIMITED_API,
     )
 
 

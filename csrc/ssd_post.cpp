@@ -1,18 +1,13 @@
 // Schemas of the ssd_post ops. Kernels live in cpu/ and cuda/, fake (meta)
 // kernels in ssd_post/ops.py.
-#include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/vector_kernels.h"
 
-// `from ssd_post import _C` only needs to load this shared library, which runs the
-// TORCH_LIBRARY registrations below; the module itself is empty.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+// No Python here: the shared library holds only torch registrations (run by its
+// static initialisers when it is loaded), so a C++ program without Python can
+// dlopen it next to libtorch, e.g. to run an AOTInductor package that calls these
+// ops. Python loads it with torch.ops.load_library (ssd_post/_extension.py).
 
 TORCH_LIBRARY(ssd_post, m) {
   m.def(

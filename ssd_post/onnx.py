@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .box_coder import BOX_SCALE_CLAMP
 from .config import PostprocessConfig
 from .formats import Detections
-from .postprocess import postprocess
+from .exportable import DetectorModule, PostprocessModule, check_detector  # noqa: F401  (public here too)
 
 __all__ = [
     "SUPPORTED_OPSETS",
@@ -212,55 +212,6 @@ def translation_table() -> Dict[Callable, Callable]:
 
 
 # ----------------------------------------------------------------------------- modules
-
-
-def _as_tuple(det: Detections) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return det.boxes, det.scores, det.labels, det.num_detections
-
-
-class PostprocessModule(nn.Module):
-    """Head outputs -> padded detections, the postprocess alone as an exportable module.
-
-    ``forward(locs [B, A, 4], logits [B, A, C], image_sizes [B, 2] int64 (h, w))``
-    returns boxes [B, K, 4] float32, scores [B, K] float32, labels [B, K] int64 and
-    num_detections [B] int64, K = ``config.detections_per_img``.
-    """
-
-    def __init__(self, anchors: Tensor, config: PostprocessConfig) -> None:
-        super().__init__()
-        self.register_buffer("anchors", anchors.detach().float().clone(), persistent=False)
-        self.config = config
-
-    def forward(self, locs: Tensor, logits: Tensor, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        return _as_tuple(postprocess(locs, logits, self.anchors, image_sizes, self.config))
-
-
-class DetectorModule(nn.Module):
-    """Images [B, 3, H, W] (resized, normalised) -> padded detections of an SSDDetector."""
-
-    def __init__(self, detector: nn.Module) -> None:
-        super().__init__()
-        check_detector(detector)
-        self.detector = detector
-        self.config = detector.postprocess_config
-        self.register_buffer("anchors", detector.anchors().detach().float().clone(), persistent=False)
-        self.register_buffer("image_size", torch.tensor([list(detector.image_size)], dtype=torch.int64),
-                             persistent=False)
-
-    def forward(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        locs, logits = self.detector(images)
-        sizes = self.image_size.expand(images.shape[0], 2)
-        return _as_tuple(postprocess(locs, logits, self.anchors, sizes, self.config))
-
-
-def check_detector(model: Any) -> None:
-    """Raises TypeError unless ``model`` is an SSDDetector-like module postprocessed by ssd_post."""
-    needed = ("postprocess_config", "anchors", "image_size")
-    if not isinstance(model, nn.Module) or not all(hasattr(model, a) for a in needed) \
-            or not isinstance(getattr(model, "postprocess_config"), PostprocessConfig):
-        raise TypeError(
-            "model should be an SSDDetector (models.build_model / models.checkpoint.load_detector) whose "
-            f"postprocess is ssd_post.postprocess, got {type(model).__name__}")
 
 
 def _check_opset(opset: int) -> None:

@@ -1,0 +1,136 @@
+"""AOTInductor packages of a detector with ssd_post's postprocess.
+
+``torch.export`` sees ``ssd_post::postprocess`` as one op (its fake kernel gives the
+padded output shapes); AOTInductor compiles the network around it and calls the op
+through the dispatcher at run time. The op is not inside the package: whoever loads
+it must have the op library registered first, which ``load_package`` does here and
+which a C++ program does by loading ``library_path()`` (see examples/aoti_cpp).
+
+    path = ssd_post.aoti.export_package(model, "tiny.pt2", example_images)
+    runner = ssd_post.aoti.load_package(path)      # in another process
+    boxes, scores, labels, num_detections = runner(images)
+
+Importing :mod:`ssd_post` does not import this module.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._extension import library_path, require_extension
+from .config import PostprocessConfig
+from .exportable import DetectorModule, PostprocessModule, check_detector
+
+__all__ = ["export_package", "export_postprocess_package", "load_package", "op_library_path"]
+
+Outputs = Tuple[Tensor, Tensor, Tensor, Tensor]
+
+# Package metadata key: what each input must be. AOTInductor checks its inputs only
+# when AOTI_RUNTIME_CHECK_INPUTS=1 is set; without it an image of the wrong size
+# runs and returns garbage, so the loaders here (and examples/aoti_cpp) check first.
+INPUTS_KEY = "ssd_post.inputs"
+
+
+def op_library_path() -> str:
+    """The compiled op library a C++ program loads (dlopen) before the package."""
+    require_extension()
+    path = library_path()
+    assert path is not None  # require_extension() raised otherwise
+    return path
+
+
+def _package(module: nn.Module, args: Tuple[Tensor, ...], path: str, max_batch: int) -> str:
+    require_extension()
+    if not str(path).endswith(".pt2"):
+        raise ValueError(f"path should end in .pt2 (AOTInductor's package format), got {path!r}")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch should be a positive int, got {max_batch!r}")
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    inputs = json.dumps({"max_batch": max_batch, "inputs": [
+        {"dtype": str(a.dtype).replace("torch.", ""), "shape": list(a.shape[1:])} for a in args]})
+    module = module.eval()
+    with torch.no_grad():
+        program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return str(torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path),
+            inductor_configs={
+                "aot_inductor.metadata": {INPUTS_KEY: inputs},
+                # torch.export assumes a dynamic dim is >= 2; the batch may be 1, and
+                # AOTI_RUNTIME_CHECK_INPUTS=1 (the C++ example) would refuse it.
+                "aot_inductor.check_lowerbound": False,
+            }))
+
+
+def export_package(model: nn.Module, path: str, example_images: Tensor, max_batch: int = 64) -> str:
+    """Compiles an SSDDetector with its postprocess into an AOTInductor package.
+
+    Args:
+        model: an SSDDetector whose postprocess is :func:`ssd_post.postprocess`.
+        path: the ``.pt2`` file to write.
+        example_images (Tensor[B, 3, H, W]): resized, normalised images; H, W are fixed.
+        max_batch: the largest batch the package accepts (the batch is dynamic).
+
+    Returns:
+        ``path``. The package maps images [B, 3, H, W] to boxes [B, K, 4] float32,
+        scores [B, K], labels [B, K] int64 and num_detections [B] int64.
+    """
+    check_detector(model)
+    return _package(DetectorModule(model), (example_images,), path, max_batch)
+
+
+def export_postprocess_package(anchors: Tensor, config: PostprocessConfig, path: str,
+                               example_locs: Tensor, example_logits: Tensor,
+                               example_image_sizes: Tensor, max_batch: int = 64) -> str:
+    """The postprocess alone (locs [B, A, 4], logits [B, A, C], image_sizes [B, 2]
+    int64 in; anchors [A, 4] baked in) as an AOTInductor package."""
+    module = PostprocessModule(anchors, config)
+    return _package(module, (example_locs, example_logits, example_image_sizes), path, max_batch)
+
+
+class PackageRunner:
+    """A loaded package: ``runner(*inputs) -> (boxes [B, K, 4], scores [B, K],
+    labels [B, K], num_detections [B])``, each input checked against what the
+    package was compiled for (dtype, every dim but the batch, batch range)."""
+
+    def __init__(self, compiled, path: str) -> None:
+        metadata = compiled.get_metadata()
+        if INPUTS_KEY not in metadata:
+            raise ValueError(f"{path} was not written by ssd_post.aoti (no {INPUTS_KEY!r} metadata)")
+        spec = json.loads(metadata[INPUTS_KEY])
+        self._compiled = compiled
+        self.max_batch: int = spec["max_batch"]
+        self.inputs: List[dict] = spec["inputs"]
+
+    def check(self, *inputs: Tensor) -> None:
+        """Raises ValueError naming the first input that the package cannot take."""
+        if len(inputs) != len(self.inputs):
+            raise ValueError(f"the package takes {len(self.inputs)} inputs, got {len(inputs)}")
+        for index, (tensor, want) in enumerate(zip(inputs, self.inputs)):
+            if not isinstance(tensor, Tensor):
+                raise ValueError(f"input {index} should be a Tensor, got {type(tensor).__name__}")
+            got = {"dtype": str(tensor.dtype).replace("torch.", ""), "shape": list(tensor.shape[1:])}
+            if tensor.dim() == 0 or got != {"dtype": want["dtype"], "shape": want["shape"]}:
+                raise ValueError(f"input {index} should be {want['dtype']} [B, {', '.join(map(str, want['shape']))}], "
+                                 f"got {got['dtype']} {list(tensor.shape)}")
+            if not 1 <= tensor.shape[0] <= self.max_batch:
+                raise ValueError(f"input {index}: the batch should be in [1, {self.max_batch}], got {tensor.shape[0]}")
+
+    def __call__(self, *inputs: Tensor) -> Outputs:
+        self.check(*inputs)
+        boxes, scores, labels, counts = self._compiled(*inputs)
+        return boxes, scores, labels, counts
+
+
+def load_package(path: str, device_index: Optional[int] = None) -> PackageRunner:
+    """Loads a package written by this module (the ops registered first)."""
+    require_extension()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no AOTInductor package at {path!r}")
+    compiled = (torch._inductor.aoti_load_package(path) if device_index is None
+                else torch._inductor.aoti_load_package(path, device_index=device_index))
+    return PackageRunner(compiled, path)
