@@ -1,6 +1,6 @@
 """Deployment peers: ssd_post's postprocess exported to ONNX, run in onnxruntime and
-in OpenVINO (CPU, f32), and OpenVINO's own MulticlassNms, as a deployment user would
-run it instead of PyTorch.
+in OpenVINO (CPU, f32), and OpenVINO's own MulticlassNms and DetectionOutput (the Caffe
+SSD op), as a deployment user would run it instead of PyTorch.
 
 Only the postprocess is timed: the graph takes the head outputs (locs, logits,
 image_sizes) with the anchors baked in. Export and session creation happen once per
@@ -56,6 +56,8 @@ def prepare(inp: Inputs, runtime: str) -> Callable[..., Detections]:
     key = _key(inp, runtime)
     if key not in _CACHE and runtime == "openvino_multiclass_nms":
         _CACHE[key] = _prepare_multiclass_nms(inp)
+    if key not in _CACHE and runtime == "openvino_detection_output":
+        _CACHE[key] = _prepare_detection_output(inp)
     if key not in _CACHE:
         threads = torch.get_num_threads()  # the same cores as the PyTorch methods
         _CACHE[key] = ssd_onnx.load_runner(_export(inp), runtime, threads=threads)
@@ -86,11 +88,21 @@ class _DecodeSoftmax(torch.nn.Module):
         return boxes, logits.float().softmax(-1).transpose(1, 2)
 
 
-def _prepare_multiclass_nms(inp: Inputs) -> Callable[..., Detections]:
+def _compile_openvino(model, perf_count: bool = False):
+    """An OpenVINO model compiled for the CPU in f32 on torch's thread count."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if perf_count:
+        config["PERF_COUNT"] = True
+    return ov.Core().compile_model(model, "CPU", config)
+
+
+def _multiclass_nms_model(inp: Inputs):
     """OpenVINO's own MulticlassNms (opset9) after a softmax + decode front: what an
     OpenVINO user would reach for. Per-class top-k (nms_top_k), strict NMS, per-image
     keep_top_k; boxes are pixels, normalized=True only means "no +1 in the areas".
-    Its output is re-sorted by score per image (see :func:`_pad`) before the parity check."""
+    Inputs locs, logits, image_sizes; outputs the selected rows and the counts."""
     import openvino as ov
     import openvino.opset9 as ov9
 
@@ -109,11 +121,15 @@ def _prepare_multiclass_nms(inp: Inputs) -> Callable[..., Detections]:
                              nms_top_k=cfg.topk_candidates, keep_top_k=cfg.detections_per_img,
                              background_class=-1 if cfg.background_class is None else cfg.background_class,
                              nms_eta=1.0, normalized=True)
-    model = ov.Model([nms.output(0), nms.output(2)], front.get_parameters(), "multiclass_nms")
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    return ov.Model([nms.output(0), nms.output(2)], front.get_parameters(), "multiclass_nms")
+
+
+def _prepare_multiclass_nms(inp: Inputs) -> Callable[..., Detections]:
+    """The MulticlassNms peer; its output is re-sorted by score per image (see
+    :func:`_pad`) before the parity check."""
+    compiled = _compile_openvino(_multiclass_nms_model(inp))
     request = compiled.create_infer_request()
-    k = cfg.detections_per_img
+    k = inp.config.detections_per_img
 
     def run(locs, logits, image_sizes) -> Detections:
         result = request.infer([locs.numpy(), logits.numpy(), image_sizes.numpy()])
@@ -141,13 +157,79 @@ def _pad(selected: torch.Tensor, counts: torch.Tensor, k: int) -> Detections:
     return out
 
 
+def _detection_output_model(inp: Inputs):
+    """OpenVINO's DetectionOutput (opset8, Caffe's SSD op) after an OpenVINO Softmax:
+    the op an OpenVINO SSD user is given. It decodes with the priors normalised to
+    [0, 1] and variances 1 / box_weights (0.1, 0.1, 0.2, 0.2 for torchvision's SSD),
+    ``normalized=True``, clips before NMS, keeps ``top_k`` per class before NMS and
+    ``keep_top_k`` per image after. It takes one image size for the whole graph (the
+    priors are normalised by it) and does not clamp dw, dh at log(1000 / 16) as
+    torchvision does; neither matters on the benchmark's inputs. Inputs locs, logits;
+    output [1, 1, B * keep_top_k, 7] rows, normalised boxes."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset8 as ov8
+
+    cfg = inp.config
+    sizes = inp.image_sizes
+    if not bool((sizes == sizes[0]).all()):
+        raise ValueError("openvino_detection_output takes one image size per graph")
+    batch, num_anchors, num_classes = inp.logits.shape
+    h, w = (int(v) for v in sizes[0])
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    variances = torch.tensor([1.0 / float(v) for v in cfg.box_weights]).expand(num_anchors, 4)
+    priors = torch.stack([(inp.anchors.float() / scale).reshape(-1), variances.reshape(-1)])
+    locs = ov8.parameter([-1, num_anchors, 4], np.float32, name="locs")
+    logits = ov8.parameter([-1, num_anchors, num_classes], np.float32, name="logits")
+    flat_locs = ov8.reshape(locs, ov8.constant(np.array([0, -1], np.int64)), special_zero=True)
+    probs = ov8.reshape(ov8.softmax(logits, -1), ov8.constant(np.array([0, -1], np.int64)), special_zero=True)
+    detections = ov8.detection_output(flat_locs, probs, ov8.constant(priors.reshape(1, 2, -1).numpy()), {
+        "background_label_id": -1 if cfg.background_class is None else cfg.background_class,
+        "top_k": cfg.topk_candidates, "keep_top_k": [cfg.detections_per_img],
+        "code_type": "caffe.PriorBoxParameter.CENTER_SIZE", "share_location": True,
+        "nms_threshold": cfg.nms_thresh, "confidence_threshold": cfg.score_thresh,
+        "clip_before_nms": True, "clip_after_nms": False, "decrease_label_id": False,
+        "normalized": True, "variance_encoded_in_target": False})
+    return ov.Model([detections.output(0)], [locs, logits], "detection_output")
+
+
+def _prepare_detection_output(inp: Inputs) -> Callable[..., Detections]:
+    """The DetectionOutput peer: its rows back to pixels, grouped by image."""
+    compiled = _compile_openvino(_detection_output_model(inp))
+    request = compiled.create_infer_request()
+    batch = inp.logits.shape[0]
+    h, w = (int(v) for v in inp.image_sizes[0])
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    k = inp.config.detections_per_img
+
+    def run(locs, logits, image_sizes) -> Detections:
+        if not bool((image_sizes == torch.tensor([h, w])).all()):
+            raise ValueError(f"openvino_detection_output takes one image size per graph, built for {(h, w)}, "
+                             f"got {image_sizes.tolist()}")
+        rows = torch.from_numpy(request.infer([locs.numpy(), logits.numpy()])[compiled.outputs[0]].copy())
+        rows = rows.reshape(-1, 7)  # image, label, score, x1, y1, x2, y2 (normalised)
+        # The valid rows end at the first image id -1; what follows is not output.
+        end = (rows[:, 0] < 0).nonzero()
+        rows = rows[: int(end[0]) if len(end) else rows.shape[0]]
+        counts = torch.bincount(rows[:, 0].long(), minlength=batch)
+        order = torch.sort(rows[:, 0], stable=True).indices
+        selected = torch.cat((rows[order, 1:3], rows[order, 3:] * scale), dim=1)
+        return _pad(selected, counts, k)
+    return run
+
+
+def run_openvino_detection_output(inp: Inputs) -> Detections:
+    return prepare(inp, "openvino_detection_output")(inp.locs, inp.logits, inp.image_sizes)
+
+
 def run_openvino_multiclass_nms(inp: Inputs) -> Detections:
     return prepare(inp, "openvino_multiclass_nms")(inp.locs, inp.logits, inp.image_sizes)
 
 
 # method name -> (run, runtime package)
 PEERS = {"onnxruntime": (run_onnxruntime, "onnxruntime"), "openvino": (run_openvino, "openvino"),
-         "openvino_multiclass_nms": (run_openvino_multiclass_nms, "openvino")}
+         "openvino_multiclass_nms": (run_openvino_multiclass_nms, "openvino"),
+         "openvino_detection_output": (run_openvino_detection_output, "openvino")}
 
 
 def profile(inp: Inputs, repeats: int = 5) -> Dict[str, Dict[str, float]]:
@@ -178,16 +260,19 @@ def profile(inp: Inputs, repeats: int = 5) -> Dict[str, Dict[str, float]]:
     if "openvino" in available_runtimes():
         import openvino as ov
 
-        compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True,
-                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-        request = compiled.create_infer_request()
-        arrays = [t.numpy() for t in feeds]
-        totals = collections.defaultdict(float)
-        for _ in range(repeats):
-            request.infer(arrays)
-            for info in request.profiling_info:
-                totals[info.node_type] += info.real_time.total_seconds() * 1e3 / repeats
-        out["openvino"] = dict(totals)
+        models = {"openvino": (ov.Core().read_model(path), feeds),
+                  "openvino_multiclass_nms": (_multiclass_nms_model(inp), feeds),
+                  "openvino_detection_output": (_detection_output_model(inp), feeds[:2])}
+        for name, (model, inputs) in models.items():
+            request = _compile_openvino(model, perf_count=True).create_infer_request()
+            arrays = [t.numpy() for t in inputs]
+            request.infer(arrays)  # warm-up
+            totals = collections.defaultdict(float)
+            for _ in range(repeats):
+                request.infer(arrays)
+                for info in request.profiling_info:
+                    totals[info.node_type] += info.real_time.total_seconds() * 1e3 / repeats
+            out[name] = dict(totals)
     return out
 
 
