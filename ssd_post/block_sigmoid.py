@@ -45,6 +45,21 @@ def tail_mask(numel: int, positions: Tensor, step: int) -> Tensor:
     return offset >= chunk_len - chunk_len % step
 
 
+def sigmoid_gathered(values: Tensor, in_tail: Tensor, step: int) -> Tensor:
+    """torch's sigmoid bits of ``values`` (Tensor[N] float32, gathered from blocks),
+    each as torch computes it in the vectorised body of its loop or, where
+    ``in_tail`` (Tensor[N] bool) is set, in the scalar tail."""
+    out = torch.empty_like(values)
+    if values.numel():
+        padded = torch.cat((values, values.new_zeros((-values.numel()) % step)))
+        out.copy_(torch.cat([torch.sigmoid(piece) for piece in padded.split(_PIECE)])[: values.numel()])
+        tail = in_tail.nonzero().flatten()
+        # A call on fewer than ``step`` elements runs the scalar loop only.
+        for piece in tail.split(step - 1):
+            out[piece] = torch.sigmoid(values[piece])
+    return out
+
+
 def sigmoid_at(block: Tensor, positions: Tensor, step: int) -> Tensor:
     """``torch.sigmoid(block).flatten()[positions]`` to the bit (Tensor[N] float32).
 
@@ -52,13 +67,4 @@ def sigmoid_at(block: Tensor, positions: Tensor, step: int) -> Tensor:
         block (Tensor[...] float32, contiguous): what torchvision calls sigmoid on.
         positions (Tensor[N] int64): flat positions in ``block``.
     """
-    values = block.flatten()[positions]
-    out = torch.empty_like(values)
-    if values.numel():
-        padded = torch.cat((values, values.new_zeros((-values.numel()) % step)))
-        out.copy_(torch.cat([torch.sigmoid(piece) for piece in padded.split(_PIECE)])[: values.numel()])
-        tail = tail_mask(block.numel(), positions, step).nonzero().flatten()
-        # A call on fewer than ``step`` elements runs the scalar loop only.
-        for piece in tail.split(step - 1):
-            out[piece] = torch.sigmoid(values[piece])
-    return out
+    return sigmoid_gathered(block.flatten()[positions], tail_mask(block.numel(), positions, step), step)

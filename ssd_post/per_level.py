@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .block_sigmoid import loop_step, sigmoid_at
+from .block_sigmoid import loop_step, sigmoid_gathered, tail_mask
 from .box_coder import BoxCoder, clip_boxes
 from .config import PostprocessConfig
 from .formats import Detections
@@ -89,39 +89,95 @@ def logit_bound(activation: str, score_thresh: float) -> float:
     return math.log(p) - math.log1p(-p) - 0.01
 
 
-def _block_candidates(logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
-                      background: Optional[int], step: Optional[int]) -> Tuple[Tensor, Tensor]:
+def _dense_block_candidates(logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
+                            background: Optional[int]) -> Tuple[Tensor, Tensor]:
     """Flat positions (anchor * C + class, Tensor[N] int64, increasing) and scores
-    (Tensor[N] float32) of one (image, level) block that pass the threshold."""
+    (Tensor[N] float32) of one (image, level) block that pass the threshold, from
+    the whole block's scores."""
+    score = block_scores(logits, config.score_activation, centerness).flatten()
+    passing = score > config.score_thresh
+    if background is not None:
+        passing.view(-1, logits.shape[-1])[:, background] = False
+    k = config.topk_candidates
+    if passing.numel() > k:
+        # Most of a dense block passes: cut at the k-th passing score before listing
+        # the positions (listing millions of them cost more than the top-k). Ties
+        # with the k-th score all stay, as in _cut_to_topk.
+        kth = torch.where(passing, score, float("-inf")).topk(k, sorted=False).values.min()
+        if kth > float("-inf"):
+            passing &= score >= kth
+    flat = passing.nonzero().flatten()
+    return flat, score[flat]
+
+
+def _level_candidates(logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
+                      background: Optional[int], step: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The (image, level) blocks of one level that pass the threshold, all images at once.
+
+    Args:
+        logits (Tensor[B, A_l, C]), centerness (Tensor[B, A_l, 1] or None): the level.
+
+    Returns:
+        image, flat position in the image's block (anchor * C + class), both
+        Tensor[N] int64, and score (Tensor[N] float32); by image, then by flat.
+    """
+    batch, level_anchors, num_classes = logits.shape
     bound = logit_bound(config.score_activation, config.score_thresh)
-    if (step is not None and bound > float("-inf") and logits.dtype == torch.float32
-            and logits.is_contiguous() and (centerness is None or centerness.is_contiguous())):
+    # The loop layout that block_sigmoid reproduces is that of a contiguous block.
+    blocks_contiguous = batch == 0 or (logits[0].is_contiguous()
+                                       and (centerness is None or centerness[0].is_contiguous()))
+    gather = (step is not None and bound > float("-inf") and logits.dtype == torch.float32
+              and blocks_contiguous)
+    if gather:
         # Only the logits above the bound go through the sigmoid, when they are few
         # (gathering pays off for a trained head, not for a dense one). One max per
         # anchor first: comparing and scanning all A_l x C logits costs more than
         # that read. "not <=" keeps rows whose max is NaN (another class may pass).
-        rows = ~(logits.amax(dim=1) <= bound)
+        rows = ~(logits.amax(dim=2) <= bound)
         if centerness is not None:
-            rows &= centerness[:, 0].float() > bound
-        rows = rows.nonzero().flatten()
-        passing = logits[rows] > bound
+            rows &= centerness[..., 0].float() > bound
+        row_image, row_anchor = rows.nonzero(as_tuple=True)
+    if gather and row_image.numel() * 2 > rows.numel():
+        gather = False  # most anchors may pass: the whole-block path is cheaper
+    if gather:
+        passing = logits[row_image, row_anchor] > bound
         if background is not None:
             passing[:, background] = False
         row, column = passing.nonzero(as_tuple=True)
-        flat = rows[row] * logits.shape[1] + column  # row-major order: increasing
+        image = row_image[row]
+        anchor = row_anchor[row]
+        flat = anchor * num_classes + column  # row-major order: increasing per image
         if flat.numel() * 8 <= logits.numel():
-            score = sigmoid_at(logits, flat, step)
+            # Every block of the level has the same size, hence the same loop layout.
+            block_numel = level_anchors * num_classes
+            score = sigmoid_gathered(logits[image, anchor, column], tail_mask(block_numel, flat, step), step)
             if centerness is not None:
-                anchor = torch.div(flat, logits.shape[1], rounding_mode="floor")
-                score = torch.sqrt(score * sigmoid_at(centerness.float(), anchor, step))
+                ctr = centerness[image, anchor, 0].float()
+                score = torch.sqrt(score * sigmoid_gathered(ctr, tail_mask(level_anchors, anchor, step), step))
             keep = score > config.score_thresh
-            return flat[keep], score[keep]
-    score = block_scores(logits, config.score_activation, centerness)
-    passing = score > config.score_thresh
-    if background is not None:
-        passing[:, background] = False
-    flat = passing.flatten().nonzero().flatten()
-    return flat, score.flatten()[flat]
+            return image[keep], flat[keep], score[keep]
+    empty = logits.new_zeros((0,), dtype=torch.int64)
+    images, flats, scores = [empty], [empty], [logits.new_zeros((0,), dtype=torch.float32)]
+    for b in range(batch):
+        flat, score = _dense_block_candidates(logits[b], None if centerness is None else centerness[b],
+                                              config, background)
+        images.append(torch.full_like(flat, b))
+        flats.append(flat)
+        scores.append(score)
+    return torch.cat(images), torch.cat(flats), torch.cat(scores)
+
+
+def _cut_to_topk(image: Tensor, score: Tensor, batch: int, k: int) -> Tensor:
+    """Which candidates of one level can still be in their image's top k (Tensor[N]
+    bool): in an image with more than k, those at or above its k-th score. Ties
+    with the k-th score all stay: the rank cut after the sort picks among them by
+    flattened index."""
+    keep = torch.ones_like(image, dtype=torch.bool)
+    counts = torch.bincount(image, minlength=batch)
+    for b in (counts > k).nonzero().flatten().tolist():
+        mine = (image == b).nonzero().flatten()
+        keep[mine] = score[mine] >= score[mine].topk(k, sorted=False).values.min()
+    return keep
 
 
 def _level_slices(level_sizes: List[int]) -> List[slice]:
@@ -146,20 +202,16 @@ def select_per_level(logits: Tensor, centerness: Optional[Tensor], config: Postp
     background = config.resolve_background_class(num_classes)
     step = loop_step() if logits.device.type == "cpu" else None
     images, flats, scores = [], [], []
-    # One (image, level) block at a time, as torchvision: the score bits depend on
-    # the block, and a block's candidates are cut to about k before any sort.
-    for image in range(batch):
-        for block in _level_slices(level_sizes):
-            block_centerness = None if centerness is None else centerness[image, block]
-            flat, score = _block_candidates(logits[image, block], block_centerness, config, background, step)
-            if flat.numel() > config.topk_candidates:
-                # Ties with the k-th score all stay: the rank cut below picks among
-                # them by flattened index.
-                keep = score >= score.topk(config.topk_candidates, sorted=False).values.min()
-                flat, score = flat[keep], score[keep]
-            images.append(torch.full_like(flat, image))
-            flats.append(flat + block.start * num_classes)
-            scores.append(score)
+    # One level at a time for all images: the score bits depend on the (image, level)
+    # block torchvision computes them on (all blocks of a level have one size), and
+    # a block's candidates are cut to about k before any sort.
+    for block in _level_slices(level_sizes):
+        level_centerness = None if centerness is None else centerness[:, block]
+        image, flat, score = _level_candidates(logits[:, block], level_centerness, config, background, step)
+        keep = _cut_to_topk(image, score, batch, config.topk_candidates)
+        images.append(image[keep])
+        flats.append(flat[keep] + block.start * num_classes)
+        scores.append(score[keep])
     if not scores:
         empty = logits.new_zeros((0,), dtype=torch.int64)
         return empty, empty, empty, logits.new_zeros((0,), dtype=torch.float32)
