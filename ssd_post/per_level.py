@@ -110,6 +110,45 @@ def _dense_block_candidates(logits: Tensor, centerness: Optional[Tensor], config
     return flat, score[flat]
 
 
+def _topk_logit_bounds(row_max: Tensor, centerness: Optional[Tensor], bound: float,
+                       config: PostprocessConfig, background: Optional[int]) -> Tensor:
+    """Per anchor (Tensor[B, A_l] float32), a class logit at or below which a pair
+    can neither pass the threshold nor be among its (image, level)'s
+    ``topk_candidates`` best scores.
+
+    The k anchors with the best score of their best class give k pairs scoring at
+    least about s_k, the k-th best of those anchor scores; a pair of the top k
+    scores at least that much. With plain sigmoid, s = sigmoid(x); with centerness
+    (FCOS), s = sqrt(sigmoid(x) * sigmoid(ctr)), which needs sigmoid(x) >= s_k^2 /
+    sigmoid(ctr). s_k is lowered by a relative 1e-5, far more than the ulps by which
+    torch's float score differs from the exact one (its vectorised and scalar
+    sigmoids differ too), so pairs tied with the k-th score are never cut: sigmoid
+    saturates at exactly 1.0 from about x = 17, so such ties can have far lower
+    logits than the k-th anchor's. A dense head's block then costs one max per
+    anchor instead of a sigmoid per pair. No such bound is used with a background
+    column, whose logit is in the max.
+    """
+    batch, level_anchors = row_max.shape
+    k = config.topk_candidates
+    out = torch.full((batch, level_anchors), bound, dtype=torch.float32)
+    if background is not None or level_anchors <= k or batch == 0:
+        return out
+    if not bool(((row_max > bound).sum(dim=1) > k).any()):
+        return out  # no image has more than k anchors that may pass: nothing to cut
+    best = torch.sigmoid(row_max.double())
+    if centerness is not None:
+        ctr = torch.sigmoid(centerness[..., 0].double())
+        best = torch.sqrt(best * ctr)
+    # A NaN score does not count: its anchor may hold no valid pair at all.
+    kth = torch.nan_to_num(best, nan=-1.0).topk(k, dim=1).values[:, -1:].clamp(min=0.0)  # [B, 1]
+    needed = kth * (1 - 1e-5)  # the sigmoid a pair's class logit must reach
+    if centerness is not None:
+        # s^2 / sigmoid(ctr), past 1 (no pair of the anchor can reach it) kept as 1: logit inf.
+        needed = torch.where(ctr > 0, (needed * needed / ctr).clamp(max=1.0), torch.ones_like(ctr))
+    logit_needed = (torch.log(needed) - torch.log1p(-needed)).float()  # 0: -inf, no pruning
+    return torch.maximum(out, logit_needed)
+
+
 def _level_candidates(logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
                       background: Optional[int], step: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """The (image, level) blocks of one level that pass the threshold, all images at once.
@@ -133,14 +172,16 @@ def _level_candidates(logits: Tensor, centerness: Optional[Tensor], config: Post
         # (gathering pays off for a trained head, not for a dense one). One max per
         # anchor first: comparing and scanning all A_l x C logits costs more than
         # that read. "not <=" keeps rows whose max is NaN (another class may pass).
-        rows = ~(logits.amax(dim=2) <= bound)
+        row_max = logits.amax(dim=2)  # [B, A_l]
+        anchor_bound = _topk_logit_bounds(row_max, centerness, bound, config, background)  # [B, A_l]
+        rows = ~(row_max <= anchor_bound)
         if centerness is not None:
             rows &= centerness[..., 0].float() > bound
         row_image, row_anchor = rows.nonzero(as_tuple=True)
     if gather and row_image.numel() * 2 > rows.numel():
         gather = False  # most anchors may pass: the whole-block path is cheaper
     if gather:
-        passing = logits[row_image, row_anchor] > bound
+        passing = logits[row_image, row_anchor] > anchor_bound[row_image, row_anchor][:, None]
         if background is not None:
             passing[:, background] = False
         row, column = passing.nonzero(as_tuple=True)

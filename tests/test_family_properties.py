@@ -74,6 +74,46 @@ def test_per_level_matches_oracle(problem):
         assert (actual.scores[i, :n] > config.score_thresh).all()
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", ["saturated", "nan_rows"])
+@pytest.mark.parametrize("activation", ["sigmoid", "sigmoid_centerness"])
+def test_topk_logit_bound_cuts_nothing_of_the_top_k(batch, case, activation):
+    # A dense sigmoid head prunes with a logit bound taken from the k-th largest
+    # anchor max. sigmoid(x) is exactly 1.0 in float32 from about x = 17, so logits
+    # 17 and 50 tie at 1.0: cutting at the k-th logit would drop tied pairs and
+    # change which one the flattened-index rule keeps. A NaN row must not count as
+    # one of the k either.
+    gen = torch.Generator().manual_seed(batch)
+    num_anchors, classes = 3000, 5
+    logits = torch.randn(batch, num_anchors, classes, generator=gen) * 2 - 1  # most pairs pass 0.05
+    saturated = torch.tensor([17.0, 18.0, 20.0, 30.0, 50.0, float("inf")])
+    where = torch.randint(0, num_anchors * classes, (batch, 60), generator=gen)
+    if case == "saturated":
+        logits.view(batch, -1).scatter_(1, where, saturated[torch.randint(0, 6, (batch, 60), generator=gen)])
+        logits[0, 11, :] = float("nan")
+    else:  # rows of NaN with the largest maxes would otherwise take k-th places
+        logits[:, :6, :] = float("nan")
+    xy = torch.rand(num_anchors, 2, generator=gen) * 500
+    anchors = torch.cat((xy, xy + 20), dim=1)
+    locs = torch.zeros(batch, num_anchors, 4)
+    centerness = None
+    if activation == "sigmoid_centerness":
+        # FCOS: the anchor's centerness scales every pair's score; some saturate too.
+        centerness = torch.randn(batch, num_anchors, generator=gen) * 3
+        centerness[:, 100:110] = 40.0
+        centerness[:, 200] = float("nan")
+    config = PostprocessConfig(score_thresh=0.05, nms_thresh=0.5, topk_candidates=12, detections_per_img=40,
+                               box_weights=(1.0, 1.0, 1.0, 1.0), score_activation=activation,
+                               background_class=None, selection="per_level")
+    args = (locs, logits, anchors, [(600, 600)] * batch, config)
+    extra = dict(level_sizes=[2000, 1000], centerness=centerness)
+    actual = ssd_post.postprocess(*args, **extra)
+    assert_same_detections(actual, reference.postprocess_loop(*args, **extra))
+    assert (actual.num_detections > 0).all()
+    if case == "saturated" and activation == "sigmoid":
+        assert (actual.scores[:, 0] == 1.0).all(), "the saturated pairs should lead"
+
+
 def test_topk_is_per_level_not_per_class():
     # Two levels of one anchor, one class each passing: topk_candidates=1 keeps the
     # best pair of each level (two detections), not the best pair per class.
