@@ -121,17 +121,38 @@ PY_LIMITED_API = True
 WITH_AVX2_VARIANT = platform.machine().lower() in ("x86_64", "amd64")
 
 
+# Host compiler flags (compile, link) by compiler kind, chosen when the compiler is
+# known. No FMA contraction: CPU boxes and IoUs must round like torchvision's
+# separate ops (MSVC's /fp:precise contracts only with /fp:contract). at::parallel_for
+# is inline OpenMP: without OpenMP it would run serially.
+HOST_FLAGS = {
+    "unix": (["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-unknown-pragmas"], ["-fopenmp"]),
+    "msvc": (["/O2", "/openmp", "/fp:precise"], []),
+}
+
+
 class BuildWithVectorVariants(BuildExtension):
-    """torch's BuildExtension, plus the AVX2 compilation of VECTOR_SOURCE.
+    """torch's BuildExtension, with the host flags of the compiler in use and the
+    AVX2 compilation of VECTOR_SOURCE.
 
     setuptools gives every source of an extension the same flags, so the second
     compilation of the one file goes to its own object folder and is linked in as
     an extra object, the way ATen builds its per-CPU-capability kernels.
     """
 
+    def build_extensions(self):
+        compile_flags, link_flags = HOST_FLAGS[self._compiler_kind()]
+        for ext in self.extensions:
+            ext.extra_compile_args["cxx"] = list(compile_flags)
+            ext.extra_link_args = list(link_flags)
+        super().build_extensions()
+
+    def _compiler_kind(self) -> str:
+        return "msvc" if self.compiler.compiler_type == "msvc" else "unix"
+
     def build_extension(self, ext):
         if WITH_AVX2_VARIANT:
-            flags = AVX2_FLAGS["msvc" if self.compiler.compiler_type == "msvc" else "unix"]
+            flags = AVX2_FLAGS[self._compiler_kind()]
             args = dict(ext.extra_compile_args)
             args["cxx"] = list(args["cxx"]) + flags
             objects = self.compiler.compile(
@@ -144,10 +165,8 @@ class BuildWithVectorVariants(BuildExtension):
 
 def _extension():
     cpp_sources = ["csrc/ssd_post.cpp"] + _sources("csrc/cpu/*.cpp")
-    # No FMA contraction: CPU boxes and IoUs must round like torchvision's separate ops.
-    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-unknown-pragmas"]
-    # at::parallel_for is inline OpenMP: without -fopenmp it would run serially.
-    link_flags = ["-fopenmp"]
+    # Replaced by the flags of the compiler in use (BuildWithVectorVariants).
+    cxx_flags, link_flags = HOST_FLAGS["unix"]
     macros = [("SSD_POST_HAVE_AVX2_KERNELS", "1")] if WITH_AVX2_VARIANT else []
     if not WITH_CUDA:
         print(f"ssd_post: building CPU-only extension ({CPU_ONLY_REASON})", file=sys.stderr)
