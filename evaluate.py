@@ -5,6 +5,7 @@
     python evaluate.py --devices 2                      # two CPU processes through Lightning
     python evaluate.py --json out/metrics.json --save-vis out/vis
     python evaluate.py --backend onnxruntime            # network + postprocess exported to ONNX
+    python evaluate.py --backend aoti                   # ... compiled by AOTInductor (needs a C++ compiler)
 
 Stages: ``data`` (waiting for the next batch: decoding and resizing images),
 ``forward`` (the network), ``postprocess`` (the chosen path, the only stage that
@@ -96,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--postprocess", choices=sorted(POSTPROCESSORS), default="ssd_post",
                         help="ssd_post's batched ops or torchvision's per-image loop (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
-                        help="where the network and the ssd_post postprocess run: PyTorch, or exported to "
-                             "ONNX and run in onnxruntime / OpenVINO (see docs/deploy.md)")
+                        help="where the network and the ssd_post postprocess run: PyTorch, exported to "
+                             "ONNX and run in onnxruntime / OpenVINO, or compiled into AOTInductor packages "
+                             "(see docs/deploy.md)")
     parser.add_argument("--json", metavar="OUT", default=None,
                         help="write the metrics to OUT and the detections (COCO results) next to it")
     parser.add_argument("--save-vis", metavar="DIR", default=None,
@@ -294,7 +296,7 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     timer = StageTimer()
     if args.backend != "pytorch":
         with tempfile.TemporaryDirectory() as folder:
-            runner, postprocess_fn = make_backend(detector, args, folder)
+            runner, postprocess_fn = make_backend(detector, args, folder, batch_size)
             start = time.perf_counter()
             per_rank = [run_inference(runner, loader, postprocess_fn, timer, label_to_category)]
             inference_s = time.perf_counter() - start
@@ -335,13 +337,13 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     return metrics
 
 
-def make_backend(detector: torch.nn.Module, args: argparse.Namespace, folder: str):
+def make_backend(detector: torch.nn.Module, args: argparse.Namespace, folder: str, batch_size: int):
     """The exported network and postprocess loaded in ``args.backend`` (files in ``folder``)."""
     if args.postprocess != "ssd_post" or args.devices != 1:
         raise EvaluationError(f"--backend {args.backend} runs ssd_post's postprocess in one process; "
                               f"got --postprocess {args.postprocess} --devices {args.devices}")
     try:
-        return build_runtime_backend(detector, args.backend, folder)
+        return build_runtime_backend(detector, args.backend, folder, max_batch=batch_size)
     except (ImportError, ValueError) as err:
         raise EvaluationError(str(err).splitlines()[0]) from err
 

@@ -25,9 +25,8 @@ from ._extension import library_path, require_extension
 from .config import PostprocessConfig
 from .exportable import DetectorModule, PostprocessModule, check_detector
 
-__all__ = ["export_package", "export_postprocess_package", "load_package", "op_library_path"]
+__all__ = ["export_module", "export_package", "export_postprocess_package", "load_package", "op_library_path"]
 
-Outputs = Tuple[Tensor, Tensor, Tensor, Tensor]
 
 # Package metadata key: what each input must be. AOTInductor checks its inputs only
 # when AOTI_RUNTIME_CHECK_INPUTS=1 is set; without it an image of the wrong size
@@ -43,7 +42,11 @@ def op_library_path() -> str:
     return path
 
 
-def _package(module: nn.Module, args: Tuple[Tensor, ...], path: str, max_batch: int) -> str:
+def export_module(module: nn.Module, args: Tuple[Tensor, ...], path: str, max_batch: int = 64) -> str:
+    """Any module of tensors in, tensors out (dim 0 of every input the batch, 1 to
+    ``max_batch``) as an AOTInductor package at ``path``, its inputs recorded for
+    :class:`PackageRunner`'s checks. The two functions below are this with
+    ssd_post's exportable modules."""
     require_extension()
     if not str(path).endswith(".pt2"):
         raise ValueError(f"path should end in .pt2 (AOTInductor's package format), got {path!r}")
@@ -80,7 +83,7 @@ def export_package(model: nn.Module, path: str, example_images: Tensor, max_batc
         scores [B, K], labels [B, K] int64 and num_detections [B] int64.
     """
     check_detector(model)
-    return _package(DetectorModule(model), (example_images,), path, max_batch)
+    return export_module(DetectorModule(model), (example_images,), path, max_batch)
 
 
 def export_postprocess_package(anchors: Tensor, config: PostprocessConfig, path: str,
@@ -89,13 +92,14 @@ def export_postprocess_package(anchors: Tensor, config: PostprocessConfig, path:
     """The postprocess alone (locs [B, A, 4], logits [B, A, C], image_sizes [B, 2]
     int64 in; anchors [A, 4] baked in) as an AOTInductor package."""
     module = PostprocessModule(anchors, config)
-    return _package(module, (example_locs, example_logits, example_image_sizes), path, max_batch)
+    return export_module(module, (example_locs, example_logits, example_image_sizes), path, max_batch)
 
 
 class PackageRunner:
-    """A loaded package: ``runner(*inputs) -> (boxes [B, K, 4], scores [B, K],
-    labels [B, K], num_detections [B])``, each input checked against what the
-    package was compiled for (dtype, every dim but the batch, batch range)."""
+    """A loaded package: ``runner(*inputs)`` returns the module's outputs as a tuple
+    (for a detector or postprocess package: boxes [B, K, 4], scores [B, K], labels
+    [B, K], num_detections [B]), each input checked first against what the package
+    was compiled for (dtype, every dim but the batch, batch range)."""
 
     def __init__(self, compiled, path: str) -> None:
         metadata = compiled.get_metadata()
@@ -120,10 +124,9 @@ class PackageRunner:
             if not 1 <= tensor.shape[0] <= self.max_batch:
                 raise ValueError(f"input {index}: the batch should be in [1, {self.max_batch}], got {tensor.shape[0]}")
 
-    def __call__(self, *inputs: Tensor) -> Outputs:
+    def __call__(self, *inputs: Tensor) -> Tuple[Tensor, ...]:
         self.check(*inputs)
-        boxes, scores, labels, counts = self._compiled(*inputs)
-        return boxes, scores, labels, counts
+        return tuple(self._compiled(*inputs))
 
 
 def load_package(path: str, device_index: Optional[int] = None) -> PackageRunner:

@@ -229,11 +229,12 @@ def test_import_ssd_post_does_not_import_onnx():
 
 @pytest.mark.slow
 def test_evaluate_backends_agree_on_map(tmp_path):
-    """evaluate.py --backend: the same COCO numbers in PyTorch, onnxruntime and OpenVINO.
+    """evaluate.py --backend: the same COCO numbers in PyTorch, onnxruntime, OpenVINO and
+    AOTInductor packages.
 
     Each backend runs as its own `python evaluate.py` process, as a user runs it: the
     runtimes' thread pools never share a process with later tests that fork."""
-    backends = ["pytorch"] + [b for b in ssd_onnx.RUNTIMES if _installed(b)]
+    backends = ["pytorch"] + [b for b in ssd_onnx.RUNTIMES if _installed(b)] + ["aoti"]
     data_root = tmp_path / "shapes"
     stats = {}
     for backend in backends:

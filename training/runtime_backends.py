@@ -1,11 +1,12 @@
-"""evaluate.py's ``--backend onnxruntime|openvino``: the network and ssd_post's
-postprocess exported to ONNX and run in that runtime.
+"""evaluate.py's ``--backend onnxruntime|openvino|aoti``: the network and ssd_post's
+postprocess exported to ONNX and run in that runtime, or compiled into AOTInductor
+packages (``aoti``: the network as generated C++, the postprocess as ssd_post's op).
 
 Two graphs are exported (the network: images -> locs, logits; the postprocess:
 locs, logits, image_sizes -> padded detections) so that evaluate.py can time the
 ``forward`` and ``postprocess`` stages apart, exactly as for the PyTorch backend.
-``ssd_post.onnx.export`` writes the single graph a deployment would use; it is the
-same two pieces joined.
+``ssd_post.onnx.export`` / ``ssd_post.aoti.export_package`` write the single graph
+a deployment would use; it is the same two pieces joined.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Callable, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-BACKENDS = ("pytorch", "onnxruntime", "openvino")
+BACKENDS = ("pytorch", "onnxruntime", "openvino", "aoti")
 _EXAMPLE_BATCH = 2  # any batch size runs afterwards: the exported batch is dynamic
 
 
@@ -52,8 +53,9 @@ class RuntimeDetector:
         return locs, logits
 
 
-def build_runtime_backend(detector: nn.Module, backend: str, folder: str):
-    """Exports ``detector`` into ``folder`` and loads both graphs in ``backend``.
+def build_runtime_backend(detector: nn.Module, backend: str, folder: str, max_batch: int = 64):
+    """Exports ``detector`` into ``folder`` and loads both graphs in ``backend``
+    (``aoti``: both packages accept batches of 1 to ``max_batch`` images).
 
     Returns:
         (a detector stand-in, a postprocess function with the signature of
@@ -67,8 +69,10 @@ def build_runtime_backend(detector: nn.Module, backend: str, folder: str):
 
     if backend not in BACKENDS[1:]:
         raise ValueError(f"backend should be one of {BACKENDS[1:]}, got {backend!r}")
-    ssd_onnx.require(backend, f"--backend {backend}")
     ssd_onnx.check_detector(detector)
+    if backend == "aoti":
+        return _build_aoti_backend(detector, folder, max(max_batch, _EXAMPLE_BATCH))
+    ssd_onnx.require(backend, f"--backend {backend}")
     images = torch.zeros((_EXAMPLE_BATCH, 3) + tuple(detector.image_size))
     network_path = os.path.join(folder, "network.onnx")
     postprocess_path = os.path.join(folder, "postprocess.onnx")
@@ -84,5 +88,30 @@ def build_runtime_backend(detector: nn.Module, backend: str, folder: str):
     def postprocess_fn(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Sequence[Tuple[int, int]],
                        config) -> "ssd_post.Detections":  # noqa: F821
         return run_postprocess(locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64))
+
+    return RuntimeDetector(detector, network), postprocess_fn
+
+
+def _build_aoti_backend(detector: nn.Module, folder: str, max_batch: int):
+    """The network and the postprocess as two AOTInductor packages (see above)."""
+    from ssd_post import aoti
+
+    images = torch.zeros((_EXAMPLE_BATCH, 3) + tuple(detector.image_size))
+    with torch.no_grad():
+        locs, logits = detector(images)
+    sizes = torch.tensor([list(detector.image_size)] * _EXAMPLE_BATCH, dtype=torch.int64)
+    network = aoti.load_package(aoti.export_module(_Network(detector), (images,),
+                                                   os.path.join(folder, "network.pt2"), max_batch))
+    postprocess = aoti.load_package(aoti.export_postprocess_package(
+        detector.anchors(), detector.postprocess_config, os.path.join(folder, "postprocess.pt2"), locs, logits,
+        sizes, max_batch))
+
+    def postprocess_fn(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Sequence[Tuple[int, int]],
+                       config) -> "ssd_post.Detections":  # noqa: F821
+        from ssd_post import Detections
+
+        boxes, scores, labels, counts = postprocess(
+            locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64))
+        return Detections(boxes, scores, labels, counts)
 
     return RuntimeDetector(detector, network), postprocess_fn
