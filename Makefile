@@ -37,7 +37,7 @@ test: install
 # Everything but the tests marked slow (multi-process DDP, the 500-image evaluation,
 # the benchmark harness): about a minute.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" -n 2 $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m benchmarks.run

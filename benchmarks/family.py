@@ -13,17 +13,14 @@ Kept apart from benchmarks.run, whose scenarios are SSD-only.
 from __future__ import annotations
 
 import argparse
-from types import SimpleNamespace
 from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
-from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.fcos import FCOS
-from torchvision.models.detection.retinanet import RetinaNet
 
 import ssd_post
 from ssd_post import PostprocessConfig
+from ssd_post.reference import torchvision_postprocess
 
 from .timing import time_calls
 
@@ -82,19 +79,8 @@ def run_ssd_post(inp) -> ssd_post.Detections:
 
 def run_torchvision(inp) -> ssd_post.Detections:
     """torchvision's own RetinaNet / FCOS postprocess_detections on the same tensors."""
-    cfg, sizes = inp["config"], inp["level_sizes"]
-    fake = SimpleNamespace(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh,
-                           topk_candidates=cfg.topk_candidates, detections_per_img=cfg.detections_per_img)
-    head = {"cls_logits": list(inp["logits"].split(sizes, 1)), "bbox_regression": list(inp["locs"].split(sizes, 1))}
-    if inp["model"] == "fcos":
-        fake.box_coder = det_utils.BoxLinearCoder(normalize_by_size=True)
-        head["bbox_ctrness"] = list(inp["centerness"].split(sizes, 1))
-        method = FCOS.postprocess_detections
-    else:
-        fake.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-        method = RetinaNet.postprocess_detections
-    anchors = [list(inp["anchors"].split(sizes))] * len(inp["sizes"])
-    return ssd_post.Detections.from_list(method(fake, head, anchors, inp["sizes"]), cfg.detections_per_img)
+    return torchvision_postprocess(inp["locs"], inp["logits"], inp["anchors"], inp["sizes"], inp["config"],
+                                   level_sizes=inp["level_sizes"], centerness=inp["centerness"])
 
 
 def run_read(inp) -> Tensor:

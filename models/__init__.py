@@ -2,6 +2,7 @@
 
     model = build_model("tiny", num_classes=5)          # trains on a CPU
     model = build_model("ssd300_vgg16", num_classes=91)  # torchvision's state_dict layout
+    model = build_model("retinanet_resnet50_fpn", num_classes=91, image_size=(800, 800))
 """
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from ssd_post import PostprocessConfig
 
 from .detector import SSDDetector
 from .tiny import build_tiny, check_width
+from .torchvision_retinanet import (DEFAULT_SIZE as RETINANET_DEFAULT_SIZE, RetinaNetDetector,
+                                    build_retinanet_resnet50_fpn, check_image_size as check_retinanet_size)
 from .torchvision_ssd import FIXED_SIZES, build_ssd300_vgg16, build_ssdlite320_mobilenet_v3_large
 
-ARCHS = ("tiny", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
+ARCHS = ("tiny", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "retinanet_resnet50_fpn")
+# Archs whose input size is an option (the others are built for one size).
+SIZED_ARCHS = ("tiny", "retinanet_resnet50_fpn")
 TINY_MEAN = (0.5, 0.5, 0.5)
 TINY_STD = (0.25, 0.25, 0.25)
 TINY_DEFAULT_SIZE = (128, 128)
@@ -65,7 +70,9 @@ def check_model_options(arch: Any, num_classes: Any, **kwargs: Any) -> None:
             raise ValueError(f"image_size should be (h, w), two ints, got {image_size!r}")
         if arch == "tiny" and min(image_size) < MIN_TINY_SIDE:
             raise ValueError(f"image_size should be (h, w) with both >= {MIN_TINY_SIDE}, got {image_size!r}")
-        if arch != "tiny" and tuple(image_size) != FIXED_SIZES[arch]:
+        if arch == "retinanet_resnet50_fpn":
+            check_retinanet_size(image_size)
+        if arch not in SIZED_ARCHS and tuple(image_size) != FIXED_SIZES[arch]:
             raise ValueError(f"{arch} has a fixed input size {FIXED_SIZES[arch]}, got image_size {tuple(image_size)}")
     for name in ("image_mean", "image_std"):
         value = kwargs.get(name)
@@ -80,12 +87,15 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> SSDDetector:
     """Builds an SSD detector.
 
     Args:
-        arch: ``"tiny"``, ``"ssd300_vgg16"`` or ``"ssdlite320_mobilenet_v3_large"``.
+        arch: ``"tiny"``, ``"ssd300_vgg16"``, ``"ssdlite320_mobilenet_v3_large"`` or
+            ``"retinanet_resnet50_fpn"``.
         num_classes: logit columns, background (column 0) included (91 for COCO as
             torchvision counts it).
         **kwargs: ``postprocess`` (dict of PostprocessConfig fields to override);
             for ``tiny`` also ``image_size`` ((h, w), default (128, 128)) and
-            ``width`` (channels of the first stage, default 32). ``image_size``,
+            ``width`` (channels of the first stage, default 32); for
+            ``retinanet_resnet50_fpn`` ``image_size`` (default (800, 800), sides
+            multiples of 32). ``image_size``,
             ``image_mean`` and ``image_std`` as stored by ``model_config()`` are
             accepted for every arch and must equal the arch's own.
 
@@ -96,6 +106,7 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> SSDDetector:
     postprocess = kwargs.get("postprocess")
     mean, std = kwargs.get("image_mean"), kwargs.get("image_std")
     extra: Dict[str, Any] = {}
+    detector_class = SSDDetector
     if arch == "tiny":
         width = kwargs.get("width", TINY_DEFAULT_WIDTH)
         backbone, head, boxes = build_tiny(num_classes, width)
@@ -103,14 +114,18 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> SSDDetector:
         arch_mean, arch_std = TINY_MEAN, TINY_STD
         base = PostprocessConfig(score_thresh=0.01, nms_thresh=0.45, topk_candidates=200, detections_per_img=100)
         extra["width"] = width
+    elif arch == "retinanet_resnet50_fpn":
+        backbone, head, base, arch_mean, arch_std, boxes = build_retinanet_resnet50_fpn(num_classes)
+        size = tuple(kwargs.get("image_size") or RETINANET_DEFAULT_SIZE)
+        detector_class = RetinaNetDetector
     else:
         builder = build_ssd300_vgg16 if arch == "ssd300_vgg16" else build_ssdlite320_mobilenet_v3_large
         backbone, head, base, arch_mean, arch_std, boxes, size = builder(num_classes)
     for name, given, own in (("image_mean", mean, arch_mean), ("image_std", std, arch_std)):
         if given is not None and any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(given, own)):
             raise ValueError(f"{arch} expects {name} {tuple(own)}, got {tuple(given)}")
-    return SSDDetector(arch, num_classes, size, backbone, head, boxes,
-                       _postprocess_config(base, postprocess), arch_mean, arch_std, extra)
+    return detector_class(arch, num_classes, size, backbone, head, boxes,
+                          _postprocess_config(base, postprocess), arch_mean, arch_std, extra)
 
 
-__all__ = ["ARCHS", "SSDDetector", "build_model", "check_model_options"]
+__all__ = ["ARCHS", "RetinaNetDetector", "SSDDetector", "build_model", "check_model_options"]

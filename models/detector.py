@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 import ssd_post
-from ssd_post import DefaultBoxes, Detections, PostprocessConfig
+from ssd_post import BoxCoder, DefaultBoxes, Detections, PostprocessConfig
 from ssd_post.reference import torchvision_postprocess
 
 POSTPROCESS_BACKENDS = ("ssd_post", "torchvision")
@@ -29,7 +29,9 @@ class SSDDetector(nn.Module):
         backbone: maps images [B, 3, H, W] to feature maps (a list or an OrderedDict).
         head: maps the list of feature maps to ``{"bbox_regression": [B, A, 4],
             "cls_logits": [B, A, C]}`` (torchvision's ``SSDHead`` contract).
-        default_boxes: the anchor generator matching the head's anchors per location.
+        default_boxes: the anchor generator matching the head's anchors per location,
+            ``(image_size, grid_sizes) -> Tensor[A, 4]``; for a per-level
+            postprocess it also gives ``level_sizes(grid_sizes)``.
         postprocess_config: thresholds of the postprocess.
         image_mean, image_std: normalisation of [0, 1] RGB pixels the network expects.
         extra_config: architecture arguments stored in :meth:`model_config`.
@@ -60,6 +62,7 @@ class SSDDetector(nn.Module):
         self.image_std = tuple(float(s) for s in image_std)
         self.extra_config = dict(extra_config or {})
         self._anchors: Optional[Tensor] = None
+        self._level_sizes: Optional[List[int]] = None
 
     def features(self, images: Tensor) -> List[Tensor]:
         """Feature maps of the head, in head order."""
@@ -106,6 +109,34 @@ class SSDDetector(nn.Module):
             self._anchors = self.default_boxes(self.image_size, self._grid_sizes())
         return self._anchors
 
+    def postprocess_inputs(self) -> Dict[str, Any]:
+        """The keyword inputs of :func:`ssd_post.postprocess` besides the tensors:
+        ``level_sizes`` (anchors per feature level) for a per-level selection
+        (RetinaNet), nothing for SSD's per-class one."""
+        if self.postprocess_config.selection != "per_level":
+            return {}
+        if self._level_sizes is None:
+            self._level_sizes = self.default_boxes.level_sizes(self._grid_sizes())
+        return {"level_sizes": list(self._level_sizes)}
+
+    def compute_loss(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]],
+                     options: Mapping[str, Any]) -> Dict[str, Tensor]:
+        """The SSD MultiBox loss of a batch (:func:`models.multibox.multibox_loss`).
+
+        Args:
+            images (Tensor[B, 3, H, W]): the network input.
+            targets: per image ``boxes`` (Tensor[n, 4] xyxy input pixels) and ``labels``.
+            options: ``iou_thresh`` and ``neg_pos_ratio`` (the ``loss`` config section).
+
+        Returns:
+            ``{"bbox", "cls", "loss", ...}`` scalar tensors.
+        """
+        from .multibox import multibox_loss
+
+        locs, logits = self(images)
+        return multibox_loss(locs, logits, self.anchors(), targets, BoxCoder(self.postprocess_config.box_weights),
+                             float(options["iou_thresh"]), int(options["neg_pos_ratio"]))
+
     @torch.no_grad()
     def predict(self, images: Tensor, postprocess: str = "ssd_post") -> Detections:
         """Detections of a batch, boxes in network-input pixels.
@@ -126,7 +157,7 @@ class SSDDetector(nn.Module):
         anchors = self.anchors().to(locs.device)
         sizes = torch.tensor([self.image_size], dtype=torch.int64, device=locs.device).expand(locs.shape[0], 2)
         run = ssd_post.postprocess if postprocess == "ssd_post" else torchvision_postprocess
-        return run(locs, logits, anchors, sizes, self.postprocess_config)
+        return run(locs, logits, anchors, sizes, self.postprocess_config, **self.postprocess_inputs())
 
     def model_config(self) -> Dict[str, Any]:
         """Everything :func:`models.build_model` needs to rebuild this model (plain types only)."""

@@ -27,6 +27,7 @@ class PostprocessModule(nn.Module):
 
     def __init__(self, anchors: Tensor, config: PostprocessConfig) -> None:
         super().__init__()
+        check_exportable_config(config)
         self.register_buffer("anchors", anchors.detach().float().clone(), persistent=False)
         self.config = config
 
@@ -52,6 +53,14 @@ class DetectorModule(nn.Module):
         return _as_tuple(postprocess(locs, logits, self.anchors, sizes, self.config))
 
 
+def check_exportable_config(config: PostprocessConfig) -> None:
+    """Raises ValueError for a postprocess the exporters do not cover: the per-level
+    selection (RetinaNet, FCOS) runs data-dependent torch ops, not one op."""
+    if config.selection != "per_class":
+        raise ValueError("export covers SSD's selection='per_class' (one ssd_post::postprocess op); "
+                         f"selection={config.selection!r} (RetinaNet, FCOS) cannot be exported yet")
+
+
 def check_detector(model: Any) -> None:
     """Raises TypeError unless ``model`` is an SSDDetector-like module postprocessed by ssd_post."""
     needed = ("postprocess_config", "anchors", "image_size")
@@ -60,3 +69,4 @@ def check_detector(model: Any) -> None:
         raise TypeError(
             "model should be an SSDDetector (models.build_model / models.checkpoint.load_detector) whose "
             f"postprocess is ssd_post.postprocess, got {type(model).__name__}")
+    check_exportable_config(model.postprocess_config)

@@ -13,6 +13,10 @@ NMS run once for the whole batch, with the same bits:
 - the top-k keeps, per (image, level), the ``topk_candidates`` highest scores over
   all anchor x class pairs, equal scores by flattened index (anchor * C + class);
 - NMS is ssd_post's batched NMS with key = image * C + class.
+
+On CUDA the same torch ops run (each block's scores computed whole, as torchvision
+does); they wait for the device where a candidate count decides a size, as
+torchvision's loop does, unlike the SSD op, which never synchronises.
 """
 from __future__ import annotations
 
@@ -310,8 +314,6 @@ def postprocess_per_level(locs: Tensor, logits: Tensor, anchors: Tensor, image_s
         (anchors per level, summing to A), centerness (Tensor[B, A, 1] or None).
     """
     batch, num_anchors, num_classes = logits.shape
-    if locs.device.type != "cpu":
-        raise NotImplementedError(f"selection='per_level' is not implemented on CUDA yet, got {locs.device}")
     image, anchor, label, score = select_per_level(logits, centerness, config, level_sizes)
     box_anchors = anchors[anchor] if anchors.dim() == 2 else anchors[image, anchor]
     boxes = decode_boxes(locs[image, anchor], box_anchors, config)

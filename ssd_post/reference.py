@@ -2,6 +2,7 @@
 of the benchmarks. It states the semantics of ssd_post in plain torch ops."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import List, Optional, Tuple
 
 import torch
@@ -150,32 +151,73 @@ def torchvision_postprocess(
     anchors: Anchors,
     image_sizes: ImageSizes,
     config: Optional[PostprocessConfig] = None,
+    *,
+    level_sizes: Optional[LevelSizes] = None,
+    centerness: Optional[Tensor] = None,
 ) -> Detections:
-    """torchvision's own ``SSD.postprocess_detections`` (its per-image loop), run on
-    these tensors with the thresholds of ``config``. The baseline users compare with.
+    """torchvision's own ``postprocess_detections`` (its per-image loop) on these
+    tensors with the thresholds of ``config``: the baseline users compare with.
 
-    Only the softmax activation with background class 0 exists there.
+    ``config.selection="per_class"`` runs ``SSD``'s (softmax, background class 0,
+    clipping only); ``"per_level"`` runs ``RetinaNet``'s (sigmoid) or ``FCOS``'s
+    (sigmoid with centerness, linear coder), which take the head outputs split by
+    ``level_sizes``.
     """
-    from types import SimpleNamespace
-
     from torchvision.models.detection import _utils as det_utils
     from torchvision.models.detection.ssd import SSD
 
     config = config or PostprocessConfig()
+    if config.selection == "per_level":
+        return _torchvision_per_level(locs, logits, anchors, image_sizes, config, level_sizes, centerness)
     if config.score_activation != "softmax" or config.background_class != 0 or not config.clip_boxes:
         raise ValueError("torchvision's SSD postprocess only has softmax, background_class=0 and clipping")
     locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
-    fake_ssd = SimpleNamespace(
-        box_coder=det_utils.BoxCoder(weights=config.box_weights),
-        score_thresh=config.score_thresh,
-        topk_candidates=config.topk_candidates,
-        nms_thresh=config.nms_thresh,
-        detections_per_img=config.detections_per_img,
-    )
-    per_image_anchors = [anchors if anchors.dim() == 2 else anchors[i] for i in range(logits.shape[0])]
     shapes = [tuple(int(v) for v in hw) for hw in sizes.tolist()]
     head_outputs = {"bbox_regression": locs, "cls_logits": logits}
-    results = SSD.postprocess_detections(fake_ssd, head_outputs, per_image_anchors, shapes)
+    results = SSD.postprocess_detections(_torchvision_owner(config, det_utils.BoxCoder(weights=config.box_weights)),
+                                         head_outputs, _per_image(anchors, logits.shape[0]), shapes)
     if not results:
         return postprocess_loop(locs, logits, anchors, sizes, config)
     return Detections.from_list(results, config.detections_per_img)
+
+
+def _torchvision_owner(config: PostprocessConfig, box_coder) -> SimpleNamespace:
+    """The attributes torchvision's ``postprocess_detections`` reads off its model."""
+    return SimpleNamespace(box_coder=box_coder, score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
+                           topk_candidates=config.topk_candidates, detections_per_img=config.detections_per_img)
+
+
+def _per_image(anchors: Tensor, batch: int) -> List[Tensor]:
+    return [anchors if anchors.dim() == 2 else anchors[i] for i in range(batch)]
+
+
+def _torchvision_per_level(locs: Tensor, logits: Tensor, anchors: Anchors, image_sizes: ImageSizes,
+                           config: PostprocessConfig, level_sizes: Optional[LevelSizes],
+                           centerness: Optional[Tensor]) -> Detections:
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.models.detection.fcos import FCOS
+    from torchvision.models.detection.retinanet import RetinaNet
+
+    if config.background_class is not None or not config.clip_boxes:
+        raise ValueError("torchvision's RetinaNet / FCOS postprocess has no background column and always clips")
+    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
+    batch, num_anchors, _ = logits.shape
+    split = check_level_sizes(level_sizes, num_anchors)
+    head = {"cls_logits": list(logits.split(split, 1)), "bbox_regression": list(locs.split(split, 1))}
+    if config.score_activation == "sigmoid_centerness":
+        if config.box_coder != "linear":
+            raise ValueError("torchvision's FCOS postprocess decodes with the linear coder")
+        ctr = check_centerness(centerness, config.score_activation, batch, num_anchors)
+        head["bbox_ctrness"] = list(ctr.split(split, 1))
+        owner = _torchvision_owner(config, det_utils.BoxLinearCoder(normalize_by_size=True))
+        method = FCOS.postprocess_detections
+    elif config.score_activation == "sigmoid" and config.box_coder == "box":
+        owner = _torchvision_owner(config, det_utils.BoxCoder(weights=config.box_weights))
+        method = RetinaNet.postprocess_detections
+    else:
+        raise ValueError("torchvision's per-level postprocesses are RetinaNet's (sigmoid, box coder) and "
+                         f"FCOS's (sigmoid_centerness, linear coder), got {config.score_activation!r} with "
+                         f"box_coder={config.box_coder!r}")
+    per_image = [list(a.split(split)) for a in _per_image(anchors, batch)]
+    shapes = [tuple(int(v) for v in hw) for hw in sizes.tolist()]
+    return Detections.from_list(method(owner, head, per_image, shapes), config.detections_per_img)

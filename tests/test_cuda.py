@@ -88,7 +88,8 @@ def check_postprocess(kernels, inputs, config):
 
 
 @pytest.mark.parametrize("case", sorted(PARITY_CASES))
-@pytest.mark.parametrize("batch", [1, 3])
+# B = 3 repeats every case with several images per launch: slow on the emulator.
+@pytest.mark.parametrize("batch", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_postprocess_cuda_equals_cpu(kernels, case, batch):
     input_kwargs, config_kwargs = PARITY_CASES[case]
     inputs = make_inputs(batch, 700, 7, seed=batch, **input_kwargs)

@@ -134,3 +134,35 @@ def test_config_from_torchvision(model_outputs):
     else:
         assert (config.score_activation, config.box_coder) == ("sigmoid_centerness", "linear")
     assert config.background_class is None
+
+
+def _on(device, head, anchors):
+    return ({k: [level.to(device) for level in v] for k, v in head.items()},
+            [[a.to(device) for a in per_image] for per_image in anchors])
+
+
+def test_whole_block_path_matches_torchvision(model_outputs, monkeypatch):
+    # The path CUDA tensors take (no CPU loop layout: each block scored whole), here on the CPU.
+    from ssd_post import per_level
+
+    monkeypatch.setattr(per_level, "loop_step", lambda: None)
+    test_postprocess_matches_torchvision(model_outputs, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_per_level_matches_torchvision_on_cuda(model_outputs):
+    model, outputs = model_outputs
+    head, anchors, sizes = _batch(outputs, 3)
+    head, anchors = _on("cuda", head, anchors)
+    with torch.no_grad():
+        expected = model.postprocess_detections(head, anchors, sizes)
+    config = PostprocessConfig.from_torchvision(model)
+    centerness = torch.cat(head["bbox_ctrness"], dim=1) if "bbox_ctrness" in head else None
+    actual = ssd_post.postprocess(
+        torch.cat(head["bbox_regression"], dim=1), torch.cat(head["cls_logits"], dim=1),
+        [torch.cat(a) for a in anchors], sizes, config,
+        level_sizes=[level.shape[1] for level in head["cls_logits"]], centerness=centerness)
+    assert actual.boxes.device.type == "cuda"
+    assert_same_up_to_ties(actual.to("cpu"), ssd_post.Detections.from_list(
+        [{k: v.cpu() for k, v in d.items()} for d in expected], config.detections_per_img))

@@ -179,6 +179,7 @@ WITHOUT_EXTENSION = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh Python process per case
 @pytest.mark.parametrize("broken", ["missing", "not_a_library"])
 def test_a_missing_or_broken_extension_fails_at_the_first_op_call(tmp_path, broken):
     import shutil

@@ -68,6 +68,7 @@ VARIANT_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh Python process per variant
 @pytest.mark.parametrize("capability, variant", [("default", "baseline"), ("avx2", "avx2")])
 def test_each_vector_variant_equals_the_oracle(capability, variant):
     if variant == "avx2" and not _x86_with_avx2():
@@ -93,6 +94,7 @@ AARCH64_SOURCES = ["csrc/ssd_post.cpp"] + sorted(
     if name.endswith(".cpp"))
 
 
+@pytest.mark.slow  # a cross compile per source, about 5 s each
 @pytest.mark.skipif(shutil.which(CROSS_COMPILER) is None,
                     reason=f"{CROSS_COMPILER} not installed (the CI path installs "
                            "g++-aarch64-linux-gnu); cannot check the aarch64 build")

@@ -62,9 +62,10 @@ class ModelConfig:
     """``models.build_model`` arguments (options an arch does not take stay None)."""
 
     # Required: no default model (None here means "missing").
-    arch: Optional[str] = _option(None, doc="tiny, ssd300_vgg16 or ssdlite320_mobilenet_v3_large")
+    arch: Optional[str] = _option(None, doc="tiny, ssd300_vgg16, ssdlite320_mobilenet_v3_large "
+                                  "or retinanet_resnet50_fpn")
     num_classes: Optional[int] = _option(None, _at_least("an integer", 2), "logit columns, background included")
-    image_size: Optional[List[int]] = _option(None, doc="(h, w) network input; tiny only")
+    image_size: Optional[List[int]] = _option(None, doc="(h, w) network input; tiny and retinanet only")
     width: Optional[int] = _option(None, _at_least("an integer", 1), "channels of the first stage; tiny only")
     postprocess: Dict[str, Any] = _option({}, doc="PostprocessConfig fields to override")
 
@@ -123,10 +124,12 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """MultiBox loss."""
+    """The architecture's loss: SSD's MultiBox, or RetinaNet's focal loss (torchvision's)."""
 
     iou_thresh: float = _option(0.5, _unit_interval(open_low=True), "anchor-to-box match threshold")
-    neg_pos_ratio: int = _option(3, _at_least("an integer", 1), "hard negatives per positive")
+    neg_pos_ratio: int = _option(3, _at_least("an integer", 1), "hard negatives per positive; SSD only")
+    bg_iou_thresh: float = _option(0.4, _unit_interval(), "background below this IoU, ignored up to "
+                                   "iou_thresh; RetinaNet only")
 
 
 @dataclass
@@ -268,6 +271,13 @@ def _check_model(model: ModelConfig) -> None:
         raise ConfigError(f"model: {err}") from err
 
 
+def _check_loss(loss: LossConfig) -> None:
+    """What one key's range cannot say: the background IoU is below the foreground one."""
+    if loss.bg_iou_thresh > loss.iou_thresh:
+        raise ConfigError(f"loss.bg_iou_thresh: {loss.bg_iou_thresh!r}; allowed: a number <= "
+                          f"loss.iou_thresh ({loss.iou_thresh!r})")
+
+
 def parse_override(item: str) -> Tuple[str, Any]:
     """``"optim.lr=0.01"`` -> ``("optim.lr", 0.01)``; the value is read as YAML."""
     key, sep, text = item.partition("=")
@@ -333,6 +343,7 @@ def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Tra
             _set_dotted(raw, key, value)
         config = _build(TrainConfig, raw, "")
         _check_model(config.model)
+        _check_loss(config.loss)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
     config.path = path
@@ -343,6 +354,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> TrainConfig:
     """A checked config from plain dicts (a test, or Lightning's saved hyperparameters)."""
     config = _build(TrainConfig, dict(raw), "")
     _check_model(config.model)
+    _check_loss(config.loss)
     return config
 
 

@@ -328,7 +328,8 @@ def infer_batch(
 
     Args:
         detector: an ``SSDDetector``: ``detector(images) -> (locs[B, A, 4],
-            logits[B, A, C])`` and ``detector.postprocess_config``.
+            logits[B, A, C])``, ``detector.postprocess_config`` and
+            ``detector.postprocess_inputs()`` (RetinaNet's level sizes).
         images (Tensor[B, 3, H, W]): the network input.
         targets: B dicts with ``image_id`` and ``orig_size`` (h, w).
         anchors (Tensor[A, 4]): xyxy anchors in network-input pixels.
@@ -346,7 +347,7 @@ def infer_batch(
         locs, logits = detector(images)  # [B, A, 4], [B, A, C]
     with timer.stage("postprocess"):
         detections = postprocess_fn(locs, logits, anchors, [input_size] * images.shape[0],
-                                    detector.postprocess_config)
+                                    detector.postprocess_config, **detector.postprocess_inputs())
     with timer.stage("evaluation"):
         results = detections_to_coco(detections, targets, input_size, label_to_category)
         per_image: Dict[int, List[dict]] = {int(t["image_id"]): [] for t in targets}

@@ -6,6 +6,7 @@ rebuilds it. Defaults and checks are those of :mod:`training.config`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -14,8 +15,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-
-from ssd_post import BoxCoder
 
 from .config import DataConfig, LossConfig, ModelConfig, OptimConfig, section
 from .data.coco import CocoDetectionDataset, collate_fn
@@ -98,7 +97,8 @@ def warmup_cosine(step: int, total: int, warmup: int, warmup_factor: float, min_
 
 
 class SSDLightningModule(pl.LightningModule):
-    """Trains an SSD detector with the MultiBox loss and validates with COCO mAP.
+    """Trains a detector of ``models`` with its own loss (SSD: MultiBox; RetinaNet:
+    focal loss) and validates with COCO mAP.
 
     Args:
         model, optim, loss: the sections of a config as dicts (what Lightning saves
@@ -113,10 +113,8 @@ class SSDLightningModule(pl.LightningModule):
         self.save_hyperparameters()
         model_cfg = section(ModelConfig, model, "model")
         self.optim_cfg = section(OptimConfig, optim, "optim")
-        loss_cfg = section(LossConfig, loss, "loss")
-        self.iou_thresh, self.neg_pos_ratio = loss_cfg.iou_thresh, loss_cfg.neg_pos_ratio
+        self.loss_options = dataclasses.asdict(section(LossConfig, loss, "loss"))
         self.detector = build_model(model_cfg.arch, model_cfg.num_classes, **model_cfg.build_kwargs())
-        self.box_coder = BoxCoder(self.detector.postprocess_config.box_weights)
         self._val_results: List[dict] = []
         self._fit_start: Optional[float] = None
         self.last_val_step = -1
@@ -125,11 +123,8 @@ class SSDLightningModule(pl.LightningModule):
         return self.detector(images)
 
     def _loss(self, images: Tensor, targets: List[dict]) -> Dict[str, Tensor]:
-        from models.multibox import multibox_loss
-
-        locs, logits = self.detector(images)
-        return multibox_loss(locs, logits, self.detector.anchors(), targets, self.box_coder,
-                             self.iou_thresh, self.neg_pos_ratio)
+        # Each architecture owns its loss (SSD: MultiBox; RetinaNet: torchvision's focal loss).
+        return self.detector.compute_loss(images, targets, self.loss_options)
 
     def on_fit_start(self) -> None:
         if self._fit_start is None:  # a validate() after fit keeps measuring from the fit's start

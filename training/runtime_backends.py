@@ -48,6 +48,9 @@ class RuntimeDetector:
     def anchors(self) -> Tensor:
         return self._anchors
 
+    def postprocess_inputs(self) -> dict:
+        return {}  # exported graphs are per-class (SSD) only: check_detector refuses the rest
+
     def __call__(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         locs, logits = self._run_network(images)
         return locs, logits
