@@ -20,6 +20,15 @@ TORCH_LIBRARY(ssd_post, m) {
       "float score_thresh, float nms_thresh, int topk_candidates, int detections_per_img, "
       "float[] box_weights, str score_activation, int? background_class, bool clip_boxes) "
       "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor num_detections)");
+  // The per-level selection of RetinaNet / FCOS (sigmoid; with centerness FCOS's
+  // score): for every (image, level), the best topk_candidates anchor x class pairs
+  // above score_thresh, ranked, as flat indices anchor * C + class [B, L, k], their
+  // scores [B, L, k] and counts [B, L] (k = min(topk_candidates, largest A_l * C);
+  // slots past a count hold -1 and 0). CUDA only: the CPU path is ssd_post/per_level.py,
+  // which reproduces torch's CPU sigmoid bits.
+  m.def(
+      "select_per_level(Tensor logits, Tensor? centerness, int[] level_sizes, float score_thresh, "
+      "int topk_candidates, int? background_class) -> (Tensor flat, Tensor scores, Tensor counts)");
   // Which compilation of cpu/vector_kernels.cpp this process runs ("baseline",
   // "avx2"): for bug reports, and for the tests that run each variant.
   m.def("cpu_vector_kernels() -> str", [] { return std::string(ssd_post::cpu::vector_kernels().name); });

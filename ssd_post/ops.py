@@ -96,6 +96,36 @@ def _postprocess_fake(locs, logits, anchors, image_sizes, score_thresh, nms_thre
     )
 
 
+def level_capacity(level_sizes: List[int], num_classes: int, topk_candidates: int) -> int:
+    """Slots per (image, level) of ``select_per_level``: min(topk, largest A_l * C)
+    (common/select_params.h ``level_capacity``; keep the two equal)."""
+    return min(topk_candidates, max(level_sizes) * num_classes)
+
+
+def _select_per_level_fake(logits, centerness, level_sizes, score_thresh, topk_candidates, background_class):
+    torch._check(logits.dim() == 3, lambda: "logits should be [B, A, C]")
+    batch, _, num_classes = logits.shape
+    k = level_capacity(list(level_sizes), num_classes, topk_candidates)
+    return (logits.new_empty((batch, len(level_sizes), k), dtype=torch.int64),
+            logits.new_empty((batch, len(level_sizes), k), dtype=torch.float32),
+            logits.new_empty((batch, len(level_sizes)), dtype=torch.int64))
+
+
+def select_per_level_op(logits: Tensor, centerness: Optional[Tensor], level_sizes: List[int],
+                        score_thresh: float, topk_candidates: int,
+                        background_class: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Direct call of ``torch.ops.ssd_post.select_per_level`` (CUDA only; inputs checked).
+
+    Returns:
+        flat (Tensor[B, L, k] int64, anchor * C + class, -1 past the count), scores
+        (Tensor[B, L, k] float32) and counts (Tensor[B, L] int64); each (image, level)
+        ranked by decreasing score, equal scores by flat index; k = level_capacity().
+    """
+    require_extension()
+    return torch.ops.ssd_post.select_per_level(logits, centerness, [int(n) for n in level_sizes],
+                                               float(score_thresh), int(topk_candidates), background_class)
+
+
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
                 inverted_boxes: str = "keep") -> Tensor:
     """Greedy NMS applied independently inside each group of equal ``idxs``.
@@ -161,3 +191,4 @@ if extension_loaded():
     torch.library.register_fake("ssd_post::decode_threshold_flatten")(_decode_threshold_flatten_fake)
     torch.library.register_fake("ssd_post::batched_nms")(_batched_nms_fake)
     torch.library.register_fake("ssd_post::postprocess")(_postprocess_fake)
+    torch.library.register_fake("ssd_post::select_per_level")(_select_per_level_fake)

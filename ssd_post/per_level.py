@@ -14,9 +14,12 @@ NMS run once for the whole batch, with the same bits:
   all anchor x class pairs, equal scores by flattened index (anchor * C + class);
 - NMS is ssd_post's batched NMS with key = image * C + class.
 
-On CUDA the same torch ops run (each block's scores computed whole, as torchvision
-does); they wait for the device where a candidate count decides a size, as
-torchvision's loop does, unlike the SSD op, which never synchronises.
+On CUDA the selection is one kernel launch for all (image, level) blocks
+(``ssd_post::select_per_level``: threshold and an exact radix top-k per block, the
+same ranking), with scores from the device's expf, as torchvision's CUDA sigmoid;
+decode, NMS and the per-image top-k are batched torch ops and ``batched_nms``,
+which wait for the device where a candidate count sets a size. Without the CUDA
+build the torch ops below run on the device, each block's scores computed whole.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from .box_coder import BoxCoder, clip_boxes
 from .config import PostprocessConfig
 from .formats import Detections
 from .linear_coder import LinearBoxCoder
+from . import ops
 from .ops import batched_nms
 
 LevelSizes = Union[Sequence[int], Tensor]
@@ -245,6 +249,8 @@ def select_per_level(logits: Tensor, centerness: Optional[Tensor], config: Postp
     """
     batch, _, num_classes = logits.shape
     background = config.resolve_background_class(num_classes)
+    if logits.device.type == "cuda" and ops.has_cuda_kernels():
+        return select_with_kernel(ops.select_per_level_op, logits, centerness, config, level_sizes)
     step = loop_step() if logits.device.type == "cpu" else None
     images, flats, scores = [], [], []
     # One level at a time for all images: the score bits depend on the (image, level)
@@ -273,6 +279,24 @@ def select_per_level(logits: Tensor, centerness: Optional[Tensor], config: Postp
     rank = torch.arange(group.numel(), device=logits.device) - starts[group]
     order = order[rank < config.topk_candidates]
     return image[order], anchor[order], flat[order] % num_classes, score[order]
+
+
+def select_with_kernel(select_op, logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
+                       level_sizes: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`select_per_level` through the compiled per-level selection (the CUDA
+    kernel; ``select_op`` has the signature of ``ops.select_per_level_op``): the
+    same candidates in the same order, scores from the device's expf.
+
+    The kernel writes each (image, level)'s ranked pairs into fixed slots [B, L, k];
+    the valid ones are read out in (image, level, rank) order.
+    """
+    batch, _, num_classes = logits.shape
+    flat, score, counts = select_op(logits, centerness, level_sizes, config.score_thresh,
+                                    config.topk_candidates, config.resolve_background_class(num_classes))
+    valid = torch.arange(flat.shape[-1], device=flat.device) < counts[..., None]  # [B, L, k]
+    image = torch.arange(batch, device=flat.device)[:, None, None].expand_as(flat)[valid]
+    flat, score = flat[valid], score[valid]
+    return image, torch.div(flat, num_classes, rounding_mode="floor"), flat % num_classes, score
 
 
 def decode_boxes(locs: Tensor, anchors: Tensor, config: PostprocessConfig) -> Tensor:

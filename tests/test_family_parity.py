@@ -71,6 +71,16 @@ def _batch(outputs, batch):
     return {k: [level[:batch] for level in v] for k, v in head.items()}, anchors[:batch], sizes[:batch]
 
 
+def _run_concatenated(postprocess, head, anchors, sizes, config):
+    """``postprocess`` (ssd_post's or the oracle) on the head outputs torchvision
+    splits by level, concatenated back, with the level sizes."""
+    centerness = torch.cat(head["bbox_ctrness"], dim=1) if "bbox_ctrness" in head else None
+    return postprocess(
+        torch.cat(head["bbox_regression"], dim=1), torch.cat(head["cls_logits"], dim=1),
+        [torch.cat(a) for a in anchors], sizes, config,
+        level_sizes=[level.shape[1] for level in head["cls_logits"]], centerness=centerness)
+
+
 @pytest.mark.parametrize("batch", [1, 2, 4])
 def test_postprocess_matches_torchvision(model_outputs, batch):
     model, outputs = model_outputs
@@ -79,11 +89,7 @@ def test_postprocess_matches_torchvision(model_outputs, batch):
         expected = model.postprocess_detections(head, anchors, sizes)
     config = PostprocessConfig.from_torchvision(model)
     assert sum(len(d["scores"]) for d in expected) > 0, "test needs detections"
-    centerness = torch.cat(head["bbox_ctrness"], dim=1) if "bbox_ctrness" in head else None
-    actual = ssd_post.postprocess(
-        torch.cat(head["bbox_regression"], dim=1), torch.cat(head["cls_logits"], dim=1),
-        [torch.cat(a) for a in anchors], sizes, config,
-        level_sizes=[level.shape[1] for level in head["cls_logits"]], centerness=centerness)
+    actual = _run_concatenated(ssd_post.postprocess, head, anchors, sizes, config)
     assert_same_up_to_ties(actual, ssd_post.Detections.from_list(expected, config.detections_per_img))
 
 
@@ -116,11 +122,7 @@ def test_oracle_matches_torchvision(model_outputs):
     with torch.no_grad():
         expected = model.postprocess_detections(head, anchors, sizes)
     config = PostprocessConfig.from_torchvision(model)
-    centerness = torch.cat(head["bbox_ctrness"], dim=1) if "bbox_ctrness" in head else None
-    oracle = reference.postprocess_loop(
-        torch.cat(head["bbox_regression"], dim=1), torch.cat(head["cls_logits"], dim=1),
-        [torch.cat(a) for a in anchors], sizes, config,
-        level_sizes=[level.shape[1] for level in head["cls_logits"]], centerness=centerness)
+    oracle = _run_concatenated(reference.postprocess_loop, head, anchors, sizes, config)
     assert_same_up_to_ties(oracle, ssd_post.Detections.from_list(expected, config.detections_per_img))
 
 
@@ -158,11 +160,7 @@ def test_cuda_per_level_matches_torchvision_on_cuda(model_outputs):
     with torch.no_grad():
         expected = model.postprocess_detections(head, anchors, sizes)
     config = PostprocessConfig.from_torchvision(model)
-    centerness = torch.cat(head["bbox_ctrness"], dim=1) if "bbox_ctrness" in head else None
-    actual = ssd_post.postprocess(
-        torch.cat(head["bbox_regression"], dim=1), torch.cat(head["cls_logits"], dim=1),
-        [torch.cat(a) for a in anchors], sizes, config,
-        level_sizes=[level.shape[1] for level in head["cls_logits"]], centerness=centerness)
+    actual = _run_concatenated(ssd_post.postprocess, head, anchors, sizes, config)
     assert actual.boxes.device.type == "cuda"
     assert_same_up_to_ties(actual.to("cpu"), ssd_post.Detections.from_list(
         [{k: v.cpu() for k, v in d.items()} for d in expected], config.detections_per_img))

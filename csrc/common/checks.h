@@ -11,6 +11,7 @@
 
 #include "box_math.h"
 #include "score_bounds.h"
+#include "select_params.h"
 
 namespace ssd_post {
 
@@ -103,6 +104,45 @@ inline BatchDims check_decode_inputs(const at::Tensor& locs, const at::Tensor& l
     TORCH_CHECK(*background_class >= 0 && *background_class < C,
                 "background_class should be in [0, C) with C = ", C, ", got ", *background_class);
   }
+  return {B, A, C};
+}
+
+// Validates select_per_level's arguments and returns B, A, C; `levels` receives
+// the anchor range of each level.
+inline BatchDims check_level_inputs(const at::Tensor& logits,
+                                    const c10::optional<at::Tensor>& centerness,
+                                    at::IntArrayRef level_sizes, double score_thresh,
+                                    int64_t topk_candidates,
+                                    c10::optional<int64_t> background_class, LevelTable* levels) {
+  TORCH_CHECK(logits.dim() == 3, "logits should be a 3d tensor [B, A, C], got ", logits.dim(),
+              "D");
+  check_float_tensor(logits, "logits");
+  const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
+  TORCH_CHECK(C >= 1, "logits should have at least one class column, got shape ", logits.sizes());
+  if (centerness.has_value()) {
+    const at::Tensor& ctr = *centerness;
+    check_float_tensor(ctr, "centerness");
+    check_same_device(ctr, logits, "centerness", "logits");
+    TORCH_CHECK((ctr.dim() == 2 || (ctr.dim() == 3 && ctr.size(2) == 1)) && ctr.size(0) == B &&
+                    ctr.size(1) == A,
+                "centerness should be [B, A] or [B, A, 1] = [", B, ", ", A, "], got ", ctr.sizes());
+  }
+  const int64_t count = static_cast<int64_t>(level_sizes.size());
+  TORCH_CHECK(count >= 1 && count <= kMaxLevels, "level_sizes should have 1 to ", kMaxLevels,
+              " levels, got ", count);
+  int64_t total = 0;
+  for (const int64_t n : level_sizes) {
+    TORCH_CHECK(n >= 0, "level_sizes should be >= 0, got ", level_sizes);
+    total += n;
+  }
+  TORCH_CHECK(total == A, "level_sizes should sum to A = ", A, ", got ", level_sizes);
+  check_unit_interval(score_thresh, "score_thresh");
+  TORCH_CHECK(topk_candidates >= 1, "topk_candidates should be >= 1, got ", topk_candidates);
+  if (background_class.has_value()) {
+    TORCH_CHECK(*background_class >= 0 && *background_class < C,
+                "background_class should be in [0, C) = [0, ", C, "), got ", *background_class);
+  }
+  *levels = make_level_table(level_sizes.data(), static_cast<int>(count));
   return {B, A, C};
 }
 

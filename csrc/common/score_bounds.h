@@ -50,6 +50,15 @@ SSD_HOST_DEVICE float sigmoid_f32(float x) {
 #endif
 }
 
+// FCOS's score, torch's op order: sqrt(sigmoid(cls) * sigmoid(centerness)).
+SSD_HOST_DEVICE float centerness_score(float class_prob, float centerness_prob) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(__fmul_rn(class_prob, centerness_prob));
+#else
+  return std::sqrt(class_prob * centerness_prob);
+#endif
+}
+
 // Same op order as torch's softmax: exp(x - max) * (1 / sum).
 SSD_HOST_DEVICE float softmax_prob(float x, float row_max, float inv_sum) {
 #if defined(__CUDA_ARCH__)

@@ -47,4 +47,52 @@ inline int64_t padded_detections(int64_t detections_per_img, int64_t topk_candid
   return std::min(detections_per_img, most);
 }
 
+// Per-level selection (RetinaNet, FCOS): the anchor range of each feature level,
+// passed to the kernels by value. Levels are [start[l], start[l + 1]).
+constexpr int kMaxLevels = 16;
+
+struct LevelTable {
+  int64_t start[kMaxLevels + 1];
+  int count;  // 1..kMaxLevels
+};
+
+// Built from the anchors per level (checked by checks.h: 1..kMaxLevels sizes >= 0
+// summing to A).
+inline LevelTable make_level_table(const int64_t* level_sizes, int count) {
+  LevelTable table{};
+  table.count = count;
+  table.start[0] = 0;
+  for (int l = 0; l < count; ++l) table.start[l + 1] = table.start[l] + level_sizes[l];
+  return table;
+}
+
+// SelectParams of the per-level selection: sigmoid scores, with centerness FCOS's
+// sqrt(sigmoid(x) * sigmoid(c)) > t, which needs both sigmoids > t^2: the logit
+// bound is taken at t^2 (1 - 1e-3), the relative slack covering the rounding of
+// the product and the square root. topk_candidates is clamped by level_capacity().
+inline SelectParams make_level_select_params(double score_thresh, int64_t topk_candidates,
+                                             bool with_centerness, int64_t background_class) {
+  const double bound_thresh =
+      with_centerness ? score_thresh * score_thresh * (1.0 - 1e-3) : score_thresh;
+  return {Activation::kSigmoid, static_cast<float>(score_thresh),
+          make_score_bound(Activation::kSigmoid, bound_thresh), topk_candidates,
+          background_class};
+}
+
+// Pairs (anchor x class) of the largest level: the index range of a per-level rank key.
+inline int64_t largest_level_pairs(const LevelTable& levels, int64_t num_classes) {
+  int64_t most = 0;
+  for (int l = 0; l < levels.count; ++l) {
+    most = std::max(most, (levels.start[l + 1] - levels.start[l]) * num_classes);
+  }
+  return most;
+}
+
+// Slots per (image, level) segment: no level keeps more than topk_candidates
+// pairs, nor more pairs than it has (sized by the data, never by the argument).
+inline int64_t level_capacity(const LevelTable& levels, int64_t num_classes,
+                              int64_t topk_candidates) {
+  return std::min(topk_candidates, largest_level_pairs(levels, num_classes));
+}
+
 }  // namespace ssd_post

@@ -110,6 +110,50 @@ RankedCandidates<Backend> select_ranked(Backend& backend, const scalar_t* logits
   return out;
 }
 
+// Pointers to the outputs of select_per_level: flat [B, L, k] int64, scores
+// [B, L, k] float32 and counts [B, L] int64, k = level_capacity().
+struct LevelOutputs {
+  int64_t* flat;
+  float* scores;
+  int64_t* counts;
+};
+
+// Per-level selection (RetinaNet, FCOS): sigmoid scores (with centerness: FCOS's)
+// of logits [B, A, C] (and centerness [B, A] float32, or nullptr), threshold,
+// and the `capacity` best anchor x class pairs of every (image, level), ranked
+// (score descending, flat index ascending), written to `out`. No host sync.
+template <typename scalar_t, class Backend>
+void select_level_ranked(Backend& backend, const scalar_t* logits, const float* centerness,
+                         int64_t B, int64_t A, int64_t C, const LevelTable& levels,
+                         const SelectParams& params, const LevelOutputs& out) {
+  const int64_t index_count = largest_level_pairs(levels, C);
+  const int64_t capacity = level_capacity(levels, C, params.topk_candidates);
+  const int64_t segments = B * levels.count;
+  // slots <= B * A * C = logits.numel(), so the product itself cannot overflow.
+  const int64_t slots = segments * capacity;
+  if (slots == 0) return;
+  require(slots <= std::numeric_limits<int32_t>::max(),
+          "B * levels * min(topk_candidates, largest level's A_l * C) should be below 2^31, got " +
+              std::to_string(slots));
+  const int index_bits = index_bits_for(index_count);
+  auto counts = backend.template buffer<int32_t>(segments);
+  auto unsorted = backend.template buffer<uint64_t>(slots);
+  auto sorted = backend.template buffer<uint64_t>(slots);
+  auto segment_begin = backend.template buffer<int32_t>(segments);
+  auto segment_end = backend.template buffer<int32_t>(segments);
+  backend.launch(static_cast<unsigned>(segments), kSelectThreads, 0,
+                 &select_level_candidates_kernel<scalar_t>, logits, centerness, A, C, levels,
+                 params, capacity, index_count, index_bits, unsorted.data(), segment_begin.data(),
+                 segment_end.data(), counts.data());
+  backend.sort_segments_descending(unsorted.data(), sorted.data(), slots, segments,
+                                   segment_begin.data(), segment_end.data(),
+                                   kScoreKeyBits + index_bits);
+  backend.launch(blocks_for(slots, kElementwiseThreads), kElementwiseThreads, 0,
+                 &emit_level_candidates_kernel, static_cast<const uint64_t*>(sorted.data()),
+                 static_cast<const int32_t*>(counts.data()), slots, capacity, levels, C,
+                 index_count, index_bits, out.flat, out.scores, out.counts);
+}
+
 // Pointers to the outputs of decode_threshold_flatten, [N, 4], [N], [N].
 struct FlatOutputs {
   float* boxes;

@@ -121,6 +121,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cuda(
   return {out_boxes, out_scores, out_labels, out_counts};
 }
 
+template <typename scalar_t>
+void select_level_typed(CudaBackend& backend, const at::Tensor& logits,
+                        const c10::optional<at::Tensor>& centerness, const LevelTable& levels,
+                        const SelectParams& params, const LevelOutputs& out) {
+  const float* ctr = centerness.has_value() ? centerness->data_ptr<float>() : nullptr;
+  select_level_ranked(backend, logits.data_ptr<scalar_t>(), ctr, logits.size(0), logits.size(1),
+                      logits.size(2), levels, params, out);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_per_level_cuda(
+    const at::Tensor& logits_in, const c10::optional<at::Tensor>& centerness_in,
+    at::IntArrayRef level_sizes, double score_thresh, int64_t topk_candidates,
+    c10::optional<int64_t> background_class) {
+  LevelTable levels;
+  const BatchDims dims = check_level_inputs(logits_in, centerness_in, level_sizes, score_thresh,
+                                            topk_candidates, background_class, &levels);
+  const c10::cuda::CUDAGuard device_guard(logits_in.device());
+  const at::Tensor logits = logits_in.contiguous();
+  c10::optional<at::Tensor> centerness;
+  if (centerness_in.has_value()) {
+    // float32, as the CPU path computes its sigmoid (B x A values: a small copy).
+    centerness = centerness_in->to(at::kFloat).reshape({dims.batch, dims.anchors}).contiguous();
+  }
+  const SelectParams params = make_level_select_params(
+      score_thresh, topk_candidates, centerness.has_value(), background_class.value_or(-1));
+  const int64_t capacity = level_capacity(levels, dims.classes, topk_candidates);
+  const at::TensorOptions options = logits.options();
+  at::Tensor flat = at::empty({dims.batch, levels.count, capacity}, options.dtype(at::kLong));
+  at::Tensor scores = at::empty({dims.batch, levels.count, capacity}, options.dtype(at::kFloat));
+  at::Tensor counts = at::zeros({dims.batch, levels.count}, options.dtype(at::kLong));
+  if (flat.numel() == 0) return {flat, scores, counts};
+  CudaBackend backend(logits.device());
+  const LevelOutputs out{flat.data_ptr<int64_t>(), scores.data_ptr<float>(),
+                         counts.data_ptr<int64_t>()};
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      select_level_typed<float>(backend, logits, centerness, levels, params, out);
+      break;
+    case at::kHalf:
+      select_level_typed<at::Half>(backend, logits, centerness, levels, params, out);
+      break;
+    case at::kBFloat16:
+      select_level_typed<at::BFloat16>(backend, logits, centerness, levels, params, out);
+      break;
+    default:
+      TORCH_CHECK(false, "logits should be float32, float16 or bfloat16, got ",
+                  logits.scalar_type());
+  }
+  return {flat, scores, counts};
+}
+
 // `candidates` (indices into the scores) reordered by rank: NaN first, then score
 // descending; two stable sorts keep equal scores in the incoming order.
 at::Tensor order_by_score(const at::Tensor& candidates, const at::Tensor& rank_scores,
@@ -185,6 +236,7 @@ TORCH_LIBRARY_IMPL(ssd_post, CUDA, m) {
   m.impl("decode_threshold_flatten", &decode_threshold_flatten_cuda);
   m.impl("batched_nms", &batched_nms_cuda);
   m.impl("postprocess", &postprocess_cuda);
+  m.impl("select_per_level", &select_per_level_cuda);
 }
 
 }  // namespace gpu

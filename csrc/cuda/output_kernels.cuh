@@ -8,6 +8,7 @@
 #include "decode.cuh"
 #include "kernel_support.cuh"
 #include "../common/rank_keys.h"
+#include "../common/select_params.h"
 
 namespace ssd_post {
 namespace gpu {
@@ -35,6 +36,31 @@ __global__ void __launch_bounds__(kElementwiseThreads) emit_candidates_kernel(
   for (int k = 0; k < 4; ++k) boxes[4 * out + k] = box[k];
   scores[out] = __uint_as_float(rank_key_score_bits(key, anchor_bits));
   keys[out] = segment;
+}
+
+// One thread per slot of the per-level selection: the ranked pairs of segment
+// (image, level) as flat indices anchor * C + class over the image's anchors and
+// their scores, at [segment, rank]; slots past the segment's count get -1 and 0.
+__global__ void __launch_bounds__(kElementwiseThreads) emit_level_candidates_kernel(
+    const uint64_t* __restrict__ sorted_keys, const int32_t* __restrict__ counts,
+    int64_t slots, int64_t capacity, LevelTable levels, int64_t num_classes, int64_t index_count,
+    int index_bits, int64_t* __restrict__ flat, float* __restrict__ scores,
+    int64_t* __restrict__ segment_counts) {
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (slot >= slots) return;
+  const int64_t segment = slot / capacity;
+  const int64_t rank = slot % capacity;
+  const int64_t count = counts[segment];
+  if (rank == 0) segment_counts[segment] = count;
+  if (rank >= count) {
+    flat[slot] = -1;
+    scores[slot] = 0.f;
+    return;
+  }
+  const uint64_t key = sorted_keys[slot];
+  const int level = static_cast<int>(segment % levels.count);
+  flat[slot] = levels.start[level] * num_classes + rank_key_index(key, index_count, index_bits);
+  scores[slot] = __uint_as_float(rank_key_score_bits(key, index_bits));
 }
 
 using CollectScan = cub::BlockScan<int, kCollectThreads>;

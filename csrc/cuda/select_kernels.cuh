@@ -1,6 +1,7 @@
 // Stage 1 kernels: per-row softmax statistics, then one block per (image, class)
 // that thresholds its column of the logits and keeps the `capacity` best
-// candidates with an exact in-block radix select. Device code only (see
+// candidates with an exact in-block radix select; the per-level variant (RetinaNet,
+// FCOS) runs the same select over the anchor x class pairs of one (image, level). Device code only (see
 // kernel_support.cuh); select.cu launches them and ranks the result.
 #pragma once
 
@@ -99,6 +100,33 @@ struct ColumnScorer {
   }
 };
 
+// Score key of one anchor x class pair of a feature level (per-level selection):
+// sigmoid, or FCOS's sqrt(sigmoid(x) * sigmoid(centerness)), in torch's op order;
+// the background column (if any) never passes. `bound` prunes by logit: a class
+// or centerness logit at or below it cannot give a passing score.
+template <typename scalar_t>
+struct PairScorer {
+  const scalar_t* logits;      // &logits[image, first anchor of the level, 0]
+  const float* centerness;     // &centerness[image, first anchor of the level], or nullptr
+  int64_t num_classes;
+  int64_t background_class;  // -1: none
+  float score_thresh;
+  float bound;
+
+  __device__ __forceinline__ uint32_t key(int64_t pair) const {
+    if (pair % num_classes == background_class) return 0u;
+    const float x = static_cast<float>(logits[pair]);
+    if (!(x > bound)) return 0u;  // also drops NaN
+    float prob = sigmoid_f32(x);
+    if (centerness != nullptr) {
+      const float c = centerness[pair / num_classes];
+      if (!(c > bound)) return 0u;
+      prob = centerness_score(prob, sigmoid_f32(c));
+    }
+    return prob > score_thresh ? __float_as_uint(prob) : 0u;
+  }
+};
+
 using SelectScan = cub::BlockScan<int, kSelectThreads>;
 
 struct SelectShared {
@@ -147,59 +175,36 @@ __device__ __forceinline__ void find_radix_digit(SelectShared& shared, int remai
   }
 }
 
-// One block per segment (image, class). Writes the segment's best `capacity`
-// candidates, in anchor order, as rank keys into its slots, and the segment's
-// count and slot range for the segmented sort.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kSelectThreads) select_candidates_kernel(
-    const scalar_t* __restrict__ logits, const float* __restrict__ row_max,
-    const float* __restrict__ row_inv_sum, int64_t num_anchors, int64_t num_classes,
-    SelectParams params, int64_t capacity, int anchor_bits, bool cache_keys,
-    uint64_t* __restrict__ slot_keys, int32_t* __restrict__ segment_begin,
-    int32_t* __restrict__ segment_end, int32_t* __restrict__ counts) {
+// The selection of one segment by the whole block: the best `capacity` of its
+// `n` items (scorer.key(i), 0 = not passing) written as rank keys over i (with
+// `index_count` and `index_bits`, common/rank_keys.h) into `slots`, in item
+// order; returns how many (the same value in every thread). With `cache_keys`
+// the keys of all n items are kept in dynamic shared memory between passes.
+template <class Scorer>
+__device__ __forceinline__ int64_t select_segment_keys(SelectShared& shared, const Scorer& scorer,
+                                                      int64_t n, int64_t capacity,
+                                                      int64_t index_count, int index_bits,
+                                                      bool cache_keys, uint64_t* slots) {
   uint32_t* cached_keys = dynamic_shared_memory<uint32_t>();
-  __shared__ SelectShared shared;
   const int tid = threadIdx.x;
-  const int64_t segment = blockIdx.x;
-  const int64_t image = segment / num_classes;
-  const int64_t cls = segment % num_classes;
-  const int64_t first_slot = segment * capacity;
-  const int64_t A = num_anchors;
-  if (cls == params.background_class) {
-    if (tid == 0) {
-      counts[segment] = 0;
-      segment_begin[segment] = static_cast<int32_t>(first_slot);
-      segment_end[segment] = static_cast<int32_t>(first_slot);
-    }
-    return;
-  }
-  const bool softmax = params.activation == Activation::kSoftmax;
-  const ColumnScorer<scalar_t> scorer{logits + image * A * num_classes + cls,
-                                      num_classes,
-                                      softmax ? row_max + image * A : nullptr,
-                                      softmax ? row_inv_sum + image * A : nullptr,
-                                      softmax,
-                                      params.score_thresh,
-                                      params.bound.value};
-
-  // Pass 1: how many anchors pass, filling the key cache on the way.
+  // Pass 1: how many items pass, filling the key cache on the way.
   int64_t passing = 0;
-  for (int64_t base = 0; base < A; base += kSelectThreads) {
-    const int64_t anchor = base + tid;
+  for (int64_t base = 0; base < n; base += kSelectThreads) {
+    const int64_t item = base + tid;
     uint32_t key = 0;
-    if (anchor < A) {
-      key = scorer.key(anchor);
-      if (cache_keys) cached_keys[anchor] = key;
+    if (item < n) {
+      key = scorer.key(item);
+      if (cache_keys) cached_keys[item] = key;
     }
     // Also the barrier after which the cache is complete.
     passing += __syncthreads_count(key != 0u);
   }
-  auto key_at = [&](int64_t anchor) -> uint32_t {
-    return cache_keys ? cached_keys[anchor] : scorer.key(anchor);
+  auto key_at = [&](int64_t item) -> uint32_t {
+    return cache_keys ? cached_keys[item] : scorer.key(item);
   };
 
-  // With more passing anchors than slots, find the exact key of the capacity-th
-  // best (kth_key) and how many anchors with that key still fit (take_equal),
+  // With more passing items than slots, find the exact key of the capacity-th
+  // best (kth_key) and how many items with that key still fit (take_equal),
   // one 8-bit digit at a time from the top. Otherwise every passing key is taken.
   uint32_t kth_key = 0;
   int take_equal = 0;
@@ -209,8 +214,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_candidates_kernel(
     for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
       for (int i = tid; i < kRadixBins; i += kSelectThreads) shared.histogram[i] = 0;
       __syncthreads();
-      for (int64_t anchor = tid; anchor < A; anchor += kSelectThreads) {
-        const uint32_t key = key_at(anchor);
+      for (int64_t item = tid; item < n; item += kSelectThreads) {
+        const uint32_t key = key_at(item);
         if (key != 0u && (key & prefix_mask) == prefix) {
           atomicAdd(&shared.histogram[(key >> shift) & (kRadixBins - 1)], 1);
         }
@@ -226,13 +231,13 @@ __global__ void __launch_bounds__(kSelectThreads) select_candidates_kernel(
     take_equal = remaining;
   }
 
-  // Pass 3: write the chosen keys in anchor order. Among anchors whose key equals
-  // kth_key the lowest anchors are taken, as the CPU's (score, anchor) ranking does.
+  // Pass 3: write the chosen keys in item order. Among items whose key equals
+  // kth_key the lowest items are taken, as the CPU's (score, item) ranking does.
   // One scan counts both kinds: above-kth in the low 16 bits, equal in the high 16.
   int64_t above_seen = 0, equal_seen = 0;
-  for (int64_t base = 0; base < A; base += kSelectThreads) {
-    const int64_t anchor = base + tid;
-    const uint32_t key = anchor < A ? key_at(anchor) : 0u;
+  for (int64_t base = 0; base < n; base += kSelectThreads) {
+    const int64_t item = base + tid;
+    const uint32_t key = item < n ? key_at(item) : 0u;
     const bool above = key > kth_key;
     const bool equal = key != 0u && key == kth_key;
     int before = 0, chunk_total = 0;
@@ -243,14 +248,81 @@ __global__ void __launch_bounds__(kSelectThreads) select_candidates_kernel(
     const int64_t equal_before = equal_seen + (before >> 16);
     if (above || (equal && equal_before < take_equal)) {
       const int64_t position = above_before + min(equal_before, static_cast<int64_t>(take_equal));
-      slot_keys[first_slot + position] = make_rank_key(key, anchor, A, anchor_bits);
+      slots[position] = make_rank_key(key, item, index_count, index_bits);
     }
     above_seen += chunk_total & 0xFFFF;
     equal_seen += chunk_total >> 16;
     __syncthreads();  // the scan storage is reused by the next chunk
   }
-  if (tid == 0) {
-    const int64_t count = min(passing, capacity);
+  return min(passing, capacity);
+}
+
+
+// One block per segment (image, class). Writes the segment's best `capacity`
+// candidates, in anchor order, as rank keys into its slots, and the segment's
+// count and slot range for the segmented sort.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSelectThreads) select_candidates_kernel(
+    const scalar_t* __restrict__ logits, const float* __restrict__ row_max,
+    const float* __restrict__ row_inv_sum, int64_t num_anchors, int64_t num_classes,
+    SelectParams params, int64_t capacity, int anchor_bits, bool cache_keys,
+    uint64_t* __restrict__ slot_keys, int32_t* __restrict__ segment_begin,
+    int32_t* __restrict__ segment_end, int32_t* __restrict__ counts) {
+  __shared__ SelectShared shared;
+  const int64_t segment = blockIdx.x;
+  const int64_t image = segment / num_classes;
+  const int64_t cls = segment % num_classes;
+  const int64_t first_slot = segment * capacity;
+  const int64_t A = num_anchors;
+  int64_t count = 0;
+  if (cls != params.background_class) {
+    const bool softmax = params.activation == Activation::kSoftmax;
+    const ColumnScorer<scalar_t> scorer{logits + image * A * num_classes + cls,
+                                        num_classes,
+                                        softmax ? row_max + image * A : nullptr,
+                                        softmax ? row_inv_sum + image * A : nullptr,
+                                        softmax,
+                                        params.score_thresh,
+                                        params.bound.value};
+    count = select_segment_keys(shared, scorer, A, capacity, A, anchor_bits, cache_keys,
+                                slot_keys + first_slot);
+  }
+  if (threadIdx.x == 0) {
+    counts[segment] = static_cast<int32_t>(count);
+    segment_begin[segment] = static_cast<int32_t>(first_slot);
+    segment_end[segment] = static_cast<int32_t>(first_slot + count);
+  }
+}
+
+// Per-level selection (RetinaNet, FCOS): one block per segment (image, level) over
+// the level's anchor x class pairs, flattened as p = anchor_in_level * C + class
+// (contiguous in the logits). Writes the segment's best `capacity` pairs as rank
+// keys over p (equal scores: lower p first, as torchvision's flattened top-k).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSelectThreads) select_level_candidates_kernel(
+    const scalar_t* __restrict__ logits, const float* __restrict__ centerness,
+    int64_t num_anchors, int64_t num_classes, LevelTable levels, SelectParams params,
+    int64_t capacity, int64_t index_count, int index_bits, uint64_t* __restrict__ slot_keys,
+    int32_t* __restrict__ segment_begin, int32_t* __restrict__ segment_end,
+    int32_t* __restrict__ counts) {
+  __shared__ SelectShared shared;
+  const int64_t segment = blockIdx.x;
+  const int64_t image = segment / levels.count;
+  const int level = static_cast<int>(segment % levels.count);
+  const int64_t first_anchor = levels.start[level];
+  const int64_t pairs = (levels.start[level + 1] - first_anchor) * num_classes;
+  const int64_t first_slot = segment * capacity;
+  const int64_t anchor_offset = image * num_anchors + first_anchor;
+  const PairScorer<scalar_t> scorer{logits + anchor_offset * num_classes,
+                                    centerness == nullptr ? nullptr : centerness + anchor_offset,
+                                    num_classes,
+                                    params.background_class,
+                                    params.score_thresh,
+                                    params.bound.value};
+  const int64_t count = select_segment_keys(shared, scorer, pairs, capacity, index_count,
+                                            index_bits, /*cache_keys=*/false,
+                                            slot_keys + first_slot);
+  if (threadIdx.x == 0) {
     counts[segment] = static_cast<int32_t>(count);
     segment_begin[segment] = static_cast<int32_t>(first_slot);
     segment_end[segment] = static_cast<int32_t>(first_slot + count);

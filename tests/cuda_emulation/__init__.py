@@ -155,6 +155,32 @@ def decode_threshold_flatten(locs: Tensor, logits: Tensor, anchors: Tensor, imag
     return boxes[:n], scores[:n], keys[:n]
 
 
+def select_per_level(logits: Tensor, centerness, level_sizes, config: PostprocessConfig
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    """What ``torch.ops.ssd_post.select_per_level`` returns on CUDA: flat and scores
+    [B, L, k], counts [B, L] (k = ssd_post.ops.level_capacity)."""
+    from ssd_post.ops import level_capacity
+
+    B, A, C = logits.shape
+    sizes = torch.tensor([int(n) for n in level_sizes], dtype=torch.int64)
+    k = level_capacity(sizes.tolist(), C, config.topk_candidates)
+    flat = torch.full((B, sizes.numel(), k), -7, dtype=torch.int64)
+    scores = torch.full((B, sizes.numel(), k), -7.0)
+    counts = torch.full((B, sizes.numel()), -7, dtype=torch.int64)
+    if flat.numel() == 0:
+        return flat, scores, counts.zero_()
+    x = logits.detach().to("cpu", torch.float32).contiguous()
+    ctr = None if centerness is None else centerness.detach().to("cpu", torch.float32).reshape(B, A).contiguous()
+    background = config.resolve_background_class(C)
+    status = library().emulated_select_per_level(
+        _ptr(x), None if ctr is None else _ptr(ctr), ctypes.c_int64(B), ctypes.c_int64(A), ctypes.c_int64(C),
+        _ptr(sizes), ctypes.c_int32(sizes.numel()), ctypes.c_double(config.score_thresh),
+        ctypes.c_int64(config.topk_candidates), ctypes.c_int64(-1 if background is None else background),
+        _ptr(flat), _ptr(scores), _ptr(counts))
+    _check(status, "select_per_level")
+    return flat, scores, counts
+
+
 def nms_ranked_groups(ranked_boxes: Tensor, group_begin: Tensor, group_end: Tensor,
                       iou_threshold: float) -> Tensor:
     """keep (Tensor[N] uint8) of the NMS kernel of batched_nms on ranked_boxes [N, 4],

@@ -130,6 +130,22 @@ int emulated_postprocess(const EmulatedInputs* inputs, double nms_thresh,
   });
 }
 
+int emulated_select_per_level(const float* logits, const float* centerness, int64_t B, int64_t A,
+                              int64_t C, const int64_t* level_sizes, int32_t num_levels,
+                              double score_thresh, int64_t topk_candidates,
+                              int64_t background_class, int64_t* flat, float* scores,
+                              int64_t* counts) {
+  return guarded([&] {
+    EmulatorBackend backend;
+    // The same parameter builders as select_per_level_cuda (ops_cuda.cu).
+    const LevelTable levels = make_level_table(level_sizes, num_levels);
+    const SelectParams params = make_level_select_params(score_thresh, topk_candidates,
+                                                         centerness != nullptr, background_class);
+    select_level_ranked(backend, logits, centerness, B, A, C, levels, params,
+                        LevelOutputs{flat, scores, counts});
+  });
+}
+
 int emulated_nms_ranked_groups(const float* ranked_boxes, const int64_t* group_begin,
                                const int64_t* group_end, int64_t num_groups, double iou_threshold,
                                uint8_t* keep) {

@@ -36,6 +36,15 @@ int emulated_postprocess(const EmulatedInputs* inputs, double nms_thresh,
                          int64_t detections_per_img, float* out_boxes, float* out_scores,
                          int64_t* out_labels, int64_t* out_counts);
 
+// select_per_level on CUDA: logits [B, A, C] and centerness [B, A] (or nullptr)
+// float32; level_sizes [L] (1 <= L <= kMaxLevels, summing to A); outputs flat and
+// scores [B, L, k] and counts [B, L], k = level_capacity() (> 0).
+int emulated_select_per_level(const float* logits, const float* centerness, int64_t B, int64_t A,
+                              int64_t C, const int64_t* level_sizes, int32_t num_levels,
+                              double score_thresh, int64_t topk_candidates,
+                              int64_t background_class, int64_t* flat, float* scores,
+                              int64_t* counts);
+
 // The NMS kernel of batched_nms: ranked_boxes [N, 4] grouped into runs
 // [group_begin[g], group_end[g]), each in rank order; keep[i] = 1 for survivors.
 int emulated_nms_ranked_groups(const float* ranked_boxes, const int64_t* group_begin,

@@ -172,6 +172,55 @@ void check_nms(std::mt19937& rng, int64_t n, int64_t groups, double iou_threshol
 
 }  // namespace
 
+// select_per_level on exactly-sized buffers: every count within its level's pairs
+// and the capacity, each segment ranked by score (flat index ascending on ties),
+// flat indices inside their level, scores above the threshold, padding after.
+void check_select_per_level(std::mt19937& rng, int64_t B, int64_t C,
+                            const std::vector<int64_t>& level_sizes, bool centerness,
+                            int64_t topk, double score_thresh) {
+  const Problem p{B, 0, C, 1, -1, score_thresh, 0.5, topk, 1, false, false, false};
+  int64_t A = 0, largest = 0;
+  for (int64_t n : level_sizes) {
+    A += n;
+    largest = std::max(largest, n * C);
+  }
+  const int64_t L = static_cast<int64_t>(level_sizes.size());
+  const int64_t k = std::min(topk, largest);
+  std::normal_distribution<float> normal(0.f, 2.f);
+  std::vector<float> logits(B * A * C), ctr(centerness ? B * A : 0);
+  for (float& v : logits) v = std::round(normal(rng) * 4.f) / 4.f;  // a grid: many exact ties
+  for (float& v : ctr) v = normal(rng);
+  std::vector<int64_t> flat(B * L * k), counts(B * L);
+  std::vector<float> scores(B * L * k);
+  expect(emulated_select_per_level(logits.data(), centerness ? ctr.data() : nullptr, B, A, C,
+                                   level_sizes.data(), static_cast<int32_t>(L), score_thresh, topk,
+                                   -1, flat.data(), scores.data(), counts.data()) == 0,
+         "select_per_level ran", p);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t first_anchor = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t seg = b * L + l, n = counts[seg];
+      expect(n >= 0 && n <= std::min(k, level_sizes[l] * C), "count within bounds", p);
+      for (int64_t r = 0; r < k; ++r) {
+        const int64_t f = flat[seg * k + r];
+        const float s = scores[seg * k + r];
+        if (r >= n) {
+          expect(f == -1 && s == 0.f, "padding after the count", p);
+          continue;
+        }
+        expect(f >= first_anchor * C && f < (first_anchor + level_sizes[l]) * C,
+               "flat index inside its level", p);
+        expect(s > static_cast<float>(score_thresh), "score above the threshold", p);
+        if (r > 0) {
+          const float prev = scores[seg * k + r - 1];
+          expect(prev > s || (prev == s && flat[seg * k + r - 1] < f), "ranked", p);
+        }
+      }
+      first_anchor += level_sizes[l];
+    }
+  }
+}
+
 int main() {
   std::mt19937 rng(2024);
   const Problem problems[] = {
@@ -192,6 +241,10 @@ int main() {
     std::printf("B=%lld A=%lld C=%lld done\n", static_cast<long long>(p.B),
                 static_cast<long long>(p.A), static_cast<long long>(p.C));
   }
+  check_select_per_level(rng, 2, 7, {300, 80, 20}, false, 100, 0.05);  // radix select
+  check_select_per_level(rng, 1, 3, {40, 0, 9}, true, 1000, 0.2);     // every pair, empty level
+  check_select_per_level(rng, 3, 5, {64, 16}, false, 1, 0.0);          // one slot per level
+  std::printf("select_per_level done\n");
   check_nms(rng, 1, 1, 0.5);
   check_nms(rng, 300, 1, 0.5);
   check_nms(rng, 2000, 37, 0.3);
