@@ -143,6 +143,10 @@ inline BatchDims check_level_inputs(const at::Tensor& logits,
                 "background_class should be in [0, C) = [0, ", C, "), got ", *background_class);
   }
   *levels = make_level_table(level_sizes.data(), static_cast<int>(count));
+  // The kernel indexes a level's pairs with 32-bit arithmetic.
+  TORCH_CHECK(largest_level_pairs(*levels, C) <= std::numeric_limits<uint32_t>::max(),
+              "a feature level should have fewer than 2^32 anchor x class pairs, got ",
+              largest_level_pairs(*levels, C));
   return {B, A, C};
 }
 

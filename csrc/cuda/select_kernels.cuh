@@ -114,12 +114,16 @@ struct PairScorer {
   float bound;
 
   __device__ __forceinline__ uint32_t key(int64_t pair) const {
-    if (pair % num_classes == background_class) return 0u;
+    // 32-bit division (inline; the 64-bit one is a called routine): a level's
+    // pairs are below 2^32 (check_level_inputs).
+    const int64_t anchor =
+        static_cast<uint32_t>(pair) / static_cast<uint32_t>(num_classes);
+    if (pair - anchor * num_classes == background_class) return 0u;
     const float x = static_cast<float>(logits[pair]);
     if (!(x > bound)) return 0u;  // also drops NaN
     float prob = sigmoid_f32(x);
     if (centerness != nullptr) {
-      const float c = centerness[pair / num_classes];
+      const float c = centerness[anchor];
       if (!(c > bound)) return 0u;
       prob = centerness_score(prob, sigmoid_f32(c));
     }
@@ -309,8 +313,17 @@ __global__ void __launch_bounds__(kSelectThreads) select_level_candidates_kernel
   const int64_t segment = blockIdx.x;
   const int64_t image = segment / levels.count;
   const int level = static_cast<int>(segment % levels.count);
-  const int64_t first_anchor = levels.start[level];
-  const int64_t pairs = (levels.start[level + 1] - first_anchor) * num_classes;
+  // Unrolled over the table, so that it is read with constant indices (a dynamic
+  // index would copy the parameter struct to local memory).
+  int64_t first_anchor = 0, end_anchor = 0;
+#pragma unroll
+  for (int l = 0; l < kMaxLevels; ++l) {
+    if (l == level) {
+      first_anchor = levels.start[l];
+      end_anchor = levels.start[l + 1];
+    }
+  }
+  const int64_t pairs = (end_anchor - first_anchor) * num_classes;
   const int64_t first_slot = segment * capacity;
   const int64_t anchor_offset = image * num_anchors + first_anchor;
   const PairScorer<scalar_t> scorer{logits + anchor_offset * num_classes,
