@@ -13,6 +13,10 @@ Kept apart from benchmarks.run, whose scenarios are SSD-only.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import sys
 from typing import Dict, List, Tuple
 
 import torch
@@ -22,7 +26,10 @@ import ssd_post
 from ssd_post import PostprocessConfig
 from ssd_post.reference import torchvision_postprocess
 
+from .run import RESULTS_DIR, load_average, machine_info
 from .timing import time_calls
+
+METHODS = ("torchvision", "ssd_post", "read")
 
 IMAGE_SIZE = 800
 STRIDES = (8, 16, 32, 64, 128)
@@ -102,30 +109,75 @@ def same_up_to_ties(a: ssd_post.Detections, b: ssd_post.Detections) -> bool:
     return True
 
 
-def main() -> None:
+def plot(rows: List[Dict], path: str) -> str:
+    """ms per call of each method, one group of bars per (model, scenario), log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(METHODS)
+    for i, method in enumerate(METHODS):
+        ax.bar([x + i * width for x in range(len(rows))], [1e3 * r[f"{method}_s"] for r in rows], width,
+               label=method)
+    ax.set_xticks([x + width for x in range(len(rows))])
+    ax.set_xticklabels([f"{r['model']}\n{r['scenario']}" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel(f"ms per call, B = {rows[0]['batch']}")
+    ax.set_title("RetinaNet / FCOS postprocess, 800x800")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: List[str] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="B=1, one repeat, both models and scenarios")
+    parser.add_argument("--quick", action="store_true", help="B=1, one repeat, both models and scenarios; "
+                        "writes nothing")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--scenario", choices=("sparse", "dense"), nargs="*", default=["sparse", "dense"])
     parser.add_argument("--model", choices=sorted(CONFIGS), nargs="*", default=sorted(CONFIGS))
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--out-dir", default=RESULTS_DIR, help="where family.json and family.png go")
+    args = parser.parse_args(argv)
     batch, repeats = (1, 1) if args.quick else (args.batch, args.repeats)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    results = {
+        "command": " ".join(["python -m benchmarks.family"] + (argv if argv is not None else sys.argv[1:])),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "load_average_start": load_average(),
+        "rows": [],
+    }
     for model in args.model:
         for scenario in args.scenario:
             inp = make_inputs(model, scenario, batch)
             ours, theirs = run_ssd_post(inp), run_torchvision(inp)
             parity = same_up_to_ties(ours, theirs)
-            times = {name: time_calls(lambda fn=fn: fn(inp), repeats, budget_s=30.0)[0]
-                     for name, fn in (("torchvision", run_torchvision), ("ssd_post", run_ssd_post), ("read", run_read))}
-            print(f"{model:9s} {scenario:6s} B={batch} detections={int(ours.num_detections.sum())} "
-                  f"parity={parity} torchvision={times['torchvision'] * 1e3:.1f}ms "
+            if not parity:
+                raise SystemExit(f"{model} {scenario}: ssd_post differs from torchvision")
+            fns = {"torchvision": run_torchvision, "ssd_post": run_ssd_post, "read": run_read}
+            times = {name: time_calls(lambda fn=fns[name]: fn(inp), repeats, budget_s=30.0)[0] for name in METHODS}
+            row = {"model": model, "scenario": scenario, "batch": batch, "parity": "ok",
+                   "detections": int(ours.num_detections.sum()), **{f"{m}_s": times[m] for m in METHODS}}
+            results["rows"].append(row)
+            print(f"{model:9s} {scenario:6s} B={batch} detections={row['detections']} "
+                  f"parity=ok torchvision={times['torchvision'] * 1e3:.1f}ms "
                   f"ssd_post={times['ssd_post'] * 1e3:.1f}ms read={times['read'] * 1e3:.1f}ms "
                   f"speedup={times['torchvision'] / times['ssd_post']:.1f}x "
                   f"vs_read={times['ssd_post'] / times['read']:.1f}x", flush=True)
-            if not parity:
-                raise SystemExit(f"{model} {scenario}: ssd_post differs from torchvision")
+    results["load_average_end"] = load_average()
+    if not args.quick and args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, "family.json")
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {path}, {plot(results['rows'], os.path.join(args.out_dir, 'family.png'))}")
+    return results
 
 
 if __name__ == "__main__":

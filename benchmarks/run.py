@@ -163,8 +163,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     results = {
         "command": " ".join(["python -m benchmarks.run"] + (argv if argv is not None else sys.argv[1:])),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine_info(),
         "load_average_start": load_average(),
         "skipped": {},
         "rows": [],
@@ -194,6 +193,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         paths.append(report.plot(report.load_rows(args.out_dir), os.path.join(args.out_dir, "cpu.png")))
         print("\nwrote " + ", ".join(paths))
     return results
+
+
+def machine_info() -> Dict:
+    """What a benchmark's numbers depend on besides the code (stored with them)."""
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _cpu_name() -> str:
