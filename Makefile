@@ -46,7 +46,7 @@ bench: install
 # On a machine with a CUDA GPU: the CUDA tests, then the GPU benchmark
 # (benchmarks/results/gpu_<device>.json).
 gpu-check: install
-	$(PY) -m pytest -q -m cuda tests/test_cuda.py
+	$(PY) -m pytest -q -m cuda tests/
 	$(PY) -m benchmarks.gpu
 
 clean:
