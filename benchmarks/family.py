@@ -109,6 +109,9 @@ def same_up_to_ties(a: ssd_post.Detections, b: ssd_post.Detections) -> bool:
     return True
 
 
+RUNNERS = {"torchvision": run_torchvision, "ssd_post": run_ssd_post, "read": run_read}
+
+
 def plot(rows: List[Dict], path: str) -> str:
     """ms per call of each method, one group of bars per (model, scenario), log scale."""
     import matplotlib
@@ -160,8 +163,8 @@ def main(argv: List[str] = None) -> Dict:
             parity = same_up_to_ties(ours, theirs)
             if not parity:
                 raise SystemExit(f"{model} {scenario}: ssd_post differs from torchvision")
-            fns = {"torchvision": run_torchvision, "ssd_post": run_ssd_post, "read": run_read}
-            times = {name: time_calls(lambda fn=fns[name]: fn(inp), repeats, budget_s=30.0)[0] for name in METHODS}
+            times = {name: time_calls(lambda fn=RUNNERS[name]: fn(inp), repeats, budget_s=30.0)[0]
+                     for name in METHODS}
             row = {"model": model, "scenario": scenario, "batch": batch, "parity": "ok",
                    "detections": int(ours.num_detections.sum()), **{f"{m}_s": times[m] for m in METHODS}}
             results["rows"].append(row)

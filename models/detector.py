@@ -62,7 +62,7 @@ class SSDDetector(nn.Module):
         self.image_std = tuple(float(s) for s in image_std)
         self.extra_config = dict(extra_config or {})
         self._anchors: Optional[Tensor] = None
-        self._level_sizes: Optional[List[int]] = None
+        self._grid: Optional[List[Tuple[int, int]]] = None
 
     def features(self, images: Tensor) -> List[Tensor]:
         """Feature maps of the head, in head order."""
@@ -93,15 +93,19 @@ class SSDDetector(nn.Module):
 
     @torch.no_grad()
     def _grid_sizes(self) -> List[Tuple[int, int]]:
-        # One dummy pass in eval mode, so BatchNorm statistics are not touched.
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            param = next(self.parameters())
-            dummy = torch.zeros((1, 3) + self.image_size, device=param.device, dtype=param.dtype)
-            return [tuple(f.shape[-2:]) for f in self.features(dummy)]
-        finally:
-            self.backbone.train(was_training)
+        """Feature-map sizes at ``image_size`` (cached: the anchors and the level
+        sizes both need them, and finding them costs a forward pass)."""
+        if self._grid is None:
+            # One dummy pass in eval mode, so BatchNorm statistics are not touched.
+            was_training = self.backbone.training
+            self.backbone.eval()
+            try:
+                param = next(self.parameters())
+                dummy = torch.zeros((1, 3) + self.image_size, device=param.device, dtype=param.dtype)
+                self._grid = [tuple(f.shape[-2:]) for f in self.features(dummy)]
+            finally:
+                self.backbone.train(was_training)
+        return self._grid
 
     def anchors(self) -> Tensor:
         """Default boxes, Tensor[A, 4] float32 xyxy in network-input pixels (cached, on CPU)."""
@@ -115,9 +119,7 @@ class SSDDetector(nn.Module):
         (RetinaNet), nothing for SSD's per-class one."""
         if self.postprocess_config.selection != "per_level":
             return {}
-        if self._level_sizes is None:
-            self._level_sizes = self.default_boxes.level_sizes(self._grid_sizes())
-        return {"level_sizes": list(self._level_sizes)}
+        return {"level_sizes": self.default_boxes.level_sizes(self._grid_sizes())}
 
     def compute_loss(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]],
                      options: Mapping[str, Any]) -> Dict[str, Tensor]:

@@ -247,10 +247,10 @@ def select_per_level(logits: Tensor, centerness: Optional[Tensor], config: Postp
         scores by flattened index anchor * C + class), at most ``topk_candidates``
         per group.
     """
-    batch, _, num_classes = logits.shape
-    background = config.resolve_background_class(num_classes)
     if logits.device.type == "cuda" and ops.has_cuda_kernels():
         return select_with_kernel(ops.select_per_level_op, logits, centerness, config, level_sizes)
+    batch, _, num_classes = logits.shape
+    background = config.resolve_background_class(num_classes)
     step = loop_step() if logits.device.type == "cpu" else None
     images, flats, scores = [], [], []
     # One level at a time for all images: the score bits depend on the (image, level)

@@ -172,10 +172,9 @@ def torchvision_postprocess(
     if config.score_activation != "softmax" or config.background_class != 0 or not config.clip_boxes:
         raise ValueError("torchvision's SSD postprocess only has softmax, background_class=0 and clipping")
     locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
-    shapes = [tuple(int(v) for v in hw) for hw in sizes.tolist()]
     head_outputs = {"bbox_regression": locs, "cls_logits": logits}
     results = SSD.postprocess_detections(_torchvision_owner(config, det_utils.BoxCoder(weights=config.box_weights)),
-                                         head_outputs, _per_image(anchors, logits.shape[0]), shapes)
+                                         head_outputs, _per_image(anchors, logits.shape[0]), _shapes(sizes))
     if not results:
         return postprocess_loop(locs, logits, anchors, sizes, config)
     return Detections.from_list(results, config.detections_per_img)
@@ -185,6 +184,11 @@ def _torchvision_owner(config: PostprocessConfig, box_coder) -> SimpleNamespace:
     """The attributes torchvision's ``postprocess_detections`` reads off its model."""
     return SimpleNamespace(box_coder=box_coder, score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
                            topk_candidates=config.topk_candidates, detections_per_img=config.detections_per_img)
+
+
+def _shapes(sizes: Tensor) -> List[Tuple[int, int]]:
+    """Image sizes (Tensor[B, 2]) as torchvision's ``image_shapes``: (h, w) ints."""
+    return [tuple(int(v) for v in hw) for hw in sizes.tolist()]
 
 
 def _per_image(anchors: Tensor, batch: int) -> List[Tensor]:
@@ -219,5 +223,4 @@ def _torchvision_per_level(locs: Tensor, logits: Tensor, anchors: Anchors, image
                          f"FCOS's (sigmoid_centerness, linear coder), got {config.score_activation!r} with "
                          f"box_coder={config.box_coder!r}")
     per_image = [list(a.split(split)) for a in _per_image(anchors, batch)]
-    shapes = [tuple(int(v) for v in hw) for hw in sizes.tolist()]
-    return Detections.from_list(method(owner, head, per_image, shapes), config.detections_per_img)
+    return Detections.from_list(method(owner, head, per_image, _shapes(sizes)), config.detections_per_img)

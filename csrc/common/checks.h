@@ -48,6 +48,17 @@ inline Activation parse_activation(const std::string& name) {
   return Activation::kSoftmax;  // unreachable
 }
 
+// The selection scalars every selecting op takes (per class or per level).
+inline void check_selection_scalars(double score_thresh, int64_t topk_candidates,
+                                    c10::optional<int64_t> background_class, int64_t C) {
+  check_unit_interval(score_thresh, "score_thresh");
+  TORCH_CHECK(topk_candidates >= 1, "topk_candidates should be >= 1, got ", topk_candidates);
+  if (background_class.has_value()) {
+    TORCH_CHECK(*background_class >= 0 && *background_class < C,
+                "background_class should be in [0, C) with C = ", C, ", got ", *background_class);
+  }
+}
+
 // Validates the tensors and scalars shared by decode_threshold_flatten and
 // postprocess and returns B, A, C.
 inline BatchDims check_decode_inputs(const at::Tensor& locs, const at::Tensor& logits,
@@ -92,17 +103,12 @@ inline BatchDims check_decode_inputs(const at::Tensor& locs, const at::Tensor& l
   TORCH_CHECK(image_sizes.device() == locs.device() || image_sizes.device().is_cpu(),
               "image_sizes should be on the CPU or on the same device as locs, got ",
               image_sizes.device(), " and ", locs.device());
-  check_unit_interval(score_thresh, "score_thresh");
-  TORCH_CHECK(topk_candidates >= 1, "topk_candidates should be >= 1, got ", topk_candidates);
+  check_selection_scalars(score_thresh, topk_candidates, background_class, C);
   TORCH_CHECK(box_weights.size() == 4, "box_weights should have 4 values, got ",
               box_weights.size());
   for (double w : box_weights) {
     TORCH_CHECK(std::isfinite(w) && w > 0, "box_weights should be finite and positive, got ",
                 box_weights);
-  }
-  if (background_class.has_value()) {
-    TORCH_CHECK(*background_class >= 0 && *background_class < C,
-                "background_class should be in [0, C) with C = ", C, ", got ", *background_class);
   }
   return {B, A, C};
 }
@@ -136,12 +142,7 @@ inline BatchDims check_level_inputs(const at::Tensor& logits,
     total += n;
   }
   TORCH_CHECK(total == A, "level_sizes should sum to A = ", A, ", got ", level_sizes);
-  check_unit_interval(score_thresh, "score_thresh");
-  TORCH_CHECK(topk_candidates >= 1, "topk_candidates should be >= 1, got ", topk_candidates);
-  if (background_class.has_value()) {
-    TORCH_CHECK(*background_class >= 0 && *background_class < C,
-                "background_class should be in [0, C) = [0, ", C, "), got ", *background_class);
-  }
+  check_selection_scalars(score_thresh, topk_candidates, background_class, C);
   *levels = make_level_table(level_sizes.data(), static_cast<int>(count));
   // The kernel indexes a level's pairs with 32-bit arithmetic.
   TORCH_CHECK(largest_level_pairs(*levels, C) <= std::numeric_limits<uint32_t>::max(),
