@@ -3,6 +3,7 @@ the detections of ssd_post and of torchvision's per-image loop, and their times.
 
     python demo.py [--batch-size 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ def _best_of(fn, repeats: int = 5) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     if args.batch_size < 1:
@@ -53,12 +56,15 @@ def main() -> None:
     first = detections.to_list()[0]
     print(f"batch {args.batch_size}: detections per image {detections.num_detections.tolist()}")
     print("image 0, best three:")
-    for box, score, label in zip(first["boxes"][:3].tolist(), first["scores"][:3].tolist(), first["labels"][:3].tolist()):
+    for box, score, label in zip(
+        first["boxes"][:3].tolist(), first["scores"][:3].tolist(), first["labels"][:3].tolist()
+    ):
         print(f"  label {label:2d}  score {score:.4f}  box {[round(v, 1) for v in box]}")
 
     expected = model.postprocess_detections(head, anchors, sizes)
     same = all(
-        torch.equal(got["labels"], want["labels"]) and torch.equal(got["scores"], want["scores"])
+        torch.equal(got["labels"], want["labels"])
+        and torch.equal(got["scores"], want["scores"])
         and torch.allclose(got["boxes"], want["boxes"], atol=1e-3)
         for got, want in zip(detections.to_list(), expected)
     )
@@ -66,8 +72,10 @@ def main() -> None:
 
     fast = _best_of(lambda: ssd_post.postprocess(locs, logits, anchors, sizes, config))
     loop = _best_of(lambda: reference.torchvision_postprocess(locs, logits, anchors, sizes, config))
-    print(f"postprocess time: ssd_post {fast * 1e3:.1f} ms, torchvision loop {loop * 1e3:.1f} ms "
-          f"({loop / fast:.1f}x) for {args.batch_size} images on {torch.get_num_threads()} threads")
+    print(
+        f"postprocess time: ssd_post {fast * 1e3:.1f} ms, torchvision loop {loop * 1e3:.1f} ms "
+        f"({loop / fast:.1f}x) for {args.batch_size} images on {torch.get_num_threads()} threads"
+    )
     if not same:
         raise SystemExit("detections differ from torchvision's")
 

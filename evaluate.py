@@ -12,6 +12,7 @@ Stages: ``data`` (waiting for the next batch: decoding and resizing images),
 differs between ``ssd_post`` and ``torchvision``), ``evaluation`` (mapping boxes to
 original pixels, COCO results entries, pycocotools' COCOeval).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,6 +72,7 @@ def load_run_config(config_path: str, data_root: Optional[str] = None) -> TrainC
 
 def _int_at_least_one(flag: str) -> Callable[[str], int]:
     """An argparse ``type`` that accepts only a whole number >= 1 and names ``flag`` otherwise."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -79,41 +81,91 @@ def _int_at_least_one(flag: str) -> Callable[[str], int]:
         if value < 1 or str(value) != text.strip():
             raise argparse.ArgumentTypeError(f"{flag} should be an integer >= 1, got {text!r}")
         return value
+
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="evaluate.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help="YAML config the checkpoint was trained with (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                        help="detector checkpoint saved by train.py (default: %(default)s)")
-    parser.add_argument("--data-root", default=None,
-                        help="data set folder (default: the config's data.root)")
-    parser.add_argument("--batch-size", type=_int_at_least_one("--batch-size"), default=None,
-                        help="images per batch (default: the config's)")
-    parser.add_argument("--postprocess", choices=sorted(POSTPROCESSORS), default="ssd_post",
-                        help="ssd_post's batched ops or torchvision's per-image loop (default: %(default)s)")
-    parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
-                        help="where the network and the ssd_post postprocess run: PyTorch, exported to "
-                             "ONNX and run in onnxruntime / OpenVINO, or compiled into AOTInductor packages "
-                             "(see docs/deploy.md)")
-    parser.add_argument("--json", metavar="OUT", default=None,
-                        help="write the metrics to OUT and the detections (COCO results) next to it")
-    parser.add_argument("--save-vis", metavar="DIR", default=None,
-                        help="write PNGs of images with their detections drawn to DIR")
-    parser.add_argument("--vis-limit", type=_int_at_least_one("--vis-limit"), default=16,
-                        help="how many images --save-vis draws (default: %(default)s)")
-    parser.add_argument("--vis-score", type=float, default=0.3,
-                        help="lowest score --save-vis draws (default: %(default)s)")
-    parser.add_argument("--devices", type=_int_at_least_one("--devices"), default=1,
-                        help="CPU processes; above 1 the run goes through Lightning DDP (default: 1)")
-    parser.add_argument("--limit", type=_int_at_least_one("--limit"), default=None,
-                        help="evaluate only the first N validation images")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="DataLoader worker processes (default: the config's data.num_workers)")
+        prog="evaluate.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="YAML config the checkpoint was trained with (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=DEFAULT_CHECKPOINT,
+        help="detector checkpoint saved by train.py (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-root", default=None, help="data set folder (default: the config's data.root)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_int_at_least_one("--batch-size"),
+        default=None,
+        help="images per batch (default: the config's)",
+    )
+    parser.add_argument(
+        "--postprocess",
+        choices=sorted(POSTPROCESSORS),
+        default="ssd_post",
+        help="ssd_post's batched ops or torchvision's per-image loop (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="pytorch",
+        help="where the network and the ssd_post postprocess run: PyTorch, exported to "
+        "ONNX and run in onnxruntime / OpenVINO, or compiled into AOTInductor packages "
+        "(see docs/deploy.md)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="OUT",
+        default=None,
+        help="write the metrics to OUT and the detections (COCO results) next to it",
+    )
+    parser.add_argument(
+        "--save-vis",
+        metavar="DIR",
+        default=None,
+        help="write PNGs of images with their detections drawn to DIR",
+    )
+    parser.add_argument(
+        "--vis-limit",
+        type=_int_at_least_one("--vis-limit"),
+        default=16,
+        help="how many images --save-vis draws (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vis-score",
+        type=float,
+        default=0.3,
+        help="lowest score --save-vis draws (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=_int_at_least_one("--devices"),
+        default=1,
+        help="CPU processes; above 1 the run goes through Lightning DDP (default: 1)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_int_at_least_one("--limit"),
+        default=None,
+        help="evaluate only the first N validation images",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes (default: the config's data.num_workers)",
+    )
     return parser
 
 
@@ -125,7 +177,8 @@ def load_model(checkpoint: str, model_config: ModelConfig) -> torch.nn.Module:
     if not os.path.isfile(checkpoint):
         raise EvaluationError(
             f"checkpoint file not found: {checkpoint} (train one with `python train.py --config "
-            "configs/tiny_shapes.yaml`, or pass --checkpoint)")
+            "configs/tiny_shapes.yaml`, or pass --checkpoint)"
+        )
     expected = {"arch": model_config.arch, "num_classes": model_config.num_classes}
     try:
         detector = load_detector(checkpoint, expected=expected)
@@ -143,8 +196,9 @@ def build_val_dataset(data_config: DataConfig, detector: torch.nn.Module):
     from training.lightning_module import DetectionDataModule
 
     try:
-        datamodule = DetectionDataModule(data_config, detector.image_size, detector.image_mean,
-                                         detector.image_std)
+        datamodule = DetectionDataModule(
+            data_config, detector.image_size, detector.image_mean, detector.image_std
+        )
         datamodule.setup("validate")  # builds the val set only
     except (ValueError, OSError) as err:
         raise EvaluationError(f"cannot read the validation set: {err}") from err
@@ -163,12 +217,14 @@ def build_loader(dataset, batch_size: int, limit: Optional[int], num_workers: in
     from training.data.coco import collate_fn
 
     subset = Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_fn)
+    return DataLoader(
+        subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
+    )
 
 
-def make_lightning_module(detector: torch.nn.Module, postprocess: str,
-                          label_to_category: Optional[Dict[int, int]]):
+def make_lightning_module(
+    detector: torch.nn.Module, postprocess: str, label_to_category: Optional[Dict[int, int]]
+):
     """A LightningModule whose predict steps run :func:`infer_batch` and whose epoch
     end gathers every rank's detections and timings into ``module.gathered``.
 
@@ -191,22 +247,38 @@ def make_lightning_module(detector: torch.nn.Module, postprocess: str,
             self.anchors = self.detector.anchors()  # [A, 4]
             self.epoch_start = self.batch_end = time.perf_counter()
 
-        def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        def on_predict_batch_start(
+            self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        ) -> None:
             # Between the end of one step and the start of the next, the loader works.
             self.timer.add("data", time.perf_counter() - self.batch_end)
 
         def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> int:
             images, targets = batch
-            self.per_image.update(infer_batch(self.detector, images, targets, self.anchors,
-                                              self.postprocess_fn, self.timer, self.label_to_category))
+            self.per_image.update(
+                infer_batch(
+                    self.detector,
+                    images,
+                    targets,
+                    self.anchors,
+                    self.postprocess_fn,
+                    self.timer,
+                    self.label_to_category,
+                )
+            )
             return len(targets)  # not None: Lightning warns about a predict step returning nothing
 
-        def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        def on_predict_batch_end(
+            self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        ) -> None:
             self.batch_end = time.perf_counter()
 
         def on_predict_epoch_end(self) -> None:
-            local = {"per_image": self.per_image, "seconds": dict(self.timer.seconds),
-                     "inference_s": time.perf_counter() - self.epoch_start}
+            local = {
+                "per_image": self.per_image,
+                "seconds": dict(self.timer.seconds),
+                "inference_s": time.perf_counter() - self.epoch_start,
+            }
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 gathered: List[Any] = [None] * torch.distributed.get_world_size()
                 torch.distributed.all_gather_object(gathered, local)
@@ -217,9 +289,13 @@ def make_lightning_module(detector: torch.nn.Module, postprocess: str,
     return EvaluationModule()
 
 
-def run_lightning(detector: torch.nn.Module, loader, postprocess: str,
-                  label_to_category: Optional[Dict[int, int]], devices: int
-                  ) -> Tuple[int, List[Dict[int, List[dict]]], Dict[str, float], float]:
+def run_lightning(
+    detector: torch.nn.Module,
+    loader,
+    postprocess: str,
+    label_to_category: Optional[Dict[int, int]],
+    devices: int,
+) -> Tuple[int, List[Dict[int, List[dict]]], Dict[str, float], float]:
     """Inference over ``devices`` CPU processes (DDP) through ``Trainer.predict``.
 
     With DDP, Lightning starts ranks 1.. by running this script again with the same
@@ -238,9 +314,14 @@ def run_lightning(detector: torch.nn.Module, loader, postprocess: str,
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates; not ours to fix.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False)
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     module = make_lightning_module(detector, postprocess, label_to_category)
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     per_rank = [rank["per_image"] for rank in module.gathered]
@@ -259,10 +340,14 @@ def format_report(metrics: Dict[str, Any]) -> str:
         f"{'stage':<12}{'total ms':>12}{'ms / image':>12}",
     ]
     for stage in STAGES:
-        lines.append(f"{stage:<12}{metrics['timing_ms'][stage]:>12.1f}"
-                     f"{metrics['timing_ms_per_image'][stage]:>12.3f}")
-    lines.append(f"images/s: {metrics['images_per_s']:.1f} (data + forward + postprocess); "
-                 f"postprocess alone: {metrics['postprocess_images_per_s']:.1f} images/s")
+        lines.append(
+            f"{stage:<12}{metrics['timing_ms'][stage]:>12.1f}"
+            f"{metrics['timing_ms_per_image'][stage]:>12.3f}"
+        )
+    lines.append(
+        f"images/s: {metrics['images_per_s']:.1f} (data + forward + postprocess); "
+        f"postprocess alone: {metrics['postprocess_images_per_s']:.1f} images/s"
+    )
     return "\n".join(lines)
 
 
@@ -290,7 +375,8 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         # A process with no image would never reach the gather at epoch end and the
         # others would wait for it forever.
         raise EvaluationError(
-            f"--devices {args.devices} is more than the {num_to_evaluate} image(s) to evaluate")
+            f"--devices {args.devices} is more than the {num_to_evaluate} image(s) to evaluate"
+        )
     label_to_category = dict(dataset.label_to_category)
 
     timer = StageTimer()
@@ -302,14 +388,19 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
             inference_s = time.perf_counter() - start
     elif args.devices == 1:
         start = time.perf_counter()
-        per_rank = [run_inference(detector, loader, get_postprocess(args.postprocess), timer, label_to_category)]
+        per_rank = [
+            run_inference(
+                detector, loader, get_postprocess(args.postprocess), timer, label_to_category
+            )
+        ]
         inference_s = time.perf_counter() - start
     else:
         # Each rank gets its share of the cores; two ranks with all cores each would
         # fight over them and make every stage slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
         rank, per_rank, seconds, inference_s = run_lightning(
-            detector, loader, args.postprocess, label_to_category, args.devices)
+            detector, loader, args.postprocess, label_to_category, args.devices
+        )
         if rank != 0:
             return None
         for stage, value in seconds.items():
@@ -332,16 +423,25 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     if args.json:
         write_outputs(args.json, metrics, results)
     if args.save_vis:
-        save_visualizations(dataset.coco, dataset.image_dir, results, image_ids, args.save_vis,
-                            limit=args.vis_limit, score_min=args.vis_score)
+        save_visualizations(
+            dataset.coco,
+            dataset.image_dir,
+            results,
+            image_ids,
+            args.save_vis,
+            limit=args.vis_limit,
+            score_min=args.vis_score,
+        )
     return metrics
 
 
 def make_backend(detector: torch.nn.Module, args: argparse.Namespace, folder: str, batch_size: int):
     """The exported network and postprocess loaded in ``args.backend`` (files in ``folder``)."""
     if args.postprocess != "ssd_post" or args.devices != 1:
-        raise EvaluationError(f"--backend {args.backend} runs ssd_post's postprocess in one process; "
-                              f"got --postprocess {args.postprocess} --devices {args.devices}")
+        raise EvaluationError(
+            f"--backend {args.backend} runs ssd_post's postprocess in one process; "
+            f"got --postprocess {args.postprocess} --devices {args.devices}"
+        )
     try:
         return build_runtime_backend(detector, args.backend, folder, max_batch=batch_size)
     except (ImportError, ValueError) as err:

@@ -5,6 +5,7 @@ and libraries that torch's own CUDA headers include (cusparse, cublas, ...) may 
 only from the pip `nvidia` packages that torch depends on, so their include and lib
 folders are added here.
 """
+
 import glob
 import os
 import platform
@@ -44,7 +45,10 @@ def _toolkit_root(nvcc: str) -> str:
     try:
         dry_run = subprocess.run(
             [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60)
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         match = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
         if match:
             return os.path.realpath(match.group(1).strip())
@@ -156,9 +160,14 @@ class BuildWithVectorVariants(BuildExtension):
             args = dict(ext.extra_compile_args)
             args["cxx"] = list(args["cxx"]) + flags
             objects = self.compiler.compile(
-                [VECTOR_SOURCE], output_dir=os.path.join(self.build_temp, "avx2"),
-                macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
-                extra_postargs=args, depends=ext.depends)
+                [VECTOR_SOURCE],
+                output_dir=os.path.join(self.build_temp, "avx2"),
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=args,
+                depends=ext.depends,
+            )
             ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
 
@@ -171,8 +180,11 @@ def _extension():
     if not WITH_CUDA:
         print(f"ssd_post: building CPU-only extension ({CPU_ONLY_REASON})", file=sys.stderr)
         return CppExtension(
-            "ssd_post._C", cpp_sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
+            "ssd_post._C",
+            cpp_sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
             py_limited_api=PY_LIMITED_API,
         )
 
@@ -186,14 +198,19 @@ def _extension():
     if link_dir:
         libs.insert(0, link_dir)
     nvcc_flags = [
-        "-O3", "--expt-relaxed-constexpr",
+        "-O3",
+        "--expt-relaxed-constexpr",
         # Decode and IoU must round like torchvision's separate elementwise ops.
         "--fmad=false",
     ] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
-    print(f"ssd_post: building with CUDA kernels for sm_{', sm_'.join(CUDA_ARCHS)} "
-          f"(nvcc: {NVCC}, CUDA_HOME: {cuda_home})", file=sys.stderr)
+    print(
+        f"ssd_post: building with CUDA kernels for sm_{', sm_'.join(CUDA_ARCHS)} "
+        f"(nvcc: {NVCC}, CUDA_HOME: {cuda_home})",
+        file=sys.stderr,
+    )
     return CUDAExtension(
-        "ssd_post._C", cpp_sources + _sources("csrc/cuda/*.cu"),
+        "ssd_post._C",
+        cpp_sources + _sources("csrc/cuda/*.cu"),
         include_dirs=includes,
         library_dirs=libs,
         runtime_library_dirs=pip_libs,

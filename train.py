@@ -7,6 +7,7 @@ Writes to ``output_dir``: Lightning checkpoints (best by val mAP and last), CSV 
 TensorBoard logs, ``detector.pt`` (``models.checkpoint.save_detector`` format) and
 ``map_curve.png`` (val mAP against epoch and wall time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ from training.config import ConfigError, TrainConfig, load_config, parse_overrid
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file in configs/ (keys: training/config.py)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML file in configs/ (keys: training/config.py)"
+    )
     parser.add_argument("--data-root", help="overrides data.root")
     parser.add_argument("--max-epochs", type=int, help="overrides trainer.max_epochs")
     parser.add_argument("--devices", help="overrides trainer.devices (an int, or 'auto')")
@@ -30,10 +35,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--strategy", help="overrides trainer.strategy (auto, ddp, ddp_spawn, ...)")
     parser.add_argument("--output-dir", help="overrides output_dir")
     parser.add_argument("--export", help="overrides export: also save the final detector here")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override any config entry, e.g. --set optim.lr=0.01 (value parsed as YAML)")
-    parser.add_argument("--fast-dev-run", nargs="?", const=1, type=int, default=0,
-                        help="run N (default 1) train and val batches, no checkpoints")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config entry, e.g. --set optim.lr=0.01 (value parsed as YAML)",
+    )
+    parser.add_argument(
+        "--fast-dev-run",
+        nargs="?",
+        const=1,
+        type=int,
+        default=0,
+        help="run N (default 1) train and val batches, no checkpoints",
+    )
     return parser.parse_args(argv)
 
 
@@ -73,12 +89,18 @@ def plot_curve(metrics_csv: str, png: str) -> List[Dict[str, float]]:
             if row.get("epoch"):
                 epoch = int(float(row["epoch"])) + 1
             if row.get("val/mAP"):
-                rows.append({"epoch": epoch, "mAP": float(row["val/mAP"]),
-                             "mAP50": float(row.get("val/mAP50") or "nan"),
-                             "elapsed_s": float(row.get("time/elapsed_s") or "nan")})
+                rows.append(
+                    {
+                        "epoch": epoch,
+                        "mAP": float(row["val/mAP"]),
+                        "mAP50": float(row.get("val/mAP50") or "nan"),
+                        "elapsed_s": float(row.get("time/elapsed_s") or "nan"),
+                    }
+                )
     if not rows:
         return rows
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -125,7 +147,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # The config is checked whole already: building the model cannot fail on a value.
     module = SSDLightningModule(to_dict(config.model), to_dict(config.optim), to_dict(config.loss))
     detector = module.detector
-    datamodule = DetectionDataModule(config.data, detector.image_size, detector.image_mean, detector.image_std)
+    datamodule = DetectionDataModule(
+        config.data, detector.image_size, detector.image_mean, detector.image_std
+    )
 
     output_dir = config.output_dir
     os.makedirs(output_dir, exist_ok=True)
@@ -134,9 +158,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         loggers.append(TensorBoardLogger(output_dir, name="tensorboard"))
     except ModuleNotFoundError:
         print("note: tensorboard is not installed; writing CSV logs only", file=sys.stderr)
-    checkpoint = ModelCheckpoint(dirpath=os.path.join(output_dir, "checkpoints"), monitor="val/mAP", mode="max",
-                                 save_last=True, filename="epoch{epoch:03d}-map{val/mAP:.4f}",
-                                 auto_insert_metric_name=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=os.path.join(output_dir, "checkpoints"),
+        monitor="val/mAP",
+        mode="max",
+        save_last=True,
+        filename="epoch{epoch:03d}-map{val/mAP:.4f}",
+        auto_insert_metric_name=False,
+    )
     trainer_cfg = {k: v for k, v in to_dict(config.trainer).items() if v is not None}
     trainer = pl.Trainer(
         default_root_dir=output_dir,
@@ -158,10 +187,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     save_detector(module.detector, final)
     if config.export:
         save_detector(module.detector, config.export)
-    rows = plot_curve(os.path.join(loggers[0].log_dir, "metrics.csv"), os.path.join(output_dir, "map_curve.png"))
+    rows = plot_curve(
+        os.path.join(loggers[0].log_dir, "metrics.csv"), os.path.join(output_dir, "map_curve.png")
+    )
     for row in rows:
-        print(f"epoch {row['epoch']:3d}  {row['elapsed_s'] / 60:6.2f} min  "
-              f"mAP {row['mAP']:.4f}  mAP50 {row['mAP50']:.4f}")
+        print(
+            f"epoch {row['epoch']:3d}  {row['elapsed_s'] / 60:6.2f} min  "
+            f"mAP {row['mAP']:.4f}  mAP50 {row['mAP50']:.4f}"
+        )
     print(f"total wall clock {time.time() - started:.0f} s; final detector: {final}")
     return 0
 

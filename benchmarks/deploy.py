@@ -10,6 +10,7 @@ the runtime's exp/softmax rounding, within benchmarks.parity's tolerances).
 
     python -m benchmarks.deploy --scenario dense --model ssd300 --batch 8   # per-op profile
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,9 @@ def _export(inp: Inputs) -> str:
     from ssd_post import onnx as ssd_onnx
 
     path = os.path.join(_FOLDER, f"postprocess_{len(os.listdir(_FOLDER))}.onnx")
-    return ssd_onnx.export_postprocess(inp.anchors, inp.config, path, inp.locs, inp.logits, inp.image_sizes)
+    return ssd_onnx.export_postprocess(
+        inp.anchors, inp.config, path, inp.locs, inp.logits, inp.image_sizes
+    )
 
 
 def prepare(inp: Inputs, runtime: str) -> Callable[..., Detections]:
@@ -110,17 +113,31 @@ def _multiclass_nms_model(inp: Inputs):
 
     cfg = inp.config
     path = os.path.join(_FOLDER, f"front_{len(os.listdir(_FOLDER))}.onnx")
-    ssd_onnx.export_module(_DecodeSoftmax(inp), path, (inp.locs, inp.logits, inp.image_sizes),
-                           ["locs", "logits", "image_sizes"], ["boxes", "scores"])
+    ssd_onnx.export_module(
+        _DecodeSoftmax(inp),
+        path,
+        (inp.locs, inp.logits, inp.image_sizes),
+        ["locs", "logits", "image_sizes"],
+        ["boxes", "scores"],
+    )
     core = ov.Core()
     front = core.read_model(path)
     # The values feeding the front's Result nodes (model.outputs are the Results themselves).
     boxes, scores = (result.input_value(0) for result in front.get_results())
-    nms = ov9.multiclass_nms(boxes, scores, sort_result_type="score", sort_result_across_batch=False,
-                             output_type="i64", iou_threshold=cfg.nms_thresh, score_threshold=cfg.score_thresh,
-                             nms_top_k=cfg.topk_candidates, keep_top_k=cfg.detections_per_img,
-                             background_class=-1 if cfg.background_class is None else cfg.background_class,
-                             nms_eta=1.0, normalized=True)
+    nms = ov9.multiclass_nms(
+        boxes,
+        scores,
+        sort_result_type="score",
+        sort_result_across_batch=False,
+        output_type="i64",
+        iou_threshold=cfg.nms_thresh,
+        score_threshold=cfg.score_thresh,
+        nms_top_k=cfg.topk_candidates,
+        keep_top_k=cfg.detections_per_img,
+        background_class=-1 if cfg.background_class is None else cfg.background_class,
+        nms_eta=1.0,
+        normalized=True,
+    )
     return ov.Model([nms.output(0), nms.output(2)], front.get_parameters(), "multiclass_nms")
 
 
@@ -133,9 +150,12 @@ def _prepare_multiclass_nms(inp: Inputs) -> Callable[..., Detections]:
 
     def run(locs, logits, image_sizes) -> Detections:
         result = request.infer([locs.numpy(), logits.numpy(), image_sizes.numpy()])
-        selected = torch.from_numpy(result[compiled.outputs[0]].copy())  # [M, 6] class, score, x1, y1, x2, y2
+        selected = torch.from_numpy(
+            result[compiled.outputs[0]].copy()
+        )  # [M, 6] class, score, x1, y1, x2, y2
         counts = torch.from_numpy(result[compiled.outputs[1]].copy()).long()  # [B]
         return _pad(selected, counts, k)
+
     return run
 
 
@@ -149,8 +169,12 @@ def _pad(selected: torch.Tensor, counts: torch.Tensor, k: int) -> Detections:
     order = order[torch.sort(image[order], stable=True).indices]
     selected = selected[order]
     rank = torch.arange(selected.shape[0]) - (torch.cumsum(counts, 0) - counts)[image]
-    out = Detections(torch.zeros(batch, k, 4), torch.zeros(batch, k), torch.zeros(batch, k, dtype=torch.int64),
-                     counts.clamp(max=k))
+    out = Detections(
+        torch.zeros(batch, k, 4),
+        torch.zeros(batch, k),
+        torch.zeros(batch, k, dtype=torch.int64),
+        counts.clamp(max=k),
+    )
     out.boxes[image, rank] = selected[:, 2:]
     out.scores[image, rank] = selected[:, 1]
     out.labels[image, rank] = selected[:, 0].long()
@@ -182,14 +206,28 @@ def _detection_output_model(inp: Inputs):
     locs = ov8.parameter([-1, num_anchors, 4], np.float32, name="locs")
     logits = ov8.parameter([-1, num_anchors, num_classes], np.float32, name="logits")
     flat_locs = ov8.reshape(locs, ov8.constant(np.array([0, -1], np.int64)), special_zero=True)
-    probs = ov8.reshape(ov8.softmax(logits, -1), ov8.constant(np.array([0, -1], np.int64)), special_zero=True)
-    detections = ov8.detection_output(flat_locs, probs, ov8.constant(priors.reshape(1, 2, -1).numpy()), {
-        "background_label_id": -1 if cfg.background_class is None else cfg.background_class,
-        "top_k": cfg.topk_candidates, "keep_top_k": [cfg.detections_per_img],
-        "code_type": "caffe.PriorBoxParameter.CENTER_SIZE", "share_location": True,
-        "nms_threshold": cfg.nms_thresh, "confidence_threshold": cfg.score_thresh,
-        "clip_before_nms": True, "clip_after_nms": False, "decrease_label_id": False,
-        "normalized": True, "variance_encoded_in_target": False})
+    probs = ov8.reshape(
+        ov8.softmax(logits, -1), ov8.constant(np.array([0, -1], np.int64)), special_zero=True
+    )
+    detections = ov8.detection_output(
+        flat_locs,
+        probs,
+        ov8.constant(priors.reshape(1, 2, -1).numpy()),
+        {
+            "background_label_id": -1 if cfg.background_class is None else cfg.background_class,
+            "top_k": cfg.topk_candidates,
+            "keep_top_k": [cfg.detections_per_img],
+            "code_type": "caffe.PriorBoxParameter.CENTER_SIZE",
+            "share_location": True,
+            "nms_threshold": cfg.nms_thresh,
+            "confidence_threshold": cfg.score_thresh,
+            "clip_before_nms": True,
+            "clip_after_nms": False,
+            "decrease_label_id": False,
+            "normalized": True,
+            "variance_encoded_in_target": False,
+        },
+    )
     return ov.Model([detections.output(0)], [locs, logits], "detection_output")
 
 
@@ -204,9 +242,13 @@ def _prepare_detection_output(inp: Inputs) -> Callable[..., Detections]:
 
     def run(locs, logits, image_sizes) -> Detections:
         if not bool((image_sizes == torch.tensor([h, w])).all()):
-            raise ValueError(f"openvino_detection_output takes one image size per graph, built for {(h, w)}, "
-                             f"got {image_sizes.tolist()}")
-        rows = torch.from_numpy(request.infer([locs.numpy(), logits.numpy()])[compiled.outputs[0]].copy())
+            raise ValueError(
+                f"openvino_detection_output takes one image size per graph, built for {(h, w)}, "
+                f"got {image_sizes.tolist()}"
+            )
+        rows = torch.from_numpy(
+            request.infer([locs.numpy(), logits.numpy()])[compiled.outputs[0]].copy()
+        )
         rows = rows.reshape(-1, 7)  # image, label, score, x1, y1, x2, y2 (normalised)
         # The valid rows end at the first image id -1; what follows is not output.
         end = (rows[:, 0] < 0).nonzero()
@@ -215,6 +257,7 @@ def _prepare_detection_output(inp: Inputs) -> Callable[..., Detections]:
         order = torch.sort(rows[:, 0], stable=True).indices
         selected = torch.cat((rows[order, 1:3], rows[order, 3:] * scale), dim=1)
         return _pad(selected, counts, k)
+
     return run
 
 
@@ -227,9 +270,12 @@ def run_openvino_multiclass_nms(inp: Inputs) -> Detections:
 
 
 # method name -> (run, runtime package)
-PEERS = {"onnxruntime": (run_onnxruntime, "onnxruntime"), "openvino": (run_openvino, "openvino"),
-         "openvino_multiclass_nms": (run_openvino_multiclass_nms, "openvino"),
-         "openvino_detection_output": (run_openvino_detection_output, "openvino")}
+PEERS = {
+    "onnxruntime": (run_onnxruntime, "onnxruntime"),
+    "openvino": (run_openvino, "openvino"),
+    "openvino_multiclass_nms": (run_openvino_multiclass_nms, "openvino"),
+    "openvino_detection_output": (run_openvino_detection_output, "openvino"),
+}
 
 
 def profile(inp: Inputs, repeats: int = 5) -> Dict[str, Dict[str, float]]:
@@ -253,16 +299,20 @@ def profile(inp: Inputs, repeats: int = 5) -> Dict[str, Dict[str, float]]:
         with open(session.end_profiling()) as f:
             events = json.load(f)
         totals: Dict[str, float] = collections.defaultdict(float)
-        node_events = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-        for e in node_events[len(node_events) // (repeats + 1):]:  # drop the warm-up's share
+        node_events = [
+            e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+        ]
+        for e in node_events[len(node_events) // (repeats + 1) :]:  # drop the warm-up's share
             totals[e["args"]["op_name"]] += e["dur"] / 1e3 / repeats
         out["onnxruntime"] = dict(totals)
     if "openvino" in available_runtimes():
         import openvino as ov
 
-        models = {"openvino": (ov.Core().read_model(path), feeds),
-                  "openvino_multiclass_nms": (_multiclass_nms_model(inp), feeds),
-                  "openvino_detection_output": (_detection_output_model(inp), feeds[:2])}
+        models = {
+            "openvino": (ov.Core().read_model(path), feeds),
+            "openvino_multiclass_nms": (_multiclass_nms_model(inp), feeds),
+            "openvino_detection_output": (_detection_output_model(inp), feeds[:2]),
+        }
         for name, (model, inputs) in models.items():
             request = _compile_openvino(model, perf_count=True).create_infer_request()
             arrays = [t.numpy() for t in inputs]
@@ -277,7 +327,9 @@ def profile(inp: Inputs, repeats: int = 5) -> Dict[str, Dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scenario", default="dense")
     parser.add_argument("--model", default="ssd300")
     parser.add_argument("--batch", type=int, default=8)

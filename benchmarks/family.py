@@ -10,6 +10,7 @@ trained model (almost every logit far below the threshold, a few objects);
 ``dense``: unit-noise logits (half the sigmoid scores pass RetinaNet's 0.05).
 Kept apart from benchmarks.run, whose scenarios are SSD-only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,26 @@ IMAGE_SIZE = 800
 STRIDES = (8, 16, 32, 64, 128)
 NUM_CLASSES = 91
 CONFIGS = {
-    "retinanet": PostprocessConfig(score_thresh=0.05, nms_thresh=0.5, topk_candidates=1000,
-                                   detections_per_img=300, box_weights=(1, 1, 1, 1),
-                                   score_activation="sigmoid", background_class=None, selection="per_level"),
-    "fcos": PostprocessConfig(score_thresh=0.2, nms_thresh=0.6, topk_candidates=1000, detections_per_img=100,
-                              score_activation="sigmoid_centerness", background_class=None,
-                              selection="per_level", box_coder="linear"),
+    "retinanet": PostprocessConfig(
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        topk_candidates=1000,
+        detections_per_img=300,
+        box_weights=(1, 1, 1, 1),
+        score_activation="sigmoid",
+        background_class=None,
+        selection="per_level",
+    ),
+    "fcos": PostprocessConfig(
+        score_thresh=0.2,
+        nms_thresh=0.6,
+        topk_candidates=1000,
+        detections_per_img=100,
+        score_activation="sigmoid_centerness",
+        background_class=None,
+        selection="per_level",
+        box_coder="linear",
+    ),
 }
 ANCHORS_PER_LOCATION = {"retinanet": 9, "fcos": 1}
 
@@ -53,7 +68,8 @@ def make_anchors(model: str) -> Tuple[Tensor, List[int]]:
         centres = (torch.arange(cells, dtype=torch.float32) + 0.5) * stride
         cy, cx = torch.meshgrid(centres, centres, indexing="ij")
         half = torch.tensor([4.0 * stride * s / 2 for s in (1.0, 1.26, 1.59)] * 3)[
-            : ANCHORS_PER_LOCATION[model]]
+            : ANCHORS_PER_LOCATION[model]
+        ]
         ctr = torch.stack((cx.flatten(), cy.flatten()), dim=1).repeat_interleave(half.numel(), 0)
         h = half.repeat(cells * cells)[:, None]
         levels.append(torch.cat((ctr - h, ctr + h), dim=1))
@@ -70,24 +86,48 @@ def make_inputs(model: str, scenario: str, batch: int, seed: int = 0) -> Dict[st
         logits = logits - 8.0
         hits = torch.randint(0, num_anchors, (batch, 400), generator=gen)
         labels = torch.randint(0, NUM_CLASSES, (batch, 400), generator=gen)
-        logits[torch.arange(batch)[:, None], hits, labels] = 4.0 * torch.rand(batch, 400, generator=gen)
+        logits[torch.arange(batch)[:, None], hits, labels] = 4.0 * torch.rand(
+            batch, 400, generator=gen
+        )
     locs = 0.3 * torch.randn(batch, num_anchors, 4, generator=gen)
     if model == "fcos":
         locs = locs.abs() + 0.5
     centerness = torch.randn(batch, num_anchors, 1, generator=gen) if model == "fcos" else None
-    return dict(locs=locs, logits=logits, anchors=anchors, level_sizes=level_sizes, centerness=centerness,
-                sizes=[(IMAGE_SIZE, IMAGE_SIZE)] * batch, config=CONFIGS[model], model=model)
+    return dict(
+        locs=locs,
+        logits=logits,
+        anchors=anchors,
+        level_sizes=level_sizes,
+        centerness=centerness,
+        sizes=[(IMAGE_SIZE, IMAGE_SIZE)] * batch,
+        config=CONFIGS[model],
+        model=model,
+    )
 
 
 def run_ssd_post(inp) -> ssd_post.Detections:
-    return ssd_post.postprocess(inp["locs"], inp["logits"], inp["anchors"], inp["sizes"], inp["config"],
-                                level_sizes=inp["level_sizes"], centerness=inp["centerness"])
+    return ssd_post.postprocess(
+        inp["locs"],
+        inp["logits"],
+        inp["anchors"],
+        inp["sizes"],
+        inp["config"],
+        level_sizes=inp["level_sizes"],
+        centerness=inp["centerness"],
+    )
 
 
 def run_torchvision(inp) -> ssd_post.Detections:
     """torchvision's own RetinaNet / FCOS postprocess_detections on the same tensors."""
-    return torchvision_postprocess(inp["locs"], inp["logits"], inp["anchors"], inp["sizes"], inp["config"],
-                                   level_sizes=inp["level_sizes"], centerness=inp["centerness"])
+    return torchvision_postprocess(
+        inp["locs"],
+        inp["logits"],
+        inp["anchors"],
+        inp["sizes"],
+        inp["config"],
+        level_sizes=inp["level_sizes"],
+        centerness=inp["centerness"],
+    )
 
 
 def run_read(inp) -> Tensor:
@@ -103,7 +143,9 @@ def same_up_to_ties(a: ssd_post.Detections, b: ssd_post.Detections) -> bool:
     for i, n in enumerate(a.num_detections.tolist()):
         for value in torch.unique(a.scores[i, :n]):
             tied = (a.scores[i, :n] == value).nonzero().flatten()
-            rows = [sorted(zip(d.labels[i, tied].tolist(), d.boxes[i, tied].tolist())) for d in (a, b)]
+            rows = [
+                sorted(zip(d.labels[i, tied].tolist(), d.boxes[i, tied].tolist())) for d in (a, b)
+            ]
             if rows[0] != rows[1]:
                 return False
     return True
@@ -122,8 +164,12 @@ def plot(rows: List[Dict], path: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(METHODS)
     for i, method in enumerate(METHODS):
-        ax.bar([x + i * width for x in range(len(rows))], [1e3 * r[f"{method}_s"] for r in rows], width,
-               label=method)
+        ax.bar(
+            [x + i * width for x in range(len(rows))],
+            [1e3 * r[f"{method}_s"] for r in rows],
+            width,
+            label=method,
+        )
     ax.set_xticks([x + width for x in range(len(rows))])
     ax.set_xticklabels([f"{r['model']}\n{r['scenario']}" for r in rows])
     ax.set_yscale("log")
@@ -139,18 +185,27 @@ def plot(rows: List[Dict], path: str) -> str:
 
 def main(argv: List[str] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="B=1, one repeat, both models and scenarios; "
-                        "writes nothing")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="B=1, one repeat, both models and scenarios; writes nothing",
+    )
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--scenario", choices=("sparse", "dense"), nargs="*", default=["sparse", "dense"])
+    parser.add_argument(
+        "--scenario", choices=("sparse", "dense"), nargs="*", default=["sparse", "dense"]
+    )
     parser.add_argument("--model", choices=sorted(CONFIGS), nargs="*", default=sorted(CONFIGS))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out-dir", default=RESULTS_DIR, help="where family.json and family.png go")
+    parser.add_argument(
+        "--out-dir", default=RESULTS_DIR, help="where family.json and family.png go"
+    )
     args = parser.parse_args(argv)
     batch, repeats = (1, 1) if args.quick else (args.batch, args.repeats)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     results = {
-        "command": " ".join(["python -m benchmarks.family"] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(
+            ["python -m benchmarks.family"] + (argv if argv is not None else sys.argv[1:])
+        ),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "load_average_start": load_average(),
@@ -163,16 +218,27 @@ def main(argv: List[str] = None) -> Dict:
             parity = same_up_to_ties(ours, theirs)
             if not parity:
                 raise SystemExit(f"{model} {scenario}: ssd_post differs from torchvision")
-            times = {name: time_calls(lambda fn=RUNNERS[name]: fn(inp), repeats, budget_s=30.0)[0]
-                     for name in METHODS}
-            row = {"model": model, "scenario": scenario, "batch": batch, "parity": "ok",
-                   "detections": int(ours.num_detections.sum()), **{f"{m}_s": times[m] for m in METHODS}}
+            times = {
+                name: time_calls(lambda fn=RUNNERS[name]: fn(inp), repeats, budget_s=30.0)[0]
+                for name in METHODS
+            }
+            row = {
+                "model": model,
+                "scenario": scenario,
+                "batch": batch,
+                "parity": "ok",
+                "detections": int(ours.num_detections.sum()),
+                **{f"{m}_s": times[m] for m in METHODS},
+            }
             results["rows"].append(row)
-            print(f"{model:9s} {scenario:6s} B={batch} detections={row['detections']} "
-                  f"parity=ok torchvision={times['torchvision'] * 1e3:.1f}ms "
-                  f"ssd_post={times['ssd_post'] * 1e3:.1f}ms read={times['read'] * 1e3:.1f}ms "
-                  f"speedup={times['torchvision'] / times['ssd_post']:.1f}x "
-                  f"vs_read={times['ssd_post'] / times['read']:.1f}x", flush=True)
+            print(
+                f"{model:9s} {scenario:6s} B={batch} detections={row['detections']} "
+                f"parity=ok torchvision={times['torchvision'] * 1e3:.1f}ms "
+                f"ssd_post={times['ssd_post'] * 1e3:.1f}ms read={times['read'] * 1e3:.1f}ms "
+                f"speedup={times['torchvision'] / times['ssd_post']:.1f}x "
+                f"vs_read={times['ssd_post'] / times['read']:.1f}x",
+                flush=True,
+            )
     results["load_average_end"] = load_average()
     if not args.quick and args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)

@@ -12,6 +12,7 @@ page granularity (4 KiB) is far below the sizes that matter here.
 
 Run as ``python -m benchmarks.memory SCENARIO MODEL BATCH METHOD``; prints JSON.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -49,7 +50,9 @@ def measure_in_this_process(scenario: str, model: str, batch: int, method: str) 
 
     inp = load_inputs(scenario, model, batch)
     run = METHODS[method]
-    one_image = replace(inp, locs=inp.locs[:1], logits=inp.logits[:1], image_sizes=inp.image_sizes[:1])
+    one_image = replace(
+        inp, locs=inp.locs[:1], logits=inp.logits[:1], image_sizes=inp.image_sizes[:1]
+    )
     run(one_image)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -61,10 +64,16 @@ def measure_in_this_process(scenario: str, model: str, batch: int, method: str) 
     del out
     logits_bytes = inp.logits.numel() * inp.logits.element_size()
     extra = max(0, peak - before) * 1024
-    return {"extra_bytes": extra, "logits_bytes": logits_bytes, "extra_fraction": extra / logits_bytes}
+    return {
+        "extra_bytes": extra,
+        "logits_bytes": logits_bytes,
+        "extra_fraction": extra / logits_bytes,
+    }
 
 
-def measure(scenario: str, model: str, batch: int, method: str, timeout_s: float = 1800) -> Optional[Dict[str, float]]:
+def measure(
+    scenario: str, model: str, batch: int, method: str, timeout_s: float = 1800
+) -> Optional[Dict[str, float]]:
     """Runs the measurement in a child process; None (and a printed reason) on failure."""
     cmd = [sys.executable, "-m", "benchmarks.memory", scenario, model, str(batch), method]
     try:
@@ -73,7 +82,9 @@ def measure(scenario: str, model: str, batch: int, method: str, timeout_s: float
         print(f"  memory {method}: timed out after {timeout_s:.0f} s", flush=True)
         return None
     if done.returncode != 0:
-        print(f"  memory {method}: child failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        print(
+            f"  memory {method}: child failed: {done.stderr.strip().splitlines()[-1:]}", flush=True
+        )
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 

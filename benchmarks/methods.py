@@ -4,6 +4,7 @@ Detection methods return ``ssd_post.Detections``; the two memory references
 (``amax``, ``softmax``) return a tensor and are never checked for parity: they
 only say how long one read of the logits (and torch's own softmax) takes.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -52,8 +53,15 @@ def decode_clip(locs: Tensor, anchors: Tensor, image_sizes: Tensor, box_weights)
     return torch.minimum(boxes.clamp(min=0), limit)
 
 
-def _per_image_top(boxes: Tensor, scores: Tensor, keys: Tensor, keep: Tensor, num_classes: int,
-                   batch: int, detections_per_img: int) -> Detections:
+def _per_image_top(
+    boxes: Tensor,
+    scores: Tensor,
+    keys: Tensor,
+    keep: Tensor,
+    num_classes: int,
+    batch: int,
+    detections_per_img: int,
+) -> Detections:
     """Pads the survivors ``keep`` (by decreasing score) into Detections, keeping the
     ``detections_per_img`` best of each image."""
     image = keys[keep] // num_classes
@@ -96,8 +104,9 @@ def _flatten_and_nms(inp: Inputs, per_class_topk: bool) -> Detections:
     cand_boxes = _decode_all(inp)[image, anchor]
     keys = image * num_classes + label
     keep = torchvision.ops.batched_nms(cand_boxes, cand_scores, keys, cfg.nms_thresh)
-    return _per_image_top(cand_boxes, cand_scores, keys, keep, num_classes, batch,
-                          cfg.detections_per_img)
+    return _per_image_top(
+        cand_boxes, cand_scores, keys, keep, num_classes, batch, cfg.detections_per_img
+    )
 
 
 def run_flatten_nms(inp: Inputs):

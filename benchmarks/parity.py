@@ -9,6 +9,7 @@ torchvision's batched_nms sorts the survivors with an unstable sort, so the orde
 of a tie (say two classes at the same score) is unspecified there, while ssd_post
 puts the lower class first. Such a tie is compared as a set and counted apart.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,24 +52,39 @@ def _canonical_ties(det: Detections) -> Detections:
         order = order[torch.sort(det.labels[i, order], stable=True).indices]
         # Runs of equal scores keep their place: only the order inside a run changes.
         scores_i = det.scores[i, :n]
-        run = torch.cat((torch.zeros(min(n, 1), dtype=torch.long),
-                         torch.cumsum((scores_i[1:] != scores_i[:-1]).long(), 0)))
+        run = torch.cat(
+            (
+                torch.zeros(min(n, 1), dtype=torch.long),
+                torch.cumsum((scores_i[1:] != scores_i[:-1]).long(), 0),
+            )
+        )
         order = order[torch.sort(run[order], stable=True).indices]
-        boxes[i, :n], scores[i, :n], labels[i, :n] = det.boxes[i, order], det.scores[i, order], det.labels[i, order]
+        boxes[i, :n], scores[i, :n], labels[i, :n] = (
+            det.boxes[i, order],
+            det.scores[i, order],
+            det.labels[i, order],
+        )
     return Detections(boxes, scores, labels, det.num_detections)
 
 
 def compare(got: Detections, want: Detections) -> ParityResult:
     total = int(want.num_detections.sum())
     if got.boxes.shape != want.boxes.shape:
-        return ParityResult(False, total, total, f"shape {tuple(got.boxes.shape)} != {tuple(want.boxes.shape)}")
+        return ParityResult(
+            False, total, total, f"shape {tuple(got.boxes.shape)} != {tuple(want.boxes.shape)}"
+        )
     count_diff = got.num_detections != want.num_detections
     as_given = int(_differing(got, want).sum())
     differing = as_given
     if as_given and not bool(count_diff.any()):
         differing = int(_differing(_canonical_ties(got), _canonical_ties(want)).sum())
     ok = differing == 0 and not bool(count_diff.any())
-    message = "" if ok else (
-        f"{differing} of {total} detections differ; counts differ in "
-        f"{int(count_diff.sum())} of {len(count_diff)} images")
+    message = (
+        ""
+        if ok
+        else (
+            f"{differing} of {total} detections differ; counts differ in "
+            f"{int(count_diff.sum())} of {len(count_diff)} images"
+        )
+    )
     return ParityResult(ok, total, differing, message, tie_reordered=as_given - differing)

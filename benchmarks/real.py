@@ -3,6 +3,7 @@
 Needs ``checkpoints/tiny_shapes.pt``; without it (or without the data set code) the
 scenario is skipped with the reason, so the synthetic scenarios still run.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,13 @@ def make_real_inputs(batch: int, checkpoint: str = CHECKPOINT) -> Inputs:
         logits.append(chunk_logits)
     height, width = _hw(model.image_size)
     sizes = torch.tensor([[height, width]] * batch, dtype=torch.int64)
-    return Inputs(torch.cat(locs).float().contiguous(), torch.cat(logits).float().contiguous(),
-                  model.anchors().float(), sizes, model.postprocess_config)
+    return Inputs(
+        torch.cat(locs).float().contiguous(),
+        torch.cat(logits).float().contiguous(),
+        model.anchors().float(),
+        sizes,
+        model.postprocess_config,
+    )
 
 
 def _hw(image_size) -> Tuple[int, int]:

@@ -1,12 +1,24 @@
 """Outputs of a benchmark run: a table on stdout, JSON and a PNG plot."""
+
 from __future__ import annotations
 
 import json
 import os
 from typing import Dict, List
 
-COLUMNS = ("scenario", "model", "batch", "method", "ms/call", "ms/image", "vs torchvision",
-           "vs amax", "runs", "parity", "extra mem")
+COLUMNS = (
+    "scenario",
+    "model",
+    "batch",
+    "method",
+    "ms/call",
+    "ms/image",
+    "vs torchvision",
+    "vs amax",
+    "runs",
+    "parity",
+    "extra mem",
+)
 
 
 def _fmt(x, spec: str, missing: str = "-") -> str:
@@ -15,10 +27,17 @@ def _fmt(x, spec: str, missing: str = "-") -> str:
 
 def _cells(r: Dict) -> tuple:
     mem = r.get("memory")
-    mem_text = "-" if not mem else f"{mem['extra_bytes'] / 2**20:.1f} MiB ({100 * mem['extra_fraction']:.1f}%)"
+    mem_text = (
+        "-"
+        if not mem
+        else f"{mem['extra_bytes'] / 2**20:.1f} MiB ({100 * mem['extra_fraction']:.1f}%)"
+    )
     ms = r.get("median_s") and 1e3 * r["median_s"]
     return (
-        r["scenario"], r["model"], str(r["batch"]), r["method"],
+        r["scenario"],
+        r["model"],
+        str(r["batch"]),
+        r["method"],
         _fmt(ms, ".2f", r.get("skipped", "-")),
         _fmt(ms and ms / r["batch"], ".3f"),
         _fmt(r.get("speedup_vs_torchvision"), ".1f"),
@@ -66,10 +85,18 @@ def write_json(results: Dict, out_dir: str, merge: bool = False) -> List[str]:
                 old = json.load(f)
             fresh = {_key(r) for r in rows}
             kept = [r for r in old["rows"] if _key(r) not in fresh]
-            payload = dict(old, rows=kept + rows,
-                           merged_runs=old.get("merged_runs", []) + [
-                               {k: results[k] for k in ("command", "date", "load_average_start",
-                                                        "load_average_end") if k in results}])
+            payload = dict(
+                old,
+                rows=kept + rows,
+                merged_runs=old.get("merged_runs", [])
+                + [
+                    {
+                        k: results[k]
+                        for k in ("command", "date", "load_average_start", "load_average_end")
+                        if k in results
+                    }
+                ],
+            )
         with open(path, "w") as f:
             json.dump(payload, f, indent=1)
         paths.append(path)
@@ -100,9 +127,12 @@ def plot(rows: List[Dict], path: str) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (scenario, model) in zip(axes[0], panels):
         for method in methods:
-            pts = sorted((r["batch"], 1e3 * r["median_s"] / r["batch"]) for r in rows
-                         if (r["scenario"], r["model"], r["method"]) == (scenario, model, method)
-                         and r.get("median_s"))
+            pts = sorted(
+                (r["batch"], 1e3 * r["median_s"] / r["batch"])
+                for r in rows
+                if (r["scenario"], r["model"], r["method"]) == (scenario, model, method)
+                and r.get("median_s")
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=method)
         ax.set_xscale("log", base=2)

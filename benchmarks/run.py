@@ -8,6 +8,7 @@ checked against torchvision's (parity); only then is it timed. Methods whose
 previous batch size says a call would take longer than --max-call-s are skipped
 at the larger sizes, with the estimate in the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,26 +38,63 @@ def load_inputs(scenario: str, model: str, batch: int) -> Inputs:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenarios", default="sparse,dense,real", help="comma list of sparse, dense, real")
-    p.add_argument("--models", default="ssd300,ssdlite320", help=f"comma list of {', '.join(MODELS)}")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--scenarios", default="sparse,dense,real", help="comma list of sparse, dense, real"
+    )
+    p.add_argument(
+        "--models", default="ssd300,ssdlite320", help=f"comma list of {', '.join(MODELS)}"
+    )
     p.add_argument("--batch-sizes", default="1,8,32,64")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list (torchvision always runs: it is the oracle)")
-    p.add_argument("--repeats", type=int, default=7, help="timed calls per method (median reported)")
-    p.add_argument("--budget-s", type=float, default=15.0, help="stop repeating a method after this many seconds")
-    p.add_argument("--max-call-s", type=float, default=30.0,
-                   help="skip a method (torchvision excepted) whose call would take longer")
-    p.add_argument("--memory-batches", default="32", help="batch sizes whose extra memory is measured ('' for none)")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma list (torchvision always runs: it is the oracle)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=7, help="timed calls per method (median reported)"
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=15.0,
+        help="stop repeating a method after this many seconds",
+    )
+    p.add_argument(
+        "--max-call-s",
+        type=float,
+        default=30.0,
+        help="skip a method (torchvision excepted) whose call would take longer",
+    )
+    p.add_argument(
+        "--memory-batches",
+        default="32",
+        help="batch sizes whose extra memory is measured ('' for none)",
+    )
     p.add_argument("--out-dir", default=RESULTS_DIR)
-    p.add_argument("--merge", action="store_true",
-                   help="replace only the rows this run measured in the existing JSON files")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: toy model, batches 1,2, 2 repeats, no memory (flags given still win)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the rows this run measured in the existing JSON files",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: toy model, batches 1,2, 2 repeats, no memory (flags given still win)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
-        defaults = {"--models": "toy", "--batch-sizes": "1,2", "--repeats": 2, "--budget-s": 1.0,
-                    "--memory-batches": "", "--scenarios": "sparse,dense"}
+        defaults = {
+            "--models": "toy",
+            "--batch-sizes": "1,2",
+            "--repeats": 2,
+            "--budget-s": 1.0,
+            "--memory-batches": "",
+            "--scenarios": "sparse,dense",
+        }
         for flag, value in defaults.items():
             if flag not in given:
                 setattr(args, flag[2:].replace("-", "_"), value)
@@ -85,8 +123,14 @@ def _estimate_s(last: Optional[tuple], batch: int) -> float:
     return seconds * (batch / last_batch) ** 3
 
 
-def run_case(scenario: str, model: str, batch: int, methods: List[str], args,
-             per_image_estimate: Dict[str, tuple]) -> List[Dict]:
+def run_case(
+    scenario: str,
+    model: str,
+    batch: int,
+    methods: List[str],
+    args,
+    per_image_estimate: Dict[str, tuple],
+) -> List[Dict]:
     """Parity, then timing, of every method on one batch of inputs."""
     inp = load_inputs(scenario, model, batch)
     print(f"\n{scenario} / {model} / batch {batch}: logits {tuple(inp.logits.shape)}", flush=True)
@@ -119,21 +163,28 @@ def run_case(scenario: str, model: str, batch: int, methods: List[str], args,
             row["parity"] = "ok" if result.ok else f"FAIL {result.differing}/{result.detections}"
             if result.ok and result.tie_reordered:
                 row["parity"] = f"ok (ties {result.tie_reordered})"
-            row["parity_detail"] = {"ok": result.ok, "detections": result.detections,
-                                    "differing": result.differing, "message": result.message,
-                                    "tie_reordered": result.tie_reordered}
+            row["parity_detail"] = {
+                "ok": result.ok,
+                "detections": result.detections,
+                "differing": result.differing,
+                "message": result.message,
+                "tie_reordered": result.tie_reordered,
+            }
             if not result.ok:
                 print(f"  {method:18s} parity FAILED: {result.message}", flush=True)
                 continue
         del out
         # A call slower than the budget is timed once: its first call is the sample.
         call = lambda: fn(inp)  # noqa: E731
-        median, samples = time_calls(call, args.repeats, args.budget_s,
-                                     first_s=first_s if first_s > args.budget_s else None)
+        median, samples = time_calls(
+            call, args.repeats, args.budget_s, first_s=first_s if first_s > args.budget_s else None
+        )
         row["median_s"], row["samples_s"] = median, samples
         per_image_estimate[method] = (batch, median + oracle_s)
-        print(f"  {method:18s} {1e3 * median:10.2f} ms  ({len(samples)} runs, parity {row.get('parity', '-')})",
-              flush=True)
+        print(
+            f"  {method:18s} {1e3 * median:10.2f} ms  ({len(samples)} runs, parity {row.get('parity', '-')})",
+            flush=True,
+        )
     by_method = {r["method"]: r for r in rows}
     base = by_method.get("torchvision", {}).get("median_s")
     amax = by_method.get("amax", {}).get("median_s")
@@ -161,14 +212,19 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     batches = [int(b) for b in _split(args.batch_sizes)]
     memory_batches = {int(b) for b in _split(args.memory_batches)}
     results = {
-        "command": " ".join(["python -m benchmarks.run"] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(
+            ["python -m benchmarks.run"] + (argv if argv is not None else sys.argv[1:])
+        ),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "load_average_start": load_average(),
         "skipped": {},
         "rows": [],
     }
-    print(f"load average {results['load_average_start']}, torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"load average {results['load_average_start']}, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     for scenario in scenarios:
         if scenario == "real":
             reason = unavailable_reason()
@@ -190,15 +246,22 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print("\n" + report.table(results["rows"]))
     if results["rows"]:
         paths = report.write_json(results, args.out_dir, merge=args.merge)
-        paths.append(report.plot(report.load_rows(args.out_dir), os.path.join(args.out_dir, "cpu.png")))
+        paths.append(
+            report.plot(report.load_rows(args.out_dir), os.path.join(args.out_dir, "cpu.png"))
+        )
         print("\nwrote " + ", ".join(paths))
     return results
 
 
 def machine_info() -> Dict:
     """What a benchmark's numbers depend on besides the code (stored with them)."""
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _cpu_name() -> str:

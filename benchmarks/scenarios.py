@@ -12,6 +12,7 @@ Two confidence regimes bracket what a postprocess meets in practice:
 The ``real`` scenario (the trained tiny model on the shapes data) lives in
 ``benchmarks.real`` because it needs a checkpoint.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ def _ssd300_anchors() -> Tensor:
 
 
 def _ssdlite320_anchors() -> Tensor:
-    return DefaultBoxes.ssdlite320()((320, 320), [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)])
+    return DefaultBoxes.ssdlite320()(
+        (320, 320), [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
+    )
 
 
 def _toy_anchors() -> Tensor:
@@ -51,12 +54,24 @@ def _toy_anchors() -> Tensor:
 # Postprocess settings are torchvision's for each model (ssd300_vgg16 and
 # ssdlite320_mobilenet_v3_large), so the baseline runs as users run it.
 MODELS: Dict[str, Model] = {
-    "ssd300": Model("ssd300", 300, 91, _ssd300_anchors,
-                    PostprocessConfig(score_thresh=0.01, nms_thresh=0.45, topk_candidates=400,
-                                      detections_per_img=200)),
-    "ssdlite320": Model("ssdlite320", 320, 91, _ssdlite320_anchors,
-                        PostprocessConfig(score_thresh=0.001, nms_thresh=0.55, topk_candidates=300,
-                                          detections_per_img=300)),
+    "ssd300": Model(
+        "ssd300",
+        300,
+        91,
+        _ssd300_anchors,
+        PostprocessConfig(
+            score_thresh=0.01, nms_thresh=0.45, topk_candidates=400, detections_per_img=200
+        ),
+    ),
+    "ssdlite320": Model(
+        "ssdlite320",
+        320,
+        91,
+        _ssdlite320_anchors,
+        PostprocessConfig(
+            score_thresh=0.001, nms_thresh=0.55, topk_candidates=300, detections_per_img=300
+        ),
+    ),
     # 180 anchors, 11 classes: for smoke runs and tests, not for numbers.
     "toy": Model("toy", 96, 11, _toy_anchors, PostprocessConfig(detections_per_img=50)),
 }

@@ -1,4 +1,5 @@
 """Wall-clock timing with repeats: the machine is shared, so the median is reported."""
+
 from __future__ import annotations
 
 import statistics
@@ -6,8 +7,9 @@ import time
 from typing import Callable, List, Tuple
 
 
-def time_calls(fn: Callable[[], object], repeats: int, budget_s: float,
-               first_s: float = None) -> Tuple[float, List[float]]:
+def time_calls(
+    fn: Callable[[], object], repeats: int, budget_s: float, first_s: float = None
+) -> Tuple[float, List[float]]:
     """Median seconds of ``fn()`` over up to ``repeats`` timed calls.
 
     Stops early once the calls have used ``budget_s`` (at least one call is always

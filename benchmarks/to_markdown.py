@@ -1,7 +1,8 @@
 """Prints the Markdown table of the latest results (for docs/benchmarks.md).
 
-    python -m benchmarks.to_markdown [results_dir]
+python -m benchmarks.to_markdown [results_dir]
 """
+
 from __future__ import annotations
 
 import glob
@@ -24,12 +25,16 @@ def main(results_dir: str = RESULTS_DIR) -> str:
         raise SystemExit(f"no cpu_*.json in {results_dir}")
     order = {"sparse": 0, "dense": 1, "real": 2}
     rows.sort(key=lambda r: (order.get(r["scenario"], 9), r["model"], r["batch"]))
-    head = (f"Command: `{meta['command']}` ({meta['date']}; {meta['machine']['cpu']}, "
-            f"{meta['machine']['torch_threads']} torch threads, torch {meta['machine']['torch']}; "
-            f"load average at start {meta['load_average_start']}, at end {meta.get('load_average_end')})")
-    merged = {(m["command"], m["date"], tuple(m["load_average_start"])) for path in
-              sorted(glob.glob(os.path.join(results_dir, "cpu_*.json")))
-              for m in json.load(open(path)).get("merged_runs", [])}
+    head = (
+        f"Command: `{meta['command']}` ({meta['date']}; {meta['machine']['cpu']}, "
+        f"{meta['machine']['torch_threads']} torch threads, torch {meta['machine']['torch']}; "
+        f"load average at start {meta['load_average_start']}, at end {meta.get('load_average_end')})"
+    )
+    merged = {
+        (m["command"], m["date"], tuple(m["load_average_start"]))
+        for path in sorted(glob.glob(os.path.join(results_dir, "cpu_*.json")))
+        for m in json.load(open(path)).get("merged_runs", [])
+    }
     for command, date, load in sorted(merged, key=lambda m: m[1]):
         head += f"\n\nRows re-measured by `{command}` ({date}; load average at start {list(load)})."
     return head + "\n\n" + markdown_table(rows)

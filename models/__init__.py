@@ -1,9 +1,10 @@
 """SSD models whose inference goes through ssd_post.
 
-    model = build_model("tiny", num_classes=5)          # trains on a CPU
-    model = build_model("ssd300_vgg16", num_classes=91)  # torchvision's state_dict layout
-    model = build_model("retinanet_resnet50_fpn", num_classes=91, image_size=(800, 800))
+model = build_model("tiny", num_classes=5)          # trains on a CPU
+model = build_model("ssd300_vgg16", num_classes=91)  # torchvision's state_dict layout
+model = build_model("retinanet_resnet50_fpn", num_classes=91, image_size=(800, 800))
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,12 @@ from ssd_post import PostprocessConfig
 
 from .detector import SSDDetector
 from .tiny import build_tiny, check_width
-from .torchvision_retinanet import (DEFAULT_SIZE as RETINANET_DEFAULT_SIZE, RetinaNetDetector,
-                                    build_retinanet_resnet50_fpn, check_image_size as check_retinanet_size)
+from .torchvision_retinanet import (
+    DEFAULT_SIZE as RETINANET_DEFAULT_SIZE,
+    RetinaNetDetector,
+    build_retinanet_resnet50_fpn,
+    check_image_size as check_retinanet_size,
+)
 from .torchvision_ssd import FIXED_SIZES, build_ssd300_vgg16, build_ssdlite320_mobilenet_v3_large
 
 ARCHS = ("tiny", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "retinanet_resnet50_fpn")
@@ -27,7 +32,9 @@ TINY_DEFAULT_WIDTH = 32
 MIN_TINY_SIDE = 64
 
 
-def _postprocess_config(base: PostprocessConfig, overrides: Optional[Dict[str, Any]]) -> PostprocessConfig:
+def _postprocess_config(
+    base: PostprocessConfig, overrides: Optional[Dict[str, Any]]
+) -> PostprocessConfig:
     if not overrides:
         return base
     return dataclasses.replace(base, **overrides)
@@ -49,15 +56,21 @@ def check_model_options(arch: Any, num_classes: Any, **kwargs: Any) -> None:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; known: {list(ARCHS)}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"num_classes should be an int >= 2 (background included), got {num_classes!r}")
-    known = {"postprocess", "image_size", "image_mean", "image_std"} | ({"width"} if arch == "tiny" else set())
+        raise ValueError(
+            f"num_classes should be an int >= 2 (background included), got {num_classes!r}"
+        )
+    known = {"postprocess", "image_size", "image_mean", "image_std"} | (
+        {"width"} if arch == "tiny" else set()
+    )
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(f"unknown option(s) for arch {arch!r}: {unknown}")
     postprocess = kwargs.get("postprocess")
     if postprocess is not None:
         if not isinstance(postprocess, dict):
-            raise ValueError(f"postprocess should be a dict of PostprocessConfig fields, got {postprocess!r}")
+            raise ValueError(
+                f"postprocess should be a dict of PostprocessConfig fields, got {postprocess!r}"
+            )
         fields = {f.name for f in dataclasses.fields(PostprocessConfig)}
         unknown = sorted(set(postprocess) - fields)
         if unknown:
@@ -65,19 +78,29 @@ def check_model_options(arch: Any, num_classes: Any, **kwargs: Any) -> None:
         PostprocessConfig(**postprocess)  # its own checks name a bad value
     image_size = kwargs.get("image_size")
     if image_size is not None:
-        if not isinstance(image_size, (list, tuple)) or len(image_size) != 2 \
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in image_size):
+        if (
+            not isinstance(image_size, (list, tuple))
+            or len(image_size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)
+        ):
             raise ValueError(f"image_size should be (h, w), two ints, got {image_size!r}")
         if arch == "tiny" and min(image_size) < MIN_TINY_SIDE:
-            raise ValueError(f"image_size should be (h, w) with both >= {MIN_TINY_SIDE}, got {image_size!r}")
+            raise ValueError(
+                f"image_size should be (h, w) with both >= {MIN_TINY_SIDE}, got {image_size!r}"
+            )
         if arch == "retinanet_resnet50_fpn":
             check_retinanet_size(image_size)
         if arch not in SIZED_ARCHS and tuple(image_size) != FIXED_SIZES[arch]:
-            raise ValueError(f"{arch} has a fixed input size {FIXED_SIZES[arch]}, got image_size {tuple(image_size)}")
+            raise ValueError(
+                f"{arch} has a fixed input size {FIXED_SIZES[arch]}, got image_size {tuple(image_size)}"
+            )
     for name in ("image_mean", "image_std"):
         value = kwargs.get(name)
-        if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 3
-                                  or not all(_is_number(v) for v in value)):
+        if value is not None and (
+            not isinstance(value, (list, tuple))
+            or len(value) != 3
+            or not all(_is_number(v) for v in value)
+        ):
             raise ValueError(f"{name} should be three numbers, got {value!r}")
     if "width" in kwargs:
         check_width(kwargs["width"])
@@ -112,20 +135,34 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> SSDDetector:
         backbone, head, boxes = build_tiny(num_classes, width)
         size = tuple(kwargs.get("image_size") or TINY_DEFAULT_SIZE)
         arch_mean, arch_std = TINY_MEAN, TINY_STD
-        base = PostprocessConfig(score_thresh=0.01, nms_thresh=0.45, topk_candidates=200, detections_per_img=100)
+        base = PostprocessConfig(
+            score_thresh=0.01, nms_thresh=0.45, topk_candidates=200, detections_per_img=100
+        )
         extra["width"] = width
     elif arch == "retinanet_resnet50_fpn":
         backbone, head, base, arch_mean, arch_std, boxes = build_retinanet_resnet50_fpn(num_classes)
         size = tuple(kwargs.get("image_size") or RETINANET_DEFAULT_SIZE)
         detector_class = RetinaNetDetector
     else:
-        builder = build_ssd300_vgg16 if arch == "ssd300_vgg16" else build_ssdlite320_mobilenet_v3_large
+        builder = (
+            build_ssd300_vgg16 if arch == "ssd300_vgg16" else build_ssdlite320_mobilenet_v3_large
+        )
         backbone, head, base, arch_mean, arch_std, boxes, size = builder(num_classes)
     for name, given, own in (("image_mean", mean, arch_mean), ("image_std", std, arch_std)):
         if given is not None and any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(given, own)):
             raise ValueError(f"{arch} expects {name} {tuple(own)}, got {tuple(given)}")
-    return detector_class(arch, num_classes, size, backbone, head, boxes,
-                          _postprocess_config(base, postprocess), arch_mean, arch_std, extra)
+    return detector_class(
+        arch,
+        num_classes,
+        size,
+        backbone,
+        head,
+        boxes,
+        _postprocess_config(base, postprocess),
+        arch_mean,
+        arch_std,
+        extra,
+    )
 
 
 __all__ = ["ARCHS", "RetinaNetDetector", "SSDDetector", "build_model", "check_model_options"]

@@ -3,6 +3,7 @@
 They hold only tensors and plain Python values, so they load with
 ``torch.load(..., weights_only=True)``, which never runs code from the file.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,9 +43,14 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         ) from err
     except (RuntimeError, EOFError) as err:
         raise ValueError(f"{path}: not a readable torch checkpoint ({err})") from err
-    if not isinstance(data, dict) or not isinstance(data.get("model_config"), dict) \
-            or not isinstance(data.get("state_dict"), dict):
-        raise ValueError(f"{path}: should hold a dict with 'model_config' and 'state_dict' (written by save_detector)")
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("model_config"), dict)
+        or not isinstance(data.get("state_dict"), dict)
+    ):
+        raise ValueError(
+            f"{path}: should hold a dict with 'model_config' and 'state_dict' (written by save_detector)"
+        )
     return data
 
 
@@ -68,9 +74,12 @@ def load_detector(path: str, expected: Optional[Dict[str, Any]] = None) -> SSDDe
         if key not in config:
             raise ValueError(f"{path}: model_config has no {key!r} (expected {value!r})")
         found = config[key]
-        if (list(found) if isinstance(found, (list, tuple)) else found) != \
-                (list(value) if isinstance(value, (list, tuple)) else value):
-            raise ValueError(f"{path}: {key} mismatch: checkpoint has {found!r}, expected {value!r}")
+        if (list(found) if isinstance(found, (list, tuple)) else found) != (
+            list(value) if isinstance(value, (list, tuple)) else value
+        ):
+            raise ValueError(
+                f"{path}: {key} mismatch: checkpoint has {found!r}, expected {value!r}"
+            )
     for key in CHECKED_KEYS:
         if key not in config:
             raise ValueError(f"{path}: model_config lacks {key!r}")
@@ -82,5 +91,7 @@ def load_detector(path: str, expected: Optional[Dict[str, Any]] = None) -> SSDDe
     try:
         model.load_state_dict(data["state_dict"], strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit {arch} with {num_classes} classes: {err}") from err
+        raise ValueError(
+            f"{path}: weights do not fit {arch} with {num_classes} classes: {err}"
+        ) from err
     return model

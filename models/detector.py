@@ -1,4 +1,5 @@
 """SSDDetector: backbone + SSD head + default boxes, with ssd_post as its postprocess."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,7 +77,8 @@ class SSDDetector(nn.Module):
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(
                 f"images should be resized to the network input {self.image_size} (h, w), "
-                f"got {tuple(images.shape[-2:])}")
+                f"got {tuple(images.shape[-2:])}"
+            )
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """Raw head outputs.
@@ -101,7 +103,9 @@ class SSDDetector(nn.Module):
             self.backbone.eval()
             try:
                 param = next(self.parameters())
-                dummy = torch.zeros((1, 3) + self.image_size, device=param.device, dtype=param.dtype)
+                dummy = torch.zeros(
+                    (1, 3) + self.image_size, device=param.device, dtype=param.dtype
+                )
                 self._grid = [tuple(f.shape[-2:]) for f in self.features(dummy)]
             finally:
                 self.backbone.train(was_training)
@@ -121,8 +125,9 @@ class SSDDetector(nn.Module):
             return {}
         return {"level_sizes": self.default_boxes.level_sizes(self._grid_sizes())}
 
-    def compute_loss(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]],
-                     options: Mapping[str, Any]) -> Dict[str, Tensor]:
+    def compute_loss(
+        self, images: Tensor, targets: Sequence[Mapping[str, Tensor]], options: Mapping[str, Any]
+    ) -> Dict[str, Tensor]:
         """The SSD MultiBox loss of a batch (:func:`models.multibox.multibox_loss`).
 
         Args:
@@ -136,8 +141,15 @@ class SSDDetector(nn.Module):
         from .multibox import multibox_loss
 
         locs, logits = self(images)
-        return multibox_loss(locs, logits, self.anchors(), targets, BoxCoder(self.postprocess_config.box_weights),
-                             float(options["iou_thresh"]), int(options["neg_pos_ratio"]))
+        return multibox_loss(
+            locs,
+            logits,
+            self.anchors(),
+            targets,
+            BoxCoder(self.postprocess_config.box_weights),
+            float(options["iou_thresh"]),
+            int(options["neg_pos_ratio"]),
+        )
 
     @torch.no_grad()
     def predict(self, images: Tensor, postprocess: str = "ssd_post") -> Detections:
@@ -154,12 +166,18 @@ class SSDDetector(nn.Module):
             Detections with boxes [B, K, 4], scores [B, K], labels [B, K], num_detections [B].
         """
         if postprocess not in POSTPROCESS_BACKENDS:
-            raise ValueError(f"postprocess should be one of {POSTPROCESS_BACKENDS}, got {postprocess!r}")
+            raise ValueError(
+                f"postprocess should be one of {POSTPROCESS_BACKENDS}, got {postprocess!r}"
+            )
         locs, logits = self(images)
         anchors = self.anchors().to(locs.device)
-        sizes = torch.tensor([self.image_size], dtype=torch.int64, device=locs.device).expand(locs.shape[0], 2)
+        sizes = torch.tensor([self.image_size], dtype=torch.int64, device=locs.device).expand(
+            locs.shape[0], 2
+        )
         run = ssd_post.postprocess if postprocess == "ssd_post" else torchvision_postprocess
-        return run(locs, logits, anchors, sizes, self.postprocess_config, **self.postprocess_inputs())
+        return run(
+            locs, logits, anchors, sizes, self.postprocess_config, **self.postprocess_inputs()
+        )
 
     def model_config(self) -> Dict[str, Any]:
         """Everything :func:`models.build_model` needs to rebuild this model (plain types only)."""
@@ -169,8 +187,10 @@ class SSDDetector(nn.Module):
             "image_size": list(self.image_size),
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
-            "postprocess": {k: (list(v) if isinstance(v, tuple) else v)
-                            for k, v in dataclasses.asdict(self.postprocess_config).items()},
+            "postprocess": {
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self.postprocess_config).items()
+            },
         }
         config.update(self.extra_config)
         return config

@@ -7,9 +7,10 @@ small objects always get one); the loss is smooth L1 (beta 1) on the encoded box
 of positives plus cross-entropy on positives and on the 3x as many negatives with
 the highest loss, both summed and divided by the number of positives of the batch.
 """
+
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,9 @@ from torch import Tensor
 from ssd_post import BoxCoder
 
 
-def pad_targets(targets: Sequence[Dict[str, Tensor]], device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+def pad_targets(
+    targets: Sequence[Dict[str, Tensor]], device: torch.device
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Stacks per-image boxes [n_i, 4] and labels [n_i] into [B, G, 4], [B, G], valid [B, G]."""
     batch = len(targets)
     most = max([int(t["boxes"].shape[0]) for t in targets] + [1])
@@ -94,7 +97,9 @@ def multibox_loss(
     matched = match_anchors(anchors, boxes, valid, iou_thresh)  # [B, A]
     positive = matched >= 0
     safe = matched.clamp(min=0)
-    cls_target = torch.where(positive, torch.gather(labels, 1, safe), torch.zeros_like(safe))  # [B, A]
+    cls_target = torch.where(
+        positive, torch.gather(labels, 1, safe), torch.zeros_like(safe)
+    )  # [B, A]
     num_pos = positive.sum()
     normaliser = num_pos.clamp(min=1).float()
 
@@ -103,7 +108,9 @@ def multibox_loss(
     reg_target = box_coder.encode(matched_boxes[positive], batch_anchors[positive])
     bbox_loss = F.smooth_l1_loss(locs[positive].float(), reg_target, beta=1.0, reduction="sum")
 
-    ce = F.cross_entropy(logits.float().flatten(0, 1), cls_target.flatten(), reduction="none").view_as(cls_target)
+    ce = F.cross_entropy(
+        logits.float().flatten(0, 1), cls_target.flatten(), reduction="none"
+    ).view_as(cls_target)
     # Hard negatives: the background anchors with the largest loss, 3 per positive per image.
     negative_ce = ce.detach().masked_fill(positive, float("-inf"))
     order = negative_ce.argsort(dim=1, descending=True)

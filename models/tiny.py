@@ -4,12 +4,12 @@ Plain 3x3 conv + BatchNorm + ReLU stages (fast on CPU, unlike depthwise convs),
 four feature maps at strides 4, 8, 16 and 32 with a light top-down path so the
 fine maps that find small objects also see context, and torchvision's SSDHead.
 """
+
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.ssd import SSDHead
@@ -42,8 +42,12 @@ class TinyBackbone(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         w = width
-        self.stem = nn.Sequential(conv_bn(3, w // 2, 2), conv_bn(w // 2, w, 2), conv_bn(w, w))  # stride 4
-        self.stage8 = nn.Sequential(conv_bn(w, 2 * w, 2), conv_bn(2 * w, 2 * w), conv_bn(2 * w, 2 * w))
+        self.stem = nn.Sequential(
+            conv_bn(3, w // 2, 2), conv_bn(w // 2, w, 2), conv_bn(w, w)
+        )  # stride 4
+        self.stage8 = nn.Sequential(
+            conv_bn(w, 2 * w, 2), conv_bn(2 * w, 2 * w), conv_bn(2 * w, 2 * w)
+        )
         self.stage16 = nn.Sequential(conv_bn(2 * w, 4 * w, 2), conv_bn(4 * w, 4 * w))
         self.stage32 = nn.Sequential(conv_bn(4 * w, 4 * w, 2), conv_bn(4 * w, 4 * w))
         # 1x1 laterals match channels before the coarser map is added into the finer one.
@@ -58,7 +62,9 @@ class TinyBackbone(nn.Module):
         c8 = self.stage8(c4)
         c16 = self.stage16(c8)
         c32 = self.stage32(c16)
-        p8 = self.smooth8(c8 + F.interpolate(self.lateral16(c16), size=c8.shape[-2:], mode="nearest"))
+        p8 = self.smooth8(
+            c8 + F.interpolate(self.lateral16(c16), size=c8.shape[-2:], mode="nearest")
+        )
         p4 = self.smooth4(c4 + F.interpolate(self.lateral8(p8), size=c4.shape[-2:], mode="nearest"))
         return [p4, p8, c16, c32]
 

@@ -12,13 +12,14 @@ most 1333) and pads the batch, the data pipeline here feeds one fixed ``image_si
 (default 800x800; both sides multiples of 32, the size torchvision pads a batch to,
 so anchors and feature grids are those torchvision gives an image of that size).
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models import detection
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -47,7 +48,9 @@ class GridAnchors:
     def __init__(self, generator: AnchorGenerator) -> None:
         self.generator = generator
 
-    def __call__(self, image_size: Tuple[int, int], grid_sizes: Sequence[Tuple[int, int]]) -> Tensor:
+    def __call__(
+        self, image_size: Tuple[int, int], grid_sizes: Sequence[Tuple[int, int]]
+    ) -> Tensor:
         """xyxy anchors (Tensor[A, 4] float32) in input pixels, level by level."""
         images = ImageList(torch.zeros(1, 1, *image_size), [tuple(image_size)])
         features = [torch.zeros(1, 1, h, w) for h, w in grid_sizes]
@@ -64,8 +67,9 @@ class RetinaNetDetector(SSDDetector):
     logits[B, A, C])`` over all levels, ``predict`` runs the per-level postprocess,
     ``compute_loss`` is torchvision's RetinaNet loss."""
 
-    def compute_loss(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]],
-                     options: Mapping[str, Any]) -> Dict[str, Tensor]:
+    def compute_loss(
+        self, images: Tensor, targets: Sequence[Mapping[str, Tensor]], options: Mapping[str, Any]
+    ) -> Dict[str, Tensor]:
         """torchvision's RetinaNet loss of a batch.
 
         Args:
@@ -79,14 +83,26 @@ class RetinaNetDetector(SSDDetector):
         """
         locs, logits = self(images)
         anchors = self.anchors().to(locs.device)
-        matcher = det_utils.Matcher(float(options["iou_thresh"]), float(options["bg_iou_thresh"]),
-                                    allow_low_quality_matches=True)
+        matcher = det_utils.Matcher(
+            float(options["iou_thresh"]),
+            float(options["bg_iou_thresh"]),
+            allow_low_quality_matches=True,
+        )
         # RetinaNet.compute_loss needs only these two attributes of the model.
         owner = SimpleNamespace(proposal_matcher=matcher, head=self.head)
-        device_targets = [{"boxes": t["boxes"].to(locs.device, torch.float32), "labels": t["labels"].to(locs.device)}
-                          for t in targets]
-        losses = RetinaNet.compute_loss(owner, device_targets, {"cls_logits": logits, "bbox_regression": locs},
-                                        [anchors] * locs.shape[0])
+        device_targets = [
+            {
+                "boxes": t["boxes"].to(locs.device, torch.float32),
+                "labels": t["labels"].to(locs.device),
+            }
+            for t in targets
+        ]
+        losses = RetinaNet.compute_loss(
+            owner,
+            device_targets,
+            {"cls_logits": logits, "bbox_regression": locs},
+            [anchors] * locs.shape[0],
+        )
         cls, bbox = losses["classification"], losses["bbox_regression"]
         return {"bbox": bbox, "cls": cls, "loss": bbox + cls}
 
@@ -94,14 +110,23 @@ class RetinaNetDetector(SSDDetector):
 def check_image_size(image_size: Any) -> None:
     """RetinaNet's input (h, w): both multiples of 32, at least 64."""
     if not all(v >= MIN_SIDE and v % SIZE_MULTIPLE == 0 for v in image_size):
-        raise ValueError(f"{ARCH} needs image_size (h, w) with both sides multiples of {SIZE_MULTIPLE} "
-                         f"and >= {MIN_SIDE}, got {tuple(image_size)}")
+        raise ValueError(
+            f"{ARCH} needs image_size (h, w) with both sides multiples of {SIZE_MULTIPLE} "
+            f"and >= {MIN_SIDE}, got {tuple(image_size)}"
+        )
 
 
 def build_retinanet_resnet50_fpn(num_classes: int):
     """Parts of torchvision's ``retinanet_resnet50_fpn`` (random weights): backbone,
     head, postprocess config, image mean and std, anchors."""
-    model = detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
-    return (model.backbone, model.head, PostprocessConfig.from_torchvision(model),
-            tuple(model.transform.image_mean), tuple(model.transform.image_std),
-            GridAnchors(model.anchor_generator))
+    model = detection.retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes
+    )
+    return (
+        model.backbone,
+        model.head,
+        PostprocessConfig.from_torchvision(model),
+        tuple(model.transform.image_mean),
+        tuple(model.transform.image_std),
+        GridAnchors(model.anchor_generator),
+    )

@@ -1,14 +1,20 @@
 """ssd-post: batched, fused postprocessing for SSD-family detectors.
 
-    detections = ssd_post.postprocess(locs, logits, anchors, image_sizes, PostprocessConfig())
+detections = ssd_post.postprocess(locs, logits, anchors, image_sizes, PostprocessConfig())
 """
+
 from .anchors import DefaultBoxes
 from .box_coder import BoxCoder
 from .config import PostprocessConfig
 from .formats import Detections, to_coco_results, write_coco_results
 from .ops import batched_nms, has_cuda_kernels
 from .linear_coder import LinearBoxCoder
-from .postprocess import decode_threshold_flatten, patch_torchvision, patch_torchvision_ssd, postprocess
+from .postprocess import (
+    decode_threshold_flatten,
+    patch_torchvision,
+    patch_torchvision_ssd,
+    postprocess,
+)
 
 __all__ = [
     "BoxCoder",

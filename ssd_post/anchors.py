@@ -1,4 +1,5 @@
 """SSD default boxes (anchors), equal to torchvision's DefaultBoxGenerator."""
+
 from __future__ import annotations
 
 import math
@@ -79,7 +80,9 @@ class DefaultBoxes:
             sizes += [[s_k * root, s_k / root], [s_k / root, s_k * root]]
         return torch.as_tensor(sizes, dtype=torch.float32)
 
-    def __call__(self, image_size: Tuple[int, int], grid_sizes: Sequence[Tuple[int, int]]) -> Tensor:
+    def __call__(
+        self, image_size: Tuple[int, int], grid_sizes: Sequence[Tuple[int, int]]
+    ) -> Tensor:
         """Anchors for one input size.
 
         Args:
@@ -105,12 +108,17 @@ class DefaultBoxes:
             cy = ((torch.arange(0, grid_h) + 0.5) / y_cells).to(torch.float32)
             grid_y, grid_x = torch.meshgrid(cy, cx, indexing="ij")
             per_cell = len(self._wh_pairs[k])
-            centres = torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)) * per_cell, dim=-1).reshape(-1, 2)
+            centres = torch.stack(
+                (grid_x.reshape(-1), grid_y.reshape(-1)) * per_cell, dim=-1
+            ).reshape(-1, 2)
             sizes = self._wh_pairs[k].clamp(min=0, max=1) if self.clip else self._wh_pairs[k]
             centred.append(torch.cat((centres, sizes.repeat(grid_h * grid_w, 1)), dim=1))
         boxes = torch.cat(centred, dim=0)
         scale = torch.tensor([width, height])
         return torch.cat(
-            ((boxes[:, :2] - 0.5 * boxes[:, 2:]) * scale, (boxes[:, :2] + 0.5 * boxes[:, 2:]) * scale),
+            (
+                (boxes[:, :2] - 0.5 * boxes[:, 2:]) * scale,
+                (boxes[:, :2] + 0.5 * boxes[:, 2:]) * scale,
+            ),
             dim=-1,
         )

@@ -12,6 +12,7 @@ which a C++ program does by loading ``library_path()`` (see examples/aoti_cpp).
 
 Importing :mod:`ssd_post` does not import this module.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,13 @@ from ._extension import library_path, require_extension
 from .config import PostprocessConfig
 from .exportable import DetectorModule, PostprocessModule, check_detector
 
-__all__ = ["export_module", "export_package", "export_postprocess_package", "load_package", "op_library_path"]
+__all__ = [
+    "export_module",
+    "export_package",
+    "export_postprocess_package",
+    "load_package",
+    "op_library_path",
+]
 
 
 # Package metadata key: what each input must be. AOTInductor checks its inputs only
@@ -42,7 +49,9 @@ def op_library_path() -> str:
     return path
 
 
-def export_module(module: nn.Module, args: Tuple[Tensor, ...], path: str, max_batch: int = 64) -> str:
+def export_module(
+    module: nn.Module, args: Tuple[Tensor, ...], path: str, max_batch: int = 64
+) -> str:
     """Any module of tensors in, tensors out (dim 0 of every input the batch, 1 to
     ``max_batch``) as an AOTInductor package at ``path``, its inputs recorded for
     :class:`PackageRunner`'s checks. The two functions below are this with
@@ -53,20 +62,31 @@ def export_module(module: nn.Module, args: Tuple[Tensor, ...], path: str, max_ba
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch should be a positive int, got {max_batch!r}")
     batch = torch.export.Dim("batch", min=1, max=max_batch)
-    inputs = json.dumps({"max_batch": max_batch, "inputs": [
-        {"dtype": str(a.dtype).replace("torch.", ""), "shape": list(a.shape[1:])} for a in args]})
+    inputs = json.dumps(
+        {
+            "max_batch": max_batch,
+            "inputs": [
+                {"dtype": str(a.dtype).replace("torch.", ""), "shape": list(a.shape[1:])}
+                for a in args
+            ],
+        }
+    )
     module = module.eval()
     with torch.no_grad():
         program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return str(torch._inductor.aoti_compile_and_package(
-            program, package_path=str(path),
-            inductor_configs={
-                "aot_inductor.metadata": {INPUTS_KEY: inputs},
-                # torch.export assumes a dynamic dim is >= 2; the batch may be 1, and
-                # AOTI_RUNTIME_CHECK_INPUTS=1 (the C++ example) would refuse it.
-                "aot_inductor.check_lowerbound": False,
-            }))
+        return str(
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=str(path),
+                inductor_configs={
+                    "aot_inductor.metadata": {INPUTS_KEY: inputs},
+                    # torch.export assumes a dynamic dim is >= 2; the batch may be 1, and
+                    # AOTI_RUNTIME_CHECK_INPUTS=1 (the C++ example) would refuse it.
+                    "aot_inductor.check_lowerbound": False,
+                },
+            )
+        )
 
 
 def export_package(model: nn.Module, path: str, example_images: Tensor, max_batch: int = 64) -> str:
@@ -86,13 +106,21 @@ def export_package(model: nn.Module, path: str, example_images: Tensor, max_batc
     return export_module(DetectorModule(model), (example_images,), path, max_batch)
 
 
-def export_postprocess_package(anchors: Tensor, config: PostprocessConfig, path: str,
-                               example_locs: Tensor, example_logits: Tensor,
-                               example_image_sizes: Tensor, max_batch: int = 64) -> str:
+def export_postprocess_package(
+    anchors: Tensor,
+    config: PostprocessConfig,
+    path: str,
+    example_locs: Tensor,
+    example_logits: Tensor,
+    example_image_sizes: Tensor,
+    max_batch: int = 64,
+) -> str:
     """The postprocess alone (locs [B, A, 4], logits [B, A, C], image_sizes [B, 2]
     int64 in; anchors [A, 4] baked in) as an AOTInductor package."""
     module = PostprocessModule(anchors, config)
-    return export_module(module, (example_locs, example_logits, example_image_sizes), path, max_batch)
+    return export_module(
+        module, (example_locs, example_logits, example_image_sizes), path, max_batch
+    )
 
 
 class PackageRunner:
@@ -104,7 +132,9 @@ class PackageRunner:
     def __init__(self, compiled, path: str) -> None:
         metadata = compiled.get_metadata()
         if INPUTS_KEY not in metadata:
-            raise ValueError(f"{path} was not written by ssd_post.aoti (no {INPUTS_KEY!r} metadata)")
+            raise ValueError(
+                f"{path} was not written by ssd_post.aoti (no {INPUTS_KEY!r} metadata)"
+            )
         spec = json.loads(metadata[INPUTS_KEY])
         self._compiled = compiled
         self.max_batch: int = spec["max_batch"]
@@ -117,12 +147,19 @@ class PackageRunner:
         for index, (tensor, want) in enumerate(zip(inputs, self.inputs)):
             if not isinstance(tensor, Tensor):
                 raise ValueError(f"input {index} should be a Tensor, got {type(tensor).__name__}")
-            got = {"dtype": str(tensor.dtype).replace("torch.", ""), "shape": list(tensor.shape[1:])}
+            got = {
+                "dtype": str(tensor.dtype).replace("torch.", ""),
+                "shape": list(tensor.shape[1:]),
+            }
             if tensor.dim() == 0 or got != {"dtype": want["dtype"], "shape": want["shape"]}:
-                raise ValueError(f"input {index} should be {want['dtype']} [B, {', '.join(map(str, want['shape']))}], "
-                                 f"got {got['dtype']} {list(tensor.shape)}")
+                raise ValueError(
+                    f"input {index} should be {want['dtype']} [B, {', '.join(map(str, want['shape']))}], "
+                    f"got {got['dtype']} {list(tensor.shape)}"
+                )
             if not 1 <= tensor.shape[0] <= self.max_batch:
-                raise ValueError(f"input {index}: the batch should be in [1, {self.max_batch}], got {tensor.shape[0]}")
+                raise ValueError(
+                    f"input {index}: the batch should be in [1, {self.max_batch}], got {tensor.shape[0]}"
+                )
 
     def __call__(self, *inputs: Tensor) -> Tuple[Tensor, ...]:
         self.check(*inputs)
@@ -134,6 +171,9 @@ def load_package(path: str, device_index: Optional[int] = None) -> PackageRunner
     require_extension()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no AOTInductor package at {path!r}")
-    compiled = (torch._inductor.aoti_load_package(path) if device_index is None
-                else torch._inductor.aoti_load_package(path, device_index=device_index))
+    compiled = (
+        torch._inductor.aoti_load_package(path)
+        if device_index is None
+        else torch._inductor.aoti_load_package(path, device_index=device_index)
+    )
     return PackageRunner(compiled, path)

@@ -11,6 +11,7 @@ gathered copy, the tail positions through scalar calls. When the loop layout is 
 known (another CPU capability, a non-contiguous block) the caller computes the
 block whole.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -52,7 +53,9 @@ def sigmoid_gathered(values: Tensor, in_tail: Tensor, step: int) -> Tensor:
     out = torch.empty_like(values)
     if values.numel():
         padded = torch.cat((values, values.new_zeros((-values.numel()) % step)))
-        out.copy_(torch.cat([torch.sigmoid(piece) for piece in padded.split(_PIECE)])[: values.numel()])
+        out.copy_(
+            torch.cat([torch.sigmoid(piece) for piece in padded.split(_PIECE)])[: values.numel()]
+        )
         tail = in_tail.nonzero().flatten()
         # A call on fewer than ``step`` elements runs the scalar loop only.
         for piece in tail.split(step - 1):
@@ -67,4 +70,6 @@ def sigmoid_at(block: Tensor, positions: Tensor, step: int) -> Tensor:
         block (Tensor[...] float32, contiguous): what torchvision calls sigmoid on.
         positions (Tensor[N] int64): flat positions in ``block``.
     """
-    return sigmoid_gathered(block.flatten()[positions], tail_mask(block.numel(), positions, step), step)
+    return sigmoid_gathered(
+        block.flatten()[positions], tail_mask(block.numel(), positions, step), step
+    )

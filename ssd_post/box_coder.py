@@ -1,4 +1,5 @@
 """SSD box coding: regression targets relative to anchors, and back."""
+
 from __future__ import annotations
 
 import math

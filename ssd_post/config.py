@@ -1,4 +1,5 @@
 """Postprocessing parameters, with the defaults of torchvision's SSD."""
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,16 @@ def real_scalar(value, name: str) -> float:
     ValueError naming ``name``. NaN passes here: range checks refuse it."""
     if isinstance(value, torch.Tensor):  # only 0-d and real
         if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
-            raise ValueError(f"{name} should be a float (a real number), got a tensor of shape "
-                             f"{tuple(value.shape)} and dtype {value.dtype}")
+            raise ValueError(
+                f"{name} should be a float (a real number), got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
         value = value.item()
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+    if (
+        isinstance(value, bool)
+        or type(value).__name__ == "bool_"
+        or not isinstance(value, numbers.Real)
+    ):
         raise ValueError(f"{name} should be a float (a real number), got {value!r}")
     converted = float(value)
     if not isinstance(value, (float, int)) and not math.isnan(converted) and converted != value:
@@ -49,10 +56,16 @@ def whole_scalar(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         raise ValueError(f"{name} should be an int >= {minimum}, got {value!r}")
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.is_floating_point() or value.is_complex() or \
-                value.dtype == torch.bool:
-            raise ValueError(f"{name} should be an int >= {minimum}, got a tensor of shape "
-                             f"{tuple(value.shape)} and dtype {value.dtype}")
+        if (
+            value.dim() != 0
+            or value.is_floating_point()
+            or value.is_complex()
+            or value.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"{name} should be an int >= {minimum}, got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
         value = value.item()
     try:
         converted = operator.index(value)
@@ -116,15 +129,19 @@ class PostprocessConfig:
             object.__setattr__(self, name, whole_scalar(getattr(self, name), name))
         if self.background_class is not None and self.background_class not in BACKGROUND_NAMES:
             if isinstance(self.background_class, str):
-                raise ValueError(f"background_class should be None, an int >= 0, 'first' or 'last', "
-                                 f"got {self.background_class!r}")
-            object.__setattr__(self, "background_class",
-                               whole_scalar(self.background_class, "background_class", 0))
+                raise ValueError(
+                    f"background_class should be None, an int >= 0, 'first' or 'last', "
+                    f"got {self.background_class!r}"
+                )
+            object.__setattr__(
+                self, "background_class", whole_scalar(self.background_class, "background_class", 0)
+            )
         try:
             weights = tuple(real_scalar(w, "box_weights") for w in self.box_weights)
         except TypeError:
-            raise ValueError(f"box_weights should be 4 finite positive floats, got "
-                             f"{self.box_weights!r}") from None
+            raise ValueError(
+                f"box_weights should be 4 finite positive floats, got {self.box_weights!r}"
+            ) from None
         object.__setattr__(self, "box_weights", weights)
         self.validate()
 
@@ -139,8 +156,9 @@ class PostprocessConfig:
         if self.selection == "per_level":
             # Every (anchor, foreground class) pair can be a candidate of its level.
             return min(self.detections_per_img, foreground * num_anchors)
-        return padded_detections(self.detections_per_img, self.topk_candidates, num_anchors,
-                                 foreground)
+        return padded_detections(
+            self.detections_per_img, self.topk_candidates, num_anchors, foreground
+        )
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
@@ -165,7 +183,9 @@ class PostprocessConfig:
                 raise ValueError(f"{name} should be one of {allowed}, got {getattr(self, name)!r}")
         # The fused per-class op has only the softmax/sigmoid scores and the box coder.
         if self.selection == "per_class" and self.score_activation == "sigmoid_centerness":
-            raise ValueError("score_activation 'sigmoid_centerness' needs selection='per_level', got 'per_class'")
+            raise ValueError(
+                "score_activation 'sigmoid_centerness' needs selection='per_level', got 'per_class'"
+            )
         if self.selection == "per_class" and self.box_coder == "linear":
             raise ValueError("box_coder 'linear' needs selection='per_level', got 'per_class'")
 
@@ -187,7 +207,9 @@ class PostprocessConfig:
         from torchvision.models.detection.ssd import SSD
 
         if not isinstance(model, (SSD, RetinaNet, FCOS)):
-            raise ValueError(f"model should be a torchvision SSD, RetinaNet or FCOS, got {type(model).__name__}")
+            raise ValueError(
+                f"model should be a torchvision SSD, RetinaNet or FCOS, got {type(model).__name__}"
+            )
         common = dict(
             score_thresh=float(model.score_thresh),
             nms_thresh=float(model.nms_thresh),
@@ -196,16 +218,32 @@ class PostprocessConfig:
             clip_boxes=True,
         )
         if isinstance(model, SSD):
-            return cls(**common, box_weights=tuple(float(w) for w in model.box_coder.weights),
-                       score_activation="softmax", background_class=0)
+            return cls(
+                **common,
+                box_weights=tuple(float(w) for w in model.box_coder.weights),
+                score_activation="softmax",
+                background_class=0,
+            )
         if isinstance(model, RetinaNet):
-            return cls(**common, box_weights=tuple(float(w) for w in model.box_coder.weights),
-                       score_activation="sigmoid", background_class=None, selection="per_level")
+            return cls(
+                **common,
+                box_weights=tuple(float(w) for w in model.box_coder.weights),
+                score_activation="sigmoid",
+                background_class=None,
+                selection="per_level",
+            )
         if not getattr(model.box_coder, "normalize_by_size", False):
-            raise ValueError("FCOS model should use BoxLinearCoder(normalize_by_size=True), got "
-                             f"normalize_by_size={getattr(model.box_coder, 'normalize_by_size', None)!r}")
-        return cls(**common, score_activation="sigmoid_centerness", background_class=None,
-                   selection="per_level", box_coder="linear")
+            raise ValueError(
+                "FCOS model should use BoxLinearCoder(normalize_by_size=True), got "
+                f"normalize_by_size={getattr(model.box_coder, 'normalize_by_size', None)!r}"
+            )
+        return cls(
+            **common,
+            score_activation="sigmoid_centerness",
+            background_class=None,
+            selection="per_level",
+            box_coder="linear",
+        )
 
 
 def padded_detections(detections_per_img, topk_candidates, num_anchors, foreground_classes):
@@ -213,5 +251,6 @@ def padded_detections(detections_per_img, topk_candidates, num_anchors, foregrou
     on ints and on torch's symbolic sizes (the fake kernel)."""
     if isinstance(num_anchors, int) and isinstance(foreground_classes, int):
         return min(detections_per_img, foreground_classes * min(topk_candidates, num_anchors))
-    return torch.sym_min(detections_per_img,
-                         foreground_classes * torch.sym_min(topk_candidates, num_anchors))
+    return torch.sym_min(
+        detections_per_img, foreground_classes * torch.sym_min(topk_candidates, num_anchors)
+    )

@@ -5,6 +5,7 @@ ssd_post, like torchvision, takes boxes as given: an inverted box has zero area
 ONNX and TensorFlow NMS sort the corners first; a model ported from them can ask
 for that, or for an error, with ``inverted_boxes``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,15 +27,25 @@ def handle_inverted_boxes(boxes: Tensor, mode: str, name: str) -> Tensor:
     if mode == "keep" or boxes.numel() == 0:
         return boxes
     if boxes.dim() == 0 or boxes.shape[-1] != 4:
-        raise ValueError(f"{name} should be a tensor [..., 4] of xyxy boxes, got shape "
-                         f"{tuple(boxes.shape)}")
+        raise ValueError(
+            f"{name} should be a tensor [..., 4] of xyxy boxes, got shape {tuple(boxes.shape)}"
+        )
     x1, y1, x2, y2 = boxes.unbind(-1)
     if mode == "sort":
-        return torch.stack((torch.minimum(x1, x2), torch.minimum(y1, y2),
-                            torch.maximum(x1, x2), torch.maximum(y1, y2)), dim=-1)
+        return torch.stack(
+            (
+                torch.minimum(x1, x2),
+                torch.minimum(y1, y2),
+                torch.maximum(x1, x2),
+                torch.maximum(y1, y2),
+            ),
+            dim=-1,
+        )
     inverted = (x2 < x1) | (y2 < y1)
     if bool(inverted.any()):
         index = tuple(int(i) for i in inverted.nonzero()[0])
-        raise ValueError(f"{name} should have x1 <= x2 and y1 <= y2 (inverted_boxes='raise'), "
-                         f"got {boxes[index].tolist()} at index {index if len(index) > 1 else index[0]}")
+        raise ValueError(
+            f"{name} should have x1 <= x2 and y1 <= y2 (inverted_boxes='raise'), "
+            f"got {boxes[index].tolist()} at index {index if len(index) > 1 else index[0]}"
+        )
     return boxes

@@ -1,6 +1,7 @@
 """Modules that wrap a detector or the postprocess alone for the exporters
 (ONNX in :mod:`ssd_post.onnx`, AOTInductor in :mod:`ssd_post.aoti`): tensors in,
 the four padded detection tensors out, nothing data-dependent in the signature."""
+
 from __future__ import annotations
 
 from typing import Any, Tuple
@@ -31,7 +32,9 @@ class PostprocessModule(nn.Module):
         self.register_buffer("anchors", anchors.detach().float().clone(), persistent=False)
         self.config = config
 
-    def forward(self, locs: Tensor, logits: Tensor, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(
+        self, locs: Tensor, logits: Tensor, image_sizes: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         return _as_tuple(postprocess(locs, logits, self.anchors, image_sizes, self.config))
 
 
@@ -43,9 +46,14 @@ class DetectorModule(nn.Module):
         check_detector(detector)
         self.detector = detector
         self.config = detector.postprocess_config
-        self.register_buffer("anchors", detector.anchors().detach().float().clone(), persistent=False)
-        self.register_buffer("image_size", torch.tensor([list(detector.image_size)], dtype=torch.int64),
-                             persistent=False)
+        self.register_buffer(
+            "anchors", detector.anchors().detach().float().clone(), persistent=False
+        )
+        self.register_buffer(
+            "image_size",
+            torch.tensor([list(detector.image_size)], dtype=torch.int64),
+            persistent=False,
+        )
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         locs, logits = self.detector(images)
@@ -57,16 +65,22 @@ def check_exportable_config(config: PostprocessConfig) -> None:
     """Raises ValueError for a postprocess the exporters do not cover: the per-level
     selection (RetinaNet, FCOS) runs data-dependent torch ops, not one op."""
     if config.selection != "per_class":
-        raise ValueError("export covers SSD's selection='per_class' (one ssd_post::postprocess op); "
-                         f"selection={config.selection!r} (RetinaNet, FCOS) cannot be exported yet")
+        raise ValueError(
+            "export covers SSD's selection='per_class' (one ssd_post::postprocess op); "
+            f"selection={config.selection!r} (RetinaNet, FCOS) cannot be exported yet"
+        )
 
 
 def check_detector(model: Any) -> None:
     """Raises TypeError unless ``model`` is an SSDDetector-like module postprocessed by ssd_post."""
     needed = ("postprocess_config", "anchors", "image_size")
-    if not isinstance(model, nn.Module) or not all(hasattr(model, a) for a in needed) \
-            or not isinstance(getattr(model, "postprocess_config"), PostprocessConfig):
+    if (
+        not isinstance(model, nn.Module)
+        or not all(hasattr(model, a) for a in needed)
+        or not isinstance(getattr(model, "postprocess_config"), PostprocessConfig)
+    ):
         raise TypeError(
             "model should be an SSDDetector (models.build_model / models.checkpoint.load_detector) whose "
-            f"postprocess is ssd_post.postprocess, got {type(model).__name__}")
+            f"postprocess is ssd_post.postprocess, got {type(model).__name__}"
+        )
     check_exportable_config(model.postprocess_config)

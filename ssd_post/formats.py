@@ -1,4 +1,5 @@
 """Detections: padded batch tensors, torchvision-style dicts and COCO results."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ class Detections:
         return self.boxes.shape[0]
 
     def to(self, device) -> "Detections":
-        return Detections(*(t.to(device) for t in (self.boxes, self.scores, self.labels, self.num_detections)))
+        return Detections(
+            *(t.to(device) for t in (self.boxes, self.scores, self.labels, self.num_detections))
+        )
 
     def to_list(self) -> List[Dict[str, Tensor]]:
         """torchvision's format: one dict of ``boxes[n, 4]``, ``scores[n]``, ``labels[n]`` per image."""
@@ -40,7 +43,9 @@ class Detections:
         ]
 
     @classmethod
-    def from_list(cls, detections: Sequence[Dict[str, Tensor]], detections_per_img: int) -> "Detections":
+    def from_list(
+        cls, detections: Sequence[Dict[str, Tensor]], detections_per_img: int
+    ) -> "Detections":
         """Pads torchvision-style dicts into a Detections of K = detections_per_img."""
         batch = len(detections)
         device = detections[0]["boxes"].device if batch else torch.device("cpu")

@@ -1,4 +1,5 @@
 """FCOS box coding: distances from the anchor centre to the four box sides."""
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,11 @@ class LinearBoxCoder:
         heights = anchors[..., 3] - anchors[..., 1]
         rel_codes = rel_codes * torch.stack((widths, heights, widths, heights), dim=-1)
         return torch.stack(
-            (ctr_x - rel_codes[..., 0], ctr_y - rel_codes[..., 1],
-             ctr_x + rel_codes[..., 2], ctr_y + rel_codes[..., 3]),
+            (
+                ctr_x - rel_codes[..., 0],
+                ctr_y - rel_codes[..., 1],
+                ctr_x + rel_codes[..., 2],
+                ctr_y + rel_codes[..., 3],
+            ),
             dim=-1,
         )

@@ -16,6 +16,7 @@ nothing (a clipped box can only become zero-area, which suppresses nothing eithe
 
 Importing :mod:`ssd_post` does not import this module (it needs onnx, onnxscript).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -57,7 +58,9 @@ def require(module: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"{purpose} needs the {module!r} package: {_EXTRA} (or pip install {module})") from err
+        raise ImportError(
+            f"{purpose} needs the {module!r} package: {_EXTRA} (or pip install {module})"
+        ) from err
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -66,10 +69,18 @@ def require(module: str, purpose: str):
 def check_expressible(config: PostprocessConfig, num_classes: Optional[int] = None) -> None:
     """Raises ValueError when the ONNX lowering cannot express ``config``."""
     if config.score_activation not in ("softmax", "sigmoid"):
-        raise ValueError(f"the ONNX lowering covers SSD's softmax and sigmoid activations, "
-                         f"got score_activation={config.score_activation!r}")
-    if num_classes is not None and config.background_class is not None and config.background_class >= num_classes:
-        raise ValueError(f"background_class should be < C = {num_classes}, got {config.background_class}")
+        raise ValueError(
+            f"the ONNX lowering covers SSD's softmax and sigmoid activations, "
+            f"got score_activation={config.score_activation!r}"
+        )
+    if (
+        num_classes is not None
+        and config.background_class is not None
+        and config.background_class >= num_classes
+    ):
+        raise ValueError(
+            f"background_class should be < C = {num_classes}, got {config.background_class}"
+        )
 
 
 def _lowering():
@@ -91,13 +102,18 @@ def _lowering():
         """Boxes [B, A, 4] in the op order of ssd_post.BoxCoder.decode (same float32 bits
         except exp). x and y go together as [..., 2] pairs: half the nodes."""
         wx, wy, ww, wh = box_weights
-        low, high = op.Slice(anchors, ints(0), ints(2), ints(-1)), op.Slice(anchors, ints(2), ints(4), ints(-1))
+        low, high = (
+            op.Slice(anchors, ints(0), ints(2), ints(-1)),
+            op.Slice(anchors, ints(2), ints(4), ints(-1)),
+        )
         sizes = op.Sub(high, low)  # (widths, heights)
         half = floats(0.5)
         centers = op.Add(low, op.Mul(half, sizes))
         d_center = op.Div(op.Slice(locs, ints(0), ints(2), ints(-1)), floats(wx, wy))
-        d_size = op.Min(op.Div(op.Slice(locs, ints(2), ints(4), ints(-1)), floats(ww, wh)),
-                        floats(BOX_SCALE_CLAMP))
+        d_size = op.Min(
+            op.Div(op.Slice(locs, ints(2), ints(4), ints(-1)), floats(ww, wh)),
+            floats(BOX_SCALE_CLAMP),
+        )
         pred_center = op.Add(op.Mul(d_center, sizes), centers)
         half_size = op.Mul(half, op.Mul(op.Exp(d_size), sizes))
         return op.Concat(op.Sub(pred_center, half_size), op.Add(pred_center, half_size), axis=-1)
@@ -114,7 +130,11 @@ def _lowering():
         their boxes [B, C * k, 4], and k, C, B as [1] int64 tensors.
         """
         logits = op.Cast(logits, to=FLOAT)
-        scores = op.Softmax(logits, axis=-1) if config.score_activation == "softmax" else op.Sigmoid(logits)
+        scores = (
+            op.Softmax(logits, axis=-1)
+            if config.score_activation == "softmax"
+            else op.Sigmoid(logits)
+        )
         boxes = decode(op.Cast(locs, to=FLOAT), op.Cast(anchors, to=FLOAT), config.box_weights)
         if config.clip_boxes:
             boxes = clip(boxes, image_sizes)
@@ -122,7 +142,9 @@ def _lowering():
         batch, num_classes, num_anchors = dim(scores, 0), dim(scores, 1), dim(scores, 2)
         if config.background_class is not None:
             # 0 is never > score_thresh >= 0: the background column yields no candidate.
-            columns = op.Range(op.Constant(value_int=0), op.Squeeze(num_classes), op.Constant(value_int=1))
+            columns = op.Range(
+                op.Constant(value_int=0), op.Squeeze(num_classes), op.Constant(value_int=1)
+            )
             is_background = op.Equal(columns, op.Constant(value_int=config.background_class))
             scores = op.Where(op.Unsqueeze(is_background, ints(0, 2)), floats(0.0), scores)
         k = op.Min(num_anchors, ints(config.topk_candidates))
@@ -132,30 +154,63 @@ def _lowering():
         cand_boxes = op.GatherND(boxes, flat, batch_dims=1)  # [B, C*k, 4]
         return values, cand_boxes, k, num_classes, batch
 
-    def lower_postprocess(locs, logits, anchors, image_sizes, score_thresh, nms_thresh, topk_candidates,
-                          detections_per_img, box_weights, score_activation, background_class, clip_boxes):
-        config = PostprocessConfig(score_thresh, nms_thresh, topk_candidates, detections_per_img,
-                                   tuple(box_weights), score_activation, background_class, clip_boxes)
+    def lower_postprocess(
+        locs,
+        logits,
+        anchors,
+        image_sizes,
+        score_thresh,
+        nms_thresh,
+        topk_candidates,
+        detections_per_img,
+        box_weights,
+        score_activation,
+        background_class,
+        clip_boxes,
+    ):
+        config = PostprocessConfig(
+            score_thresh,
+            nms_thresh,
+            topk_candidates,
+            detections_per_img,
+            tuple(box_weights),
+            score_activation,
+            background_class,
+            clip_boxes,
+        )
         check_expressible(config)
-        values, cand_boxes, k, num_classes, batch = candidates(locs, logits, anchors, image_sizes, config)
+        values, cand_boxes, k, num_classes, batch = candidates(
+            locs, logits, anchors, image_sizes, config
+        )
         # One NMS "batch" per (image, class): ONNX NMS shares boxes across classes,
         # but each class has its own top-k boxes here.
         nms_boxes = op.Reshape(cand_boxes, op.Concat(ints(-1), k, ints(4), axis=0))  # [B*C, k, 4]
         nms_scores = op.Reshape(values, op.Concat(ints(-1, 1), k, axis=0))  # [B*C, 1, k]
         per_class = min(config.topk_candidates, config.detections_per_img)
-        selected = op.NonMaxSuppression(nms_boxes, nms_scores, ints(per_class), floats(config.nms_thresh),
-                                        floats(config.score_thresh), center_point_box=0)  # [M, 3]
+        selected = op.NonMaxSuppression(
+            nms_boxes,
+            nms_scores,
+            ints(per_class),
+            floats(config.nms_thresh),
+            floats(config.score_thresh),
+            center_point_box=0,
+        )  # [M, 3]
         where = op.Gather(selected, ints(0, 2), axis=1)  # [M, 2] (image*C + class, rank)
         flat_values = op.Reshape(values, op.Concat(ints(-1), k, axis=0))  # [B*C, k]
         # Survivors keep their score, everything else -1 (below every kept score >= 0).
-        kept = op.ScatterND(op.ConstantOfShape(op.Shape(flat_values), value=_float_tensor(-1.0)),
-                            where, op.GatherND(flat_values, where))
+        kept = op.ScatterND(
+            op.ConstantOfShape(op.Shape(flat_values), value=_float_tensor(-1.0)),
+            where,
+            op.GatherND(flat_values, where),
+        )
         per_image = op.Reshape(kept, op.Concat(batch, ints(-1), axis=0))  # [B, C*k]
         top = op.Min(dim(per_image, 1), ints(config.detections_per_img))
         # Ties by index = (class, rank in class), ssd_post's order.
         det_scores, det_index = op.TopK(per_image, top, axis=-1, largest=1, sorted=1)  # [B, top]
         valid = op.Greater(det_scores, floats(-0.5))
-        det_boxes = op.GatherND(cand_boxes, op.Unsqueeze(det_index, ints(-1)), batch_dims=1)  # [B, top, 4]
+        det_boxes = op.GatherND(
+            cand_boxes, op.Unsqueeze(det_index, ints(-1)), batch_dims=1
+        )  # [B, top, 4]
         labels = op.Div(det_index, k)
         zero_i = op.Constant(value_int=0)
         pad = op.Sub(ints(config.detections_per_img), top)
@@ -167,16 +222,40 @@ def _lowering():
         counts = op.ReduceSum(op.Cast(valid, to=INT64), ints(1), keepdims=0)
         return det_boxes, det_scores, labels, counts
 
-    def lower_decode_threshold_flatten(locs, logits, anchors, image_sizes, score_thresh, topk_candidates,
-                                       box_weights, score_activation, background_class, clip_boxes):
-        config = PostprocessConfig(score_thresh, 0.5, topk_candidates, 1, tuple(box_weights), score_activation,
-                                   background_class, clip_boxes)
+    def lower_decode_threshold_flatten(
+        locs,
+        logits,
+        anchors,
+        image_sizes,
+        score_thresh,
+        topk_candidates,
+        box_weights,
+        score_activation,
+        background_class,
+        clip_boxes,
+    ):
+        config = PostprocessConfig(
+            score_thresh,
+            0.5,
+            topk_candidates,
+            1,
+            tuple(box_weights),
+            score_activation,
+            background_class,
+            clip_boxes,
+        )
         check_expressible(config)
-        values, cand_boxes, k, num_classes, batch = candidates(locs, logits, anchors, image_sizes, config)
+        values, cand_boxes, k, num_classes, batch = candidates(
+            locs, logits, anchors, image_sizes, config
+        )
         # NonZero walks [B, C, k] in row-major order: keys increasing, each by rank.
-        where = op.Transpose(op.NonZero(op.Greater(values, floats(config.score_thresh))), perm=[1, 0])  # [N, 3]
+        where = op.Transpose(
+            op.NonZero(op.Greater(values, floats(config.score_thresh))), perm=[1, 0]
+        )  # [N, 3]
         image, label = (op.Gather(where, ints(i), axis=1) for i in range(2))  # [N, 1] each
-        boxes = op.GatherND(op.Reshape(cand_boxes, op.Concat(batch, num_classes, k, ints(4), axis=0)), where)
+        boxes = op.GatherND(
+            op.Reshape(cand_boxes, op.Concat(batch, num_classes, k, ints(4), axis=0)), where
+        )
         scores = op.GatherND(values, where)
         keys = op.Squeeze(op.Add(op.Mul(image, num_classes), label), ints(1))
         return boxes, scores, keys
@@ -192,7 +271,8 @@ def _float_tensor(value: float):
 def _refuse_batched_nms(*args, **kwargs):
     raise NotImplementedError(
         "ssd_post::batched_nms has no exact ONNX lowering (ONNX NonMaxSuppression groups by a "
-        "class axis, not by arbitrary idxs): export ssd_post.postprocess instead")
+        "class axis, not by arbitrary idxs): export ssd_post.postprocess instead"
+    )
 
 
 def translation_table() -> Dict[Callable, Callable]:
@@ -222,8 +302,14 @@ def _check_opset(opset: int) -> None:
 DETECTION_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
 
 
-def export_module(module: nn.Module, path: str, args: Tuple[Tensor, ...], input_names: Sequence[str],
-                  output_names: Sequence[str] = DETECTION_OUTPUTS, opset: int = DEFAULT_OPSET) -> str:
+def export_module(
+    module: nn.Module,
+    path: str,
+    args: Tuple[Tensor, ...],
+    input_names: Sequence[str],
+    output_names: Sequence[str] = DETECTION_OUTPUTS,
+    opset: int = DEFAULT_OPSET,
+) -> str:
     """``torch.onnx.export`` (dynamo) of ``module`` with ssd_post's lowerings, dim 0 of
     every input a dynamic batch, into one self-contained file at ``path``."""
     _check_opset(opset)
@@ -236,9 +322,16 @@ def export_module(module: nn.Module, path: str, args: Tuple[Tensor, ...], input_
         # Every input shares the one batch Dim; torch warns that the name is used once.
         warnings.filterwarnings("ignore", message=r".*axis name: batch will not be used.*")
         program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, verbose=False,
-            custom_translation_table=translation_table(), input_names=list(input_names),
-            output_names=list(output_names), dynamic_shapes=dynamic)
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+            custom_translation_table=translation_table(),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes=dynamic,
+        )
     program.save(str(path), external_data=False)
     return str(path)
 
@@ -261,19 +354,32 @@ def export(model: nn.Module, path: str, example_images: Tensor, opset: int = DEF
     return export_module(module, path, (example_images,), ["images"], opset=opset)
 
 
-def export_postprocess(anchors: Tensor, config: PostprocessConfig, path: str, example_locs: Tensor,
-                       example_logits: Tensor, example_image_sizes: Tensor, opset: int = DEFAULT_OPSET) -> str:
+def export_postprocess(
+    anchors: Tensor,
+    config: PostprocessConfig,
+    path: str,
+    example_locs: Tensor,
+    example_logits: Tensor,
+    example_image_sizes: Tensor,
+    opset: int = DEFAULT_OPSET,
+) -> str:
     """Exports the postprocess alone (inputs locs, logits, image_sizes; anchors baked in)."""
     check_expressible(config, example_logits.shape[-1])
-    return export_module(PostprocessModule(anchors, config), path,
-                         (example_locs, example_logits, example_image_sizes),
-                         ["locs", "logits", "image_sizes"], opset=opset)
+    return export_module(
+        PostprocessModule(anchors, config),
+        path,
+        (example_locs, example_logits, example_image_sizes),
+        ["locs", "logits", "image_sizes"],
+        opset=opset,
+    )
 
 
 # ----------------------------------------------------------------------------- runtimes
 
 
-def load_session(path: str, runtime: str, threads: Optional[int] = None) -> Callable[..., List[Tensor]]:
+def load_session(
+    path: str, runtime: str, threads: Optional[int] = None
+) -> Callable[..., List[Tensor]]:
     """A callable running an .onnx file in ``runtime``: tensors in (graph input order),
     the graph's outputs out as CPU tensors.
 
@@ -295,7 +401,10 @@ def load_session(path: str, runtime: str, threads: Optional[int] = None) -> Call
         names = [i.name for i in session.get_inputs()]
 
         def run_ort(*inputs: Tensor) -> List[Tensor]:
-            return [torch.from_numpy(o) for o in session.run(None, dict(zip(names, arrays(inputs))))]
+            return [
+                torch.from_numpy(o) for o in session.run(None, dict(zip(names, arrays(inputs))))
+            ]
+
         return run_ort
     ov = require("openvino", "the openvino backend")
     config = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -308,10 +417,13 @@ def load_session(path: str, runtime: str, threads: Optional[int] = None) -> Call
         result = request.infer(arrays(inputs))
         # OpenVINO may return int32 for int64 outputs; copy: its buffers are reused.
         return [torch.from_numpy(result[o].copy()) for o in compiled.outputs]
+
     return run_ov
 
 
-def load_runner(path: str, runtime: str, threads: Optional[int] = None) -> Callable[..., Detections]:
+def load_runner(
+    path: str, runtime: str, threads: Optional[int] = None
+) -> Callable[..., Detections]:
     """:func:`load_session` for a file written by :func:`export` or :func:`export_postprocess`:
     Detections out (boxes [B, K, 4], scores [B, K], labels [B, K] int64, num_detections [B] int64)."""
     session = load_session(path, runtime, threads)
@@ -319,4 +431,5 @@ def load_runner(path: str, runtime: str, threads: Optional[int] = None) -> Calla
     def run(*inputs: Tensor) -> Detections:
         boxes, scores, labels, counts = session(*inputs)
         return Detections(boxes, scores, labels.long(), counts.long())
+
     return run

@@ -5,6 +5,7 @@ here checks first that it loaded. The fake kernels below give torch.compile /
 torch.export the output shapes without running anything; they are registered only
 when the ops exist.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -16,8 +17,14 @@ from ._extension import extension_loaded, require_extension
 from .config import padded_detections, unit_scalar
 from .corners import handle_inverted_boxes
 
-__all__ = ["decode_threshold_flatten_op", "batched_nms", "postprocess_op", "has_cuda_kernels",
-           "check_same_device", "cpu_vector_kernels"]
+__all__ = [
+    "decode_threshold_flatten_op",
+    "batched_nms",
+    "postprocess_op",
+    "has_cuda_kernels",
+    "check_same_device",
+    "cpu_vector_kernels",
+]
 
 
 def check_same_device(reference: str, tensors: dict) -> None:
@@ -28,16 +35,20 @@ def check_same_device(reference: str, tensors: dict) -> None:
     device = tensors[reference].device
     for name, tensor in tensors.items():
         if tensor.device != device:
-            raise ValueError(f"{name} should be on the same device as {reference}, got "
-                             f"{tensor.device} and {device}")
+            raise ValueError(
+                f"{name} should be on the same device as {reference}, got "
+                f"{tensor.device} and {device}"
+            )
 
 
 def _check_image_sizes_device(image_sizes: Tensor, locs: Tensor) -> None:
     # CPU image sizes are accepted on every device (their values are checked on the
     # host without a synchronization, csrc/common/op_inputs.h).
     if image_sizes.device != locs.device and image_sizes.device.type != "cpu":
-        raise ValueError(f"image_sizes should be on the CPU or on the same device as locs, got "
-                         f"{image_sizes.device} and {locs.device}")
+        raise ValueError(
+            f"image_sizes should be on the CPU or on the same device as locs, got "
+            f"{image_sizes.device} and {locs.device}"
+        )
 
 
 def has_cuda_kernels() -> bool:
@@ -58,9 +69,18 @@ def cpu_vector_kernels() -> str:
     return torch.ops.ssd_post.cpu_vector_kernels()
 
 
-def _decode_threshold_flatten_fake(locs, logits, anchors, image_sizes, score_thresh,
-                                   topk_candidates, box_weights, score_activation,
-                                   background_class, clip_boxes):
+def _decode_threshold_flatten_fake(
+    locs,
+    logits,
+    anchors,
+    image_sizes,
+    score_thresh,
+    topk_candidates,
+    box_weights,
+    score_activation,
+    background_class,
+    clip_boxes,
+):
     torch._check(locs.dim() == 3 and logits.dim() == 3, lambda: "locs and logits should be 3d")
     check_same_device("locs", {"locs": locs, "logits": logits, "anchors": anchors})
     _check_image_sizes_device(image_sizes, locs)
@@ -79,9 +99,20 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     return boxes.new_empty((n,), dtype=torch.int64)
 
 
-def _postprocess_fake(locs, logits, anchors, image_sizes, score_thresh, nms_thresh,
-                      topk_candidates, detections_per_img, box_weights, score_activation,
-                      background_class, clip_boxes):
+def _postprocess_fake(
+    locs,
+    logits,
+    anchors,
+    image_sizes,
+    score_thresh,
+    nms_thresh,
+    topk_candidates,
+    detections_per_img,
+    box_weights,
+    score_activation,
+    background_class,
+    clip_boxes,
+):
     torch._check(logits.dim() == 3, lambda: "logits should be [B, A, C]")
     check_same_device("locs", {"locs": locs, "logits": logits, "anchors": anchors})
     _check_image_sizes_device(image_sizes, locs)
@@ -102,18 +133,27 @@ def level_capacity(level_sizes: List[int], num_classes: int, topk_candidates: in
     return min(topk_candidates, max(level_sizes) * num_classes)
 
 
-def _select_per_level_fake(logits, centerness, level_sizes, score_thresh, topk_candidates, background_class):
+def _select_per_level_fake(
+    logits, centerness, level_sizes, score_thresh, topk_candidates, background_class
+):
     torch._check(logits.dim() == 3, lambda: "logits should be [B, A, C]")
     batch, _, num_classes = logits.shape
     k = level_capacity(list(level_sizes), num_classes, topk_candidates)
-    return (logits.new_empty((batch, len(level_sizes), k), dtype=torch.int64),
-            logits.new_empty((batch, len(level_sizes), k), dtype=torch.float32),
-            logits.new_empty((batch, len(level_sizes)), dtype=torch.int64))
+    return (
+        logits.new_empty((batch, len(level_sizes), k), dtype=torch.int64),
+        logits.new_empty((batch, len(level_sizes), k), dtype=torch.float32),
+        logits.new_empty((batch, len(level_sizes)), dtype=torch.int64),
+    )
 
 
-def select_per_level_op(logits: Tensor, centerness: Optional[Tensor], level_sizes: List[int],
-                        score_thresh: float, topk_candidates: int,
-                        background_class: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+def select_per_level_op(
+    logits: Tensor,
+    centerness: Optional[Tensor],
+    level_sizes: List[int],
+    score_thresh: float,
+    topk_candidates: int,
+    background_class: Optional[int],
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Direct call of ``torch.ops.ssd_post.select_per_level`` (CUDA only; inputs checked).
 
     Returns:
@@ -122,12 +162,19 @@ def select_per_level_op(logits: Tensor, centerness: Optional[Tensor], level_size
         ranked by decreasing score, equal scores by flat index; k = level_capacity().
     """
     require_extension()
-    return torch.ops.ssd_post.select_per_level(logits, centerness, [int(n) for n in level_sizes],
-                                               float(score_thresh), int(topk_candidates), background_class)
+    return torch.ops.ssd_post.select_per_level(
+        logits,
+        centerness,
+        [int(n) for n in level_sizes],
+        float(score_thresh),
+        int(topk_candidates),
+        background_class,
+    )
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
-                inverted_boxes: str = "keep") -> Tensor:
+def batched_nms(
+    boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, inverted_boxes: str = "keep"
+) -> Tensor:
     """Greedy NMS applied independently inside each group of equal ``idxs``.
 
     Same contract as ``torchvision.ops.batched_nms``, computed per group (no
@@ -154,41 +201,81 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
             raise ValueError(f"{name} should be a Tensor, got {type(value).__name__}")
     check_same_device("boxes", {"boxes": boxes, "scores": scores, "idxs": idxs})
     if boxes.is_quantized or scores.is_quantized:
-        raise ValueError("boxes and scores should be floating point tensors, got "
-                         f"{boxes.dtype} and {scores.dtype} (dequantize them first)")
+        raise ValueError(
+            "boxes and scores should be floating point tensors, got "
+            f"{boxes.dtype} and {scores.dtype} (dequantize them first)"
+        )
     boxes = handle_inverted_boxes(boxes, inverted_boxes, "boxes")
     require_extension()
-    return torch.ops.ssd_post.batched_nms(boxes, scores, idxs,
-                                          unit_scalar(iou_threshold, "iou_threshold"))
+    return torch.ops.ssd_post.batched_nms(
+        boxes, scores, idxs, unit_scalar(iou_threshold, "iou_threshold")
+    )
 
 
-def decode_threshold_flatten_op(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
-                                score_thresh: float, topk_candidates: int,
-                                box_weights: List[float], score_activation: str,
-                                background_class: Optional[int],
-                                clip_boxes: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def decode_threshold_flatten_op(
+    locs: Tensor,
+    logits: Tensor,
+    anchors: Tensor,
+    image_sizes: Tensor,
+    score_thresh: float,
+    topk_candidates: int,
+    box_weights: List[float],
+    score_activation: str,
+    background_class: Optional[int],
+    clip_boxes: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Direct call of ``torch.ops.ssd_post.decode_threshold_flatten`` (tensors already normalised)."""
     require_extension()
     return torch.ops.ssd_post.decode_threshold_flatten(
-        locs, logits, anchors, image_sizes, float(score_thresh), int(topk_candidates),
-        [float(w) for w in box_weights], score_activation, background_class, bool(clip_boxes))
+        locs,
+        logits,
+        anchors,
+        image_sizes,
+        float(score_thresh),
+        int(topk_candidates),
+        [float(w) for w in box_weights],
+        score_activation,
+        background_class,
+        bool(clip_boxes),
+    )
 
 
-def postprocess_op(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
-                   score_thresh: float, nms_thresh: float, topk_candidates: int,
-                   detections_per_img: int, box_weights: List[float], score_activation: str,
-                   background_class: Optional[int],
-                   clip_boxes: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def postprocess_op(
+    locs: Tensor,
+    logits: Tensor,
+    anchors: Tensor,
+    image_sizes: Tensor,
+    score_thresh: float,
+    nms_thresh: float,
+    topk_candidates: int,
+    detections_per_img: int,
+    box_weights: List[float],
+    score_activation: str,
+    background_class: Optional[int],
+    clip_boxes: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Direct call of ``torch.ops.ssd_post.postprocess`` (tensors already normalised)."""
     require_extension()
     return torch.ops.ssd_post.postprocess(
-        locs, logits, anchors, image_sizes, float(score_thresh), float(nms_thresh),
-        int(topk_candidates), int(detections_per_img), [float(w) for w in box_weights],
-        score_activation, background_class, bool(clip_boxes))
+        locs,
+        logits,
+        anchors,
+        image_sizes,
+        float(score_thresh),
+        float(nms_thresh),
+        int(topk_candidates),
+        int(detections_per_img),
+        [float(w) for w in box_weights],
+        score_activation,
+        background_class,
+        bool(clip_boxes),
+    )
 
 
 if extension_loaded():
-    torch.library.register_fake("ssd_post::decode_threshold_flatten")(_decode_threshold_flatten_fake)
+    torch.library.register_fake("ssd_post::decode_threshold_flatten")(
+        _decode_threshold_flatten_fake
+    )
     torch.library.register_fake("ssd_post::batched_nms")(_batched_nms_fake)
     torch.library.register_fake("ssd_post::postprocess")(_postprocess_fake)
     torch.library.register_fake("ssd_post::select_per_level")(_select_per_level_fake)

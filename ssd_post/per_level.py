@@ -21,6 +21,7 @@ decode, NMS and the per-image top-k are batched torch ops and ``batched_nms``,
 which wait for the device where a candidate count sets a size. Without the CUDA
 build the torch ops below run on the device, each block's scores computed whole.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,33 +44,47 @@ LevelSizes = Union[Sequence[int], Tensor]
 def check_level_sizes(level_sizes: Optional[LevelSizes], num_anchors: int) -> List[int]:
     """Anchors per feature level as a list of ints summing to ``num_anchors`` (A)."""
     if level_sizes is None:
-        raise ValueError("level_sizes should be given (anchors per feature level) for selection='per_level', got None")
+        raise ValueError(
+            "level_sizes should be given (anchors per feature level) for selection='per_level', got None"
+        )
     if isinstance(level_sizes, Tensor):
         if level_sizes.dim() != 1 or level_sizes.is_floating_point():
-            raise ValueError(f"level_sizes should be a 1d integer tensor, got {level_sizes.dim()}D {level_sizes.dtype}")
+            raise ValueError(
+                f"level_sizes should be a 1d integer tensor, got {level_sizes.dim()}D {level_sizes.dtype}"
+            )
         level_sizes = level_sizes.tolist()
     try:
         sizes = [int(n) for n in level_sizes]
     except (TypeError, ValueError) as err:
         raise ValueError(f"level_sizes should be a list of ints, got {level_sizes!r}") from err
     if not sizes or any(n < 0 for n in sizes) or sum(sizes) != num_anchors:
-        raise ValueError(f"level_sizes should be ints >= 0 summing to A = {num_anchors}, got {sizes}")
+        raise ValueError(
+            f"level_sizes should be ints >= 0 summing to A = {num_anchors}, got {sizes}"
+        )
     return sizes
 
 
-def check_centerness(centerness: Optional[Tensor], activation: str, batch: int, num_anchors: int) -> Optional[Tensor]:
+def check_centerness(
+    centerness: Optional[Tensor], activation: str, batch: int, num_anchors: int
+) -> Optional[Tensor]:
     """Centerness logits as Tensor[B, A, 1], or None when the activation has none."""
     if activation != "sigmoid_centerness":
         if centerness is not None:
-            raise ValueError(f"centerness is only used by score_activation='sigmoid_centerness', got {activation!r}")
+            raise ValueError(
+                f"centerness is only used by score_activation='sigmoid_centerness', got {activation!r}"
+            )
         return None
     if not isinstance(centerness, Tensor):
-        raise ValueError(f"centerness should be a Tensor [B, A] or [B, A, 1], got {type(centerness).__name__}")
+        raise ValueError(
+            f"centerness should be a Tensor [B, A] or [B, A, 1], got {type(centerness).__name__}"
+        )
     if not centerness.is_floating_point():
         raise ValueError(f"centerness should be a floating point tensor, got {centerness.dtype}")
     if tuple(centerness.shape) not in ((batch, num_anchors), (batch, num_anchors, 1)):
-        raise ValueError(f"centerness should be [B, A] or [B, A, 1] = [{batch}, {num_anchors}(, 1)], "
-                         f"got {tuple(centerness.shape)}")
+        raise ValueError(
+            f"centerness should be [B, A] or [B, A, 1] = [{batch}, {num_anchors}(, 1)], "
+            f"got {tuple(centerness.shape)}"
+        )
     return centerness.reshape(batch, num_anchors, 1)
 
 
@@ -97,8 +112,12 @@ def logit_bound(activation: str, score_thresh: float) -> float:
     return math.log(p) - math.log1p(-p) - 0.01
 
 
-def _dense_block_candidates(logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
-                            background: Optional[int]) -> Tuple[Tensor, Tensor]:
+def _dense_block_candidates(
+    logits: Tensor,
+    centerness: Optional[Tensor],
+    config: PostprocessConfig,
+    background: Optional[int],
+) -> Tuple[Tensor, Tensor]:
     """Flat positions (anchor * C + class, Tensor[N] int64, increasing) and scores
     (Tensor[N] float32) of one (image, level) block that pass the threshold, from
     the whole block's scores."""
@@ -118,8 +137,13 @@ def _dense_block_candidates(logits: Tensor, centerness: Optional[Tensor], config
     return flat, score[flat]
 
 
-def _topk_logit_bounds(row_max: Tensor, centerness: Optional[Tensor], bound: float,
-                       config: PostprocessConfig, background: Optional[int]) -> Tensor:
+def _topk_logit_bounds(
+    row_max: Tensor,
+    centerness: Optional[Tensor],
+    bound: float,
+    config: PostprocessConfig,
+    background: Optional[int],
+) -> Tensor:
     """Per anchor (Tensor[B, A_l] float32), a class logit at or below which a pair
     can neither pass the threshold nor be among its (image, level)'s
     ``topk_candidates`` best scores.
@@ -157,8 +181,13 @@ def _topk_logit_bounds(row_max: Tensor, centerness: Optional[Tensor], bound: flo
     return torch.maximum(out, logit_needed)
 
 
-def _level_candidates(logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
-                      background: Optional[int], step: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+def _level_candidates(
+    logits: Tensor,
+    centerness: Optional[Tensor],
+    config: PostprocessConfig,
+    background: Optional[int],
+    step: Optional[int],
+) -> Tuple[Tensor, Tensor, Tensor]:
     """The (image, level) blocks of one level that pass the threshold, all images at once.
 
     Args:
@@ -171,17 +200,24 @@ def _level_candidates(logits: Tensor, centerness: Optional[Tensor], config: Post
     batch, level_anchors, num_classes = logits.shape
     bound = logit_bound(config.score_activation, config.score_thresh)
     # The loop layout that block_sigmoid reproduces is that of a contiguous block.
-    blocks_contiguous = batch == 0 or (logits[0].is_contiguous()
-                                       and (centerness is None or centerness[0].is_contiguous()))
-    gather = (step is not None and bound > float("-inf") and logits.dtype == torch.float32
-              and blocks_contiguous)
+    blocks_contiguous = batch == 0 or (
+        logits[0].is_contiguous() and (centerness is None or centerness[0].is_contiguous())
+    )
+    gather = (
+        step is not None
+        and bound > float("-inf")
+        and logits.dtype == torch.float32
+        and blocks_contiguous
+    )
     if gather:
         # Only the logits above the bound go through the sigmoid, when they are few
         # (gathering pays off for a trained head, not for a dense one). One max per
         # anchor first: comparing and scanning all A_l x C logits costs more than
         # that read. "not <=" keeps rows whose max is NaN (another class may pass).
         row_max = logits.amax(dim=2)  # [B, A_l]
-        anchor_bound = _topk_logit_bounds(row_max, centerness, bound, config, background)  # [B, A_l]
+        anchor_bound = _topk_logit_bounds(
+            row_max, centerness, bound, config, background
+        )  # [B, A_l]
         rows = ~(row_max <= anchor_bound)
         if centerness is not None:
             rows &= centerness[..., 0].float() > bound
@@ -199,17 +235,22 @@ def _level_candidates(logits: Tensor, centerness: Optional[Tensor], config: Post
         if flat.numel() * 8 <= logits.numel():
             # Every block of the level has the same size, hence the same loop layout.
             block_numel = level_anchors * num_classes
-            score = sigmoid_gathered(logits[image, anchor, column], tail_mask(block_numel, flat, step), step)
+            score = sigmoid_gathered(
+                logits[image, anchor, column], tail_mask(block_numel, flat, step), step
+            )
             if centerness is not None:
                 ctr = centerness[image, anchor, 0].float()
-                score = torch.sqrt(score * sigmoid_gathered(ctr, tail_mask(level_anchors, anchor, step), step))
+                score = torch.sqrt(
+                    score * sigmoid_gathered(ctr, tail_mask(level_anchors, anchor, step), step)
+                )
             keep = score > config.score_thresh
             return image[keep], flat[keep], score[keep]
     empty = logits.new_zeros((0,), dtype=torch.int64)
     images, flats, scores = [empty], [empty], [logits.new_zeros((0,), dtype=torch.float32)]
     for b in range(batch):
-        flat, score = _dense_block_candidates(logits[b], None if centerness is None else centerness[b],
-                                              config, background)
+        flat, score = _dense_block_candidates(
+            logits[b], None if centerness is None else centerness[b], config, background
+        )
         images.append(torch.full_like(flat, b))
         flats.append(flat)
         scores.append(score)
@@ -234,8 +275,9 @@ def _level_slices(level_sizes: List[int]) -> List[slice]:
     return [slice(end - size, end) for size, end in zip(level_sizes, ends)]
 
 
-def select_per_level(logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
-                     level_sizes: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def select_per_level(
+    logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig, level_sizes: List[int]
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Scores, threshold and per-(image, level) top-k over anchor x class pairs.
 
     Args:
@@ -258,7 +300,9 @@ def select_per_level(logits: Tensor, centerness: Optional[Tensor], config: Postp
     # a block's candidates are cut to about k before any sort.
     for block in _level_slices(level_sizes):
         level_centerness = None if centerness is None else centerness[:, block]
-        image, flat, score = _level_candidates(logits[:, block], level_centerness, config, background, step)
+        image, flat, score = _level_candidates(
+            logits[:, block], level_centerness, config, background, step
+        )
         keep = _cut_to_topk(image, score, batch, config.topk_candidates)
         images.append(image[keep])
         flats.append(flat[keep] + block.start * num_classes)
@@ -281,8 +325,13 @@ def select_per_level(logits: Tensor, centerness: Optional[Tensor], config: Postp
     return image[order], anchor[order], flat[order] % num_classes, score[order]
 
 
-def select_with_kernel(select_op, logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig,
-                       level_sizes: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def select_with_kernel(
+    select_op,
+    logits: Tensor,
+    centerness: Optional[Tensor],
+    config: PostprocessConfig,
+    level_sizes: List[int],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`select_per_level` through the compiled per-level selection (the CUDA
     kernel; ``select_op`` has the signature of ``ops.select_per_level_op``): the
     same candidates in the same order, scores from the device's expf.
@@ -291,8 +340,14 @@ def select_with_kernel(select_op, logits: Tensor, centerness: Optional[Tensor], 
     the valid ones are read out in (image, level, rank) order.
     """
     batch, _, num_classes = logits.shape
-    flat, score, counts = select_op(logits, centerness, level_sizes, config.score_thresh,
-                                    config.topk_candidates, config.resolve_background_class(num_classes))
+    flat, score, counts = select_op(
+        logits,
+        centerness,
+        level_sizes,
+        config.score_thresh,
+        config.topk_candidates,
+        config.resolve_background_class(num_classes),
+    )
     valid = torch.arange(flat.shape[-1], device=flat.device) < counts[..., None]  # [B, L, k]
     image = torch.arange(batch, device=flat.device)[:, None, None].expand_as(flat)[valid]
     flat, score = flat[valid], score[valid]
@@ -305,8 +360,15 @@ def decode_boxes(locs: Tensor, anchors: Tensor, config: PostprocessConfig) -> Te
     return coder.decode(locs, anchors)
 
 
-def pad_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, keep: Tensor,
-                  batch: int, detections_per_img: int) -> Detections:
+def pad_per_image(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    image: Tensor,
+    keep: Tensor,
+    batch: int,
+    detections_per_img: int,
+) -> Detections:
     """The first ``detections_per_img`` of ``keep`` (indices by decreasing score) of
     each image, zero-padded into Detections [B, K]."""
     keep = keep[torch.sort(image[keep], stable=True).indices]  # by image, score order kept
@@ -327,9 +389,15 @@ def pad_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image: Tensor, 
     return out
 
 
-def postprocess_per_level(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
-                          config: PostprocessConfig, level_sizes: List[int],
-                          centerness: Optional[Tensor]) -> Detections:
+def postprocess_per_level(
+    locs: Tensor,
+    logits: Tensor,
+    anchors: Tensor,
+    image_sizes: Tensor,
+    config: PostprocessConfig,
+    level_sizes: List[int],
+    centerness: Optional[Tensor],
+) -> Detections:
     """RetinaNet / FCOS postprocess of a batch (inputs already checked and normalised).
 
     Args:
@@ -345,5 +413,6 @@ def postprocess_per_level(locs: Tensor, logits: Tensor, anchors: Tensor, image_s
         hw = image_sizes[image].to(torch.float32)
         boxes = clip_boxes(boxes, (hw[:, 0:1], hw[:, 1:2]))
     keep = batched_nms(boxes, score, image * num_classes + label, config.nms_thresh)
-    return pad_per_image(boxes, score, label, image, keep, batch,
-                         config.padded_detections(num_anchors, num_classes))
+    return pad_per_image(
+        boxes, score, label, image, keep, batch, config.padded_detections(num_anchors, num_classes)
+    )

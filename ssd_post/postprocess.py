@@ -1,4 +1,5 @@
 """Public postprocess API: argument normalisation around the compiled ops."""
+
 from __future__ import annotations
 
 import types
@@ -29,7 +30,10 @@ def _check_float_tensor(t, name: str, rank: int, layout: str) -> None:
 
 
 def normalize_inputs(
-    locs: Tensor, logits: Tensor, anchors: Anchors, image_sizes: ImageSizes,
+    locs: Tensor,
+    logits: Tensor,
+    anchors: Anchors,
+    image_sizes: ImageSizes,
     inverted_boxes: str = "keep",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Checks the batch and brings anchors and image sizes to tensors.
@@ -52,7 +56,9 @@ def normalize_inputs(
     batch = logits.shape[0]
     if isinstance(anchors, (list, tuple)):
         if len(anchors) != batch:
-            raise ValueError(f"anchors should be a list of B = {batch} tensors [A, 4], got {len(anchors)}")
+            raise ValueError(
+                f"anchors should be a list of B = {batch} tensors [A, 4], got {len(anchors)}"
+            )
         if batch == 0:
             anchors = locs.new_zeros((locs.shape[1], 4), dtype=torch.float32)
         else:
@@ -60,32 +66,45 @@ def normalize_inputs(
                 raise ValueError("anchors should be a list of Tensors [A, 4]")
             shapes = {tuple(a.shape) for a in anchors}
             if len(shapes) != 1:
-                raise ValueError(f"anchors should all have the same shape [A, 4], got {sorted(shapes)}")
+                raise ValueError(
+                    f"anchors should all have the same shape [A, 4], got {sorted(shapes)}"
+                )
             anchors = torch.stack(list(anchors))
     if not isinstance(anchors, Tensor):
-        raise ValueError(f"anchors should be a Tensor [A, 4] / [B, A, 4] or a list of them, got {type(anchors).__name__}")
+        raise ValueError(
+            f"anchors should be a Tensor [A, 4] / [B, A, 4] or a list of them, got {type(anchors).__name__}"
+        )
     if not anchors.is_floating_point():
         raise ValueError(f"anchors should be a floating point tensor, got {anchors.dtype}")
     if anchors.device.type != "cpu":  # CPU anchors are constants: copied to locs' device
         ops.check_same_device("locs", {"locs": locs, "anchors": anchors})
-    anchors = handle_inverted_boxes(anchors.to(device=locs.device, dtype=torch.float32),
-                                    inverted_boxes, "anchors")
+    anchors = handle_inverted_boxes(
+        anchors.to(device=locs.device, dtype=torch.float32), inverted_boxes, "anchors"
+    )
 
     if isinstance(image_sizes, Tensor):
         sizes = image_sizes
         if sizes.device != locs.device and sizes.device.type != "cpu":
-            raise ValueError(f"image_sizes should be on the CPU or on the same device as locs, "
-                             f"got {sizes.device} and {locs.device}")
+            raise ValueError(
+                f"image_sizes should be on the CPU or on the same device as locs, "
+                f"got {sizes.device} and {locs.device}"
+            )
     else:
         try:
             pairs = [tuple(int(v) for v in hw) for hw in image_sizes]
         except (TypeError, ValueError) as err:
-            raise ValueError(f"image_sizes should be a list of (height, width) pairs, got {image_sizes!r}") from err
+            raise ValueError(
+                f"image_sizes should be a list of (height, width) pairs, got {image_sizes!r}"
+            ) from err
         if any(len(hw) != 2 for hw in pairs):
-            raise ValueError(f"image_sizes should be a list of (height, width) pairs, got {image_sizes!r}")
+            raise ValueError(
+                f"image_sizes should be a list of (height, width) pairs, got {image_sizes!r}"
+            )
         sizes = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
     if sizes.dim() != 2 or sizes.shape[0] != batch or sizes.shape[1] != 2:
-        raise ValueError(f"image_sizes should be [B, 2] = [{batch}, 2] of (height, width), got shape {tuple(sizes.shape)}")
+        raise ValueError(
+            f"image_sizes should be [B, 2] = [{batch}, 2] of (height, width), got shape {tuple(sizes.shape)}"
+        )
     return locs, logits, anchors, sizes
 
 
@@ -112,12 +131,21 @@ def decode_threshold_flatten(
         anchor index), at most ``topk_candidates`` per group.
     """
     config = config or PostprocessConfig()
-    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes,
-                                                    config.inverted_boxes)
+    locs, logits, anchors, sizes = normalize_inputs(
+        locs, logits, anchors, image_sizes, config.inverted_boxes
+    )
     return ops.decode_threshold_flatten_op(
-        locs, logits, anchors, sizes, config.score_thresh, config.topk_candidates,
-        list(config.box_weights), config.score_activation,
-        config.resolve_background_class(logits.shape[2]), config.clip_boxes)
+        locs,
+        logits,
+        anchors,
+        sizes,
+        config.score_thresh,
+        config.topk_candidates,
+        list(config.box_weights),
+        config.score_activation,
+        config.resolve_background_class(logits.shape[2]),
+        config.clip_boxes,
+    )
 
 
 def postprocess(
@@ -158,19 +186,39 @@ def postprocess(
         the class).
     """
     config = config or PostprocessConfig()
-    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes,
-                                                    config.inverted_boxes)
+    locs, logits, anchors, sizes = normalize_inputs(
+        locs, logits, anchors, image_sizes, config.inverted_boxes
+    )
     batch, num_anchors, num_classes = logits.shape
     centerness = check_centerness(centerness, config.score_activation, batch, num_anchors)
     if config.selection == "per_level":
-        return postprocess_per_level(locs, logits, anchors, sizes, config,
-                                     check_level_sizes(level_sizes, num_anchors), centerness)
+        return postprocess_per_level(
+            locs,
+            logits,
+            anchors,
+            sizes,
+            config,
+            check_level_sizes(level_sizes, num_anchors),
+            centerness,
+        )
     if level_sizes is not None:
-        raise ValueError("level_sizes is only used by selection='per_level', got selection='per_class'")
+        raise ValueError(
+            "level_sizes is only used by selection='per_level', got selection='per_class'"
+        )
     boxes, scores, labels, counts = ops.postprocess_op(
-        locs, logits, anchors, sizes, config.score_thresh, config.nms_thresh,
-        config.topk_candidates, config.detections_per_img, list(config.box_weights),
-        config.score_activation, config.resolve_background_class(num_classes), config.clip_boxes)
+        locs,
+        logits,
+        anchors,
+        sizes,
+        config.score_thresh,
+        config.nms_thresh,
+        config.topk_candidates,
+        config.detections_per_img,
+        list(config.box_weights),
+        config.score_activation,
+        config.resolve_background_class(num_classes),
+        config.clip_boxes,
+    )
     return Detections(boxes, scores, labels, counts)
 
 
@@ -185,8 +233,12 @@ def patch_torchvision_ssd(model: torch.nn.Module) -> torch.nn.Module:
     def postprocess_detections(self, head_outputs, image_anchors: List[Tensor], image_shapes):
         config = PostprocessConfig.from_torchvision(self)
         return postprocess(
-            head_outputs["bbox_regression"], head_outputs["cls_logits"], image_anchors,
-            image_shapes, config).to_list()
+            head_outputs["bbox_regression"],
+            head_outputs["cls_logits"],
+            image_anchors,
+            image_shapes,
+            config,
+        ).to_list()
 
     model.postprocess_detections = types.MethodType(postprocess_detections, model)
     return model
@@ -210,10 +262,14 @@ def patch_torchvision(model: torch.nn.Module) -> torch.nn.Module:
         logits = head_outputs["cls_logits"]  # L x [B, A_l, C]
         centerness = head_outputs.get("bbox_ctrness")
         return postprocess(
-            torch.cat(head_outputs["bbox_regression"], dim=1), torch.cat(logits, dim=1),
-            [torch.cat(per_image) for per_image in anchors], image_shapes, config,
+            torch.cat(head_outputs["bbox_regression"], dim=1),
+            torch.cat(logits, dim=1),
+            [torch.cat(per_image) for per_image in anchors],
+            image_shapes,
+            config,
             level_sizes=[level.shape[1] for level in logits],
-            centerness=None if centerness is None else torch.cat(centerness, dim=1)).to_list()
+            centerness=None if centerness is None else torch.cat(centerness, dim=1),
+        ).to_list()
 
     model.postprocess_detections = types.MethodType(postprocess_detections, model)
     return model

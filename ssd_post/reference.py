@@ -1,5 +1,6 @@
 """The readable per-image, per-class loop: the oracle of the tests and the baseline
 of the benchmarks. It states the semantics of ssd_post in plain torch ops."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -17,7 +18,9 @@ from .per_level import LevelSizes, check_centerness, check_level_sizes
 from .postprocess import Anchors, ImageSizes, normalize_inputs
 
 
-def scores_from_logits(logits: Tensor, activation: str, centerness: Optional[Tensor] = None) -> Tensor:
+def scores_from_logits(
+    logits: Tensor, activation: str, centerness: Optional[Tensor] = None
+) -> Tensor:
     """Per-class scores (Tensor[..., C]) in float32; ``centerness`` (Tensor[..., 1])
     only for ``"sigmoid_centerness"``."""
     logits = logits.float()
@@ -46,8 +49,9 @@ def postprocess_loop(
     """Same contract as :func:`ssd_post.postprocess`, one image and one class (or one
     feature level) at a time."""
     config = config or PostprocessConfig()
-    locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes,
-                                                    config.inverted_boxes)
+    locs, logits, anchors, sizes = normalize_inputs(
+        locs, logits, anchors, image_sizes, config.inverted_boxes
+    )
     batch, num_anchors, num_classes = logits.shape
     centerness = check_centerness(centerness, config.score_activation, batch, num_anchors)
     if config.selection == "per_level":
@@ -63,26 +67,36 @@ def postprocess_loop(
             height, width = (int(v) for v in sizes[i].tolist())
             boxes = clip_boxes(boxes, (height, width))
         if config.selection == "per_level":
-            candidates = _per_level_candidates(logits[i], None if centerness is None else centerness[i],
-                                               level_sizes, config, background)
+            candidates = _per_level_candidates(
+                logits[i],
+                None if centerness is None else centerness[i],
+                level_sizes,
+                config,
+                background,
+            )
         else:
             candidates = _per_class_candidates(logits[i], config, background)
         anchor_idxs, image_scores, image_labels = candidates
         image_boxes = boxes[anchor_idxs]
         keep = batched_nms_reference(image_boxes, image_scores, image_labels, config.nms_thresh)
         keep = keep[: config.detections_per_img]
-        results.append({"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": image_labels[keep]})
+        results.append(
+            {"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": image_labels[keep]}
+        )
     out = Detections.from_list(results, padded)
     if batch == 0:
-        out = Detections(locs.new_zeros((0, padded, 4), dtype=torch.float32),
-                         locs.new_zeros((0, padded), dtype=torch.float32),
-                         locs.new_zeros((0, padded), dtype=torch.int64),
-                         locs.new_zeros((0,), dtype=torch.int64))
+        out = Detections(
+            locs.new_zeros((0, padded, 4), dtype=torch.float32),
+            locs.new_zeros((0, padded), dtype=torch.float32),
+            locs.new_zeros((0, padded), dtype=torch.int64),
+            locs.new_zeros((0,), dtype=torch.int64),
+        )
     return out
 
 
-def _per_class_candidates(logits: Tensor, config: PostprocessConfig,
-                          background: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+def _per_class_candidates(
+    logits: Tensor, config: PostprocessConfig, background: Optional[int]
+) -> Tuple[Tensor, Tensor, Tensor]:
     """SSD: per class, the ``topk_candidates`` best scores above the threshold.
     Returns anchor index, score and label (Tensor[N] each) of the candidates."""
     scores = scores_from_logits(logits, config.score_activation)
@@ -99,8 +113,13 @@ def _per_class_candidates(logits: Tensor, config: PostprocessConfig,
     return _cat_candidates(anchor_idxs, image_scores, image_labels)
 
 
-def _per_level_candidates(logits: Tensor, centerness: Optional[Tensor], level_sizes: List[int],
-                          config: PostprocessConfig, background: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+def _per_level_candidates(
+    logits: Tensor,
+    centerness: Optional[Tensor],
+    level_sizes: List[int],
+    config: PostprocessConfig,
+    background: Optional[int],
+) -> Tuple[Tensor, Tensor, Tensor]:
     """RetinaNet / FCOS: per feature level, the ``topk_candidates`` best scores above
     the threshold over all anchor x class pairs (scores computed level by level, as
     torchvision does). Returns anchor index, score and label (Tensor[N] each)."""
@@ -109,8 +128,11 @@ def _per_level_candidates(logits: Tensor, centerness: Optional[Tensor], level_si
     start = 0
     for size in level_sizes:
         level = slice(start, start + size)
-        scores = scores_from_logits(logits[level], config.score_activation,
-                                    None if centerness is None else centerness[level])
+        scores = scores_from_logits(
+            logits[level],
+            config.score_activation,
+            None if centerness is None else centerness[level],
+        )
         if background is not None:
             scores[:, background] = 0.0  # never above a threshold >= 0
         scores = scores.flatten()
@@ -123,20 +145,32 @@ def _per_level_candidates(logits: Tensor, centerness: Optional[Tensor], level_si
     return _cat_candidates(anchor_idxs, image_scores, image_labels)
 
 
-def _cat_candidates(anchor_idxs: List[Tensor], scores: List[Tensor], labels: List[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+def _cat_candidates(
+    anchor_idxs: List[Tensor], scores: List[Tensor], labels: List[Tensor]
+) -> Tuple[Tensor, Tensor, Tensor]:
     if not anchor_idxs:
-        return (torch.zeros(0, dtype=torch.int64), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+        return (
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0),
+            torch.zeros(0, dtype=torch.int64),
+        )
     return torch.cat(anchor_idxs), torch.cat(scores), torch.cat(labels)
 
 
-def batched_nms_reference(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+def batched_nms_reference(
+    boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float
+) -> Tensor:
     """Per group of equal idxs, ``torchvision.ops.nms``; kept indices by decreasing
     score, equal scores in index order."""
     kept = []
     for group in torch.unique(idxs):
         members = torch.nonzero(idxs == group).flatten()
         members = members[rank_order(scores[members])]
-        kept.append(members[torchvision.ops.nms(boxes[members].float(), scores[members].float(), iou_threshold)])
+        kept.append(
+            members[
+                torchvision.ops.nms(boxes[members].float(), scores[members].float(), iou_threshold)
+            ]
+        )
     if not kept:
         return torch.zeros(0, dtype=torch.int64)
     kept = torch.cat(kept)
@@ -168,13 +202,25 @@ def torchvision_postprocess(
 
     config = config or PostprocessConfig()
     if config.selection == "per_level":
-        return _torchvision_per_level(locs, logits, anchors, image_sizes, config, level_sizes, centerness)
-    if config.score_activation != "softmax" or config.background_class != 0 or not config.clip_boxes:
-        raise ValueError("torchvision's SSD postprocess only has softmax, background_class=0 and clipping")
+        return _torchvision_per_level(
+            locs, logits, anchors, image_sizes, config, level_sizes, centerness
+        )
+    if (
+        config.score_activation != "softmax"
+        or config.background_class != 0
+        or not config.clip_boxes
+    ):
+        raise ValueError(
+            "torchvision's SSD postprocess only has softmax, background_class=0 and clipping"
+        )
     locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
     head_outputs = {"bbox_regression": locs, "cls_logits": logits}
-    results = SSD.postprocess_detections(_torchvision_owner(config, det_utils.BoxCoder(weights=config.box_weights)),
-                                         head_outputs, _per_image(anchors, logits.shape[0]), _shapes(sizes))
+    results = SSD.postprocess_detections(
+        _torchvision_owner(config, det_utils.BoxCoder(weights=config.box_weights)),
+        head_outputs,
+        _per_image(anchors, logits.shape[0]),
+        _shapes(sizes),
+    )
     if not results:
         return postprocess_loop(locs, logits, anchors, sizes, config)
     return Detections.from_list(results, config.detections_per_img)
@@ -182,8 +228,13 @@ def torchvision_postprocess(
 
 def _torchvision_owner(config: PostprocessConfig, box_coder) -> SimpleNamespace:
     """The attributes torchvision's ``postprocess_detections`` reads off its model."""
-    return SimpleNamespace(box_coder=box_coder, score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
-                           topk_candidates=config.topk_candidates, detections_per_img=config.detections_per_img)
+    return SimpleNamespace(
+        box_coder=box_coder,
+        score_thresh=config.score_thresh,
+        nms_thresh=config.nms_thresh,
+        topk_candidates=config.topk_candidates,
+        detections_per_img=config.detections_per_img,
+    )
 
 
 def _shapes(sizes: Tensor) -> List[Tuple[int, int]]:
@@ -195,19 +246,30 @@ def _per_image(anchors: Tensor, batch: int) -> List[Tensor]:
     return [anchors if anchors.dim() == 2 else anchors[i] for i in range(batch)]
 
 
-def _torchvision_per_level(locs: Tensor, logits: Tensor, anchors: Anchors, image_sizes: ImageSizes,
-                           config: PostprocessConfig, level_sizes: Optional[LevelSizes],
-                           centerness: Optional[Tensor]) -> Detections:
+def _torchvision_per_level(
+    locs: Tensor,
+    logits: Tensor,
+    anchors: Anchors,
+    image_sizes: ImageSizes,
+    config: PostprocessConfig,
+    level_sizes: Optional[LevelSizes],
+    centerness: Optional[Tensor],
+) -> Detections:
     from torchvision.models.detection import _utils as det_utils
     from torchvision.models.detection.fcos import FCOS
     from torchvision.models.detection.retinanet import RetinaNet
 
     if config.background_class is not None or not config.clip_boxes:
-        raise ValueError("torchvision's RetinaNet / FCOS postprocess has no background column and always clips")
+        raise ValueError(
+            "torchvision's RetinaNet / FCOS postprocess has no background column and always clips"
+        )
     locs, logits, anchors, sizes = normalize_inputs(locs, logits, anchors, image_sizes)
     batch, num_anchors, _ = logits.shape
     split = check_level_sizes(level_sizes, num_anchors)
-    head = {"cls_logits": list(logits.split(split, 1)), "bbox_regression": list(locs.split(split, 1))}
+    head = {
+        "cls_logits": list(logits.split(split, 1)),
+        "bbox_regression": list(locs.split(split, 1)),
+    }
     if config.score_activation == "sigmoid_centerness":
         if config.box_coder != "linear":
             raise ValueError("torchvision's FCOS postprocess decodes with the linear coder")
@@ -219,8 +281,12 @@ def _torchvision_per_level(locs: Tensor, logits: Tensor, anchors: Anchors, image
         owner = _torchvision_owner(config, det_utils.BoxCoder(weights=config.box_weights))
         method = RetinaNet.postprocess_detections
     else:
-        raise ValueError("torchvision's per-level postprocesses are RetinaNet's (sigmoid, box coder) and "
-                         f"FCOS's (sigmoid_centerness, linear coder), got {config.score_activation!r} with "
-                         f"box_coder={config.box_coder!r}")
+        raise ValueError(
+            "torchvision's per-level postprocesses are RetinaNet's (sigmoid, box coder) and "
+            f"FCOS's (sigmoid_centerness, linear coder), got {config.score_activation!r} with "
+            f"box_coder={config.box_coder!r}"
+        )
     per_image = [list(a.split(split)) for a in _per_image(anchors, batch)]
-    return Detections.from_list(method(owner, head, per_image, _shapes(sizes)), config.detections_per_img)
+    return Detections.from_list(
+        method(owner, head, per_image, _shapes(sizes)), config.detections_per_img
+    )

@@ -3,6 +3,7 @@
 Fixtures stay in ``conftest.py``; plain functions and constants live here, so a test
 module imports what it uses instead of reaching into ``conftest``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> tor
     return torch.cat((xy, xy + wh), dim=1)
 
 
-def assert_same_detections(actual: ssd_post.Detections, expected: ssd_post.Detections,
-                           box_atol: float = 0.0) -> None:
+def assert_same_detections(
+    actual: ssd_post.Detections, expected: ssd_post.Detections, box_atol: float = 0.0
+) -> None:
     """Counts, labels, scores and (by default) boxes to the bit."""
     torch.testing.assert_close(actual.num_detections, expected.num_detections, rtol=0, atol=0)
     torch.testing.assert_close(actual.labels, expected.labels, rtol=0, atol=0)
@@ -29,8 +31,9 @@ def assert_same_detections(actual: ssd_post.Detections, expected: ssd_post.Detec
     torch.testing.assert_close(actual.boxes, expected.boxes, rtol=0, atol=box_atol)
 
 
-def assert_same_detections_up_to_ties(actual: ssd_post.Detections,
-                                      expected: ssd_post.Detections) -> None:
+def assert_same_detections_up_to_ties(
+    actual: ssd_post.Detections, expected: ssd_post.Detections
+) -> None:
     """Counts and ranked scores to the bit; inside each run of exactly equal scores
     the (label, box) rows as a multiset, since torchvision leaves the order of
     exact ties unspecified (topk, unstable sort) while ssd_post fixes it."""
@@ -39,8 +42,13 @@ def assert_same_detections_up_to_ties(actual: ssd_post.Detections,
 
     def rows(det, image):
         n = int(det.num_detections[image])
-        return sorted(zip((-s for s in det.scores[image, :n].tolist()), det.labels[image, :n].tolist(),
-                          map(tuple, det.boxes[image, :n].tolist())))
+        return sorted(
+            zip(
+                (-s for s in det.scores[image, :n].tolist()),
+                det.labels[image, :n].tolist(),
+                map(tuple, det.boxes[image, :n].tolist()),
+            )
+        )
 
     for image in range(actual.num_detections.shape[0]):
         assert rows(actual, image) == rows(expected, image), f"image {image} differs beyond ties"

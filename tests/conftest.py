@@ -1,4 +1,5 @@
 """Fixtures for the ssd_post tests (plain helpers are in common_utils.py)."""
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ order, the CPU scores come from torch's CPU softmax: they may differ by float
 rounding (a few ULPs), and boxes too through expf. So scores and boxes are compared
 with tight tolerances, and labels, counts, keys and kept indices exactly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,17 +34,35 @@ def make_inputs(batch, anchors, classes, seed=0, per_image_anchors=False, logit_
 def run_postprocess(inputs, config, device):
     locs, logits, anchors, sizes = (t.to(device) for t in inputs)
     return torch.ops.ssd_post.postprocess(
-        locs, logits, anchors, sizes, config.score_thresh, config.nms_thresh,
-        config.topk_candidates, config.detections_per_img, list(config.box_weights),
-        config.score_activation, config.background_class, config.clip_boxes)
+        locs,
+        logits,
+        anchors,
+        sizes,
+        config.score_thresh,
+        config.nms_thresh,
+        config.topk_candidates,
+        config.detections_per_img,
+        list(config.box_weights),
+        config.score_activation,
+        config.background_class,
+        config.clip_boxes,
+    )
 
 
 def run_flatten(inputs, config, device):
     locs, logits, anchors, sizes = (t.to(device) for t in inputs)
     return torch.ops.ssd_post.decode_threshold_flatten(
-        locs, logits, anchors, sizes, config.score_thresh, config.topk_candidates,
-        list(config.box_weights), config.score_activation, config.background_class,
-        config.clip_boxes)
+        locs,
+        logits,
+        anchors,
+        sizes,
+        config.score_thresh,
+        config.topk_candidates,
+        list(config.box_weights),
+        config.score_activation,
+        config.background_class,
+        config.clip_boxes,
+    )
 
 
 # Scores of distinct candidates can lie one ULP apart, so a few ULPs of rounding
@@ -72,8 +91,14 @@ def assert_ranked_rows_match(cpu_scores, gpu_scores, cpu_labels, gpu_labels, cpu
         else:
             unused = list(run)
             for g in run:
-                match = next((c for c in unused if cl[c] == gl[g] and torch.allclose(
-                    gpu_boxes[g], cpu_boxes[c], **BOX_TOL)), None)
+                match = next(
+                    (
+                        c
+                        for c in unused
+                        if cl[c] == gl[g] and torch.allclose(gpu_boxes[g], cpu_boxes[c], **BOX_TOL)
+                    ),
+                    None,
+                )
                 assert match is not None, f"row {g} (label {gl[g]}) has no CPU counterpart in {run}"
                 unused.remove(match)
         start = end
@@ -85,10 +110,18 @@ def assert_postprocess_match(cpu, gpu):
     assert boxes_g.shape == boxes_c.shape and labels_g.dtype == torch.int64
     torch.testing.assert_close(counts_g, counts_c, rtol=0, atol=0)
     for image, n in enumerate(counts_c.tolist()):
-        assert_ranked_rows_match(scores_c[image, :n], scores_g[image, :n], labels_c[image, :n],
-                                 labels_g[image, :n], boxes_c[image, :n], boxes_g[image, :n])
+        assert_ranked_rows_match(
+            scores_c[image, :n],
+            scores_g[image, :n],
+            labels_c[image, :n],
+            labels_g[image, :n],
+            boxes_c[image, :n],
+            boxes_g[image, :n],
+        )
         # Padding is zero.
-        assert not (boxes_g[image, n:].any() or scores_g[image, n:].any() or labels_g[image, n:].any())
+        assert not (
+            boxes_g[image, n:].any() or scores_g[image, n:].any() or labels_g[image, n:].any()
+        )
 
 
 def assert_flatten_match(cpu, gpu):
@@ -98,15 +131,18 @@ def assert_flatten_match(cpu, gpu):
     torch.testing.assert_close(keys_g, keys_c, rtol=0, atol=0)
     for key in keys_c.unique().tolist():
         rows = (keys_c == key).nonzero().flatten()
-        assert_ranked_rows_match(scores_c[rows], scores_g[rows], keys_c[rows], keys_g[rows],
-                                 boxes_c[rows], boxes_g[rows])
+        assert_ranked_rows_match(
+            scores_c[rows], scores_g[rows], keys_c[rows], keys_g[rows], boxes_c[rows], boxes_g[rows]
+        )
 
 
 PARITY_CASES = {
     "torchvision_defaults": (dict(), dict()),
     "few_candidates_radix_select": (dict(), dict(topk_candidates=5, detections_per_img=20)),
     "sigmoid_no_background": (
-        dict(), dict(score_activation="sigmoid", background_class=None, score_thresh=0.3)),
+        dict(),
+        dict(score_activation="sigmoid", background_class=None, score_thresh=0.3),
+    ),
     "background_last_no_clip": (dict(), dict(background_class=6, clip_boxes=False)),
     "per_image_anchors": (dict(per_image_anchors=True), dict(nms_thresh=0.3)),
     "threshold_zero": (dict(), dict(score_thresh=0.0, topk_candidates=50, detections_per_img=30)),

@@ -1,5 +1,6 @@
 """AOTInductor packages: the detector with ssd_post's postprocess, compiled ahead of
 time, gives the eager detections in a fresh Python process and from C++ alone."""
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,20 @@ FRESH_PROCESS = textwrap.dedent("""
 def test_package_in_a_fresh_process_matches_eager(tiny_package, tmp_path):
     inputs = {1: _images(1, 1), 3: _images(3, 2)}  # batches other than the example's
     torch.save(inputs, tmp_path / "inputs.pt")
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, tiny_package, str(tmp_path / "inputs.pt"),
-                           str(tmp_path / "out.pt")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            tiny_package,
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
     for batch, images in inputs.items():
@@ -94,14 +107,16 @@ def test_postprocess_package_is_bit_exact(tmp_path):
         sizes = torch.tensor([[300, 300]] * batch, dtype=torch.int64)
         return locs, logits, sizes
 
-    path = aoti.export_postprocess_package(anchors, config, str(tmp_path / "post.pt2"), *inputs(2),
-                                           max_batch=4)
+    path = aoti.export_postprocess_package(
+        anchors, config, str(tmp_path / "post.pt2"), *inputs(2), max_batch=4
+    )
     runner = aoti.load_package(path)
     for batch in (1, 3):
         args = inputs(batch)
         det = ssd_post.postprocess(args[0], args[1], anchors, args[2], config)
-        _assert_same_detections(runner(*args), (det.boxes, det.scores, det.labels, det.num_detections),
-                                exact=True)
+        _assert_same_detections(
+            runner(*args), (det.boxes, det.scores, det.labels, det.num_detections), exact=True
+        )
 
 
 def test_package_refuses_inputs_it_was_not_compiled_for(tiny_package):
@@ -125,9 +140,18 @@ def test_package_refuses_inputs_it_was_not_compiled_for(tiny_package):
 
 def _build_cpp_example(build_dir) -> str:
     torch_root = os.path.dirname(torch.__file__)
-    for command in (["cmake", "-S", os.path.join(REPO, "examples", "aoti_cpp"), "-B", str(build_dir),
-                     f"-DTORCH_ROOT={torch_root}", "-DCMAKE_BUILD_TYPE=Release"],
-                    ["cmake", "--build", str(build_dir)]):
+    for command in (
+        [
+            "cmake",
+            "-S",
+            os.path.join(REPO, "examples", "aoti_cpp"),
+            "-B",
+            str(build_dir),
+            f"-DTORCH_ROOT={torch_root}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        ["cmake", "--build", str(build_dir)],
+    ):
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return os.path.join(str(build_dir), "ssd_post_aoti")
@@ -151,13 +175,25 @@ def _parse_cpp_output(text: str, batch: int, k: int):
     return boxes, scores, labels, counts
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed: cannot build examples/aoti_cpp")
+@pytest.mark.skipif(
+    shutil.which("cmake") is None, reason="cmake not installed: cannot build examples/aoti_cpp"
+)
 def test_cpp_example_prints_the_packages_detections(tiny_package, tmp_path):
     binary = _build_cpp_example(tmp_path / "build")
     images = _images(3, 4)
     images.numpy().tofile(tmp_path / "images.f32")
-    proc = subprocess.run([binary, tiny_package, aoti.op_library_path(), str(tmp_path / "images.f32"),
-                           *map(str, images.shape)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            binary,
+            tiny_package,
+            aoti.op_library_path(),
+            str(tmp_path / "images.f32"),
+            *map(str, images.shape),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     python = aoti.load_package(tiny_package)(images)
     k = python[0].shape[1]
@@ -167,6 +203,16 @@ def test_cpp_example_prints_the_packages_detections(tiny_package, tmp_path):
     # An image of another size is refused by name, not run.
     wrong = torch.randn(1, 3, images.shape[2] + 8, images.shape[3])
     wrong.numpy().tofile(tmp_path / "wrong.f32")
-    proc = subprocess.run([binary, tiny_package, aoti.op_library_path(), str(tmp_path / "wrong.f32"),
-                           *map(str, wrong.shape)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            binary,
+            tiny_package,
+            aoti.op_library_path(),
+            str(tmp_path / "wrong.f32"),
+            *map(str, wrong.shape),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "unmatched dim value at 2" in proc.stderr, proc.stderr[-2000:]

@@ -1,4 +1,5 @@
 """Every bad input gets an error that names the argument, or a documented result."""
+
 from __future__ import annotations
 
 import pytest
@@ -88,8 +89,12 @@ def test_background_class_outside_the_logits():
 def test_raw_op_checks_its_scalars(op):
     locs, logits, anchors, _ = _good()
     sizes = torch.full((B, 2), 32)
-    common = dict(box_weights=[10.0, 10.0, 5.0, 5.0], score_activation="softmax", background_class=0,
-                  clip_boxes=True)
+    common = dict(
+        box_weights=[10.0, 10.0, 5.0, 5.0],
+        score_activation="softmax",
+        background_class=0,
+        clip_boxes=True,
+    )
     call = getattr(torch.ops.ssd_post, op)
     if op == "postprocess":
         with pytest.raises(RuntimeError, match="detections_per_img should be >= 1"):
@@ -97,7 +102,9 @@ def test_raw_op_checks_its_scalars(op):
         with pytest.raises(RuntimeError, match="nms_thresh should be in"):
             call(locs, logits, anchors, sizes, 0.1, -1.0, 10, 5, **common)
         with pytest.raises(RuntimeError, match="score_activation should be"):
-            call(locs, logits, anchors, sizes, 0.1, 0.5, 10, 5, **{**common, "score_activation": "x"})
+            call(
+                locs, logits, anchors, sizes, 0.1, 0.5, 10, 5, **{**common, "score_activation": "x"}
+            )
     else:
         with pytest.raises(RuntimeError, match="topk_candidates should be >= 1"):
             call(locs, logits, anchors, sizes, 0.1, 0, **common)
@@ -125,7 +132,8 @@ def test_one_nan_logit_drops_its_anchor_only():
     logits[:, :, 2] = 5.0
     logits[0, 3, 0] = float("nan")  # torch's softmax makes this whole row NaN
     boxes, scores, keys = ssd_post.decode_threshold_flatten(
-        locs, logits, anchors, sizes, PostprocessConfig(score_thresh=0.5, clip_boxes=False))
+        locs, logits, anchors, sizes, PostprocessConfig(score_thresh=0.5, clip_boxes=False)
+    )
     assert keys.tolist().count(2) == A - 1 and keys.tolist().count(C + 2) == A
     assert not torch.isnan(scores).any()
 
@@ -135,25 +143,31 @@ def test_empty_batches_and_anchor_sets(batch, anchors_n):
     locs = torch.zeros(batch, anchors_n, 4)
     logits = torch.zeros(batch, anchors_n, C)
     anchors = torch.zeros(anchors_n, 4)
-    det = ssd_post.postprocess(locs, logits, anchors, [(10, 10)] * batch, PostprocessConfig(detections_per_img=3))
+    det = ssd_post.postprocess(
+        locs, logits, anchors, [(10, 10)] * batch, PostprocessConfig(detections_per_img=3)
+    )
     k = 3 if anchors_n else 0  # K = min(detections_per_img, C_fg * min(topk, A))
     assert det.boxes.shape == (batch, k, 4) and det.num_detections.shape == (batch,)
     assert int(det.num_detections.sum()) == 0
-    boxes, scores, keys = ssd_post.decode_threshold_flatten(locs, logits, anchors, [(10, 10)] * batch)
+    boxes, scores, keys = ssd_post.decode_threshold_flatten(
+        locs, logits, anchors, [(10, 10)] * batch
+    )
     assert boxes.shape == (0, 4) and scores.shape == (0,) and keys.dtype == torch.int64
     assert det.to_list() == [] if batch == 0 else len(det.to_list()) == batch
 
 
 def test_only_background_class_gives_no_detections():
     locs, logits, anchors, sizes = _good()
-    det = ssd_post.postprocess(locs, logits[..., :1], anchors, sizes, PostprocessConfig(score_thresh=0.0))
+    det = ssd_post.postprocess(
+        locs, logits[..., :1], anchors, sizes, PostprocessConfig(score_thresh=0.0)
+    )
     assert det.num_detections.tolist() == [0, 0]
 
 
 def test_zero_area_and_inverted_anchors_are_decoded_not_rejected():
     locs, logits, anchors, sizes = _good()
-    anchors[0] = torch.tensor([5.0, 5.0, 5.0, 5.0])     # zero area: decodes to a point
-    anchors[1] = torch.tensor([10.0, 10.0, 0.0, 0.0])   # inverted: decoded as torchvision does
+    anchors[0] = torch.tensor([5.0, 5.0, 5.0, 5.0])  # zero area: decodes to a point
+    anchors[1] = torch.tensor([10.0, 10.0, 0.0, 0.0])  # inverted: decoded as torchvision does
     logits[:] = 0.0
     logits[:, :2, 1] = 10.0
     config = PostprocessConfig(score_thresh=0.5, clip_boxes=False)

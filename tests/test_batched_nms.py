@@ -1,4 +1,5 @@
 """ssd_post.batched_nms against torchvision.ops.batched_nms and the oracle."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,9 @@ from ssd_post.reference import batched_nms_reference
 from common_utils import random_boxes
 
 
-def _shifted_pairs(n: int, iou_threshold: float, eps: float, generator: torch.Generator) -> torch.Tensor:
+def _shifted_pairs(
+    n: int, iou_threshold: float, eps: float, generator: torch.Generator
+) -> torch.Tensor:
     """Pairs of equal-size squares shifted along x so that their IoU is
     iou_threshold + eps or iou_threshold - eps (alternating): just past the threshold
     on either side. IoU of two s-squares shifted by d is (s - d) / (s + d)."""
@@ -81,8 +84,9 @@ def test_huge_coordinates_and_idx_values_need_no_offsets():
 
 
 def test_zero_area_and_inverted_boxes_suppress_nothing():
-    boxes = torch.tensor([[5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 10.0, 10.0],
-                          [10.0, 10.0, 0.0, 0.0]])
+    boxes = torch.tensor(
+        [[5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 0.0, 0.0]]
+    )
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     keep = ssd_post.batched_nms(boxes, scores, torch.zeros(4, dtype=torch.int64), 0.1)
     expected = torchvision.ops.nms(boxes, scores, 0.1)
@@ -93,12 +97,19 @@ def test_nan_scores_rank_first_like_torch_sort():
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
     scores = torch.tensor([0.9, float("nan"), 0.1])
     keep = ssd_post.batched_nms(boxes, scores, torch.zeros(3, dtype=torch.int64), 0.5)
-    assert keep.tolist() == torchvision.ops.batched_nms(boxes, scores, torch.zeros(3, dtype=torch.int64), 0.5).tolist()
+    assert (
+        keep.tolist()
+        == torchvision.ops.batched_nms(
+            boxes, scores, torch.zeros(3, dtype=torch.int64), 0.5
+        ).tolist()
+    )
     assert keep.tolist() == [1, 2]
 
 
 def test_empty_input():
-    keep = ssd_post.batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5)
+    keep = ssd_post.batched_nms(
+        torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5
+    )
     assert keep.dtype == torch.int64 and keep.shape == (0,)
 
 
@@ -108,21 +119,53 @@ def test_float64_and_float16_inputs():
     scores = torch.rand(100, generator=generator)
     idxs = torch.randint(0, 3, (100,), generator=generator)
     expected = ssd_post.batched_nms(boxes, scores, idxs, 0.5)
-    torch.testing.assert_close(ssd_post.batched_nms(boxes.double(), scores.double(), idxs, 0.5), expected)
+    torch.testing.assert_close(
+        ssd_post.batched_nms(boxes.double(), scores.double(), idxs, 0.5), expected
+    )
     assert ssd_post.batched_nms(boxes.half(), scores.half(), idxs.int(), 0.5).dtype == torch.int64
 
 
 @pytest.mark.parametrize(
     "boxes, scores, idxs, thr, match",
     [
-        (torch.zeros(3, 4, 1), torch.zeros(3), torch.zeros(3, dtype=torch.int64), 0.5, "boxes should be a 2d tensor"),
+        (
+            torch.zeros(3, 4, 1),
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.int64),
+            0.5,
+            "boxes should be a 2d tensor",
+        ),
         (torch.zeros(3, 5), torch.zeros(3), torch.zeros(3, dtype=torch.int64), 0.5, "4 elements"),
         (torch.zeros(3, 4), torch.zeros(2), torch.zeros(3, dtype=torch.int64), 0.5, "same length"),
-        (torch.zeros(3, 4), torch.zeros(3, 1), torch.zeros(3, dtype=torch.int64), 0.5, "scores should be a 1d"),
+        (
+            torch.zeros(3, 4),
+            torch.zeros(3, 1),
+            torch.zeros(3, dtype=torch.int64),
+            0.5,
+            "scores should be a 1d",
+        ),
         (torch.zeros(3, 4), torch.zeros(3), torch.zeros(3), 0.5, "idxs should be an integer"),
-        (torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3), torch.zeros(3, dtype=torch.int64), 0.5, "boxes should be a floating"),
-        (torch.zeros(3, 4), torch.zeros(3), torch.zeros(3, dtype=torch.int64), 1.5, "iou_threshold should be in"),
-        (torch.zeros(3, 4), torch.zeros(3), torch.zeros(3, dtype=torch.int64), float("nan"), "iou_threshold should be in"),
+        (
+            torch.zeros(3, 4, dtype=torch.int64),
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.int64),
+            0.5,
+            "boxes should be a floating",
+        ),
+        (
+            torch.zeros(3, 4),
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.int64),
+            1.5,
+            "iou_threshold should be in",
+        ),
+        (
+            torch.zeros(3, 4),
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.int64),
+            float("nan"),
+            "iou_threshold should be in",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(boxes, scores, idxs, thr, match):
@@ -146,8 +189,12 @@ def nms_problems(draw):
     scores = draw(st.lists(st.sampled_from([0.1, 0.25, 0.5, 0.75, 0.9]), min_size=n, max_size=n))
     idxs = draw(st.lists(st.integers(-2, 2), min_size=n, max_size=n))
     thr = draw(st.sampled_from([0.0, 0.2, 0.45, 0.5, 0.8, 1.0]))
-    return (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(scores).reshape(-1),
-            torch.tensor(idxs, dtype=torch.int64).reshape(-1), thr)
+    return (
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        torch.tensor(scores).reshape(-1),
+        torch.tensor(idxs, dtype=torch.int64).reshape(-1),
+        thr,
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -169,4 +216,6 @@ def test_result_does_not_depend_on_thread_count():
         single = ssd_post.batched_nms(boxes, scores, idxs, 0.5)
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(ssd_post.batched_nms(boxes, scores, idxs, 0.5), single, rtol=0, atol=0)
+    torch.testing.assert_close(
+        ssd_post.batched_nms(boxes, scores, idxs, 0.5), single, rtol=0, atol=0
+    )

@@ -2,6 +2,7 @@
 
 Never asserts a time: the machine is shared and timings are not the point here.
 """
+
 import json
 import os
 
@@ -13,8 +14,15 @@ from benchmarks import deploy, run
 # The harness runs every method with repeats, in subprocesses for memory: slow.
 pytestmark = pytest.mark.slow
 
-METHODS = ("torchvision", "flatten_nms", "flatten_topk_nms", "ssd_post", "amax", "softmax",
-           *deploy.available_runtimes())
+METHODS = (
+    "torchvision",
+    "flatten_nms",
+    "flatten_topk_nms",
+    "ssd_post",
+    "amax",
+    "softmax",
+    *deploy.available_runtimes(),
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +35,12 @@ def quick_results(tmp_path_factory):
 def test_every_detection_method_matches_torchvision(quick_results):
     results, _ = quick_results
     rows = results["rows"]
-    assert {(r["scenario"], r["batch"]) for r in rows} == {("sparse", 1), ("sparse", 2),
-                                                           ("dense", 1), ("dense", 2)}
+    assert {(r["scenario"], r["batch"]) for r in rows} == {
+        ("sparse", 1),
+        ("sparse", 2),
+        ("dense", 1),
+        ("dense", 2),
+    }
     for r in rows:
         if r["method"] in ("amax", "softmax"):
             assert "parity" not in r
@@ -55,7 +67,9 @@ def test_json_files_and_plot_are_written(quick_results):
 
 def test_real_scenario_without_its_checkpoint_is_skipped_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # checkpoints/tiny_shapes.pt is looked up relative to here
-    results = run.main(["--quick", "--scenarios", "real", "--repeats", "1", "--out-dir", str(tmp_path / "out")])
+    results = run.main(
+        ["--quick", "--scenarios", "real", "--repeats", "1", "--out-dir", str(tmp_path / "out")]
+    )
     assert results["rows"] == []
     assert "tiny_shapes.pt not found" in results["skipped"]["real"]
 
@@ -80,12 +94,31 @@ def test_gpu_benchmark_code_runs_on_the_cpu(tmp_path):
     from benchmarks import gpu
 
     out = tmp_path / "gpu.json"
-    assert gpu.main(["--device", "cpu", "--model", "toy", "--batches", "1", "3",
-                     "--iters", "1", "--slow-iters", "1", "--out", str(out)]) == 0
+    assert (
+        gpu.main(
+            [
+                "--device",
+                "cpu",
+                "--model",
+                "toy",
+                "--batches",
+                "1",
+                "3",
+                "--iters",
+                "1",
+                "--slow-iters",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     rows = report["results"]
     assert {(r["scenario"], r["batch"], r["method"]) for r in rows} == {
-        (s, b, m) for s in ("sparse", "dense") for b in (1, 3) for m in gpu.GPU_METHODS}
+        (s, b, m) for s in ("sparse", "dense") for b in (1, 3) for m in gpu.GPU_METHODS
+    }
     assert all(r["parity_ok"] and r["median_ms"] > 0 for r in rows)
     assert report["command"].startswith("python -m benchmarks.gpu --device cpu")
 
@@ -103,8 +136,12 @@ def test_real_inputs_use_the_models_own_normalisation(tmp_path):
     image_dir, ann_file = ensure_shapes_dataset(str(tmp_path / "shapes"), 0, 1, 2)["val"]
     images = model_input_images(model, image_dir, ann_file, batch=3)
     assert images.shape == (3, 3, 64, 64)
-    raw, _ = CocoDetectionDataset(image_dir, ann_file, verbose=False)[0]  # float [0, 1], original size
-    resized = torch.nn.functional.interpolate(raw[None], size=(64, 64), mode="bilinear", antialias=False)[0]
+    raw, _ = CocoDetectionDataset(image_dir, ann_file, verbose=False)[
+        0
+    ]  # float [0, 1], original size
+    resized = torch.nn.functional.interpolate(
+        raw[None], size=(64, 64), mode="bilinear", antialias=False
+    )[0]
     mean = torch.tensor(model.image_mean).view(3, 1, 1)
     std = torch.tensor(model.image_std).view(3, 1, 1)
     # Resize methods differ (OpenCV vs torch); the channel means tell the normalisation apart.

@@ -6,6 +6,7 @@ and on the CPU through the CUDA emulator (tests/cuda_emulation), which compiles
 the kernel headers of csrc/cuda with the host compiler. The comparison rules are
 in cuda_parity.py.
 """
+
 import os
 import shutil
 import subprocess
@@ -17,8 +18,16 @@ from hypothesis import strategies as st
 
 import cuda_emulation
 import ssd_post
-from cuda_parity import (BOX_TOL, PARITY_CASES, assert_flatten_match, assert_postprocess_match,
-                         make_inputs, make_nms_inputs, run_flatten, run_postprocess)
+from cuda_parity import (
+    BOX_TOL,
+    PARITY_CASES,
+    assert_flatten_match,
+    assert_postprocess_match,
+    make_inputs,
+    make_nms_inputs,
+    run_flatten,
+    run_postprocess,
+)
 from ssd_post import PostprocessConfig
 
 OPS = ("decode_threshold_flatten", "batched_nms", "postprocess")
@@ -30,7 +39,9 @@ def needs_gpu(test):
     return pytest.mark.cuda(skip(test))
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="the CUDA kernels are built only with nvcc")
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="the CUDA kernels are built only with nvcc"
+)
 @pytest.mark.parametrize("op", OPS)
 def test_cuda_kernel_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ssd_post::{op}", "CUDA")
@@ -50,7 +61,9 @@ class DeviceKernels:
         return tuple(t.cpu() for t in out)
 
     def batched_nms(self, boxes, scores, idxs, iou_threshold):
-        out = torch.ops.ssd_post.batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), iou_threshold)
+        out = torch.ops.ssd_post.batched_nms(
+            boxes.cuda(), scores.cuda(), idxs.cuda(), iou_threshold
+        )
         assert out.device.type == "cuda" and out.dtype == torch.int64
         return out.cpu()
 
@@ -120,21 +133,36 @@ def test_ties_broken_by_lower_anchor_and_class(kernels):
     logits[:, 1::2] = logits[:, 0::2]
     locs[:, 1::2] = locs[:, 0::2]
     anchors[1::2] = anchors[0::2]
-    check_postprocess(kernels, (locs, logits, anchors, sizes),
-                      PostprocessConfig(topk_candidates=37, detections_per_img=50))
-    check_postprocess(kernels, (locs, logits, anchors, sizes),
-                      PostprocessConfig(topk_candidates=400, nms_thresh=1.0, detections_per_img=900))
+    check_postprocess(
+        kernels,
+        (locs, logits, anchors, sizes),
+        PostprocessConfig(topk_candidates=37, detections_per_img=50),
+    )
+    check_postprocess(
+        kernels,
+        (locs, logits, anchors, sizes),
+        PostprocessConfig(topk_candidates=400, nms_thresh=1.0, detections_per_img=900),
+    )
     grid_logits = torch.round(logits * 2) / 2
-    check_postprocess(kernels, (locs, grid_logits, anchors, sizes),
-                      PostprocessConfig(score_activation="sigmoid", background_class=None,
-                                        topk_candidates=100, score_thresh=0.5))
+    check_postprocess(
+        kernels,
+        (locs, grid_logits, anchors, sizes),
+        PostprocessConfig(
+            score_activation="sigmoid", background_class=None, topk_candidates=100, score_thresh=0.5
+        ),
+    )
 
 
 def test_all_equal_scores_take_lowest_anchors(kernels):
     locs, logits, anchors, sizes = make_inputs(1, 3000, 2, seed=5)
     logits = torch.ones_like(logits)
-    config = PostprocessConfig(score_activation="sigmoid", background_class=None,
-                               topk_candidates=100, nms_thresh=1.0, detections_per_img=300)
+    config = PostprocessConfig(
+        score_activation="sigmoid",
+        background_class=None,
+        topk_candidates=100,
+        nms_thresh=1.0,
+        detections_per_img=300,
+    )
     check_postprocess(kernels, (locs, logits, anchors, sizes), config)
     flat_c = run_flatten((locs, logits, anchors, sizes), config, "cpu")
     flat_g = kernels.flatten((locs, logits, anchors, sizes), config)
@@ -156,9 +184,14 @@ def test_nan_and_inf_logits(kernels):
         check_postprocess(kernels, (locs, logits, anchors, sizes), config)
 
 
-@pytest.mark.parametrize("config", [PostprocessConfig(), PostprocessConfig(topk_candidates=9),
-                                    PostprocessConfig(score_activation="sigmoid",
-                                                      background_class=None, score_thresh=0.4)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        PostprocessConfig(),
+        PostprocessConfig(topk_candidates=9),
+        PostprocessConfig(score_activation="sigmoid", background_class=None, score_thresh=0.4),
+    ],
+)
 def test_decode_threshold_flatten_cuda_equals_cpu(kernels, config):
     inputs = make_inputs(3, 1000, 9, seed=17)
     assert_flatten_match(run_flatten(inputs, config, "cpu"), kernels.flatten(inputs, config))
@@ -176,9 +209,14 @@ def kernel_problems(draw):
     batch, classes = draw(st.integers(1, 3)), draw(st.integers(1, 6))
     anchors = draw(st.sampled_from(BLOCK_EDGES) | st.integers(1, 300))
     activation = draw(st.sampled_from(["softmax", "sigmoid"]))
-    inputs = make_inputs(batch, anchors, classes, seed=draw(st.integers(0, 2**16)),
-                         per_image_anchors=draw(st.booleans()),
-                         logit_scale=draw(st.sampled_from([1.0, 3.0])))
+    inputs = make_inputs(
+        batch,
+        anchors,
+        classes,
+        seed=draw(st.integers(0, 2**16)),
+        per_image_anchors=draw(st.booleans()),
+        logit_scale=draw(st.sampled_from([1.0, 3.0])),
+    )
     locs, logits, anchors, sizes = inputs
     if activation == "sigmoid":
         logits = torch.round(logits * 2) / 2
@@ -191,7 +229,8 @@ def kernel_problems(draw):
         detections_per_img=draw(st.integers(1, 150)),
         score_activation=activation,
         background_class=draw(st.sampled_from([None] + list(range(classes)))),
-        clip_boxes=draw(st.booleans()))
+        clip_boxes=draw(st.booleans()),
+    )
     return (locs, logits, anchors, sizes), config
 
 
@@ -199,8 +238,13 @@ def kernel_problems(draw):
 # draw could, rarely, flip two near-equal overlapping boxes in NMS; the same
 # 100 examples every run keep the suite deterministic.
 @pytest.mark.slow
-@settings(max_examples=100, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(problem=kernel_problems())
 def test_postprocess_and_flatten_match_cpu_on_random_problems(kernels, problem):
     inputs, config = problem
@@ -213,8 +257,9 @@ def test_postprocess_and_flatten_match_cpu_on_random_problems(kernels, problem):
 def test_batched_nms_cuda_equals_cpu(kernels, n, groups, iou_threshold):
     boxes, scores, idxs = make_nms_inputs(n, groups, seed=n + groups)
     cpu = torch.ops.ssd_post.batched_nms(boxes, scores, idxs, iou_threshold)
-    torch.testing.assert_close(kernels.batched_nms(boxes, scores, idxs, iou_threshold), cpu,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        kernels.batched_nms(boxes, scores, idxs, iou_threshold), cpu, rtol=0, atol=0
+    )
 
 
 def test_batched_nms_nan_negative_zero_and_float64_scores(kernels):
@@ -241,7 +286,9 @@ def test_empty_inputs(kernels):
         assert [tuple(t.shape) for t in flat] == [(0, 4), (0,), (0,)]
     nothing_passes = PostprocessConfig(score_thresh=1.0)
     check_postprocess(kernels, make_inputs(2, 300, 4), nothing_passes)
-    empty = kernels.batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5)
+    empty = kernels.batched_nms(
+        torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5
+    )
     assert empty.shape == (0,)
 
 
@@ -269,9 +316,19 @@ def test_cpu_image_sizes_with_cuda_inputs_are_checked_then_used():
 
     def on_cuda(sizes):  # the op itself: run_postprocess would move the sizes too
         return torch.ops.ssd_post.postprocess(
-            locs, logits, anchors, sizes, config.score_thresh, config.nms_thresh,
-            config.topk_candidates, config.detections_per_img, list(config.box_weights),
-            config.score_activation, config.background_class, config.clip_boxes)
+            locs,
+            logits,
+            anchors,
+            sizes,
+            config.score_thresh,
+            config.nms_thresh,
+            config.topk_candidates,
+            config.detections_per_img,
+            list(config.box_weights),
+            config.score_activation,
+            config.background_class,
+            config.clip_boxes,
+        )
 
     for sizes in (inputs[3], fractional, fractional.cuda()):
         assert_postprocess_match(expected, on_cuda(sizes))
@@ -290,9 +347,16 @@ def test_postprocess_cuda_graph_capture_and_replay():
 
     def step():
         return torch.ops.ssd_post.postprocess(
-            *static, config.score_thresh, config.nms_thresh, config.topk_candidates,
-            config.detections_per_img, list(config.box_weights), config.score_activation,
-            config.background_class, config.clip_boxes)
+            *static,
+            config.score_thresh,
+            config.nms_thresh,
+            config.topk_candidates,
+            config.detections_per_img,
+            list(config.box_weights),
+            config.score_activation,
+            config.background_class,
+            config.clip_boxes,
+        )
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -309,8 +373,9 @@ def test_postprocess_cuda_graph_capture_and_replay():
             dst.copy_(src)
         graph.replay()
         torch.cuda.synchronize()
-        assert_postprocess_match(run_postprocess([t.cpu() for t in inputs], config, "cpu"),
-                                 captured)
+        assert_postprocess_match(
+            run_postprocess([t.cpu() for t in inputs], config, "cpu"), captured
+        )
 
 
 @pytest.mark.slow  # builds and runs an instrumented binary

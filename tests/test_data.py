@@ -1,4 +1,5 @@
 """Data: the shapes generator, the COCO reader and its bad-input handling, the transforms."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ def test_shapes_is_deterministic_and_idempotent(shapes, tmp_path):
     assert again == shapes and os.path.getmtime(ann_file) == stamp  # reused, not rewritten
     other = ensure_shapes_dataset(str(tmp_path / "copy"), seed=3, num_train=24, num_val=6)
     assert _read(other["train"][1]) == _read(ann_file)
-    assert _read(os.path.join(other["train"][0], "000005.png")) == _read(os.path.join(image_dir, "000005.png"))
+    assert _read(os.path.join(other["train"][0], "000005.png")) == _read(
+        os.path.join(image_dir, "000005.png")
+    )
     reseeded = ensure_shapes_dataset(str(tmp_path / "seed4"), seed=4, num_train=24, num_val=6)
     assert _read(reseeded["train"][1]) != _read(ann_file)
     with pytest.raises(ValueError, match="num_train"):
@@ -55,9 +58,10 @@ def test_shapes_content(shapes):
     overlapping = 0
     for boxes in per_image.values():
         for i, a in enumerate(boxes):
-            for b in boxes[i + 1:]:
-                overlapping += (min(a[0] + a[2], b[0] + b[2]) > max(a[0], b[0])
-                                and min(a[1] + a[3], b[1] + b[3]) > max(a[1], b[1]))
+            for b in boxes[i + 1 :]:
+                overlapping += min(a[0] + a[2], b[0] + b[2]) > max(a[0], b[0]) and min(
+                    a[1] + a[3], b[1] + b[3]
+                ) > max(a[1], b[1])
     assert overlapping > 0
     image = cv2.imread(os.path.join(shapes["train"][0], data["images"][0]["file_name"]))
     assert image.shape[:2] == (data["images"][0]["height"], data["images"][0]["width"])
@@ -66,8 +70,15 @@ def test_shapes_content(shapes):
 
 def test_pycocotools_scores_ground_truth_as_perfect(shapes):
     dataset = CocoDetectionDataset(*shapes["val"])
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-               for a in dataset.coco.dataset["annotations"]]
+    results = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 1.0,
+        }
+        for a in dataset.coco.dataset["annotations"]
+    ]
     image_ids = dataset.coco.getImgIds()
     assert coco_evaluate(dataset.coco, results, image_ids)["map"] == pytest.approx(1.0)
     assert coco_evaluate(dataset.coco, [], image_ids)["map"] == 0.0
@@ -90,8 +101,15 @@ def test_reader_item_and_eval_transform(shapes):
 
 
 def test_train_transform_keeps_boxes_consistent(shapes):
-    dataset = CocoDetectionDataset(*shapes["train"], transform=train_transforms(
-        (128, 128), MEAN, STD, AugmentConfig(expand_p=1.0, crop_p=1.0, photometric_p=1.0, max_expand=3.0)))
+    dataset = CocoDetectionDataset(
+        *shapes["train"],
+        transform=train_transforms(
+            (128, 128),
+            MEAN,
+            STD,
+            AugmentConfig(expand_p=1.0, crop_p=1.0, photometric_p=1.0, max_expand=3.0),
+        ),
+    )
     seen = 0
     for i in range(len(dataset)):
         image, target = dataset[i]
@@ -110,10 +128,15 @@ def _write(tmp_path, images, annotations, categories=None, files=True):
     image_dir.mkdir(exist_ok=True)
     if files:
         for image in images:
-            cv2.imwrite(str(image_dir / image["file_name"]), np.zeros((image["height"], image["width"], 3), np.uint8))
+            cv2.imwrite(
+                str(image_dir / image["file_name"]),
+                np.zeros((image["height"], image["width"], 3), np.uint8),
+            )
     ann_file = tmp_path / "ann.json"
     categories = categories or [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
-    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    ann_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return str(image_dir), str(ann_file)
 
 
@@ -121,13 +144,24 @@ IMAGES = [{"id": 10, "file_name": "a.png", "height": 40, "width": 50}]
 
 
 def _ann(i, bbox, category=3, **extra):
-    return {"id": i, "image_id": 10, "category_id": category, "bbox": bbox, "area": 1.0, "iscrowd": 0, **extra}
+    return {
+        "id": i,
+        "image_id": 10,
+        "category_id": category,
+        "bbox": bbox,
+        "area": 1.0,
+        "iscrowd": 0,
+        **extra,
+    }
 
 
 def test_labels_are_contiguous_or_category_ids(tmp_path):
     paths = _write(tmp_path, IMAGES, [_ann(1, [1, 2, 10, 10], 7), _ann(2, [5, 5, 4, 4], 3)])
     dataset = CocoDetectionDataset(*paths)
-    assert dataset.label_to_category == {1: 3, 2: 7} and dataset.category_names == {1: "cat", 2: "dog"}
+    assert dataset.label_to_category == {1: 3, 2: 7} and dataset.category_names == {
+        1: "cat",
+        2: "dog",
+    }
     _, target = dataset[0]
     assert target["labels"].tolist() == [2, 1]
     assert target["boxes"].tolist() == [[1, 2, 11, 12], [5, 5, 9, 9]]
@@ -136,11 +170,21 @@ def test_labels_are_contiguous_or_category_ids(tmp_path):
 
 
 def test_outside_and_zero_size_boxes_are_filtered_with_counts(tmp_path, capsys):
-    anns = [_ann(1, [-5, -5, 20, 20]), _ann(2, [10, 10, 0, 5]), _ann(3, [60, 10, 5, 5]),
-            _ann(4, [1, 1, 5, 5], iscrowd=1), _ann(5, [2, 2, 3, 3])]
+    anns = [
+        _ann(1, [-5, -5, 20, 20]),
+        _ann(2, [10, 10, 0, 5]),
+        _ann(3, [60, 10, 5, 5]),
+        _ann(4, [1, 1, 5, 5], iscrowd=1),
+        _ann(5, [2, 2, 3, 3]),
+    ]
     dataset = CocoDetectionDataset(*_write(tmp_path, IMAGES, anns))
     out = capsys.readouterr().out
-    assert "ann.json" in out and "1 box(es) clipped" in out and "2 zero-size" in out and "1 crowd" in out
+    assert (
+        "ann.json" in out
+        and "1 box(es) clipped" in out
+        and "2 zero-size" in out
+        and "1 crowd" in out
+    )
     assert dataset.filter_counts == {"clipped": 1, "empty": 2, "crowd": 1}
     assert dataset[0][1]["boxes"].tolist() == [[0, 0, 15, 15], [2, 2, 5, 5]]
     assert len(dataset.coco.dataset["annotations"]) == 5  # evaluation still sees the file as it is
@@ -161,20 +205,53 @@ def test_image_size_disagreeing_with_json_is_named(tmp_path):
         CocoDetectionDataset(*paths)[0]
 
 
-@pytest.mark.parametrize("content,message", [
-    ("{not json", "not valid json"),
-    ('{"images": [], "categories": []}', "'annotations'"),
-    (json.dumps({"images": IMAGES, "annotations": [_ann(4, [1, 2, 3, 4], 99)], "categories": [{"id": 3}]}),
-     r"annotations\[0\] \(id 4\).*category_id 99"),
-    (json.dumps({"images": IMAGES, "annotations": [{**_ann(5, [1, 2, 3, 4]), "image_id": 12}],
-                 "categories": [{"id": 3}]}), r"id 5.*image_id 12"),
-    (json.dumps({"images": IMAGES, "annotations": [_ann(6, [1, 2, 3])], "categories": [{"id": 3}]}),
-     r"id 6.*'bbox' should be 4"),
-    (json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": [{"id": 3}]}),
-     r"images\[0\]: 'height'"),
-    (json.dumps({"images": IMAGES + IMAGES, "annotations": [], "categories": [{"id": 3}]}),
-     "duplicate image id 10"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{not json", "not valid json"),
+        ('{"images": [], "categories": []}', "'annotations'"),
+        (
+            json.dumps(
+                {
+                    "images": IMAGES,
+                    "annotations": [_ann(4, [1, 2, 3, 4], 99)],
+                    "categories": [{"id": 3}],
+                }
+            ),
+            r"annotations\[0\] \(id 4\).*category_id 99",
+        ),
+        (
+            json.dumps(
+                {
+                    "images": IMAGES,
+                    "annotations": [{**_ann(5, [1, 2, 3, 4]), "image_id": 12}],
+                    "categories": [{"id": 3}],
+                }
+            ),
+            r"id 5.*image_id 12",
+        ),
+        (
+            json.dumps(
+                {"images": IMAGES, "annotations": [_ann(6, [1, 2, 3])], "categories": [{"id": 3}]}
+            ),
+            r"id 6.*'bbox' should be 4",
+        ),
+        (
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a.png"}],
+                    "annotations": [],
+                    "categories": [{"id": 3}],
+                }
+            ),
+            r"images\[0\]: 'height'",
+        ),
+        (
+            json.dumps({"images": IMAGES + IMAGES, "annotations": [], "categories": [{"id": 3}]}),
+            "duplicate image id 10",
+        ),
+    ],
+)
 def test_malformed_json_is_named(tmp_path, content, message):
     paths = _write(tmp_path, IMAGES, [])
     with open(paths[1], "w") as f:
@@ -193,7 +270,9 @@ def test_missing_files_and_folders_are_named(tmp_path):
 
 def test_eval_transform_normalises_with_the_given_mean_and_std():
     image = np.full((20, 30, 3), 200, dtype=np.uint8)
-    out = eval_transforms((16, 16), (0.5, 0.25, 0.0), (0.25, 0.5, 1.0))(image=image, bboxes=[], labels=[])["image"]
+    out = eval_transforms((16, 16), (0.5, 0.25, 0.0), (0.25, 0.5, 1.0))(
+        image=image, bboxes=[], labels=[]
+    )["image"]
     pixel = 200 / 255
     expected = torch.tensor([(pixel - 0.5) / 0.25, (pixel - 0.25) / 0.5, pixel])
     torch.testing.assert_close(out[:, 8, 8], expected, atol=1e-5, rtol=0)
@@ -202,5 +281,7 @@ def test_eval_transform_normalises_with_the_given_mean_and_std():
 def test_class_count_that_does_not_fit_the_categories_is_named(shapes):
     dataset = CocoDetectionDataset(*shapes["val"], verbose=False)
     dataset.check_num_classes(5)  # 4 shapes + background
-    with pytest.raises(ValueError, match=r"num_classes is 3 but .* has 4 categories .* needs 5 classes"):
+    with pytest.raises(
+        ValueError, match=r"num_classes is 3 but .* has 4 categories .* needs 5 classes"
+    ):
         dataset.check_num_classes(3)

@@ -1,6 +1,7 @@
 """The deployment peers of the benchmark (OpenVINO's own SSD ops) give torchvision's
 detections before they are timed: a peer that drifted would be timed on a different
 answer."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,9 +17,16 @@ from benchmarks.scenarios import make_inputs  # noqa: E402
 
 
 @pytest.mark.parametrize("peer", ["openvino_multiclass_nms", "openvino_detection_output"])
-@pytest.mark.parametrize("scenario, model, batch", [
-    # toy sparse: fewer detections than keep_top_k, so DetectionOutput's rows end early
-    ("sparse", "toy", 2), ("dense", "toy", 3), ("sparse", "ssd300", 2), ("dense", "ssdlite320", 2)])
+@pytest.mark.parametrize(
+    "scenario, model, batch",
+    [
+        # toy sparse: fewer detections than keep_top_k, so DetectionOutput's rows end early
+        ("sparse", "toy", 2),
+        ("dense", "toy", 3),
+        ("sparse", "ssd300", 2),
+        ("dense", "ssdlite320", 2),
+    ],
+)
 def test_peer_matches_torchvision(peer, scenario, model, batch):
     inp = make_inputs(scenario, model, batch, seed=batch)
     got = deploy.PEERS[peer][0](inp)

@@ -1,5 +1,6 @@
 """evaluate.py and training.evaluation: metrics, timing, box mapping, pictures, CLI errors,
 and equal mAP between postprocess paths and between 1 and 2 processes."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,9 +37,18 @@ def make_coco(images, annotations, categories=((1, "circle"), (2, "square"))) ->
     """An in-memory ground truth: images [(id, h, w)], annotations [(image_id, category, xywh)]."""
     coco = COCO()
     coco.dataset = {
-        "images": [{"id": i, "height": h, "width": w, "file_name": f"{i:06d}.png"} for i, h, w in images],
+        "images": [
+            {"id": i, "height": h, "width": w, "file_name": f"{i:06d}.png"} for i, h, w in images
+        ],
         "annotations": [
-            {"id": n + 1, "image_id": i, "category_id": c, "bbox": list(b), "area": b[2] * b[3], "iscrowd": 0}
+            {
+                "id": n + 1,
+                "image_id": i,
+                "category_id": c,
+                "bbox": list(b),
+                "area": b[2] * b[3],
+                "iscrowd": 0,
+            }
             for n, (i, c, b) in enumerate(annotations)
         ],
         "categories": [{"id": c, "name": name} for c, name in categories],
@@ -56,7 +66,9 @@ GT_ANNOTATIONS = [
 
 
 def perfect_results(annotations=GT_ANNOTATIONS):
-    return [{"image_id": i, "category_id": c, "bbox": list(b), "score": 0.9} for i, c, b in annotations]
+    return [
+        {"image_id": i, "category_id": c, "bbox": list(b), "score": 0.9} for i, c, b in annotations
+    ]
 
 
 # ---------------------------------------------------------------- COCOeval wrapper
@@ -128,12 +140,18 @@ def test_detections_to_coco_maps_boxes_to_original_pixels_and_categories():
     )
     targets = [{"image_id": torch.tensor(42), "orig_size": torch.tensor([128, 32])}]
     results = detections_to_coco(detections, targets, (64, 64), {1: 7})
-    assert results == [{"image_id": 42, "category_id": 7, "bbox": [4.0, 32.0, 8.0, 64.0], "score": 0.75}]
+    assert results == [
+        {"image_id": 42, "category_id": 7, "bbox": [4.0, 32.0, 8.0, 64.0], "score": 0.75}
+    ]
 
 
 def test_detections_to_coco_needs_one_target_per_image():
-    detections = Detections(torch.zeros(2, 1, 4), torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.long),
-                            torch.zeros(2, dtype=torch.long))
+    detections = Detections(
+        torch.zeros(2, 1, 4),
+        torch.zeros(2, 1),
+        torch.zeros(2, 1, dtype=torch.long),
+        torch.zeros(2, dtype=torch.long),
+    )
     with pytest.raises(ValueError, match="one entry per image \\(2\\), got 1"):
         detections_to_coco(detections, [{"image_id": 1, "orig_size": (4, 4)}], (4, 4))
 
@@ -165,14 +183,19 @@ def test_stage_timer_rejects_an_unknown_stage():
 
 def test_max_over_ranks_takes_the_slowest_rank_per_stage():
     assert max_over_ranks([{"data": 1.0, "forward": 3.0}, {"data": 2.0, "forward": 1.0}]) == {
-        "data": 2.0, "forward": 3.0}
+        "data": 2.0,
+        "forward": 3.0,
+    }
     with pytest.raises(ValueError, match="got none"):
         max_over_ranks([])
 
 
 def test_merge_rank_results_keeps_each_image_once():
     rank0 = {1: [{"image_id": 1, "score": 0.5}], 3: []}
-    rank1 = {2: [{"image_id": 2, "score": 0.4}], 1: [{"image_id": 1, "score": 0.5}]}  # 1 repeated as padding
+    rank1 = {
+        2: [{"image_id": 2, "score": 0.4}],
+        1: [{"image_id": 1, "score": 0.5}],
+    }  # 1 repeated as padding
     results, image_ids = merge_rank_results([rank0, rank1])
     assert image_ids == [1, 2, 3]
     assert results == [{"image_id": 1, "score": 0.5}, {"image_id": 2, "score": 0.4}]
@@ -195,9 +218,9 @@ def test_draw_detections_draws_confident_boxes_only():
     ]
     drawn = draw_detections(image, results, {1: "circle", 2: "square"}, score_min=0.3)
     assert drawn.size == image.size
-    assert drawn.getpixel((40, 59)) != (0, 0, 0)   # bottom edge of the confident box
-    assert drawn.getpixel((80, 24)) == (0, 0, 0)   # the 0.1 box is not drawn
-    assert image.getpixel((40, 59)) == (0, 0, 0)   # the input is not drawn on
+    assert drawn.getpixel((40, 59)) != (0, 0, 0)  # bottom edge of the confident box
+    assert drawn.getpixel((80, 24)) == (0, 0, 0)  # the 0.1 box is not drawn
+    assert image.getpixel((40, 59)) == (0, 0, 0)  # the input is not drawn on
 
 
 def test_save_visualizations_writes_one_png_per_image(tmp_path):
@@ -207,7 +230,9 @@ def test_save_visualizations_writes_one_png_per_image(tmp_path):
     for image_id in (1, 2):
         Image.new("RGB", (50, 60), (30, 30, 30)).save(image_dir / f"{image_id:06d}.png")
     results = [{"image_id": 1, "category_id": 1, "bbox": [5.0, 5.0, 20.0, 20.0], "score": 0.8}]
-    written = save_visualizations(coco, str(image_dir), results, [1, 2], str(tmp_path / "vis"), limit=1)
+    written = save_visualizations(
+        coco, str(image_dir), results, [1, 2], str(tmp_path / "vis"), limit=1
+    )
     assert [os.path.basename(p) for p in written] == ["000001.png"]
     with Image.open(written[0]) as png:
         assert png.size == (50, 60)
@@ -226,8 +251,18 @@ from models.checkpoint import save_detector  # noqa: E402
 
 SHIPPED_CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "tiny_shapes.pt")
 SHIPPED_CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_shapes.yaml")
-METRICS_JSON_KEYS = {"map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100",
-                     "timing_ms", "images_per_s", "postprocess"}
+METRICS_JSON_KEYS = {
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_100",
+    "timing_ms",
+    "images_per_s",
+    "postprocess",
+}
 
 
 def write_config(path, data_root, **model_overrides) -> str:
@@ -273,11 +308,25 @@ def run_main(args, capsys):
     return code, out, err
 
 
-def test_main_prints_the_summary_timing_and_writes_metrics_and_detections(small_config, model_checkpoint,
-                                                                         tmp_path, capsys):
+def test_main_prints_the_summary_timing_and_writes_metrics_and_detections(
+    small_config, model_checkpoint, tmp_path, capsys
+):
     out_json = tmp_path / "run" / "metrics.json"
-    code, out, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--limit", 12,
-                               "--batch-size", 5, "--json", out_json], capsys)
+    code, out, err = run_main(
+        [
+            "--config",
+            small_config,
+            "--checkpoint",
+            model_checkpoint,
+            "--limit",
+            12,
+            "--batch-size",
+            5,
+            "--json",
+            out_json,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert out.count("Average Precision") == 6 and out.count("Average Recall") == 6
     for stage in ("data", "forward", "postprocess", "evaluation"):
@@ -295,19 +344,44 @@ def test_main_prints_the_summary_timing_and_writes_metrics_and_detections(small_
 
 
 def test_save_vis_writes_pngs(small_config, model_checkpoint, tmp_path, capsys):
-    code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--limit", 4,
-                             "--save-vis", tmp_path / "vis", "--vis-limit", 3], capsys)
+    code, _, err = run_main(
+        [
+            "--config",
+            small_config,
+            "--checkpoint",
+            model_checkpoint,
+            "--limit",
+            4,
+            "--save-vis",
+            tmp_path / "vis",
+            "--vis-limit",
+            3,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / "vis")) == ["000001.png", "000002.png", "000003.png"]
 
 
-def test_torchvision_and_ssd_post_postprocess_give_the_same_12_numbers(small_config, model_checkpoint,
-                                                                      tmp_path, capsys):
+def test_torchvision_and_ssd_post_postprocess_give_the_same_12_numbers(
+    small_config, model_checkpoint, tmp_path, capsys
+):
     stats = {}
     for name in ("ssd_post", "torchvision"):
         out_json = tmp_path / f"{name}.json"
-        code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint,
-                                 "--postprocess", name, "--json", out_json], capsys)
+        code, _, err = run_main(
+            [
+                "--config",
+                small_config,
+                "--checkpoint",
+                model_checkpoint,
+                "--postprocess",
+                name,
+                "--json",
+                out_json,
+            ],
+            capsys,
+        )
         assert code == 0, err
         metrics = json.loads(out_json.read_text())
         assert metrics["postprocess"] == name
@@ -321,10 +395,21 @@ def test_infer_batch_stages_give_the_detections_of_model_predict(small_config, m
     dataset = evaluate.build_val_dataset(config.data, detector)
     images, targets = next(iter(evaluate.build_loader(dataset, 4, None, 0)))
     for name in ("ssd_post", "torchvision"):
-        per_image = infer_batch(detector, images, targets, detector.anchors(), get_postprocess(name),
-                                StageTimer(), dataset.label_to_category)
-        expected = detections_to_coco(detector.predict(images, postprocess=name), targets,
-                                      detector.image_size, dataset.label_to_category)
+        per_image = infer_batch(
+            detector,
+            images,
+            targets,
+            detector.anchors(),
+            get_postprocess(name),
+            StageTimer(),
+            dataset.label_to_category,
+        )
+        expected = detections_to_coco(
+            detector.predict(images, postprocess=name),
+            targets,
+            detector.image_size,
+            dataset.label_to_category,
+        )
         assert [e for i in sorted(per_image) for e in per_image[i]] == expected
 
 
@@ -333,9 +418,12 @@ def test_lightning_module_on_one_process_equals_the_plain_loop(small_config, mod
     detector = evaluate.load_model(model_checkpoint, config.model)
     dataset = evaluate.build_val_dataset(config.data, detector)
     loader = evaluate.build_loader(dataset, 5, 11, 0)
-    plain = run_inference(detector, loader, get_postprocess("ssd_post"), StageTimer(), dataset.label_to_category)
+    plain = run_inference(
+        detector, loader, get_postprocess("ssd_post"), StageTimer(), dataset.label_to_category
+    )
     rank, per_rank, seconds, inference_s = evaluate.run_lightning(
-        detector, loader, "ssd_post", dataset.label_to_category, devices=1)
+        detector, loader, "ssd_post", dataset.label_to_category, devices=1
+    )
     assert rank == 0 and len(per_rank) == 1
     assert per_rank[0] == plain
     assert set(seconds) == {"data", "forward", "postprocess", "evaluation"} and inference_s > 0
@@ -343,13 +431,34 @@ def test_lightning_module_on_one_process_equals_the_plain_loop(small_config, mod
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_map_as_one(small_config, model_checkpoint, tmp_path, capsys):
-    common = ["--config", small_config, "--checkpoint", model_checkpoint, "--limit", "15", "--batch-size", "4"]
+    common = [
+        "--config",
+        small_config,
+        "--checkpoint",
+        model_checkpoint,
+        "--limit",
+        "15",
+        "--batch-size",
+        "4",
+    ]
     code, _, err = run_main(common + ["--json", tmp_path / "one.json"], capsys)
     assert code == 0, err
     # DDP starts rank 1 by running the script again, so two processes need a real subprocess.
-    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "evaluate.py"), *common, "--devices", "2",
-                           "--json", str(tmp_path / "two.json")],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "evaluate.py"),
+            *common,
+            "--devices",
+            "2",
+            "--json",
+            str(tmp_path / "two.json"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
@@ -375,8 +484,10 @@ def test_missing_config_file_is_named(model_checkpoint, tmp_path, capsys):
     assert f"config file not found: {missing}" in err
 
 
-@pytest.mark.parametrize("flag, value", [("--devices", "0"), ("--devices", "two"), ("--batch-size", "-3"),
-                                         ("--limit", "1.5")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--devices", "0"), ("--devices", "two"), ("--batch-size", "-3"), ("--limit", "1.5")],
+)
 def test_bad_counts_are_refused_by_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main([flag, value])
@@ -393,8 +504,9 @@ def test_unknown_postprocess_value_is_refused(capsys):
 
 
 def test_negative_num_workers_is_refused(small_config, model_checkpoint, capsys):
-    code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--num-workers", -1],
-                            capsys)
+    code, _, err = run_main(
+        ["--config", small_config, "--checkpoint", model_checkpoint, "--num-workers", -1], capsys
+    )
     assert code == 2 and "--num-workers should be >= 0, got -1" in err
 
 
@@ -411,20 +523,30 @@ class _RunsCode:
 def test_a_checkpoint_that_would_run_code_is_refused(small_config, tmp_path, capsys):
     marker = tmp_path / "payload_ran"
     bad = tmp_path / "bad.pt"
-    torch.save({"model_config": {"arch": "tiny", "num_classes": 5}, "state_dict": _RunsCode(str(marker))}, bad)
+    torch.save(
+        {"model_config": {"arch": "tiny", "num_classes": 5}, "state_dict": _RunsCode(str(marker))},
+        bad,
+    )
     code, _, err = run_main(["--config", small_config, "--checkpoint", bad], capsys)
     assert code == 2
     assert f"cannot use checkpoint {bad}" in err and "refused to load" in err
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"num_classes": 7}, "num_classes mismatch: checkpoint has 5, expected 7"),
-    # null: the arch's own default (tiny's width and input size do not apply to it)
-    ({"arch": "ssdlite320_mobilenet_v3_large", "width": None, "image_size": None},
-     "arch mismatch: checkpoint has 'tiny', expected 'ssdlite320_mobilenet_v3_large'"),
-])
-def test_a_checkpoint_of_another_model_names_the_mismatch(override, message, model_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"num_classes": 7}, "num_classes mismatch: checkpoint has 5, expected 7"),
+        # null: the arch's own default (tiny's width and input size do not apply to it)
+        (
+            {"arch": "ssdlite320_mobilenet_v3_large", "width": None, "image_size": None},
+            "arch mismatch: checkpoint has 'tiny', expected 'ssdlite320_mobilenet_v3_large'",
+        ),
+    ],
+)
+def test_a_checkpoint_of_another_model_names_the_mismatch(
+    override, message, model_checkpoint, tmp_path, capsys
+):
     config = write_config(tmp_path / "other.yaml", tmp_path / "shapes", **override)
     code, _, err = run_main(["--config", config, "--checkpoint", model_checkpoint], capsys)
     assert code == 2
@@ -432,22 +554,30 @@ def test_a_checkpoint_of_another_model_names_the_mismatch(override, message, mod
 
 
 def test_out_of_range_vis_score_is_refused(small_config, model_checkpoint, capsys):
-    code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--vis-score", 1.5],
-                            capsys)
+    code, _, err = run_main(
+        ["--config", small_config, "--checkpoint", model_checkpoint, "--vis-score", 1.5], capsys
+    )
     assert code == 2 and "--vis-score should be a score in [0, 1], got 1.5" in err
 
 
-def test_more_devices_than_images_is_refused_before_any_process_starts(small_config, model_checkpoint, capsys):
-    code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint, "--limit", 2,
-                             "--devices", 3], capsys)
+def test_more_devices_than_images_is_refused_before_any_process_starts(
+    small_config, model_checkpoint, capsys
+):
+    code, _, err = run_main(
+        ["--config", small_config, "--checkpoint", model_checkpoint, "--limit", 2, "--devices", 3],
+        capsys,
+    )
     assert code == 2 and "--devices 3 is more than the 2 image(s) to evaluate" in err
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(SHIPPED_CHECKPOINT),
-                    reason="checkpoints/tiny_shapes.pt is not trained and committed yet")
+@pytest.mark.skipif(
+    not os.path.isfile(SHIPPED_CHECKPOINT),
+    reason="checkpoints/tiny_shapes.pt is not trained and committed yet",
+)
 def test_default_run_evaluates_the_shipped_checkpoint_on_shapes_val_to_map_at_least_half(
-        tmp_path_factory, capsys):
+    tmp_path_factory, capsys
+):
     """`python evaluate.py` as `make run` calls it (in this process), except that the
     generated shapes set goes to a temporary folder instead of the repository's data/."""
     data_root = tmp_path_factory.mktemp("default_run") / "shapes"
@@ -473,36 +603,69 @@ def _coco_set(root, categories):
     for image_id in (1, 2):
         Image.new("RGB", (40, 30), (90, 120, 150)).save(root / "val" / f"{image_id}.png")
         images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 40, "height": 30})
-        annotations.append({"id": image_id, "image_id": image_id, "category_id": categories[0],
-                            "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0})
-    (root / "val.json").write_text(json.dumps({
-        "images": images, "annotations": annotations,
-        "categories": [{"id": c, "name": f"thing{c}"} for c in categories]}))
+        annotations.append(
+            {
+                "id": image_id,
+                "image_id": image_id,
+                "category_id": categories[0],
+                "bbox": [5, 5, 10, 10],
+                "area": 100,
+                "iscrowd": 0,
+            }
+        )
+    (root / "val.json").write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": c, "name": f"thing{c}"} for c in categories],
+            }
+        )
+    )
 
 
 def _coco_config(tmp_path, contiguous_labels=True) -> str:
     with open(SHIPPED_CONFIG) as f:
         config = yaml.safe_load(f)
-    config["data"] = {"kind": "coco", "root": str(tmp_path / "coco"), "val_images": "val", "val_ann": "val.json",
-                      "num_workers": 0, "contiguous_labels": contiguous_labels}
+    config["data"] = {
+        "kind": "coco",
+        "root": str(tmp_path / "coco"),
+        "val_images": "val",
+        "val_ann": "val.json",
+        "num_workers": 0,
+        "contiguous_labels": contiguous_labels,
+    }
     path = tmp_path / "coco.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
 
-def test_a_model_whose_classes_do_not_fit_the_json_categories_is_refused(model_checkpoint, tmp_path, capsys):
+def test_a_model_whose_classes_do_not_fit_the_json_categories_is_refused(
+    model_checkpoint, tmp_path, capsys
+):
     """A 5-class model (4 shapes) against a COCO json with 2 categories: refused, not scored."""
     _coco_set(tmp_path / "coco", categories=[1, 2])
-    code, out, err = run_main(["--config", _coco_config(tmp_path), "--checkpoint", model_checkpoint], capsys)
+    code, out, err = run_main(
+        ["--config", _coco_config(tmp_path), "--checkpoint", model_checkpoint], capsys
+    )
     assert code == 2 and "Average Precision" not in out
     _assert_one_line(err, "num_classes is 5", "has 2 categories", "needs 3 classes")
 
 
-def test_category_ids_that_do_not_map_to_model_labels_are_refused(model_checkpoint, tmp_path, capsys):
+def test_category_ids_that_do_not_map_to_model_labels_are_refused(
+    model_checkpoint, tmp_path, capsys
+):
     """Labels = category ids (no contiguous mapping): id 9 is past the model's 5 columns."""
     _coco_set(tmp_path / "coco", categories=[1, 9])
-    code, _, err = run_main(["--config", _coco_config(tmp_path, contiguous_labels=False),
-                             "--checkpoint", model_checkpoint], capsys)
+    code, _, err = run_main(
+        [
+            "--config",
+            _coco_config(tmp_path, contiguous_labels=False),
+            "--checkpoint",
+            model_checkpoint,
+        ],
+        capsys,
+    )
     assert code == 2
     _assert_one_line(err, "num_classes is 5", "ids [1, 9]", "needs 10 classes")
 
@@ -510,19 +673,24 @@ def test_category_ids_that_do_not_map_to_model_labels_are_refused(model_checkpoi
 def test_data_root_that_is_a_file_is_refused(small_config, model_checkpoint, tmp_path, capsys):
     a_file = tmp_path / "not_a_folder.txt"
     a_file.write_text("x")
-    code, _, err = run_main(["--config", small_config, "--checkpoint", model_checkpoint,
-                             "--data-root", a_file], capsys)
+    code, _, err = run_main(
+        ["--config", small_config, "--checkpoint", model_checkpoint, "--data-root", a_file], capsys
+    )
     assert code == 2
     _assert_one_line(err, "--data-root", str(a_file), "a folder")
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("width", None, "width should be an even int >= 4, got None"),
-    ("image_size", [32, "x"], "image_size should be (h, w), two ints, got [32, 'x']"),
-    ("postprocess", {"score_thresh": "high"}, "score_thresh"),
-])
-def test_a_checkpoint_with_a_tampered_model_config_names_the_field(field, value, message, small_config,
-                                                                   model_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("width", None, "width should be an even int >= 4, got None"),
+        ("image_size", [32, "x"], "image_size should be (h, w), two ints, got [32, 'x']"),
+        ("postprocess", {"score_thresh": "high"}, "score_thresh"),
+    ],
+)
+def test_a_checkpoint_with_a_tampered_model_config_names_the_field(
+    field, value, message, small_config, model_checkpoint, tmp_path, capsys
+):
     data = torch.load(model_checkpoint, weights_only=True)
     data["model_config"][field] = value
     tampered = tmp_path / "tampered.pt"

@@ -1,4 +1,5 @@
 """The RetinaNet/FCOS benchmark shapes: ssd_post equals torchvision's loop on them."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,9 @@ def test_anchor_geometry():
     assert family.make_anchors("fcos")[0].shape == (13_343, 4)
 
 
-@pytest.mark.parametrize("model, scenario", [("retinanet", "sparse"), ("fcos", "sparse"), ("fcos", "dense")])
+@pytest.mark.parametrize(
+    "model, scenario", [("retinanet", "sparse"), ("fcos", "sparse"), ("fcos", "dense")]
+)
 def test_ssd_post_matches_torchvision_on_benchmark_shapes(model, scenario):
     inp = family.make_inputs(model, scenario, batch=2)
     ours = family.run_ssd_post(inp)
@@ -23,12 +26,29 @@ def test_ssd_post_matches_torchvision_on_benchmark_shapes(model, scenario):
 def test_main_records_json_and_plot(tmp_path):
     import json
 
-    results = family.main(["--batch", "1", "--repeats", "1", "--model", "fcos", "--scenario", "sparse",
-                           "--out-dir", str(tmp_path)])
+    results = family.main(
+        [
+            "--batch",
+            "1",
+            "--repeats",
+            "1",
+            "--model",
+            "fcos",
+            "--scenario",
+            "sparse",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     stored = json.loads((tmp_path / "family.json").read_text())
     assert stored["rows"] == results["rows"] and len(stored["rows"]) == 1
     row = stored["rows"][0]
-    assert (row["model"], row["scenario"], row["batch"], row["parity"]) == ("fcos", "sparse", 1, "ok")
+    assert (row["model"], row["scenario"], row["batch"], row["parity"]) == (
+        "fcos",
+        "sparse",
+        1,
+        "ok",
+    )
     assert all(row[f"{m}_s"] > 0 for m in family.METHODS)
     assert stored["command"].startswith("python -m benchmarks.family --batch 1")
     assert (tmp_path / "family.png").stat().st_size > 1000

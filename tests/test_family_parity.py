@@ -1,5 +1,6 @@
 """ssd_post.postprocess equals torchvision's RetinaNet / FCOS postprocess_detections
 to the bit, on real forward outputs of the models (random weights, small images)."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,6 @@ from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_f
 
 import ssd_post
 from ssd_post import PostprocessConfig, reference
-
 
 
 def assert_same_up_to_ties(actual: ssd_post.Detections, expected: ssd_post.Detections) -> None:
@@ -21,11 +21,17 @@ def assert_same_up_to_ties(actual: ssd_post.Detections, expected: ssd_post.Detec
         scores = actual.scores[i, :n]
         for value in torch.unique(scores):
             tied = (scores == value).nonzero().flatten()
+
             def rows(d):
                 return sorted(zip(d.labels[i, tied].tolist(), d.boxes[i, tied].tolist()))
+
             assert rows(actual) == rows(expected), f"image {i}, score {value.item()}"
 
-BUILDERS = {"retinanet_resnet50_fpn_v2": retinanet_resnet50_fpn_v2, "fcos_resnet50_fpn": fcos_resnet50_fpn}
+
+BUILDERS = {
+    "retinanet_resnet50_fpn_v2": retinanet_resnet50_fpn_v2,
+    "fcos_resnet50_fpn": fcos_resnet50_fpn,
+}
 IMAGE_SIZES = [(256, 256), (200, 288), (288, 224), (240, 240)]
 
 
@@ -56,8 +62,9 @@ def _spread_class_logits(model, target_std: float) -> None:
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def model_outputs(request):
     torch.manual_seed(0)
-    model = BUILDERS[request.param](weights=None, weights_backbone=None, num_classes=91,
-                                    min_size=256, max_size=320).eval()
+    model = BUILDERS[request.param](
+        weights=None, weights_backbone=None, num_classes=91, min_size=256, max_size=320
+    ).eval()
     with torch.no_grad():
         _spread_class_logits(model, target_std=1.5)
         generator = torch.Generator().manual_seed(1)
@@ -68,7 +75,11 @@ def model_outputs(request):
 
 def _batch(outputs, batch):
     head, anchors, sizes = outputs
-    return {k: [level[:batch] for level in v] for k, v in head.items()}, anchors[:batch], sizes[:batch]
+    return (
+        {k: [level[:batch] for level in v] for k, v in head.items()},
+        anchors[:batch],
+        sizes[:batch],
+    )
 
 
 def _run_concatenated(postprocess, head, anchors, sizes, config):
@@ -76,9 +87,14 @@ def _run_concatenated(postprocess, head, anchors, sizes, config):
     splits by level, concatenated back, with the level sizes."""
     centerness = torch.cat(head["bbox_ctrness"], dim=1) if "bbox_ctrness" in head else None
     return postprocess(
-        torch.cat(head["bbox_regression"], dim=1), torch.cat(head["cls_logits"], dim=1),
-        [torch.cat(a) for a in anchors], sizes, config,
-        level_sizes=[level.shape[1] for level in head["cls_logits"]], centerness=centerness)
+        torch.cat(head["bbox_regression"], dim=1),
+        torch.cat(head["cls_logits"], dim=1),
+        [torch.cat(a) for a in anchors],
+        sizes,
+        config,
+        level_sizes=[level.shape[1] for level in head["cls_logits"]],
+        centerness=centerness,
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 2, 4])
@@ -90,7 +106,9 @@ def test_postprocess_matches_torchvision(model_outputs, batch):
     config = PostprocessConfig.from_torchvision(model)
     assert sum(len(d["scores"]) for d in expected) > 0, "test needs detections"
     actual = _run_concatenated(ssd_post.postprocess, head, anchors, sizes, config)
-    assert_same_up_to_ties(actual, ssd_post.Detections.from_list(expected, config.detections_per_img))
+    assert_same_up_to_ties(
+        actual, ssd_post.Detections.from_list(expected, config.detections_per_img)
+    )
 
 
 @pytest.mark.parametrize("score_thresh", [0.3, 0.6])
@@ -108,8 +126,9 @@ def test_patched_model_matches_torchvision(model_outputs, score_thresh):
         model.score_thresh = BUILDERS_DEFAULT_THRESH[type(model).__name__]
     assert sum(len(d["scores"]) for d in expected) > 0
     config = PostprocessConfig.from_torchvision(model)
-    assert_same_up_to_ties(ssd_post.Detections.from_list(actual, 300),
-                           ssd_post.Detections.from_list(expected, 300))
+    assert_same_up_to_ties(
+        ssd_post.Detections.from_list(actual, 300), ssd_post.Detections.from_list(expected, 300)
+    )
     assert config.selection == "per_level"
 
 
@@ -123,24 +142,36 @@ def test_oracle_matches_torchvision(model_outputs):
         expected = model.postprocess_detections(head, anchors, sizes)
     config = PostprocessConfig.from_torchvision(model)
     oracle = _run_concatenated(reference.postprocess_loop, head, anchors, sizes, config)
-    assert_same_up_to_ties(oracle, ssd_post.Detections.from_list(expected, config.detections_per_img))
+    assert_same_up_to_ties(
+        oracle, ssd_post.Detections.from_list(expected, config.detections_per_img)
+    )
 
 
 def test_config_from_torchvision(model_outputs):
     model, _ = model_outputs
     config = PostprocessConfig.from_torchvision(model)
-    assert (config.score_thresh, config.nms_thresh, config.topk_candidates, config.detections_per_img) == (
-        model.score_thresh, model.nms_thresh, model.topk_candidates, model.detections_per_img)
+    assert (
+        config.score_thresh,
+        config.nms_thresh,
+        config.topk_candidates,
+        config.detections_per_img,
+    ) == (model.score_thresh, model.nms_thresh, model.topk_candidates, model.detections_per_img)
     if type(model).__name__ == "RetinaNet":
-        assert (config.score_activation, config.box_coder, config.box_weights) == ("sigmoid", "box", (1.0,) * 4)
+        assert (config.score_activation, config.box_coder, config.box_weights) == (
+            "sigmoid",
+            "box",
+            (1.0,) * 4,
+        )
     else:
         assert (config.score_activation, config.box_coder) == ("sigmoid_centerness", "linear")
     assert config.background_class is None
 
 
 def _on(device, head, anchors):
-    return ({k: [level.to(device) for level in v] for k, v in head.items()},
-            [[a.to(device) for a in per_image] for per_image in anchors])
+    return (
+        {k: [level.to(device) for level in v] for k, v in head.items()},
+        [[a.to(device) for a in per_image] for per_image in anchors],
+    )
 
 
 def test_whole_block_path_matches_torchvision(model_outputs, monkeypatch):
@@ -162,5 +193,9 @@ def test_cuda_per_level_matches_torchvision_on_cuda(model_outputs):
     config = PostprocessConfig.from_torchvision(model)
     actual = _run_concatenated(ssd_post.postprocess, head, anchors, sizes, config)
     assert actual.boxes.device.type == "cuda"
-    assert_same_up_to_ties(actual.to("cpu"), ssd_post.Detections.from_list(
-        [{k: v.cpu() for k, v in d.items()} for d in expected], config.detections_per_img))
+    assert_same_up_to_ties(
+        actual.to("cpu"),
+        ssd_post.Detections.from_list(
+            [{k: v.cpu() for k, v in d.items()} for d in expected], config.detections_per_img
+        ),
+    )

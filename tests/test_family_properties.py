@@ -1,5 +1,6 @@
 """Property tests of the per-level modes (RetinaNet, FCOS) against the readable
 oracle ssd_post.reference.postprocess_loop, plus their input checks."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,18 +29,25 @@ def problems(draw):
     if n_logits and draw(st.booleans()):
         values[draw(st.integers(0, n_logits - 1))] = draw(_special)
     logits = torch.tensor(values, dtype=torch.float32).reshape(batch, anchors_n, classes)
-    centerness = torch.tensor(draw(st.lists(_logit, min_size=batch * anchors_n, max_size=batch * anchors_n)),
-                              dtype=torch.float32).reshape(batch, anchors_n)
+    centerness = torch.tensor(
+        draw(st.lists(_logit, min_size=batch * anchors_n, max_size=batch * anchors_n)),
+        dtype=torch.float32,
+    ).reshape(batch, anchors_n)
     coder = draw(st.sampled_from(["box", "linear"]))
     steps = st.integers(-8, 8).map(lambda k: k / 4.0)
-    locs = torch.tensor([[draw(steps) for _ in range(4)] for _ in range(batch * anchors_n)],
-                        dtype=torch.float32).reshape(batch, anchors_n, 4)
+    locs = torch.tensor(
+        [[draw(steps) for _ in range(4)] for _ in range(batch * anchors_n)], dtype=torch.float32
+    ).reshape(batch, anchors_n, 4)
     if coder == "linear":
         locs = locs.abs()  # FCOS regresses distances (ReLU output)
     anchors = []
     for _ in range(anchors_n):
-        x, y, w, h = (draw(st.integers(0, 30)), draw(st.integers(0, 30)),
-                      draw(st.integers(1, 16)), draw(st.integers(1, 16)))
+        x, y, w, h = (
+            draw(st.integers(0, 30)),
+            draw(st.integers(0, 30)),
+            draw(st.integers(1, 16)),
+            draw(st.integers(1, 16)),
+        )
         anchors.append([x, y, x + w, y + h])
     anchors = torch.tensor(anchors, dtype=torch.float32).reshape(anchors_n, 4)
     image_sizes = [(draw(st.integers(8, 48)), draw(st.integers(8, 48))) for _ in range(batch)]
@@ -55,18 +63,27 @@ def problems(draw):
         selection="per_level",
         box_coder=coder,
     )
-    return locs, logits, anchors, image_sizes, config, level_sizes, (
-        centerness if activation == "sigmoid_centerness" else None)
+    return (
+        locs,
+        logits,
+        anchors,
+        image_sizes,
+        config,
+        level_sizes,
+        (centerness if activation == "sigmoid_centerness" else None),
+    )
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(problems())
 def test_per_level_matches_oracle(problem):
     locs, logits, anchors, sizes, config, level_sizes, centerness = problem
-    actual = ssd_post.postprocess(locs, logits, anchors, sizes, config,
-                                  level_sizes=level_sizes, centerness=centerness)
-    expected = reference.postprocess_loop(locs, logits, anchors, sizes, config,
-                                          level_sizes=level_sizes, centerness=centerness)
+    actual = ssd_post.postprocess(
+        locs, logits, anchors, sizes, config, level_sizes=level_sizes, centerness=centerness
+    )
+    expected = reference.postprocess_loop(
+        locs, logits, anchors, sizes, config, level_sizes=level_sizes, centerness=centerness
+    )
     assert_same_detections(actual, expected)
     background = config.resolve_background_class(logits.shape[2])
     for i, n in enumerate(actual.num_detections.tolist()):
@@ -89,7 +106,9 @@ def test_topk_logit_bound_cuts_nothing_of_the_top_k(batch, case, activation):
     saturated = torch.tensor([17.0, 18.0, 20.0, 30.0, 50.0, float("inf")])
     where = torch.randint(0, num_anchors * classes, (batch, 60), generator=gen)
     if case == "saturated":
-        logits.view(batch, -1).scatter_(1, where, saturated[torch.randint(0, 6, (batch, 60), generator=gen)])
+        logits.view(batch, -1).scatter_(
+            1, where, saturated[torch.randint(0, 6, (batch, 60), generator=gen)]
+        )
         logits[0, 11, :] = float("nan")
     else:  # rows of NaN with the largest maxes would otherwise take k-th places
         logits[:, :6, :] = float("nan")
@@ -102,9 +121,16 @@ def test_topk_logit_bound_cuts_nothing_of_the_top_k(batch, case, activation):
         centerness = torch.randn(batch, num_anchors, generator=gen) * 3
         centerness[:, 100:110] = 40.0
         centerness[:, 200] = float("nan")
-    config = PostprocessConfig(score_thresh=0.05, nms_thresh=0.5, topk_candidates=12, detections_per_img=40,
-                               box_weights=(1.0, 1.0, 1.0, 1.0), score_activation=activation,
-                               background_class=None, selection="per_level")
+    config = PostprocessConfig(
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        topk_candidates=12,
+        detections_per_img=40,
+        box_weights=(1.0, 1.0, 1.0, 1.0),
+        score_activation=activation,
+        background_class=None,
+        selection="per_level",
+    )
     args = (locs, logits, anchors, [(600, 600)] * batch, config)
     extra = dict(level_sizes=[2000, 1000], centerness=centerness)
     actual = ssd_post.postprocess(*args, **extra)
@@ -119,12 +145,22 @@ def test_topk_is_per_level_not_per_class():
     # best pair of each level (two detections), not the best pair per class.
     logits = torch.tensor([[[3.0, 2.0], [1.0, 4.0]]])
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
-    config = PostprocessConfig(score_thresh=0.5, topk_candidates=1, score_activation="sigmoid",
-                               background_class=None, selection="per_level", box_weights=(1, 1, 1, 1))
-    out = ssd_post.postprocess(torch.zeros(1, 2, 4), logits, boxes, [(100, 100)], config, level_sizes=[1, 1])
+    config = PostprocessConfig(
+        score_thresh=0.5,
+        topk_candidates=1,
+        score_activation="sigmoid",
+        background_class=None,
+        selection="per_level",
+        box_weights=(1, 1, 1, 1),
+    )
+    out = ssd_post.postprocess(
+        torch.zeros(1, 2, 4), logits, boxes, [(100, 100)], config, level_sizes=[1, 1]
+    )
     assert out.num_detections.tolist() == [2]
     assert out.labels[0, :2].tolist() == [1, 0]
-    torch.testing.assert_close(out.scores[0, :2], torch.sigmoid(torch.tensor([4.0, 3.0])), rtol=0, atol=0)
+    torch.testing.assert_close(
+        out.scores[0, :2], torch.sigmoid(torch.tensor([4.0, 3.0])), rtol=0, atol=0
+    )
 
 
 def test_background_names_resolve():
@@ -135,12 +171,15 @@ def test_background_names_resolve():
         PostprocessConfig(background_class="middle")
 
 
-@pytest.mark.parametrize("fields, match", [
-    ({"selection": "per_anchor"}, "selection should be one of"),
-    ({"box_coder": "delta"}, "box_coder should be one of"),
-    ({"score_activation": "sigmoid_centerness"}, "needs selection='per_level'"),
-    ({"box_coder": "linear"}, "needs selection='per_level'"),
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"selection": "per_anchor"}, "selection should be one of"),
+        ({"box_coder": "delta"}, "box_coder should be one of"),
+        ({"score_activation": "sigmoid_centerness"}, "needs selection='per_level'"),
+        ({"box_coder": "linear"}, "needs selection='per_level'"),
+    ],
+)
 def test_bad_config(fields, match):
     with pytest.raises(ValueError, match=match):
         PostprocessConfig(**fields)
@@ -149,33 +188,52 @@ def test_bad_config(fields, match):
 def _inputs(batch=2, anchors_n=6, classes=3):
     generator = torch.Generator().manual_seed(0)
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(anchors_n, 1)
-    return (torch.randn(batch, anchors_n, 4, generator=generator),
-            torch.randn(batch, anchors_n, classes, generator=generator), boxes, [(20, 20)] * batch)
+    return (
+        torch.randn(batch, anchors_n, 4, generator=generator),
+        torch.randn(batch, anchors_n, classes, generator=generator),
+        boxes,
+        [(20, 20)] * batch,
+    )
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({}, r"level_sizes should be given"),
-    ({"level_sizes": [2, 3]}, r"summing to A = 6, got \[2, 3\]"),
-    ({"level_sizes": [7, -1]}, r"ints >= 0"),
-    ({"level_sizes": torch.ones(2, 3, dtype=torch.int64)}, r"1d integer tensor, got 2D"),
-    ({"level_sizes": "abc"}, r"list of ints"),
-    ({"level_sizes": [6], "centerness": torch.zeros(2, 6)}, r"centerness is only used by"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, r"level_sizes should be given"),
+        ({"level_sizes": [2, 3]}, r"summing to A = 6, got \[2, 3\]"),
+        ({"level_sizes": [7, -1]}, r"ints >= 0"),
+        ({"level_sizes": torch.ones(2, 3, dtype=torch.int64)}, r"1d integer tensor, got 2D"),
+        ({"level_sizes": "abc"}, r"list of ints"),
+        ({"level_sizes": [6], "centerness": torch.zeros(2, 6)}, r"centerness is only used by"),
+    ],
+)
 def test_bad_per_level_arguments(kwargs, match):
-    config = PostprocessConfig(score_activation="sigmoid", selection="per_level", background_class=None)
+    config = PostprocessConfig(
+        score_activation="sigmoid", selection="per_level", background_class=None
+    )
     with pytest.raises(ValueError, match=match):
         ssd_post.postprocess(*_inputs(), config, **kwargs)
 
 
-@pytest.mark.parametrize("centerness, match", [
-    (None, r"centerness should be a Tensor"),
-    (torch.zeros(2, 5), r"centerness should be \[B, A\] or \[B, A, 1\] = \[2, 6\(, 1\)\], got \(2, 5\)"),
-    (torch.zeros(2, 6, 2), r"got \(2, 6, 2\)"),
-    (torch.zeros(2, 6, dtype=torch.int64), r"floating point"),
-])
+@pytest.mark.parametrize(
+    "centerness, match",
+    [
+        (None, r"centerness should be a Tensor"),
+        (
+            torch.zeros(2, 5),
+            r"centerness should be \[B, A\] or \[B, A, 1\] = \[2, 6\(, 1\)\], got \(2, 5\)",
+        ),
+        (torch.zeros(2, 6, 2), r"got \(2, 6, 2\)"),
+        (torch.zeros(2, 6, dtype=torch.int64), r"floating point"),
+    ],
+)
 def test_bad_centerness(centerness, match):
-    config = PostprocessConfig(score_activation="sigmoid_centerness", selection="per_level",
-                               background_class=None, box_coder="linear")
+    config = PostprocessConfig(
+        score_activation="sigmoid_centerness",
+        selection="per_level",
+        background_class=None,
+        box_coder="linear",
+    )
     with pytest.raises(ValueError, match=match):
         ssd_post.postprocess(*_inputs(), config, level_sizes=[6], centerness=centerness)
 
@@ -186,13 +244,27 @@ def test_level_sizes_for_per_class_is_an_error():
 
 
 def test_level_sizes_tensor_and_centerness_2d_or_3d_agree():
-    config = PostprocessConfig(score_activation="sigmoid_centerness", selection="per_level",
-                               background_class=None, box_coder="linear", score_thresh=0.1)
+    config = PostprocessConfig(
+        score_activation="sigmoid_centerness",
+        selection="per_level",
+        background_class=None,
+        box_coder="linear",
+        score_thresh=0.1,
+    )
     locs, logits, boxes, sizes = _inputs()
     centerness = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
-    a = ssd_post.postprocess(locs.abs(), logits, boxes, sizes, config, level_sizes=[4, 2], centerness=centerness)
-    b = ssd_post.postprocess(locs.abs(), logits, boxes, sizes, config, level_sizes=torch.tensor([4, 2]),
-                             centerness=centerness.unsqueeze(-1))
+    a = ssd_post.postprocess(
+        locs.abs(), logits, boxes, sizes, config, level_sizes=[4, 2], centerness=centerness
+    )
+    b = ssd_post.postprocess(
+        locs.abs(),
+        logits,
+        boxes,
+        sizes,
+        config,
+        level_sizes=torch.tensor([4, 2]),
+        centerness=centerness.unsqueeze(-1),
+    )
     assert a.num_detections.sum() > 0
     assert_same_detections(a, b)
 
@@ -200,7 +272,9 @@ def test_level_sizes_tensor_and_centerness_2d_or_3d_agree():
 def test_cuda_inputs_give_a_clear_error_or_are_skipped():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    config = PostprocessConfig(score_activation="sigmoid", selection="per_level", background_class=None)
+    config = PostprocessConfig(
+        score_activation="sigmoid", selection="per_level", background_class=None
+    )
     locs, logits, boxes, sizes = _inputs()
     with pytest.raises(NotImplementedError, match="not implemented on CUDA yet"):
         ssd_post.postprocess(locs.cuda(), logits.cuda(), boxes, sizes, config, level_sizes=[6])

@@ -1,8 +1,8 @@
 """Models: torchvision state_dict compatibility, ssd_post inference, loss, checkpoints."""
+
 from __future__ import annotations
 
 import os
-import pickle
 import re
 
 import pytest
@@ -32,17 +32,20 @@ def test_unknown_option_is_named():
         build_model("tiny", 5, depth=3)
 
 
-@pytest.mark.parametrize("arch, options, message", [
-    ("tiny", {"width": None}, "width should be an even int >= 4, got None"),
-    ("tiny", {"width": 7}, "width should be an even int >= 4, got 7"),
-    ("tiny", {"image_size": [32, 32]}, "both >= 64"),
-    ("tiny", {"image_size": "128"}, "image_size should be (h, w), two ints"),
-    ("tiny", {"image_mean": [0.5, None, 0.5]}, "image_mean should be three numbers"),
-    ("tiny", {"postprocess": {"nms": 0.5}}, "unknown postprocess option(s) ['nms']"),
-    ("tiny", {"postprocess": {"score_thresh": 2.0}}, "score_thresh"),
-    ("ssd300_vgg16", {"width": 8}, "unknown option(s) for arch 'ssd300_vgg16': ['width']"),
-    ("ssd300_vgg16", {"image_size": [320, 320]}, "fixed input size (300, 300)"),
-])
+@pytest.mark.parametrize(
+    "arch, options, message",
+    [
+        ("tiny", {"width": None}, "width should be an even int >= 4, got None"),
+        ("tiny", {"width": 7}, "width should be an even int >= 4, got 7"),
+        ("tiny", {"image_size": [32, 32]}, "both >= 64"),
+        ("tiny", {"image_size": "128"}, "image_size should be (h, w), two ints"),
+        ("tiny", {"image_mean": [0.5, None, 0.5]}, "image_mean should be three numbers"),
+        ("tiny", {"postprocess": {"nms": 0.5}}, "unknown postprocess option(s) ['nms']"),
+        ("tiny", {"postprocess": {"score_thresh": 2.0}}, "score_thresh"),
+        ("ssd300_vgg16", {"width": 8}, "unknown option(s) for arch 'ssd300_vgg16': ['width']"),
+        ("ssd300_vgg16", {"image_size": [320, 320]}, "fixed input size (300, 300)"),
+    ],
+)
 def test_bad_model_options_are_named_before_anything_is_built(arch, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         check_model_options(arch, 5, **options)
@@ -56,7 +59,9 @@ def test_checkpoint_with_a_tampered_config_names_the_field(tiny, tmp_path):
     data = torch.load(path, weights_only=True)
     data["model_config"]["width"] = None
     torch.save(data, path)
-    with pytest.raises(ValueError, match=re.escape(f"{path}: model_config is invalid: width should be")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{path}: model_config is invalid: width should be")
+    ):
         load_detector(path)
 
 
@@ -102,16 +107,21 @@ def test_predict_calls_ssd_post(tiny, monkeypatch):
 
 
 @pytest.mark.slow  # builds full-size torchvision models: about 15 s each on 2 shared cores
-@pytest.mark.parametrize("arch,builder,size", [
-    ("ssd300_vgg16", detection.ssd300_vgg16, 300),
-    ("ssdlite320_mobilenet_v3_large", detection.ssdlite320_mobilenet_v3_large, 320),
-])
+@pytest.mark.parametrize(
+    "arch,builder,size",
+    [
+        ("ssd300_vgg16", detection.ssd300_vgg16, 300),
+        ("ssdlite320_mobilenet_v3_large", detection.ssdlite320_mobilenet_v3_large, 320),
+    ],
+)
 def test_torchvision_state_dict_loads_strict_and_matches(arch, builder, size):
     torch.manual_seed(0)
     reference = builder(weights=None, weights_backbone=None, num_classes=91).eval()
     ours = build_model(arch, 91).eval()
     theirs = reference.state_dict()
-    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in theirs.items()
+    }
     ours.load_state_dict(theirs, strict=True)
     images = torch.randn(1, 3, size, size)
     with torch.no_grad():
@@ -119,7 +129,8 @@ def test_torchvision_state_dict_loads_strict_and_matches(arch, builder, size):
         features = list(reference.backbone(images).values())
         head = reference.head(features)
         tv_anchors = reference.anchor_generator(
-            detection.image_list.ImageList(images, [(size, size)]), features)[0]
+            detection.image_list.ImageList(images, [(size, size)]), features
+        )[0]
     torch.testing.assert_close(locs, head["bbox_regression"])
     torch.testing.assert_close(logits, head["cls_logits"])
     assert torch.equal(ours.anchors(), tv_anchors)
@@ -127,9 +138,16 @@ def test_torchvision_state_dict_loads_strict_and_matches(arch, builder, size):
 
 
 def test_match_anchors_threshold_and_best_anchor():
-    anchors = torch.tensor([[0, 0, 10, 10], [0, 0, 20, 20], [50, 50, 60, 60], [100, 100, 140, 140.]])
-    targets = [{"boxes": torch.tensor([[0, 0, 10, 10], [100, 100, 110, 110.]]), "labels": torch.tensor([1, 2])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    anchors = torch.tensor(
+        [[0, 0, 10, 10], [0, 0, 20, 20], [50, 50, 60, 60], [100, 100, 140, 140.0]]
+    )
+    targets = [
+        {
+            "boxes": torch.tensor([[0, 0, 10, 10], [100, 100, 110, 110.0]]),
+            "labels": torch.tensor([1, 2]),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
     boxes, labels, valid = pad_targets(targets, torch.device("cpu"))
     matched = match_anchors(anchors, boxes, valid, 0.5)
     # anchor 0: IoU 1 with box 0; anchor 1: IoU 0.25 -> background; anchor 3 is box 1's
@@ -139,9 +157,10 @@ def test_match_anchors_threshold_and_best_anchor():
 
 def test_multibox_loss_perfect_prediction_and_hard_negatives():
     coder = BoxCoder()
-    anchors = torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70],
-                            [80, 80, 90, 90.]])
-    gt = torch.tensor([[1, 1, 11, 11.]])
+    anchors = torch.tensor(
+        [[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70], [80, 80, 90, 90.0]]
+    )
+    gt = torch.tensor([[1, 1, 11, 11.0]])
     targets = [{"boxes": gt, "labels": torch.tensor([2])}]
     locs = torch.zeros(1, 5, 4)
     locs[0, 0] = coder.encode(gt, anchors[:1])[0]
@@ -163,8 +182,10 @@ def test_multibox_loss_perfect_prediction_and_hard_negatives():
 def test_multibox_loss_trains_gradient_flows(tiny):
     model = build_model("tiny", 5, width=8).train()
     images = torch.randn(2, 3, 128, 128)
-    targets = [{"boxes": torch.tensor([[10., 10., 40., 40.]]), "labels": torch.tensor([1])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
     locs, logits = model(images)
     loss = multibox_loss(locs, logits, model.anchors(), targets, BoxCoder())["loss"]
     loss.backward()

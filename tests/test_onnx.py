@@ -3,6 +3,7 @@
 Exact up to each runtime's exp/softmax rounding: counts and labels equal, scores to
 rtol 1e-6, boxes to 1e-3 px, exact score ties compared as sets (benchmarks.parity).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,14 @@ RUNTIME_PARAMS = [pytest.param("onnxruntime", id="ort"), pytest.param("openvino"
 def _export_model_postprocess(name: str, path) -> str:
     """The postprocess of benchmark model ``name``, exported at B = 2."""
     example = make_inputs("sparse", name, 2, seed=99)
-    return ssd_onnx.export_postprocess(example.anchors, example.config, str(path), example.locs,
-                                       example.logits, example.image_sizes)
+    return ssd_onnx.export_postprocess(
+        example.anchors,
+        example.config,
+        str(path),
+        example.locs,
+        example.logits,
+        example.image_sizes,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,9 @@ def ssd300_onnx(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def ssdlite320_onnx(tmp_path_factory) -> str:
-    return _export_model_postprocess("ssdlite320", tmp_path_factory.mktemp("onnx") / "ssdlite320.onnx")
+    return _export_model_postprocess(
+        "ssdlite320", tmp_path_factory.mktemp("onnx") / "ssdlite320.onnx"
+    )
 
 
 def _assert_runtime_matches(path: str, runtime: str, scenario: str, model: str, batch: int) -> None:
@@ -92,11 +101,15 @@ def test_ssdlite320_matches_ssd_post(ssdlite320_onnx, runtime, scenario, batch):
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
 def test_sigmoid_without_background(tmp_path, runtime):
     inp = make_inputs("dense", "toy", 2, seed=5)
-    config = ssd_post.PostprocessConfig(score_activation="sigmoid", background_class=None, score_thresh=0.3,
-                                        detections_per_img=50)
-    path = ssd_onnx.export_postprocess(inp.anchors, config, str(tmp_path / "sig.onnx"), inp.locs,
-                                       inp.logits, inp.image_sizes)
-    got = ssd_onnx.load_runner(path, _runtime_or_skip(runtime))(inp.locs, inp.logits, inp.image_sizes)
+    config = ssd_post.PostprocessConfig(
+        score_activation="sigmoid", background_class=None, score_thresh=0.3, detections_per_img=50
+    )
+    path = ssd_onnx.export_postprocess(
+        inp.anchors, config, str(tmp_path / "sig.onnx"), inp.locs, inp.logits, inp.image_sizes
+    )
+    got = ssd_onnx.load_runner(path, _runtime_or_skip(runtime))(
+        inp.locs, inp.logits, inp.image_sizes
+    )
     want = ssd_post.postprocess(inp.locs, inp.logits, inp.anchors, inp.image_sizes, config)
     result = compare(got, want)
     assert result.ok, result.message
@@ -111,8 +124,12 @@ def test_decode_threshold_flatten_lowering(tmp_path):
         def forward(self, locs, logits, sizes):
             return ssd_post.decode_threshold_flatten(locs, logits, inp.anchors, sizes, inp.config)
 
-    program = torch.onnx.export(Stage().eval(), (inp.locs, inp.logits, inp.image_sizes), dynamo=True,
-                                custom_translation_table=ssd_onnx.translation_table())
+    program = torch.onnx.export(
+        Stage().eval(),
+        (inp.locs, inp.logits, inp.image_sizes),
+        dynamo=True,
+        custom_translation_table=ssd_onnx.translation_table(),
+    )
     path = str(tmp_path / "dtf.onnx")
     program.save(path, external_data=False)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -120,7 +137,8 @@ def test_decode_threshold_flatten_lowering(tmp_path):
     feeds = dict(zip(names, (inp.locs.numpy(), inp.logits.numpy(), inp.image_sizes.numpy())))
     boxes, scores, keys = (torch.from_numpy(o) for o in session.run(None, feeds))
     want_boxes, want_scores, want_keys = ssd_post.decode_threshold_flatten(
-        inp.locs, inp.logits, inp.anchors, inp.image_sizes, inp.config)
+        inp.locs, inp.logits, inp.anchors, inp.image_sizes, inp.config
+    )
     assert keys.numel() > 0
     torch.testing.assert_close(keys, want_keys, rtol=0, atol=0)
     torch.testing.assert_close(scores, want_scores, rtol=1e-6, atol=0)
@@ -157,15 +175,28 @@ def test_tiny_model_end_to_end(tiny_detector, tmp_path, runtime):
     torch.testing.assert_close(got.boxes[:, top], want.boxes[:, top], rtol=0, atol=1e-2)
 
 
-@pytest.mark.parametrize("opset", [ssd_onnx.SUPPORTED_OPSETS[-1]])  # the default (18) is tested above
+@pytest.mark.parametrize(
+    "opset", [ssd_onnx.SUPPORTED_OPSETS[-1]]
+)  # the default (18) is tested above
 def test_newest_supported_opset(tmp_path, opset):
     onnx = pytest.importorskip("onnx")
     inp = make_inputs("dense", "toy", 2, seed=7)
-    path = ssd_onnx.export_postprocess(inp.anchors, inp.config, str(tmp_path / "x.onnx"), inp.locs, inp.logits,
-                                       inp.image_sizes, opset=opset)
+    path = ssd_onnx.export_postprocess(
+        inp.anchors,
+        inp.config,
+        str(tmp_path / "x.onnx"),
+        inp.locs,
+        inp.logits,
+        inp.image_sizes,
+        opset=opset,
+    )
     assert [o.version for o in onnx.load(path).opset_import if o.domain == ""] == [opset]
-    got = ssd_onnx.load_runner(path, _runtime_or_skip("onnxruntime"))(inp.locs, inp.logits, inp.image_sizes)
-    result = compare(got, ssd_post.postprocess(inp.locs, inp.logits, inp.anchors, inp.image_sizes, inp.config))
+    got = ssd_onnx.load_runner(path, _runtime_or_skip("onnxruntime"))(
+        inp.locs, inp.logits, inp.image_sizes
+    )
+    result = compare(
+        got, ssd_post.postprocess(inp.locs, inp.logits, inp.anchors, inp.image_sizes, inp.config)
+    )
     assert result.ok and result.detections > 0, result.message
 
 
@@ -175,8 +206,15 @@ def test_newest_supported_opset(tmp_path, opset):
 def test_unsupported_opset_is_refused(tmp_path):
     inp = make_inputs("sparse", "toy", 1)
     with pytest.raises(ValueError, match="opset should be one of .* got 11"):
-        ssd_onnx.export_postprocess(inp.anchors, inp.config, str(tmp_path / "x.onnx"), inp.locs, inp.logits,
-                                    inp.image_sizes, opset=11)
+        ssd_onnx.export_postprocess(
+            inp.anchors,
+            inp.config,
+            str(tmp_path / "x.onnx"),
+            inp.locs,
+            inp.logits,
+            inp.image_sizes,
+            opset=11,
+        )
 
 
 def test_model_without_ssd_post_postprocess_is_refused(tmp_path):
@@ -188,8 +226,9 @@ def test_background_out_of_range_is_refused(tmp_path):
     inp = make_inputs("sparse", "toy", 1)
     config = ssd_post.PostprocessConfig(background_class=MODELS["toy"].num_classes)
     with pytest.raises(ValueError, match="background_class should be < C = 11, got 11"):
-        ssd_onnx.export_postprocess(inp.anchors, config, str(tmp_path / "x.onnx"), inp.locs, inp.logits,
-                                    inp.image_sizes)
+        ssd_onnx.export_postprocess(
+            inp.anchors, config, str(tmp_path / "x.onnx"), inp.locs, inp.logits, inp.image_sizes
+        )
 
 
 def test_unknown_runtime_is_refused(toy_onnx):
@@ -217,8 +256,12 @@ def test_batched_nms_has_no_lowering(tmp_path):
 
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0]])
     with pytest.raises(Exception, match="batched_nms has no exact ONNX lowering"):
-        torch.onnx.export(Nms().eval(), (boxes, torch.tensor([0.9, 0.8]), torch.tensor([0, 0])), dynamo=True,
-                          custom_translation_table=ssd_onnx.translation_table())
+        torch.onnx.export(
+            Nms().eval(),
+            (boxes, torch.tensor([0.9, 0.8]), torch.tensor([0, 0])),
+            dynamo=True,
+            custom_translation_table=ssd_onnx.translation_table(),
+        )
 
 
 def test_import_ssd_post_does_not_import_onnx():
@@ -239,17 +282,35 @@ def test_evaluate_backends_agree_on_map(tmp_path):
     stats = {}
     for backend in backends:
         out = tmp_path / f"{backend}.json"
-        proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "evaluate.py"), "--backend", backend,
-                               "--limit", "24", "--batch-size", "8", "--data-root", str(data_root),
-                               "--json", str(out)],
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(REPO_ROOT, "evaluate.py"),
+                "--backend",
+                backend,
+                "--limit",
+                "24",
+                "--batch-size",
+                "8",
+                "--data-root",
+                str(data_root),
+                "--json",
+                str(out),
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = json.loads(out.read_text())
         assert metrics["backend"] == backend and metrics["num_images"] == 24
         stats[backend] = metrics["stats"]
     assert len(stats) > 1 and stats["pytorch"][0] > 0.1  # a trained model, something to agree on
     for backend in backends[1:]:
-        torch.testing.assert_close(torch.tensor(stats[backend]), torch.tensor(stats["pytorch"]), rtol=0, atol=1e-3)
+        torch.testing.assert_close(
+            torch.tensor(stats[backend]), torch.tensor(stats["pytorch"]), rtol=0, atol=1e-3
+        )
 
 
 def test_evaluate_missing_runtime_is_one_line(monkeypatch, capsys):

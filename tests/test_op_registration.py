@@ -1,4 +1,5 @@
 """The ops are proper torch ops: opcheck-clean and usable under torch.compile."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,28 +20,45 @@ def _inputs(batch=2, anchors_n=64, classes=5, seed=0):
 
 
 OPS = ("postprocess", "decode_threshold_flatten", "batched_nms")
-COMMON = dict(box_weights=[10.0, 10.0, 5.0, 5.0], score_activation="softmax", background_class=0,
-              clip_boxes=True)
+COMMON = dict(
+    box_weights=[10.0, 10.0, 5.0, 5.0],
+    score_activation="softmax",
+    background_class=0,
+    clip_boxes=True,
+)
 
 
 def test_opcheck_postprocess():
     locs, logits, anchors, sizes = _inputs()
-    torch.library.opcheck(torch.ops.ssd_post.postprocess.default,
-                          (locs, logits, anchors, sizes, 0.1, 0.5, 20, 10), COMMON)
+    torch.library.opcheck(
+        torch.ops.ssd_post.postprocess.default,
+        (locs, logits, anchors, sizes, 0.1, 0.5, 20, 10),
+        COMMON,
+    )
 
 
 def test_opcheck_decode_threshold_flatten():
     locs, logits, anchors, sizes = _inputs()
-    torch.library.opcheck(torch.ops.ssd_post.decode_threshold_flatten.default,
-                          (locs, logits, anchors, sizes, 0.1, 20), COMMON)
+    torch.library.opcheck(
+        torch.ops.ssd_post.decode_threshold_flatten.default,
+        (locs, logits, anchors, sizes, 0.1, 20),
+        COMMON,
+    )
 
 
 def test_opcheck_batched_nms():
     generator = torch.Generator().manual_seed(1)
     xy = torch.rand(50, 2, generator=generator) * 50
     boxes = torch.cat((xy, xy + 10), dim=1)
-    torch.library.opcheck(torch.ops.ssd_post.batched_nms.default,
-                          (boxes, torch.rand(50, generator=generator), torch.randint(0, 3, (50,), generator=generator), 0.5))
+    torch.library.opcheck(
+        torch.ops.ssd_post.batched_nms.default,
+        (
+            boxes,
+            torch.rand(50, generator=generator),
+            torch.randint(0, 3, (50,), generator=generator),
+            0.5,
+        ),
+    )
 
 
 def test_schemas_are_registered():
@@ -66,7 +84,9 @@ def test_data_dependent_ops_inside_torch_compile():
     config = PostprocessConfig(score_thresh=0.1)
 
     def run(locs, logits):
-        boxes, scores, keys = ssd_post.decode_threshold_flatten(locs, logits, anchors, sizes, config)
+        boxes, scores, keys = ssd_post.decode_threshold_flatten(
+            locs, logits, anchors, sizes, config
+        )
         keep = ssd_post.batched_nms(boxes, scores, keys, 0.5)
         return boxes[keep], scores[keep], keys[keep]
 
@@ -80,7 +100,9 @@ def test_data_dependent_ops_inside_torch_compile():
 
 def test_has_cuda_kernels_agrees_with_the_dispatcher_for_every_op():
     """True exactly when all three ops have a CUDA kernel (a build registers all or none)."""
-    per_op = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ssd_post::{op}", "CUDA") for op in OPS}
+    per_op = {
+        op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ssd_post::{op}", "CUDA") for op in OPS
+    }
     assert len(set(per_op.values())) == 1, per_op
     assert ssd_post.has_cuda_kernels() is per_op["postprocess"]
 

@@ -1,5 +1,6 @@
 """The library is lean: ``import ssd_post`` works without the training stack, and the
 wheel declares torch/torchvision only and packages ``ssd_post`` alone."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,16 @@ import textwrap
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINING_MODULES = ("pytorch_lightning", "lightning", "albumentations", "cv2", "pycocotools", "yaml", "PIL",
-                    "matplotlib")
+TRAINING_MODULES = (
+    "pytorch_lightning",
+    "lightning",
+    "albumentations",
+    "cv2",
+    "pycocotools",
+    "yaml",
+    "PIL",
+    "matplotlib",
+)
 
 # A meta-path finder that refuses the modules named in argv[1], as if they were not
 # installed. Modules already imported (by torch/torchvision) are left alone.
@@ -32,7 +41,8 @@ BLOCKER = textwrap.dedent("""
 # Runs in a fresh interpreter. torch and torchvision, the declared dependencies, are
 # imported before the blocker: torchvision imports PIL itself (pillow is its own
 # dependency), which is not the library's doing; nothing else may be loaded by them.
-LEAN_IMPORT = textwrap.dedent("""
+LEAN_IMPORT = (
+    textwrap.dedent("""
     import sys
 
     import torch
@@ -40,7 +50,9 @@ LEAN_IMPORT = textwrap.dedent("""
 
     by_torchvision = {name for name in sys.argv[1].split(",") if name in sys.modules}
     assert by_torchvision <= {"PIL"}, f"torch/torchvision loaded {by_torchvision}"
-""") + BLOCKER + textwrap.dedent("""
+""")
+    + BLOCKER
+    + textwrap.dedent("""
     import ssd_post
     from ssd_post import reference
 
@@ -58,11 +70,17 @@ LEAN_IMPORT = textwrap.dedent("""
     assert not loaded, f"imported by the library: {loaded}"
     print("lean ok")
 """)
+)
 
 
 def _run(script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script, ",".join(TRAINING_MODULES)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", script, ",".join(TRAINING_MODULES)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_import_ssd_post_needs_no_training_module():
@@ -79,7 +97,9 @@ def test_the_blocker_itself_refuses_a_training_module():
 
 @pytest.fixture(scope="module")
 def pyproject() -> dict:
-    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    tomllib = pytest.importorskip(
+        "tomllib", reason="tomllib is in the standard library from Python 3.11"
+    )
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         return tomllib.load(f)
 
@@ -100,14 +120,22 @@ def test_the_library_depends_on_torch_and_torchvision_only(pyproject):
 def test_training_tools_are_extras(pyproject):
     extras = pyproject["project"]["optional-dependencies"]
     train = {_name(r) for r in extras["train"]}
-    assert {"pytorch-lightning", "albumentations", "pycocotools", "opencv-python-headless", "pyyaml",
-            "pillow"} <= train
+    assert {
+        "pytorch-lightning",
+        "albumentations",
+        "pycocotools",
+        "opencv-python-headless",
+        "pyyaml",
+        "pillow",
+    } <= train
     assert {"pytest", "hypothesis", "matplotlib"} <= {_name(r) for r in extras["dev"]}
 
 
 def test_only_ssd_post_is_packaged(pyproject):
     packages = pyproject["tool"]["setuptools"]["packages"]
-    assert packages and all(p == "ssd_post" or p.startswith("ssd_post.") for p in packages), packages
+    assert packages and all(p == "ssd_post" or p.startswith("ssd_post.") for p in packages), (
+        packages
+    )
     assert not {"models", "training"} & {p.split(".")[0] for p in packages}
 
 
@@ -133,15 +161,19 @@ def _python_files(*folders: str):
 def test_no_library_file_imports_a_training_module_even_lazily():
     """The subprocess test sees import time only; a lazy import inside a function
     would still make part of the library need the training stack."""
-    offenders = {os.path.relpath(path, REPO): sorted(set(_imported_modules(path)) & set(TRAINING_MODULES))
-                 for path in _python_files("ssd_post")}
+    offenders = {
+        os.path.relpath(path, REPO): sorted(set(_imported_modules(path)) & set(TRAINING_MODULES))
+        for path in _python_files("ssd_post")
+    }
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
 def test_no_code_imports_a_script():
     scripts = {"train", "evaluate", "demo"}
-    offenders = {os.path.relpath(path, REPO): sorted(set(_imported_modules(path)) & scripts)
-                 for path in _python_files("ssd_post", "models", "training", "benchmarks")}
+    offenders = {
+        os.path.relpath(path, REPO): sorted(set(_imported_modules(path)) & scripts)
+        for path in _python_files("ssd_post", "models", "training", "benchmarks")
+    }
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
@@ -186,13 +218,22 @@ def test_a_missing_or_broken_extension_fails_at_the_first_op_call(tmp_path, brok
     import sysconfig
 
     root = tmp_path / "copy"
-    shutil.copytree(os.path.join(REPO, "ssd_post"), root / "ssd_post",
-                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    shutil.copytree(
+        os.path.join(REPO, "ssd_post"),
+        root / "ssd_post",
+        ignore=shutil.ignore_patterns("_C*", "__pycache__"),
+    )
     if broken == "not_a_library":  # what an extension built for another platform looks like
         (root / "ssd_post" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"\0" * 64)
     script = WITHOUT_EXTENSION.replace("{root}", str(root))
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
-                            timeout=120, env=dict(os.environ, PYTHONPATH=str(root)))
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     errors = [line for line in result.stdout.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 2, result.stdout

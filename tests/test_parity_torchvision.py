@@ -1,5 +1,6 @@
 """ssd_post.postprocess equals torchvision's SSD.postprocess_detections on real
 forward outputs of torchvision's SSD models (random weights)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,10 @@ from ssd_post import PostprocessConfig, reference
 
 from common_utils import assert_same_detections, assert_same_detections_up_to_ties
 
-BUILDERS = {"ssd300_vgg16": ssd300_vgg16, "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large}
+BUILDERS = {
+    "ssd300_vgg16": ssd300_vgg16,
+    "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large,
+}
 
 
 def _head_outputs(model, images):
@@ -46,7 +50,16 @@ def model_outputs(request):
         _spread_class_logits(model, target_std=3.0)
     generator = torch.Generator().manual_seed(1)
     # Images of different sizes: the transform resizes them, the anchors follow.
-    sizes = [(300, 300), (240, 320), (320, 200), (300, 300), (280, 260), (300, 400), (200, 200), (350, 300)]
+    sizes = [
+        (300, 300),
+        (240, 320),
+        (320, 200),
+        (300, 300),
+        (280, 260),
+        (300, 400),
+        (200, 200),
+        (350, 300),
+    ]
     images = [torch.rand(3, h, w, generator=generator) for h, w in sizes]
     with torch.no_grad():
         outputs = _head_outputs(model, images)
@@ -62,11 +75,14 @@ def test_postprocess_matches_torchvision(model_outputs, batch, score_thresh):
     expected = model.postprocess_detections(head, anchors[:batch], image_sizes[:batch])
     assert sum(len(d["scores"]) for d in expected) > 0, "test needs detections"
     config = PostprocessConfig.from_torchvision(model)
-    actual = ssd_post.postprocess(head["bbox_regression"], head["cls_logits"], anchors[:batch],
-                                  image_sizes[:batch], config)
+    actual = ssd_post.postprocess(
+        head["bbox_regression"], head["cls_logits"], anchors[:batch], image_sizes[:batch], config
+    )
     # Exact ties remain even with spread logits (ssdlite, B=8: two boxes of one class
     # at the same score): compared as sets inside each tie, the rest to the bit.
-    assert_same_detections_up_to_ties(actual, ssd_post.Detections.from_list(expected, config.detections_per_img))
+    assert_same_detections_up_to_ties(
+        actual, ssd_post.Detections.from_list(expected, config.detections_per_img)
+    )
 
 
 def test_oracle_matches_torchvision(model_outputs):
@@ -74,10 +90,12 @@ def test_oracle_matches_torchvision(model_outputs):
     model.score_thresh = 0.05
     head = {k: v[:2] for k, v in head_outputs.items()}
     config = PostprocessConfig.from_torchvision(model)
-    expected = reference.torchvision_postprocess(head["bbox_regression"], head["cls_logits"],
-                                                 anchors[:2], image_sizes[:2], config)
-    oracle = reference.postprocess_loop(head["bbox_regression"], head["cls_logits"], anchors[:2],
-                                        image_sizes[:2], config)
+    expected = reference.torchvision_postprocess(
+        head["bbox_regression"], head["cls_logits"], anchors[:2], image_sizes[:2], config
+    )
+    oracle = reference.postprocess_loop(
+        head["bbox_regression"], head["cls_logits"], anchors[:2], image_sizes[:2], config
+    )
     assert expected.num_detections.sum() > 0
     assert_same_detections(oracle, expected)
 

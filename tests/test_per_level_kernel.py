@@ -3,6 +3,7 @@ the CPU path (ssd_post/per_level.py), on a GPU where there is one and everywhere
 through the CUDA emulator (tests/cuda_emulation): the same pairs in the same rank
 order per (image, level), scores within float rounding (the device's expf against
 torch's CPU sigmoid)."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,27 +19,57 @@ pytestmark = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs
 
 
 def _device_op(logits, centerness, level_sizes, score_thresh, topk, background):
-    out = ops.select_per_level_op(logits.cuda(), None if centerness is None else centerness.cuda(),
-                                  level_sizes, score_thresh, topk, background)
+    out = ops.select_per_level_op(
+        logits.cuda(),
+        None if centerness is None else centerness.cuda(),
+        level_sizes,
+        score_thresh,
+        topk,
+        background,
+    )
     return tuple(t.cpu() for t in out)
 
 
 def _emulated_op(logits, centerness, level_sizes, score_thresh, topk, background):
-    config = PostprocessConfig(score_thresh=score_thresh, topk_candidates=topk, selection="per_level",
-                               score_activation="sigmoid", background_class=background)
+    config = PostprocessConfig(
+        score_thresh=score_thresh,
+        topk_candidates=topk,
+        selection="per_level",
+        score_activation="sigmoid",
+        background_class=background,
+    )
     return cuda_emulation.select_per_level(logits, centerness, level_sizes, config)
 
 
-@pytest.fixture(params=[pytest.param("device", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not (torch.cuda.is_available() and ops.has_cuda_kernels()), reason="needs a CUDA device and the CUDA build")]),
-    "emulated"])
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "device",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(
+                    not (torch.cuda.is_available() and ops.has_cuda_kernels()),
+                    reason="needs a CUDA device and the CUDA build",
+                ),
+            ],
+        ),
+        "emulated",
+    ]
+)
 def select_op(request):
     return _device_op if request.param == "device" else _emulated_op
 
 
 def _config(**kw) -> PostprocessConfig:
-    base = dict(score_thresh=0.05, nms_thresh=0.5, topk_candidates=30, detections_per_img=100,
-                score_activation="sigmoid", background_class=None, selection="per_level")
+    base = dict(
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        topk_candidates=30,
+        detections_per_img=100,
+        score_activation="sigmoid",
+        background_class=None,
+        selection="per_level",
+    )
     base.update(kw)
     return PostprocessConfig(**base)
 
@@ -48,8 +79,11 @@ def _groups(image, anchor, label, score, level_sizes, batch, num_classes):
     ends = torch.tensor(level_sizes).cumsum(0)
     level = torch.bucketize(anchor, ends, right=True)
     flat = anchor * num_classes + label
-    return {(b, l): (flat[(image == b) & (level == l)], score[(image == b) & (level == l)])
-            for b in range(batch) for l in range(len(level_sizes))}
+    return {
+        (b, l): (flat[(image == b) & (level == l)], score[(image == b) & (level == l)])
+        for b in range(batch)
+        for l in range(len(level_sizes))
+    }
 
 
 def assert_same_selection(select_op, logits, centerness, config, level_sizes):
@@ -78,8 +112,12 @@ CASES = {
     "retinanet_radix_select": (dict(), [60, 20, 6], 7, False),
     # topk above every level's pairs: all passing pairs, no select
     "topk_above_pairs": (dict(topk_candidates=5000), [30, 8, 2], 5, False),
-    "fcos_centerness": (dict(score_thresh=0.2, score_activation="sigmoid_centerness", box_coder="linear"),
-                        [50, 12, 3], 6, True),
+    "fcos_centerness": (
+        dict(score_thresh=0.2, score_activation="sigmoid_centerness", box_coder="linear"),
+        [50, 12, 3],
+        6,
+        True,
+    ),
     "background_first": (dict(background_class=0), [40, 10], 6, False),
     "background_last": (dict(background_class="last", topk_candidates=7), [40, 10], 6, False),
     "empty_level": (dict(), [25, 0, 9], 4, False),
@@ -94,8 +132,14 @@ def test_kernel_selects_what_the_cpu_path_selects(select_op, case, batch):
     overrides, level_sizes, classes, with_centerness = CASES[case]
     config = _config(**overrides)
     scale = 4.0 if case == "high_threshold_no_bound" else 1.5
-    logits, ctr = _logits(batch, sum(level_sizes), classes, seed=len(case) + batch, scale=scale,
-                          centerness=with_centerness)
+    logits, ctr = _logits(
+        batch,
+        sum(level_sizes),
+        classes,
+        seed=len(case) + batch,
+        scale=scale,
+        centerness=with_centerness,
+    )
     assert_same_selection(select_op, logits, ctr, config, level_sizes)
 
 
@@ -115,8 +159,12 @@ def test_nan_and_inf_logits(select_op):
     logits[1, 5, 2] = float("-inf")
     ctr[1, 7, 0] = float("nan")
     ctr[0, 8, 0] = float("inf")
-    config = _config(score_thresh=0.2, score_activation="sigmoid_centerness", box_coder="linear",
-                     topk_candidates=25)
+    config = _config(
+        score_thresh=0.2,
+        score_activation="sigmoid_centerness",
+        box_coder="linear",
+        topk_candidates=25,
+    )
     assert_same_selection(select_op, logits, ctr, config, [30, 10])
 
 
@@ -146,7 +194,9 @@ def test_fake_kernel_shapes_equal_the_kernels():
     config = _config(topk_candidates=40)
     real = cuda_emulation.select_per_level(logits, None, [12, 8], config)
     with FakeTensorMode() as mode:
-        fake = torch.ops.ssd_post.select_per_level(mode.from_tensor(logits), None, [12, 8], 0.05, 40, None)
+        fake = torch.ops.ssd_post.select_per_level(
+            mode.from_tensor(logits), None, [12, 8], 0.05, 40, None
+        )
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
 
 
@@ -165,9 +215,12 @@ def level_problems(draw):
     classes = draw(st.integers(1, 6))
     fcos = draw(st.booleans())
     background = draw(st.sampled_from([None, "first", "last"])) if classes > 1 else None
-    config = _config(score_thresh=draw(st.sampled_from([0.0, 0.05, 0.2, 0.5])),
-                     topk_candidates=draw(st.integers(1, 120)), background_class=background,
-                     **(dict(score_activation="sigmoid_centerness", box_coder="linear") if fcos else {}))
+    config = _config(
+        score_thresh=draw(st.sampled_from([0.0, 0.05, 0.2, 0.5])),
+        topk_candidates=draw(st.integers(1, 120)),
+        background_class=background,
+        **(dict(score_activation="sigmoid_centerness", box_coder="linear") if fcos else {}),
+    )
     seed = draw(st.integers(0, 2**16))
     logits, ctr = _logits(draw(st.integers(1, 3)), sum(levels), classes, seed, centerness=fcos)
     if draw(st.booleans()):
@@ -176,16 +229,27 @@ def level_problems(draw):
 
 
 @pytest.mark.slow  # 60 emulated problems
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(problem=level_problems())
 def test_kernel_matches_cpu_path_on_random_problems(select_op, problem):
     logits, ctr, config, levels = problem
     batch, _, num_classes = logits.shape
     expected = per_level.select_per_level(logits, ctr, config, levels)
     if expected[0].numel() == 0:
-        flat, _, counts = select_op(logits, ctr, levels, config.score_thresh, config.topk_candidates,
-                                    config.resolve_background_class(num_classes))
+        flat, _, counts = select_op(
+            logits,
+            ctr,
+            levels,
+            config.score_thresh,
+            config.topk_candidates,
+            config.resolve_background_class(num_classes),
+        )
         assert int(counts.sum()) == 0
         return
     assert_same_selection(select_op, logits, ctr, config, levels)

@@ -1,6 +1,7 @@
 """The CPU kernels are portable: every compilation of the vector loops gives the same
 detections, and the C++ sources compile for aarch64 (Linux ARM, the ISA of Apple
 silicon) against the installed torch headers."""
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,14 @@ def test_each_vector_variant_equals_the_oracle(capability, variant):
     if variant == "avx2" and not _x86_with_avx2():
         pytest.skip("no AVX2 variant: not an x86 CPU with AVX2")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    proc = subprocess.run([sys.executable, "-c", VARIANT_RUN], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", VARIANT_RUN],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == variant
 
@@ -83,25 +90,35 @@ def test_each_vector_variant_equals_the_oracle(capability, variant):
 def _cross_compile_command(source: str) -> list:
     from torch.utils.cpp_extension import include_paths
 
-    flags = ["-std=c++20", "-fsyntax-only", "-DTORCH_API_INCLUDE_EXTENSION_H",
-             "-DTORCH_EXTENSION_NAME=_C", "-DSSD_POST_WITH_CUDA=0"]
+    flags = [
+        "-std=c++20",
+        "-fsyntax-only",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DSSD_POST_WITH_CUDA=0",
+    ]
     includes = [f"-I{path}" for path in include_paths()]
     return [CROSS_COMPILER, *flags, *includes, os.path.join(REPO, source)]
 
 
 AARCH64_SOURCES = ["csrc/ssd_post.cpp"] + sorted(
-    os.path.join("csrc", "cpu", name) for name in os.listdir(os.path.join(REPO, "csrc", "cpu"))
-    if name.endswith(".cpp"))
+    os.path.join("csrc", "cpu", name)
+    for name in os.listdir(os.path.join(REPO, "csrc", "cpu"))
+    if name.endswith(".cpp")
+)
 
 
 @pytest.mark.slow  # a cross compile per source, about 5 s each
-@pytest.mark.skipif(shutil.which(CROSS_COMPILER) is None,
-                    reason=f"{CROSS_COMPILER} not installed (the CI path installs "
-                           "g++-aarch64-linux-gnu); cannot check the aarch64 build")
+@pytest.mark.skipif(
+    shutil.which(CROSS_COMPILER) is None,
+    reason=f"{CROSS_COMPILER} not installed (the CI path installs "
+    "g++-aarch64-linux-gnu); cannot check the aarch64 build",
+)
 @pytest.mark.parametrize("source", AARCH64_SOURCES)
 def test_cpu_sources_compile_for_aarch64(source):
-    proc = subprocess.run(_cross_compile_command(source), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        _cross_compile_command(source), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -112,8 +129,13 @@ def test_no_x86_intrinsics_outside_atens_vector_types():
     for folder in ("common", "cpu"):
         for name in os.listdir(os.path.join(REPO, "csrc", folder)):
             text = open(os.path.join(REPO, "csrc", folder, name)).read()
-            for marker in ("immintrin.h", "__builtin_cpu_supports", "_mm_", "_mm256_",
-                           "__builtin_ctz"):
+            for marker in (
+                "immintrin.h",
+                "__builtin_cpu_supports",
+                "_mm_",
+                "_mm256_",
+                "__builtin_ctz",
+            ):
                 if marker in text:
                     offenders.append(f"csrc/{folder}/{name}: {marker}")
     assert not offenders, offenders

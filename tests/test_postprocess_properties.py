@@ -1,4 +1,5 @@
 """Property tests: every op against the readable oracle in ssd_post.reference."""
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,10 @@ def problems(draw, exact_boxes: bool):
     shifts = st.integers(-8, 8).map(lambda k: k / 2.0)
     scales = st.just(0.0) if exact_boxes else st.integers(-10, 10).map(lambda k: k / 2.0)
     locs = torch.tensor(
-        [[draw(shifts), draw(shifts), draw(scales), draw(scales)] for _ in range(batch * anchors_n)],
+        [
+            [draw(shifts), draw(shifts), draw(scales), draw(scales)]
+            for _ in range(batch * anchors_n)
+        ],
         dtype=torch.float32,
     ).reshape(batch, anchors_n, 4)
     anchors = []
@@ -71,7 +75,9 @@ def test_postprocess_matches_the_oracle(problem):
         actual.scores = expected.scores
     assert_same_detections(actual, expected, box_atol=0.0)
     batch, num_anchors, num_classes = logits.shape
-    k = config.padded_detections(num_anchors, num_classes)  # min(detections_per_img, C_fg * min(topk, A))
+    k = config.padded_detections(
+        num_anchors, num_classes
+    )  # min(detections_per_img, C_fg * min(topk, A))
     assert actual.boxes.shape == (batch, k, 4) and actual.labels.dtype == torch.int64
     # Padding rows are zero and every reported label is a foreground class.
     for i, n in enumerate(actual.num_detections.tolist()):
@@ -96,12 +102,18 @@ def _oracle_candidates(locs, logits, anchors, image_sizes, config):
 @given(problems(exact_boxes=False))
 def test_decode_threshold_flatten_matches_the_oracle(problem):
     locs, logits, anchors, image_sizes, config = problem
-    boxes, scores, keys = ssd_post.decode_threshold_flatten(locs, logits, anchors, image_sizes, config)
+    boxes, scores, keys = ssd_post.decode_threshold_flatten(
+        locs, logits, anchors, image_sizes, config
+    )
     expected = _oracle_candidates(locs, logits, anchors, image_sizes, config)
     assert keys.tolist() == [r[0] for r in expected]
     if expected:
-        torch.testing.assert_close(scores, torch.tensor([r[1] for r in expected]), rtol=1e-6, atol=0)
-        torch.testing.assert_close(boxes, torch.stack([r[2] for r in expected]), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            scores, torch.tensor([r[1] for r in expected]), rtol=1e-6, atol=0
+        )
+        torch.testing.assert_close(
+            boxes, torch.stack([r[2] for r in expected]), rtol=1e-5, atol=1e-4
+        )
     # Keys ascend, scores descend inside a key, at most topk per key.
     if len(keys):
         assert torch.all(keys[1:] >= keys[:-1])
@@ -133,9 +145,12 @@ def test_half_and_bfloat16_inputs_are_computed_in_float32(ssd300_anchors):
     config = PostprocessConfig(score_thresh=0.1)
     for dtype in (torch.float16, torch.bfloat16):
         low_locs, low_logits = locs.to(dtype), logits.to(dtype)
-        expected = reference.postprocess_loop(low_locs.float(), low_logits.float(), ssd300_anchors,
-                                              [(300, 300)] * 2, config)
-        actual = ssd_post.postprocess(low_locs, low_logits, ssd300_anchors, [(300, 300)] * 2, config)
+        expected = reference.postprocess_loop(
+            low_locs.float(), low_logits.float(), ssd300_anchors, [(300, 300)] * 2, config
+        )
+        actual = ssd_post.postprocess(
+            low_locs, low_logits, ssd300_anchors, [(300, 300)] * 2, config
+        )
         assert actual.boxes.dtype == torch.float32 and expected.num_detections.sum() > 0
         assert_same_detections(actual, expected)
 
@@ -155,7 +170,9 @@ def test_nan_regressions_give_nan_boxes_not_a_crash():
     locs = torch.full((1, 4, 4), float("nan"))
     logits = torch.tensor([[[0.0, 5.0]] * 4])
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 4)
-    det = ssd_post.postprocess(locs, logits, anchors, [(20, 20)], PostprocessConfig(score_thresh=0.5))
+    det = ssd_post.postprocess(
+        locs, logits, anchors, [(20, 20)], PostprocessConfig(score_thresh=0.5)
+    )
     # NaN boxes overlap nothing, so NMS keeps all four.
     assert det.num_detections.tolist() == [4]
     assert torch.isnan(det.boxes[0, :4]).all()

@@ -5,6 +5,7 @@ library" section 5: huge counts, scalar types, fractional image sizes, mixed
 devices, the split-anchors path on a large image, stride-0 logits, inverted boxes,
 C = 0, quantized tensors and None arguments.
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,10 +36,19 @@ def _problem(batch=2, anchors=100, classes=4, seed=0, spread=3.0):
 def _op_postprocess(locs, logits, anchors, sizes, config):
     """The registered op itself, with a CPU tensor of sizes (no Python wrapper)."""
     return torch.ops.ssd_post.postprocess(
-        locs, logits, anchors, torch.tensor(sizes, dtype=torch.int64), config.score_thresh,
-        config.nms_thresh, config.topk_candidates, config.detections_per_img,
-        list(config.box_weights), config.score_activation, config.background_class,
-        config.clip_boxes)
+        locs,
+        logits,
+        anchors,
+        torch.tensor(sizes, dtype=torch.int64),
+        config.score_thresh,
+        config.nms_thresh,
+        config.topk_candidates,
+        config.detections_per_img,
+        list(config.box_weights),
+        config.score_activation,
+        config.background_class,
+        config.clip_boxes,
+    )
 
 
 # --- huge topk_candidates / detections_per_img ---------------------------------
@@ -54,15 +64,18 @@ def test_huge_topk_candidates_means_no_limit(huge):
     assert flat[0].shape[0] > 200  # more than one class's worth: the limit really is A
     for got, want in zip(flat, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert_same_detections(ssd_post.postprocess(locs, logits, anchors, sizes, unlimited),
-                           reference.postprocess_loop(locs, logits, anchors, sizes, unlimited))
+    assert_same_detections(
+        ssd_post.postprocess(locs, logits, anchors, sizes, unlimited),
+        reference.postprocess_loop(locs, logits, anchors, sizes, unlimited),
+    )
 
 
 @pytest.mark.parametrize("huge", HUGE)
 def test_huge_detections_per_img_pads_to_what_the_data_can_give(huge):
     locs, logits, anchors, sizes = _problem(anchors=100, classes=4)
-    config = PostprocessConfig(score_thresh=0.0, nms_thresh=1.0, topk_candidates=huge,
-                               detections_per_img=huge)
+    config = PostprocessConfig(
+        score_thresh=0.0, nms_thresh=1.0, topk_candidates=huge, detections_per_img=huge
+    )
     # K = min(detections_per_img, C_fg * min(topk, A)) = 3 foreground classes * 100 anchors.
     assert config.padded_detections(100, 4) == 300
     det = ssd_post.postprocess(locs, logits, anchors, sizes, config)
@@ -101,16 +114,29 @@ def test_padded_detections_has_no_overflow_at_realistic_retinanet_shapes():
 # --- thresholds and counts as numpy scalars / 0-d tensors ----------------------
 
 
-@pytest.mark.parametrize("thresh", [np.float32(0.05), np.float64(0.05), torch.tensor(0.05),
-                                    torch.tensor(0.05, dtype=torch.float64)])
+@pytest.mark.parametrize(
+    "thresh",
+    [
+        np.float32(0.05),
+        np.float64(0.05),
+        torch.tensor(0.05),
+        torch.tensor(0.05, dtype=torch.float64),
+    ],
+)
 def test_thresholds_accept_exact_real_scalars(thresh):
     config = PostprocessConfig(score_thresh=thresh, nms_thresh=thresh)
     assert type(config.score_thresh) is float and config.score_thresh == float(thresh)
     locs, logits, anchors, sizes = _problem()
     assert_same_detections(
         ssd_post.postprocess(locs, logits, anchors, sizes, config),
-        ssd_post.postprocess(locs, logits, anchors, sizes,
-                             PostprocessConfig(score_thresh=float(thresh), nms_thresh=float(thresh))))
+        ssd_post.postprocess(
+            locs,
+            logits,
+            anchors,
+            sizes,
+            PostprocessConfig(score_thresh=float(thresh), nms_thresh=float(thresh)),
+        ),
+    )
     boxes, scores, keys = ssd_post.decode_threshold_flatten(locs, logits, anchors, sizes, config)
     kept = ssd_post.batched_nms(boxes, scores, keys, thresh)
     torch.testing.assert_close(kept, ssd_post.batched_nms(boxes, scores, keys, float(thresh)))
@@ -163,8 +189,12 @@ def test_fractional_image_sizes_are_truncated_like_torchvision_int():
     config = PostprocessConfig(score_thresh=0.05)
     got = ssd_post.postprocess(locs, logits, anchors, fractional, config)
     assert_same_detections(got, ssd_post.postprocess(locs, logits, anchors, whole, config))
-    assert_same_detections(got, reference.postprocess_loop(locs, logits, anchors, fractional, config))
-    assert_same_detections(got, reference.torchvision_postprocess(locs, logits, anchors, whole, config))
+    assert_same_detections(
+        got, reference.postprocess_loop(locs, logits, anchors, fractional, config)
+    )
+    assert_same_detections(
+        got, reference.torchvision_postprocess(locs, logits, anchors, whole, config)
+    )
     assert float(got.boxes[1, :, 2].max()) == 60.0  # clipped to the truncated width
     emulated = cuda_emulation.postprocess(locs, logits, anchors, fractional, config)
     assert_postprocess_match((got.boxes, got.scores, got.labels, got.num_detections), emulated)
@@ -188,9 +218,13 @@ def test_mixed_devices_name_both_devices(moved):
     locs, logits, anchors, sizes = _problem()
     args = {"locs": locs, "logits": logits, "anchors": anchors}
     args[moved] = args[moved].to("meta")
-    with pytest.raises(ValueError, match=f"{moved} should be on the same device as locs, got meta and cpu"):
+    with pytest.raises(
+        ValueError, match=f"{moved} should be on the same device as locs, got meta and cpu"
+    ):
         ssd_post.postprocess(args["locs"], args["logits"], args["anchors"], sizes)
-    with pytest.raises(ValueError, match=f"{moved} should be on the same device as locs, got meta and cpu"):
+    with pytest.raises(
+        ValueError, match=f"{moved} should be on the same device as locs, got meta and cpu"
+    ):
         ssd_post.decode_threshold_flatten(args["locs"], args["logits"], args["anchors"], sizes)
     # The op called directly reaches the fake (meta) kernel, which checks too.
     with pytest.raises(ValueError, match="should be on the same device as locs, got"):
@@ -199,22 +233,34 @@ def test_mixed_devices_name_both_devices(moved):
 
 def test_cpu_anchors_and_sizes_are_accepted_as_constants_on_any_device():
     locs, logits, anchors, sizes = _problem(anchors=40, classes=4)
-    det = ssd_post.postprocess(locs.to("meta"), logits.to("meta"), anchors, sizes,
-                               PostprocessConfig(detections_per_img=500))
+    det = ssd_post.postprocess(
+        locs.to("meta"),
+        logits.to("meta"),
+        anchors,
+        sizes,
+        PostprocessConfig(detections_per_img=500),
+    )
     assert det.boxes.device.type == "meta" and det.boxes.shape == (2, 3 * 40, 4)
 
 
 def test_meta_image_sizes_with_cpu_locs_are_refused():
     locs, logits, anchors, _ = _problem()
     sizes = torch.full((2, 2), 100, device="meta")
-    with pytest.raises(ValueError, match="image_sizes should be on the CPU or on the same device as locs, got meta and cpu"):
+    with pytest.raises(
+        ValueError,
+        match="image_sizes should be on the CPU or on the same device as locs, got meta and cpu",
+    ):
         ssd_post.postprocess(locs, logits, anchors, sizes)
 
 
 def test_batched_nms_mixed_devices():
     boxes = torch.zeros(2, 4)
-    with pytest.raises(ValueError, match="scores should be on the same device as boxes, got meta and cpu"):
-        ssd_post.batched_nms(boxes, torch.ones(2, device="meta"), torch.zeros(2, dtype=torch.int64), 0.5)
+    with pytest.raises(
+        ValueError, match="scores should be on the same device as boxes, got meta and cpu"
+    ):
+        ssd_post.batched_nms(
+            boxes, torch.ones(2, device="meta"), torch.zeros(2, dtype=torch.int64), 0.5
+        )
 
 
 # --- the split-anchors parallel path on one large image ------------------------
@@ -263,9 +309,10 @@ def test_stride_zero_logits_equal_contiguous_logits():
     assert expanded.stride(0) == 0
     config = PostprocessConfig(score_thresh=0.05)
     locs = locs[:1].expand(3, -1, -1)
-    assert_same_detections(ssd_post.postprocess(locs, expanded, anchors, sizes, config),
-                           ssd_post.postprocess(locs.contiguous(), expanded.contiguous(), anchors,
-                                                sizes, config))
+    assert_same_detections(
+        ssd_post.postprocess(locs, expanded, anchors, sizes, config),
+        ssd_post.postprocess(locs.contiguous(), expanded.contiguous(), anchors, sizes, config),
+    )
 
 
 @pytest.mark.slow  # fills 4.4 GB of float16 logits
@@ -283,11 +330,18 @@ def test_one_image_past_two_to_the_31_logits():
     logits[0, chosen, 0] = -8.0
     logits[0, chosen, labels] = torch.tensor([9.0, 10.0, 11.0, 12.0], dtype=torch.float16)
     locs = torch.zeros(1, num_anchors, 4)
-    locs[0, chosen] = torch.tensor([[0.5, -0.5, 0.2, 0.1], [0.1, 0.2, -0.3, 0.4],
-                                    [-1.0, 0.3, 0.5, -0.2], [0.7, 0.7, 0.1, 0.1]])
+    locs[0, chosen] = torch.tensor(
+        [[0.5, -0.5, 0.2, 0.1], [0.1, 0.2, -0.3, 0.4], [-1.0, 0.3, 0.5, -0.2], [0.7, 0.7, 0.1, 0.1]]
+    )
     anchors = torch.tensor([10.0, 10.0, 60.0, 80.0]).repeat(num_anchors, 1)
-    anchors[chosen] = torch.tensor([[5.0, 5.0, 50.0, 40.0], [100.0, 20.0, 180.0, 90.0],
-                                    [30.0, 150.0, 90.0, 250.0], [200.0, 200.0, 290.0, 280.0]])
+    anchors[chosen] = torch.tensor(
+        [
+            [5.0, 5.0, 50.0, 40.0],
+            [100.0, 20.0, 180.0, 90.0],
+            [30.0, 150.0, 90.0, 250.0],
+            [200.0, 200.0, 290.0, 280.0],
+        ]
+    )
     sizes = [(300, 300)]
     config = PostprocessConfig(score_thresh=0.5)
     big = ssd_post.postprocess(locs, logits, anchors, sizes, config)
@@ -314,7 +368,9 @@ def test_inverted_boxes_keep_sort_raise_in_batched_nms():
     assert ssd_post.batched_nms(boxes, scores, idxs, 0.5, inverted_boxes="sort").tolist() == [0]
     with pytest.raises(ValueError, match=r"boxes should have x1 <= x2 and y1 <= y2 .* at index 0"):
         ssd_post.batched_nms(boxes, scores, idxs, 0.5, inverted_boxes="raise")
-    assert ssd_post.batched_nms(boxes[1:], scores[1:], idxs[1:], 0.5, inverted_boxes="raise").tolist() == [0]
+    assert ssd_post.batched_nms(
+        boxes[1:], scores[1:], idxs[1:], 0.5, inverted_boxes="raise"
+    ).tolist() == [0]
     with pytest.raises(ValueError, match="inverted_boxes should be one of"):
         ssd_post.batched_nms(boxes, scores, idxs, 0.5, inverted_boxes="swap")
 
@@ -326,14 +382,19 @@ def test_inverted_anchors_keep_sort_raise_in_postprocess():
     base = dict(score_thresh=0.05)
     sorted_result = ssd_post.postprocess(locs, logits, anchors, sizes, PostprocessConfig(**base))
     assert_same_detections(
-        ssd_post.postprocess(locs, logits, inverted, sizes,
-                             PostprocessConfig(**base, inverted_boxes="sort")), sorted_result)
+        ssd_post.postprocess(
+            locs, logits, inverted, sizes, PostprocessConfig(**base, inverted_boxes="sort")
+        ),
+        sorted_result,
+    )
     kept = ssd_post.postprocess(locs, logits, inverted, sizes, PostprocessConfig(**base))
-    assert_same_detections(kept, reference.postprocess_loop(locs, logits, inverted, sizes,
-                                                            PostprocessConfig(**base)))
+    assert_same_detections(
+        kept, reference.postprocess_loop(locs, logits, inverted, sizes, PostprocessConfig(**base))
+    )
     with pytest.raises(ValueError, match="anchors should have x1 <= x2 and y1 <= y2"):
-        ssd_post.postprocess(locs, logits, inverted, sizes,
-                             PostprocessConfig(**base, inverted_boxes="raise"))
+        ssd_post.postprocess(
+            locs, logits, inverted, sizes, PostprocessConfig(**base, inverted_boxes="raise")
+        )
     with pytest.raises(ValueError, match="inverted_boxes should be one of"):
         PostprocessConfig(inverted_boxes="flip")
 
@@ -378,7 +439,11 @@ def test_none_arguments_are_refused_naming_the_argument(name):
 
 @pytest.mark.parametrize("name", ["boxes", "scores", "idxs"])
 def test_none_arguments_of_batched_nms(name):
-    args = {"boxes": torch.zeros(2, 4), "scores": torch.ones(2), "idxs": torch.zeros(2, dtype=torch.int64)}
+    args = {
+        "boxes": torch.zeros(2, 4),
+        "scores": torch.ones(2),
+        "idxs": torch.zeros(2, dtype=torch.int64),
+    }
     args[name] = None
     with pytest.raises(ValueError, match=f"{name} should be a Tensor, got NoneType"):
         ssd_post.batched_nms(**args, iou_threshold=0.5)
@@ -398,8 +463,12 @@ def test_none_config_fields_are_refused():
 def test_fake_kernel_pads_like_the_real_kernel(detections, topk):
     locs, logits, anchors, sizes = _problem(anchors=40, classes=4)
     args = (locs, logits, anchors, torch.tensor(sizes), 0.05, 0.5, topk, detections)
-    kwargs = dict(box_weights=[10.0, 10.0, 5.0, 5.0], score_activation="softmax",
-                  background_class=0, clip_boxes=True)
+    kwargs = dict(
+        box_weights=[10.0, 10.0, 5.0, 5.0],
+        score_activation="softmax",
+        background_class=0,
+        clip_boxes=True,
+    )
     torch.library.opcheck(torch.ops.ssd_post.postprocess.default, args, kwargs)
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)

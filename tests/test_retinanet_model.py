@@ -1,5 +1,6 @@
 """models' RetinaNet: torchvision's network, anchors and loss, ssd_post's per-level
 postprocess; end to end equal to torchvision's own RetinaNet in eval mode."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ def pair():
     transform only normalises) and ours with the same weights, classification logits
     spread so that few scores tie and many pass 0.05."""
     torch.manual_seed(0)
-    theirs = detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91,
-                                              min_size=SIZE, max_size=SIZE).eval()
+    theirs = detection.retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91, min_size=SIZE, max_size=SIZE
+    ).eval()
     ours = build_model(ARCH, 91, image_size=(SIZE, SIZE)).eval()
     last_conv = theirs.head.classification_head.cls_logits
     with torch.no_grad():
@@ -70,10 +72,14 @@ def test_predict_equals_torchvisions_retinanet(pair, batch, topk, monkeypatch):
     # topk 20: every level sends only its best 20 to NMS, so level sizes matter.
     theirs, ours = pair
     monkeypatch.setattr(theirs, "topk_candidates", topk)
-    monkeypatch.setattr(ours, "postprocess_config", ssd_post.PostprocessConfig.from_torchvision(theirs))
+    monkeypatch.setattr(
+        ours, "postprocess_config", ssd_post.PostprocessConfig.from_torchvision(theirs)
+    )
     images = _images(batch)
     with torch.no_grad():
-        expected = ssd_post.Detections.from_list(theirs(list(images)), ours.postprocess_config.detections_per_img)
+        expected = ssd_post.Detections.from_list(
+            theirs(list(images)), ours.postprocess_config.detections_per_img
+        )
         got = ours.predict(_normalise(images, ours))
         loop = ours.predict(_normalise(images, ours), postprocess="torchvision")
     assert int(got.num_detections.min()) > 20, "the test needs detections to compare"
@@ -90,7 +96,9 @@ def test_whole_block_path_used_on_cuda_equals_torchvision(pair, monkeypatch):
     monkeypatch.setattr(per_level, "loop_step", lambda: None)
     images = _images(2, seed=3)
     with torch.no_grad():
-        expected = ssd_post.Detections.from_list(theirs(list(images)), ours.postprocess_config.detections_per_img)
+        expected = ssd_post.Detections.from_list(
+            theirs(list(images)), ours.postprocess_config.detections_per_img
+        )
         got = ours.predict(_normalise(images, ours))
     assert_same_detections_up_to_ties(got, expected)
 
@@ -99,9 +107,13 @@ def test_whole_block_path_used_on_cuda_equals_torchvision(pair, monkeypatch):
 def test_loss_equals_torchvisions(pair):
     theirs, ours = pair
     images = _images(2, seed=4)
-    targets = [{"boxes": torch.tensor([[10., 20., 120., 140.], [150., 30., 250., 90.]]),
-                "labels": torch.tensor([3, 17])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 20.0, 120.0, 140.0], [150.0, 30.0, 250.0, 90.0]]),
+            "labels": torch.tensor([3, 17]),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
     # Eval mode for both: BatchNorm then uses its running statistics, which one
     # training-mode pass of each model would update differently.
     with torch.no_grad():
@@ -110,7 +122,9 @@ def test_loss_equals_torchvisions(pair):
             expected = theirs(list(images), targets)
         finally:
             theirs.training = False
-        got = ours.compute_loss(_normalise(images, ours), targets, {"iou_thresh": 0.5, "bg_iou_thresh": 0.4})
+        got = ours.compute_loss(
+            _normalise(images, ours), targets, {"iou_thresh": 0.5, "bg_iou_thresh": 0.4}
+        )
     torch.testing.assert_close(got["cls"], expected["classification"], rtol=1e-6, atol=0)
     torch.testing.assert_close(got["bbox"], expected["bbox_regression"], rtol=1e-6, atol=0)
     torch.testing.assert_close(got["loss"], got["cls"] + got["bbox"])
@@ -121,12 +135,16 @@ def test_loss_trains_the_head():
     torch.manual_seed(0)
     model = build_model(ARCH, 4, image_size=(128, 128)).train()
     images = torch.randn(2, 3, 128, 128)
-    targets = [{"boxes": torch.tensor([[10., 10., 60., 70.]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[40., 30., 120., 100.]]), "labels": torch.tensor([2])}]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[40.0, 30.0, 120.0, 100.0]]), "labels": torch.tensor([2])},
+    ]
     optimizer = torch.optim.SGD(model.head.parameters(), lr=0.01)
     losses = []
     for _ in range(4):
-        loss = model.compute_loss(images, targets, {"iou_thresh": 0.5, "bg_iou_thresh": 0.4})["loss"]
+        loss = model.compute_loss(images, targets, {"iou_thresh": 0.5, "bg_iou_thresh": 0.4})[
+            "loss"
+        ]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -139,9 +157,14 @@ def test_loss_trains_the_head():
 def test_infer_batch_passes_level_sizes(pair):
     _, ours = pair
     images = _normalise(_images(2, seed=5), ours)
-    targets = [{"image_id": 1, "orig_size": (SIZE, SIZE)}, {"image_id": 2, "orig_size": (SIZE, SIZE)}]
+    targets = [
+        {"image_id": 1, "orig_size": (SIZE, SIZE)},
+        {"image_id": 2, "orig_size": (SIZE, SIZE)},
+    ]
     with torch.no_grad():
-        per_image = infer_batch(ours, images, targets, ours.anchors(), get_postprocess("ssd_post"), StageTimer())
+        per_image = infer_batch(
+            ours, images, targets, ours.anchors(), get_postprocess("ssd_post"), StageTimer()
+        )
         expected = ours.predict(images)
     assert [len(per_image[i]) for i in (1, 2)] == expected.num_detections.tolist()
 
@@ -156,8 +179,16 @@ def test_export_refuses_the_per_level_postprocess():
         exportable.PostprocessModule(ours.anchors(), ours.postprocess_config)
 
 
-@pytest.mark.parametrize("size,match", [((800, 800), None), ((640, 1344), None), ((64, 96), None),
-                                        ((800, 1333), "multiples of 32"), ((32, 128), ">= 64")])
+@pytest.mark.parametrize(
+    "size,match",
+    [
+        ((800, 800), None),
+        ((640, 1344), None),
+        ((64, 96), None),
+        ((800, 1333), "multiples of 32"),
+        ((32, 128), ">= 64"),
+    ],
+)
 def test_image_size_rule(size, match):
     if match is None:
         check_model_options(ARCH, 91, image_size=list(size))
@@ -168,20 +199,42 @@ def test_image_size_rule(size, match):
 
 def test_shipped_config_follows_torchvisions_recipe():
     config = load_config(os.path.join(REPO, "configs", "retinanet_coco.yaml"))
-    assert (config.model.arch, config.model.num_classes, config.model.image_size) == (ARCH, 91, [800, 800])
-    assert (config.optim.lr, config.optim.weight_decay, config.trainer.max_epochs) == (0.01, 1e-4, 26)
+    assert (config.model.arch, config.model.num_classes, config.model.image_size) == (
+        ARCH,
+        91,
+        [800, 800],
+    )
+    assert (config.optim.lr, config.optim.weight_decay, config.trainer.max_epochs) == (
+        0.01,
+        1e-4,
+        26,
+    )
     assert (config.loss.iou_thresh, config.loss.bg_iou_thresh) == (0.5, 0.4)
     assert config.data.augment.crop_p == 0.0 and config.data.augment.flip_p == 0.5
 
 
 def test_background_iou_above_foreground_is_refused_in_one_line():
-    raw = {"model": {"arch": ARCH, "num_classes": 91}, "loss": {"iou_thresh": 0.5, "bg_iou_thresh": 0.6}}
-    with pytest.raises(ConfigError, match=r"^loss.bg_iou_thresh: 0.6; allowed: a number <= loss.iou_thresh \(0.5\)$"):
+    raw = {
+        "model": {"arch": ARCH, "num_classes": 91},
+        "loss": {"iou_thresh": 0.5, "bg_iou_thresh": 0.6},
+    }
+    with pytest.raises(
+        ConfigError,
+        match=r"^loss.bg_iou_thresh: 0.6; allowed: a number <= loss.iou_thresh \(0.5\)$",
+    ):
         config_from_dict(raw)
 
 
 def test_reference_refuses_what_torchvision_has_no_loop_for():
-    config = ssd_post.PostprocessConfig(score_activation="softmax", background_class=0, selection="per_level")
+    config = ssd_post.PostprocessConfig(
+        score_activation="softmax", background_class=0, selection="per_level"
+    )
     with pytest.raises(ValueError, match="no background column"):
-        reference.torchvision_postprocess(torch.zeros(1, 4, 4), torch.zeros(1, 4, 3), torch.zeros(4, 4),
-                                          [(8, 8)], config, level_sizes=[4])
+        reference.torchvision_postprocess(
+            torch.zeros(1, 4, 4),
+            torch.zeros(1, 4, 3),
+            torch.zeros(4, 4),
+            [(8, 8)],
+            config,
+            level_sizes=[4],
+        )

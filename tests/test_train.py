@@ -1,5 +1,6 @@
 """train.py and the Lightning modules: fast-dev-runs (single process and 2-process
 DDP on CPU with gloo), outputs of a short run, config errors, the LR schedule."""
+
 from __future__ import annotations
 
 import csv
@@ -25,11 +26,23 @@ def _config(tmp_path, **trainer):
         "output_dir": str(tmp_path / "out"),
         "threads": 1,
         "model": {"arch": "tiny", "num_classes": 5, "image_size": [64, 64], "width": 8},
-        "data": {"kind": "shapes", "root": str(tmp_path.parent / "shapes_tiny"), "num_train": 8, "num_val": 4,
-                 "batch_size": 4, "num_workers": 0},
+        "data": {
+            "kind": "shapes",
+            "root": str(tmp_path.parent / "shapes_tiny"),
+            "num_train": 8,
+            "num_val": 4,
+            "batch_size": 4,
+            "num_workers": 0,
+        },
         "optim": {"name": "sgd", "lr": 0.01, "warmup_steps": 2},
-        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                    "log_every_n_steps": 1, **trainer},
+        "trainer": {
+            "max_epochs": 1,
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+            **trainer,
+        },
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -42,9 +55,22 @@ def test_fast_dev_run(tmp_path):
 
 def test_short_run_writes_checkpoints_logs_curve_and_detector(tmp_path):
     export = tmp_path / "exported" / "tiny.pt"
-    code = train.main(["--config", _config(tmp_path, limit_train_batches=2), "--max-epochs", "2",
-                       "--output-dir", str(tmp_path / "run"), "--export", str(export),
-                       "--set", "optim.time_budget_s=600", "--set", "trainer.check_val_every_n_epoch=3"])
+    code = train.main(
+        [
+            "--config",
+            _config(tmp_path, limit_train_batches=2),
+            "--max-epochs",
+            "2",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--export",
+            str(export),
+            "--set",
+            "optim.time_budget_s=600",
+            "--set",
+            "trainer.check_val_every_n_epoch=3",
+        ]
+    )
     assert code == 0
     run = tmp_path / "run"
     assert (run / "map_curve.png").stat().st_size > 0
@@ -62,9 +88,25 @@ def test_short_run_writes_checkpoints_logs_curve_and_detector(tmp_path):
 def test_ddp_two_process_cpu_fast_dev_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train.py"), "--config", _config(tmp_path), "--devices", "2",
-         "--strategy", "ddp", "--accelerator", "cpu", "--fast-dev-run"],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=170)
+        [
+            sys.executable,
+            os.path.join(REPO, "train.py"),
+            "--config",
+            _config(tmp_path),
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp",
+            "--accelerator",
+            "cpu",
+            "--fast-dev-run",
+        ],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "GLOBAL_RANK: 1" in log or "distributed_backend=gloo" in log
@@ -76,10 +118,14 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     assert train.main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "optimiser" in err
-    path.write_text(yaml.safe_dump({"model": {"arch": "tiny", "num_classes": 5}, "trainer": {"epochs": 3}}))
+    path.write_text(
+        yaml.safe_dump({"model": {"arch": "tiny", "num_classes": 5}, "trainer": {"epochs": 3}})
+    )
     assert train.main(["--config", str(path)]) == 2
     assert "epochs" in capsys.readouterr().err
-    path.write_text(yaml.safe_dump({"model": {"arch": "tiny", "num_classes": 5}, "data": {"batchsize": 3}}))
+    path.write_text(
+        yaml.safe_dump({"model": {"arch": "tiny", "num_classes": 5}, "data": {"batchsize": 3}})
+    )
     assert train.main(["--config", str(path)]) == 2
     assert "batchsize" in capsys.readouterr().err
     good = _config(tmp_path)
@@ -118,19 +164,27 @@ def _assert_one_line_error(code, err, key, allowed):
 
 
 @pytest.mark.parametrize("section, key, value, allowed", BAD_VALUES)
-def test_bad_value_in_the_file_is_one_line_naming_the_key(section, key, value, allowed, tmp_path, capsys):
+def test_bad_value_in_the_file_is_one_line_naming_the_key(
+    section, key, value, allowed, tmp_path, capsys
+):
     config = yaml.safe_load(open(_config(tmp_path)))
     config[section][key] = value
     path = tmp_path / "bad_value.yaml"
     path.write_text(yaml.safe_dump(config))
     code = train.main(["--config", str(path)])
-    _assert_one_line_error(code, capsys.readouterr().err, section if section == "model" else f"{section}.{key}",
-                           allowed)
+    _assert_one_line_error(
+        code,
+        capsys.readouterr().err,
+        section if section == "model" else f"{section}.{key}",
+        allowed,
+    )
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("section, key, value, allowed", BAD_VALUES[:5])
-def test_bad_value_given_by_set_is_one_line_naming_the_key(section, key, value, allowed, tmp_path, capsys):
+def test_bad_value_given_by_set_is_one_line_naming_the_key(
+    section, key, value, allowed, tmp_path, capsys
+):
     code = train.main(["--config", _config(tmp_path), "--set", f"{section}.{key}={value}"])
     _assert_one_line_error(code, capsys.readouterr().err, f"{section}.{key}", allowed)
 
@@ -138,9 +192,22 @@ def test_bad_value_given_by_set_is_one_line_naming_the_key(section, key, value, 
 def test_bad_values_from_the_command_line_exit_2_in_a_subprocess(tmp_path):
     """As a user runs it: the process exits 2 with one line, not a traceback."""
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train.py"), "--config", _config(tmp_path), "--max-epochs", "-1"],
-        cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
-    _assert_one_line_error(result.returncode, result.stderr, "trainer.max_epochs", "an integer >= 1")
+        [
+            sys.executable,
+            os.path.join(REPO, "train.py"),
+            "--config",
+            _config(tmp_path),
+            "--max-epochs",
+            "-1",
+        ],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    _assert_one_line_error(
+        result.returncode, result.stderr, "trainer.max_epochs", "an integer >= 1"
+    )
 
 
 def test_defaults_and_overrides_land_in_the_typed_config(tmp_path):
@@ -163,8 +230,12 @@ def test_class_count_mismatch_with_data_is_named(tmp_path):
 
 
 def test_shipped_configs_parse():
-    archs = {"tiny_shapes.yaml": "tiny", "ssd300_coco.yaml": "ssd300_vgg16",
-             "ssdlite320_coco.yaml": "ssdlite320_mobilenet_v3_large", "retinanet_coco.yaml": "retinanet_resnet50_fpn"}
+    archs = {
+        "tiny_shapes.yaml": "tiny",
+        "ssd300_coco.yaml": "ssd300_vgg16",
+        "ssdlite320_coco.yaml": "ssdlite320_mobilenet_v3_large",
+        "retinanet_coco.yaml": "retinanet_resnet50_fpn",
+    }
     assert sorted(os.listdir(os.path.join(REPO, "configs"))) == sorted(archs)
     for name, arch in archs.items():
         config = load_config(os.path.join(REPO, "configs", name))
@@ -180,11 +251,18 @@ def test_warmup_cosine_schedule():
 
 def test_loss_falls_when_fitting_one_batch():
     torch.manual_seed(0)
-    module = SSDLightningModule({"arch": "tiny", "num_classes": 3, "image_size": [64, 64], "width": 8})
+    module = SSDLightningModule(
+        {"arch": "tiny", "num_classes": 3, "image_size": [64, 64], "width": 8}
+    )
     detector = module.detector.train()
     images = torch.randn(2, 3, 64, 64)
-    targets = [{"boxes": torch.tensor([[8., 8., 30., 30.]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[30., 20., 60., 50.], [2., 40., 12., 50.]]), "labels": torch.tensor([2, 1])}]
+    targets = [
+        {"boxes": torch.tensor([[8.0, 8.0, 30.0, 30.0]]), "labels": torch.tensor([1])},
+        {
+            "boxes": torch.tensor([[30.0, 20.0, 60.0, 50.0], [2.0, 40.0, 12.0, 50.0]]),
+            "labels": torch.tensor([2, 1]),
+        },
+    ]
     optimizer = torch.optim.Adam(detector.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
@@ -196,10 +274,13 @@ def test_loss_falls_when_fitting_one_batch():
     assert losses[-1] < 0.3 * losses[0]
 
 
-@pytest.mark.parametrize("model, message", [
-    ({"num_classes": 5}, "model.arch: missing"),
-    ({"arch": "tiny"}, "model.num_classes: missing"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"num_classes": 5}, "model.arch: missing"),
+        ({"arch": "tiny"}, "model.num_classes: missing"),
+    ],
+)
 def test_a_missing_required_model_key_is_named(model, message, tmp_path, capsys):
     path = tmp_path / "partial.yaml"
     path.write_text(yaml.safe_dump({"model": model}))
@@ -223,13 +304,27 @@ def test_retinanet_trains_and_validates_through_train_py(tmp_path):
     path = tmp_path / "retinanet.yaml"
     path.write_text(yaml.safe_dump(config))
     export = tmp_path / "retinanet.pt"
-    code = train.main(["--config", str(path), "--max-epochs", "1", "--export", str(export),
-                       "--set", "trainer.limit_train_batches=1", "--set", "trainer.limit_val_batches=1"])
+    code = train.main(
+        [
+            "--config",
+            str(path),
+            "--max-epochs",
+            "1",
+            "--export",
+            str(export),
+            "--set",
+            "trainer.limit_train_batches=1",
+            "--set",
+            "trainer.limit_val_batches=1",
+        ]
+    )
     assert code == 0
     from models.checkpoint import load_detector
 
     detector = load_detector(str(export)).eval()
     assert detector.arch == "retinanet_resnet50_fpn"
     detections = detector.predict(torch.zeros(1, 3, 64, 64))
-    assert detections.boxes.shape[:2] == (1, detector.postprocess_config.padded_detections(
-        detector.anchors().shape[0], 5))
+    assert detections.boxes.shape[:2] == (
+        1,
+        detector.postprocess_config.padded_detections(detector.anchors().shape[0], 5),
+    )

@@ -10,6 +10,7 @@ or an override may set is a field below, with its type, default and allowed rang
 problem is a :class:`ConfigError` whose message is one line naming the key, the value
 and what is allowed (``optim.lr: got -0.1; allowed: a number > 0``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,17 +63,27 @@ class ModelConfig:
     """``models.build_model`` arguments (options an arch does not take stay None)."""
 
     # Required: no default model (None here means "missing").
-    arch: Optional[str] = _option(None, doc="tiny, ssd300_vgg16, ssdlite320_mobilenet_v3_large "
-                                  "or retinanet_resnet50_fpn")
-    num_classes: Optional[int] = _option(None, _at_least("an integer", 2), "logit columns, background included")
-    image_size: Optional[List[int]] = _option(None, doc="(h, w) network input; tiny and retinanet only")
-    width: Optional[int] = _option(None, _at_least("an integer", 1), "channels of the first stage; tiny only")
+    arch: Optional[str] = _option(
+        None, doc="tiny, ssd300_vgg16, ssdlite320_mobilenet_v3_large or retinanet_resnet50_fpn"
+    )
+    num_classes: Optional[int] = _option(
+        None, _at_least("an integer", 2), "logit columns, background included"
+    )
+    image_size: Optional[List[int]] = _option(
+        None, doc="(h, w) network input; tiny and retinanet only"
+    )
+    width: Optional[int] = _option(
+        None, _at_least("an integer", 1), "channels of the first stage; tiny only"
+    )
     postprocess: Dict[str, Any] = _option({}, doc="PostprocessConfig fields to override")
 
     def build_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of ``build_model`` after ``arch`` and ``num_classes``."""
-        options: Dict[str, Any] = {"postprocess": dict(self.postprocess) or None,
-                                   "image_size": self.image_size, "width": self.width}
+        options: Dict[str, Any] = {
+            "postprocess": dict(self.postprocess) or None,
+            "image_size": self.image_size,
+            "width": self.width,
+        }
         return {key: value for key, value in options.items() if value is not None}
 
 
@@ -80,7 +91,9 @@ class ModelConfig:
 class AugmentConfig:
     """The SSD training augmentation (``training.data.transforms.train_transforms``)."""
 
-    photometric_p: float = _option(0.5, _unit_interval(), "brightness/contrast/saturation/hue jitter")
+    photometric_p: float = _option(
+        0.5, _unit_interval(), "brightness/contrast/saturation/hue jitter"
+    )
     expand_p: float = _option(0.5, _unit_interval(), "zoom out onto a mean-coloured canvas")
     max_expand: float = _option(3.0, _at_least("a number", 1.0), "largest zoom-out factor")
     crop_p: float = _option(0.5, _unit_interval(), "IoU-constrained random crop")
@@ -113,13 +126,18 @@ class OptimConfig:
 
     name: str = _option("sgd", _one_of("sgd", "adamw"), "sgd (Nesterov momentum) or adamw")
     lr: float = _option(0.01, _positive("a number"))
-    weight_decay: float = _option(5e-4, _at_least("a number", 0.0), "not applied to BatchNorm and biases")
+    weight_decay: float = _option(
+        5e-4, _at_least("a number", 0.0), "not applied to BatchNorm and biases"
+    )
     momentum: float = _option(0.9, (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"), "sgd only")
-    warmup_steps: int = _option(200, _at_least("an integer", 0), "linear warm-up from warmup_factor * lr")
+    warmup_steps: int = _option(
+        200, _at_least("an integer", 0), "linear warm-up from warmup_factor * lr"
+    )
     warmup_factor: float = _option(0.01, _unit_interval(open_low=True))
     min_lr_ratio: float = _option(0.01, _unit_interval(), "the cosine ends at min_lr_ratio * lr")
-    time_budget_s: Optional[float] = _option(None, _positive("a number"),
-                                             "also end the cosine when this much wall clock has passed")
+    time_budget_s: Optional[float] = _option(
+        None, _positive("a number"), "also end the cosine when this much wall clock has passed"
+    )
 
 
 @dataclass
@@ -127,9 +145,12 @@ class LossConfig:
     """The architecture's loss: SSD's MultiBox, or RetinaNet's focal loss (torchvision's)."""
 
     iou_thresh: float = _option(0.5, _unit_interval(open_low=True), "anchor-to-box match threshold")
-    neg_pos_ratio: int = _option(3, _at_least("an integer", 1), "hard negatives per positive; SSD only")
-    bg_iou_thresh: float = _option(0.4, _unit_interval(), "background below this IoU, ignored up to "
-                                   "iou_thresh; RetinaNet only")
+    neg_pos_ratio: int = _option(
+        3, _at_least("an integer", 1), "hard negatives per positive; SSD only"
+    )
+    bg_iou_thresh: float = _option(
+        0.4, _unit_interval(), "background below this IoU, ignored up to iou_thresh; RetinaNet only"
+    )
 
 
 @dataclass
@@ -137,11 +158,15 @@ class TrainerConfig:
     """``pytorch_lightning.Trainer`` arguments (None: Lightning's default)."""
 
     max_epochs: int = _option(10, _at_least("an integer", 1))
-    max_time: Optional[str] = _option(None, (lambda v: re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None,
-                                             '"DD:HH:MM:SS"'), "wall-clock cap")
+    max_time: Optional[str] = _option(
+        None,
+        (lambda v: re.fullmatch(r"\d+:\d\d:\d\d:\d\d", v) is not None, '"DD:HH:MM:SS"'),
+        "wall-clock cap",
+    )
     accelerator: str = _option("auto", doc="cpu, gpu or auto")
-    devices: Union[int, str] = _option(1, (lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
-                                           "an integer >= 1 or 'auto'"))
+    devices: Union[int, str] = _option(
+        1, (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "an integer >= 1 or 'auto'")
+    )
     num_nodes: int = _option(1, _at_least("an integer", 1))
     strategy: str = _option("auto", doc="auto, ddp, ddp_spawn, ...")
     precision: Union[int, str] = _option("32-true")
@@ -173,9 +198,15 @@ class TrainConfig:
 
 def to_dict(config: Any) -> Dict[str, Any]:
     """The config as plain dicts (for logs and Lightning's saved hyperparameters)."""
-    return {f.name: (to_dict(getattr(config, f.name)) if dataclasses.is_dataclass(getattr(config, f.name))
-                     else getattr(config, f.name))
-            for f in dataclasses.fields(config) if not f.metadata.get("internal")}
+    return {
+        f.name: (
+            to_dict(getattr(config, f.name))
+            if dataclasses.is_dataclass(getattr(config, f.name))
+            else getattr(config, f.name)
+        )
+        for f in dataclasses.fields(config)
+        if not f.metadata.get("internal")
+    }
 
 
 # ------------------------------------------------------------------------------- checking
@@ -190,7 +221,9 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(args[0])}"
     if origin in (dict, Dict):
         return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
 
 
 def _convert(tp: Any, value: Any) -> Tuple[bool, Any]:
@@ -215,7 +248,9 @@ def _convert(tp: Any, value: Any) -> Tuple[bool, Any]:
                 value = float(value)
             except ValueError:
                 return False, value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
         return ok, float(value) if ok else value
     if tp is str:
         return isinstance(value, str), value
@@ -239,7 +274,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(str(key) for key in raw if key not in fields)
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed in {where}: {sorted(fields)}")
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key; allowed in {where}: {sorted(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     values: Dict[str, Any] = {}
     for name, value in raw.items():
@@ -264,7 +301,9 @@ def _check_model(model: ModelConfig) -> None:
     if model.arch is None:
         raise ConfigError(f"model.arch: missing; allowed: one of {list(ARCHS)}")
     if model.num_classes is None:
-        raise ConfigError("model.num_classes: missing; allowed: an integer >= 2 (background included)")
+        raise ConfigError(
+            "model.num_classes: missing; allowed: an integer >= 2 (background included)"
+        )
     try:
         check_model_options(model.arch, model.num_classes, **model.build_kwargs())
     except ValueError as err:
@@ -274,8 +313,10 @@ def _check_model(model: ModelConfig) -> None:
 def _check_loss(loss: LossConfig) -> None:
     """What one key's range cannot say: the background IoU is below the foreground one."""
     if loss.bg_iou_thresh > loss.iou_thresh:
-        raise ConfigError(f"loss.bg_iou_thresh: {loss.bg_iou_thresh!r}; allowed: a number <= "
-                          f"loss.iou_thresh ({loss.iou_thresh!r})")
+        raise ConfigError(
+            f"loss.bg_iou_thresh: {loss.bg_iou_thresh!r}; allowed: a number <= "
+            f"loss.iou_thresh ({loss.iou_thresh!r})"
+        )
 
 
 def parse_override(item: str) -> Tuple[str, Any]:
@@ -286,7 +327,9 @@ def parse_override(item: str) -> Tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {key}: got {text!r}; allowed: a YAML value ({_first_line(err)})") from err
+        raise ConfigError(
+            f"--set {key}: got {text!r}; allowed: a YAML value ({_first_line(err)})"
+        ) from err
 
 
 def _first_line(err: Exception) -> str:
@@ -302,8 +345,10 @@ def _set_dotted(raw: Dict[str, Any], key: str, value: Any) -> None:
         if child is None:
             child = node[section] = {}
         if not isinstance(child, dict):
-            prefix = ".".join(sections[:depth + 1])
-            raise ConfigError(f"{key}: {prefix} is {child!r}, which has no keys; allowed: a mapping")
+            prefix = ".".join(sections[: depth + 1])
+            raise ConfigError(
+                f"{key}: {prefix} is {child!r}, which has no keys; allowed: a mapping"
+            )
         node = child
     node[name] = value
 
@@ -363,6 +408,19 @@ def section(cls: type, raw: Optional[Mapping[str, Any]], name: str) -> Any:
     return _build(cls, raw, f"{name}.")
 
 
-__all__ = ["AugmentConfig", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig",
-           "TrainConfig", "TrainerConfig", "config_from_dict", "load_config", "parse_override",
-           "read_yaml", "section", "to_dict"]
+__all__ = [
+    "AugmentConfig",
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "config_from_dict",
+    "load_config",
+    "parse_override",
+    "read_yaml",
+    "section",
+    "to_dict",
+]

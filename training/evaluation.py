@@ -12,6 +12,7 @@ Detections come out of the network in network-input pixels (the resized image th
 model saw); :func:`detections_to_coco` maps them back to original-image pixels with
 each target's ``orig_size`` before COCOeval compares them with the annotations.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,18 @@ COCO_STAT_NAMES: Tuple[str, ...] = (
 )
 # Metric key -> index into COCOeval.stats.
 METRIC_KEYS: Dict[str, int] = {
-    "map": 0, "map_50": 1, "map_75": 2, "map_small": 3, "map_medium": 4, "map_large": 5,
-    "mar_1": 6, "mar_10": 7, "mar_100": 8, "mar_small": 9, "mar_medium": 10, "mar_large": 11,
+    "map": 0,
+    "map_50": 1,
+    "map_75": 2,
+    "map_small": 3,
+    "map_medium": 4,
+    "map_large": 5,
+    "mar_1": 6,
+    "mar_10": 7,
+    "mar_100": 8,
+    "mar_small": 9,
+    "mar_medium": 10,
+    "mar_large": 11,
 }
 STAGES: Tuple[str, ...] = ("data", "forward", "postprocess", "evaluation")
 
@@ -99,7 +110,9 @@ class StageTimer:
         per_image = max(int(num_images), 1)  # an empty run reports totals, not a division by zero
         return {
             "timing_ms": {name: 1000.0 * s for name, s in self.seconds.items()},
-            "timing_ms_per_image": {name: 1000.0 * s / per_image for name, s in self.seconds.items()},
+            "timing_ms_per_image": {
+                name: 1000.0 * s / per_image for name, s in self.seconds.items()
+            },
         }
 
 
@@ -125,7 +138,9 @@ def scale_to_original(orig_sizes: Tensor, input_size: Tuple[int, int]) -> Tensor
     orig_sizes = torch.as_tensor(orig_sizes, dtype=torch.float32).reshape(-1, 2)
     input_h, input_w = (float(v) for v in input_size)
     if input_h <= 0 or input_w <= 0:
-        raise ValueError(f"input_size should be a positive (height, width), got {tuple(input_size)}")
+        raise ValueError(
+            f"input_size should be a positive (height, width), got {tuple(input_size)}"
+        )
     return torch.stack((orig_sizes[:, 1] / input_w, orig_sizes[:, 0] / input_h), dim=1)
 
 
@@ -145,15 +160,24 @@ def detections_to_coco(
         label_to_category: model label (1..K) -> COCO category id; identity if None.
     """
     if len(targets) != len(detections):
-        raise ValueError(f"targets should have one entry per image ({len(detections)}), got {len(targets)}")
+        raise ValueError(
+            f"targets should have one entry per image ({len(detections)}), got {len(targets)}"
+        )
     image_ids = [int(t["image_id"]) for t in targets]
-    orig_sizes = torch.stack([torch.as_tensor(t["orig_size"], dtype=torch.float32) for t in targets]) \
-        if targets else torch.zeros(0, 2)
+    orig_sizes = (
+        torch.stack([torch.as_tensor(t["orig_size"], dtype=torch.float32) for t in targets])
+        if targets
+        else torch.zeros(0, 2)
+    )
     scale_xy = scale_to_original(orig_sizes, input_size)
-    return to_coco_results(detections, image_ids, dict(label_to_category) if label_to_category else None, scale_xy)
+    return to_coco_results(
+        detections, image_ids, dict(label_to_category) if label_to_category else None, scale_xy
+    )
 
 
-def merge_rank_results(per_rank: Sequence[Mapping[int, List[dict]]]) -> Tuple[List[dict], List[int]]:
+def merge_rank_results(
+    per_rank: Sequence[Mapping[int, List[dict]]],
+) -> Tuple[List[dict], List[int]]:
     """Joins the detections of several ranks, each image once.
 
     Args:
@@ -178,9 +202,11 @@ def _empty_results(coco_gt) -> object:
     from pycocotools.coco import COCO
 
     empty = COCO()
-    empty.dataset = {"images": list(coco_gt.dataset["images"]),
-                     "categories": list(coco_gt.dataset.get("categories", [])),
-                     "annotations": []}
+    empty.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": list(coco_gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         empty.createIndex()
     return empty
@@ -229,8 +255,16 @@ def coco_evaluate(coco_gt, results: Sequence[dict], image_ids: Sequence[int]) ->
 
 # Distinct, saturated colours so neighbouring boxes of different classes stand apart.
 _PALETTE: Tuple[Tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
 )
 
 
@@ -346,8 +380,14 @@ def infer_batch(
     with timer.stage("forward"):
         locs, logits = detector(images)  # [B, A, 4], [B, A, C]
     with timer.stage("postprocess"):
-        detections = postprocess_fn(locs, logits, anchors, [input_size] * images.shape[0],
-                                    detector.postprocess_config, **detector.postprocess_inputs())
+        detections = postprocess_fn(
+            locs,
+            logits,
+            anchors,
+            [input_size] * images.shape[0],
+            detector.postprocess_config,
+            **detector.postprocess_inputs(),
+        )
     with timer.stage("evaluation"):
         results = detections_to_coco(detections, targets, input_size, label_to_category)
         per_image: Dict[int, List[dict]] = {int(t["image_id"]): [] for t in targets}
@@ -379,6 +419,9 @@ def run_inference(
             if batch is None:
                 break
             images, targets = batch
-            per_image.update(infer_batch(detector, images, targets, anchors, postprocess_fn, timer,
-                                         label_to_category))
+            per_image.update(
+                infer_batch(
+                    detector, images, targets, anchors, postprocess_fn, timer, label_to_category
+                )
+            )
     return per_image

@@ -4,6 +4,7 @@ Both take the sections of a config (``training.config``); the training module ta
 them as plain dicts, which Lightning saves as hyperparameters, so a checkpoint
 rebuilds it. Defaults and checks are those of :mod:`training.config`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,13 @@ class DetectionDataModule(pl.LightningDataModule):
         mean, std: the model's input normalisation.
     """
 
-    def __init__(self, data: Union[DataConfig, Dict[str, Any]], image_size: Tuple[int, int],
-                 mean: Tuple[float, ...], std: Tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        data: Union[DataConfig, Dict[str, Any]],
+        image_size: Tuple[int, int],
+        mean: Tuple[float, ...],
+        std: Tuple[float, ...],
+    ) -> None:
         super().__init__()
         self.cfg = data if isinstance(data, DataConfig) else section(DataConfig, data, "data")
         self.image_size = tuple(image_size)
@@ -46,9 +52,13 @@ class DetectionDataModule(pl.LightningDataModule):
         cfg = self.cfg
         if cfg.kind == "shapes":
             return ensure_shapes_dataset(cfg.root, cfg.seed, cfg.num_train, cfg.num_val)
-        return {split: (os.path.join(cfg.root, getattr(cfg, f"{split}_images")),
-                        os.path.join(cfg.root, getattr(cfg, f"{split}_ann")))
-                for split in ("train", "val")}
+        return {
+            split: (
+                os.path.join(cfg.root, getattr(cfg, f"{split}_images")),
+                os.path.join(cfg.root, getattr(cfg, f"{split}_ann")),
+            )
+            for split in ("train", "val")
+        }
 
     def prepare_data(self) -> None:
         # Runs on one process per node: generating here avoids ranks racing on the files.
@@ -60,18 +70,27 @@ class DetectionDataModule(pl.LightningDataModule):
             transform = train_transforms(self.image_size, self.mean, self.std, self.cfg.augment)
             self.train_dataset = self._dataset(*paths["train"], transform)
         if self.val_dataset is None:
-            self.val_dataset = self._dataset(*paths["val"], eval_transforms(self.image_size, self.mean, self.std))
+            self.val_dataset = self._dataset(
+                *paths["val"], eval_transforms(self.image_size, self.mean, self.std)
+            )
 
     def _dataset(self, image_dir: str, ann_file: str, transform) -> CocoDetectionDataset:
-        return CocoDetectionDataset(image_dir, ann_file, transform,
-                                    contiguous_labels=self.cfg.contiguous_labels)
+        return CocoDetectionDataset(
+            image_dir, ann_file, transform, contiguous_labels=self.cfg.contiguous_labels
+        )
 
     def _loader(self, dataset, shuffle: bool) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers
         return torch.utils.data.DataLoader(
-            dataset, batch_size=self.cfg.batch_size, shuffle=shuffle, drop_last=shuffle,
-            num_workers=workers, persistent_workers=workers > 0, collate_fn=collate_fn,
-            worker_init_fn=_single_threaded_worker)
+            dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate_fn,
+            worker_init_fn=_single_threaded_worker,
+        )
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.train_dataset, shuffle=True)
@@ -88,7 +107,9 @@ def _single_threaded_worker(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def warmup_cosine(step: int, total: int, warmup: int, warmup_factor: float, min_ratio: float) -> float:
+def warmup_cosine(
+    step: int, total: int, warmup: int, warmup_factor: float, min_ratio: float
+) -> float:
     """LR multiplier: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio``."""
     if step < warmup:
         return warmup_factor + (1.0 - warmup_factor) * step / max(1, warmup)
@@ -105,8 +126,12 @@ class SSDLightningModule(pl.LightningModule):
             as hyperparameters); checked and completed by :mod:`training.config`.
     """
 
-    def __init__(self, model: Dict[str, Any], optim: Optional[Dict[str, Any]] = None,
-                 loss: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        model: Dict[str, Any],
+        optim: Optional[Dict[str, Any]] = None,
+        loss: Optional[Dict[str, Any]] = None,
+    ) -> None:
         super().__init__()
         from models import build_model  # models/ sits next to training/ in the repository
 
@@ -114,7 +139,9 @@ class SSDLightningModule(pl.LightningModule):
         model_cfg = section(ModelConfig, model, "model")
         self.optim_cfg = section(OptimConfig, optim, "optim")
         self.loss_options = dataclasses.asdict(section(LossConfig, loss, "loss"))
-        self.detector = build_model(model_cfg.arch, model_cfg.num_classes, **model_cfg.build_kwargs())
+        self.detector = build_model(
+            model_cfg.arch, model_cfg.num_classes, **model_cfg.build_kwargs()
+        )
         self._val_results: List[dict] = []
         self._fit_start: Optional[float] = None
         self.last_val_step = -1
@@ -130,7 +157,9 @@ class SSDLightningModule(pl.LightningModule):
         if self._fit_start is None:  # a validate() after fit keeps measuring from the fit's start
             self._fit_start = time.time()
         datamodule = getattr(self.trainer, "datamodule", None)
-        dataset = getattr(datamodule, "val_dataset", None) or getattr(datamodule, "train_dataset", None)
+        dataset = getattr(datamodule, "val_dataset", None) or getattr(
+            datamodule, "train_dataset", None
+        )
         if dataset is not None:
             dataset.check_num_classes(self.detector.num_classes)
 
@@ -138,7 +167,9 @@ class SSDLightningModule(pl.LightningModule):
         images, targets = batch
         losses = self._loss(images, targets)
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=images.shape[0])
-        self.log_dict({"train/bbox": losses["bbox"], "train/cls": losses["cls"]}, batch_size=images.shape[0])
+        self.log_dict(
+            {"train/bbox": losses["bbox"], "train/cls": losses["cls"]}, batch_size=images.shape[0]
+        )
         return losses["loss"]
 
     def on_validation_epoch_start(self) -> None:
@@ -149,7 +180,10 @@ class SSDLightningModule(pl.LightningModule):
         detections = self.detector.predict(images)
         dataset = self.trainer.datamodule.val_dataset
         self._val_results.extend(
-            detections_to_coco(detections, targets, self.detector.image_size, dataset.label_to_category))
+            detections_to_coco(
+                detections, targets, self.detector.image_size, dataset.label_to_category
+            )
+        )
 
     def on_validation_epoch_end(self) -> None:
         results = self._val_results
@@ -164,14 +198,23 @@ class SSDLightningModule(pl.LightningModule):
                 seen |= {r["image_id"] for r in part}
         dataset = self.trainer.datamodule.val_dataset
         image_ids = dataset.coco.getImgIds()
-        if self.trainer.sanity_checking or self.trainer.fast_dev_run or self.trainer.limit_val_batches != 1.0:
+        if (
+            self.trainer.sanity_checking
+            or self.trainer.fast_dev_run
+            or self.trainer.limit_val_batches != 1.0
+        ):
             image_ids = sorted({r["image_id"] for r in results})  # only the images that ran
         if not image_ids:  # a partial run that detected nothing has nothing to score
             image_ids = dataset.coco.getImgIds()
         stats = coco_evaluate(dataset.coco, results, image_ids)
         self.log("val/mAP", stats["map"], prog_bar=True)
-        self.log_dict({"val/mAP50": stats["map_50"], "val/mAP75": stats["map_75"],
-                       "val/mAP_small": stats["map_small"]})
+        self.log_dict(
+            {
+                "val/mAP50": stats["map_50"],
+                "val/mAP75": stats["map_75"],
+                "val/mAP_small": stats["map_small"],
+            }
+        )
         if self._fit_start is not None:
             self.log("time/elapsed_s", time.time() - self._fit_start)
         self.last_val_step = int(self.trainer.global_step)
@@ -184,7 +227,10 @@ class SSDLightningModule(pl.LightningModule):
         for name, param in self.detector.named_parameters():
             if param.requires_grad:
                 (no_decay if param.dim() <= 1 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         # optim.name is one of these two: training.config checked it.
         if cfg.name == "sgd":
             optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)

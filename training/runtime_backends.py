@@ -8,6 +8,7 @@ locs, logits, image_sizes -> padded detections) so that evaluate.py can time the
 ``ssd_post.onnx.export`` / ``ssd_post.aoti.export_package`` write the single graph
 a deployment would use; it is the same two pieces joined.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,9 @@ class RuntimeDetector:
     ``self(images)`` runs the exported network in the runtime; ``anchors()``,
     ``postprocess_config`` and ``image_size`` come from the PyTorch detector."""
 
-    def __init__(self, detector: nn.Module, run_network: Callable[[Tensor], Sequence[Tensor]]) -> None:
+    def __init__(
+        self, detector: nn.Module, run_network: Callable[[Tensor], Sequence[Tensor]]
+    ) -> None:
         self.postprocess_config = detector.postprocess_config
         self.image_size = detector.image_size
         self._anchors = detector.anchors()
@@ -81,16 +84,26 @@ def build_runtime_backend(detector: nn.Module, backend: str, folder: str, max_ba
     postprocess_path = os.path.join(folder, "postprocess.onnx")
     with torch.no_grad():
         locs, logits = detector(images)
-    ssd_onnx.export_module(_Network(detector), network_path, (images,), ["images"], ["locs", "logits"])
+    ssd_onnx.export_module(
+        _Network(detector), network_path, (images,), ["images"], ["locs", "logits"]
+    )
     sizes = torch.tensor([list(detector.image_size)] * _EXAMPLE_BATCH, dtype=torch.int64)
-    ssd_onnx.export_postprocess(detector.anchors(), detector.postprocess_config, postprocess_path, locs, logits,
-                                sizes)
+    ssd_onnx.export_postprocess(
+        detector.anchors(), detector.postprocess_config, postprocess_path, locs, logits, sizes
+    )
     network = ssd_onnx.load_session(network_path, backend)
     run_postprocess = ssd_onnx.load_runner(postprocess_path, backend)
 
-    def postprocess_fn(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Sequence[Tuple[int, int]],
-                       config) -> "ssd_post.Detections":  # noqa: F821
-        return run_postprocess(locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64))
+    def postprocess_fn(
+        locs: Tensor,
+        logits: Tensor,
+        anchors: Tensor,
+        image_sizes: Sequence[Tuple[int, int]],
+        config,
+    ) -> "ssd_post.Detections":  # noqa: F821
+        return run_postprocess(
+            locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64)
+        )
 
     return RuntimeDetector(detector, network), postprocess_fn
 
@@ -103,18 +116,35 @@ def _build_aoti_backend(detector: nn.Module, folder: str, max_batch: int):
     with torch.no_grad():
         locs, logits = detector(images)
     sizes = torch.tensor([list(detector.image_size)] * _EXAMPLE_BATCH, dtype=torch.int64)
-    network = aoti.load_package(aoti.export_module(_Network(detector), (images,),
-                                                   os.path.join(folder, "network.pt2"), max_batch))
-    postprocess = aoti.load_package(aoti.export_postprocess_package(
-        detector.anchors(), detector.postprocess_config, os.path.join(folder, "postprocess.pt2"), locs, logits,
-        sizes, max_batch))
+    network = aoti.load_package(
+        aoti.export_module(
+            _Network(detector), (images,), os.path.join(folder, "network.pt2"), max_batch
+        )
+    )
+    postprocess = aoti.load_package(
+        aoti.export_postprocess_package(
+            detector.anchors(),
+            detector.postprocess_config,
+            os.path.join(folder, "postprocess.pt2"),
+            locs,
+            logits,
+            sizes,
+            max_batch,
+        )
+    )
 
-    def postprocess_fn(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Sequence[Tuple[int, int]],
-                       config) -> "ssd_post.Detections":  # noqa: F821
+    def postprocess_fn(
+        locs: Tensor,
+        logits: Tensor,
+        anchors: Tensor,
+        image_sizes: Sequence[Tuple[int, int]],
+        config,
+    ) -> "ssd_post.Detections":  # noqa: F821
         from ssd_post import Detections
 
         boxes, scores, labels, counts = postprocess(
-            locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64))
+            locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64)
+        )
         return Detections(boxes, scores, labels, counts)
 
     return RuntimeDetector(detector, network), postprocess_fn

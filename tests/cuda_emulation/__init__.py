@@ -6,6 +6,7 @@ through ctypes, so that a machine without a GPU runs the kernel code itself.
 CPU tensors and return what the CUDA ops would. ``sanitized_runner()`` builds
 ``sanitized_run.cpp`` with AddressSanitizer and UndefinedBehaviorSanitizer.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,11 +28,22 @@ HERE = Path(__file__).resolve().parent
 KERNEL_DIR = ROOT / "csrc" / "cuda"
 BUILD_DIR = ROOT / "build" / "cuda_emulation"
 
-_FLAGS = ["-std=c++20", "-fPIC", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
-          f"-I{KERNEL_DIR}"]
+_FLAGS = [
+    "-std=c++20",
+    "-fPIC",
+    "-ffp-contract=off",
+    "-Wall",
+    "-Wno-unknown-pragmas",
+    f"-I{KERNEL_DIR}",
+]
 # For sanitized_run: every out-of-bounds access and undefined operation is fatal.
-SANITIZER_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-                   "-fno-sanitize-recover=undefined"]
+SANITIZER_FLAGS = [
+    "-O1",
+    "-g",
+    "-fno-omit-frame-pointer",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=undefined",
+]
 
 
 def compiler() -> str | None:
@@ -40,8 +52,15 @@ def compiler() -> str | None:
 
 def _sources() -> list[Path]:
     common = ROOT / "csrc" / "common"
-    return sorted([*HERE.glob("*.h"), *HERE.glob("*.cpp"), *KERNEL_DIR.glob("*.cuh"),
-                   *KERNEL_DIR.glob("*.h"), *common.glob("*.h")])
+    return sorted(
+        [
+            *HERE.glob("*.h"),
+            *HERE.glob("*.cpp"),
+            *KERNEL_DIR.glob("*.cuh"),
+            *KERNEL_DIR.glob("*.h"),
+            *common.glob("*.h"),
+        ]
+    )
 
 
 def _build(name: str, sources: list[str], flags: list[str], suffix: str = "") -> Path:
@@ -81,12 +100,19 @@ class EmulatedInputs(ctypes.Structure):
     """The C struct of emulated_ops.h, field for field."""
 
     _fields_ = [
-        ("locs", ctypes.c_void_p), ("logits", ctypes.c_void_p), ("anchors", ctypes.c_void_p),
+        ("locs", ctypes.c_void_p),
+        ("logits", ctypes.c_void_p),
+        ("anchors", ctypes.c_void_p),
         ("image_sizes", ctypes.c_void_p),
-        ("B", ctypes.c_int64), ("A", ctypes.c_int64), ("C", ctypes.c_int64),
-        ("background_class", ctypes.c_int64), ("topk_candidates", ctypes.c_int64),
-        ("score_thresh", ctypes.c_double), ("box_weights", ctypes.c_double * 4),
-        ("activation", ctypes.c_int32), ("per_image_anchors", ctypes.c_int32),
+        ("B", ctypes.c_int64),
+        ("A", ctypes.c_int64),
+        ("C", ctypes.c_int64),
+        ("background_class", ctypes.c_int64),
+        ("topk_candidates", ctypes.c_int64),
+        ("score_thresh", ctypes.c_double),
+        ("box_weights", ctypes.c_double * 4),
+        ("activation", ctypes.c_int32),
+        ("per_image_anchors", ctypes.c_int32),
         ("clip", ctypes.c_int32),
     ]
 
@@ -95,21 +121,31 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _prepare(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
-             config: PostprocessConfig):
+def _prepare(
+    locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor, config: PostprocessConfig
+):
     """float32 contiguous CPU copies (as the CUDA ops' make_decode_inputs makes them)
     and the struct pointing at them; the tensors must outlive the call."""
     # Sizes truncated toward zero, as whole_image_sizes (csrc/common/op_inputs.h) does.
     image_sizes = image_sizes.trunc() if image_sizes.is_floating_point() else image_sizes
-    tensors = tuple(t.detach().to("cpu", torch.float32).contiguous()
-                    for t in (locs, logits, anchors, image_sizes))
+    tensors = tuple(
+        t.detach().to("cpu", torch.float32).contiguous()
+        for t in (locs, logits, anchors, image_sizes)
+    )
     B, A, C = tensors[1].shape
     inputs = EmulatedInputs(
-        *(t.data_ptr() for t in tensors), B, A, C,
+        *(t.data_ptr() for t in tensors),
+        B,
+        A,
+        C,
         -1 if config.background_class is None else config.background_class,
-        config.topk_candidates, config.score_thresh, (ctypes.c_double * 4)(*config.box_weights),
-        0 if config.score_activation == "softmax" else 1, int(tensors[2].dim() == 3),
-        int(bool(config.clip_boxes)))
+        config.topk_candidates,
+        config.score_thresh,
+        (ctypes.c_double * 4)(*config.box_weights),
+        0 if config.score_activation == "softmax" else 1,
+        int(tensors[2].dim() == 3),
+        int(bool(config.clip_boxes)),
+    )
     return tensors, inputs
 
 
@@ -118,26 +154,35 @@ def _check(status: int, op: str) -> None:
         raise RuntimeError(f"emulated {op} failed (its reason is on stderr)")
 
 
-def postprocess(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
-                config: PostprocessConfig) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def postprocess(
+    locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor, config: PostprocessConfig
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """What ``torch.ops.ssd_post.postprocess`` returns on CUDA: boxes [B, K, 4],
     scores [B, K], labels [B, K], counts [B], K = config.padded_detections(A, C)."""
     B, A, C = logits.shape
     K = config.padded_detections(A, C)
-    out = (torch.zeros(B, K, 4), torch.zeros(B, K), torch.zeros(B, K, dtype=torch.int64),
-           torch.zeros(B, dtype=torch.int64))
+    out = (
+        torch.zeros(B, K, 4),
+        torch.zeros(B, K),
+        torch.zeros(B, K, dtype=torch.int64),
+        torch.zeros(B, dtype=torch.int64),
+    )
     if B * C * min(config.topk_candidates, A) * K == 0:
         return out  # the CUDA op returns zeros without a launch
     tensors, inputs = _prepare(locs, logits, anchors, image_sizes, config)
     status = library().emulated_postprocess(
-        ctypes.byref(inputs), ctypes.c_double(config.nms_thresh), ctypes.c_int64(K),
-        *(_ptr(t) for t in out))
+        ctypes.byref(inputs),
+        ctypes.c_double(config.nms_thresh),
+        ctypes.c_int64(K),
+        *(_ptr(t) for t in out),
+    )
     _check(status, "postprocess")
     return out
 
 
-def decode_threshold_flatten(locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor,
-                             config: PostprocessConfig) -> Tuple[Tensor, Tensor, Tensor]:
+def decode_threshold_flatten(
+    locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor, config: PostprocessConfig
+) -> Tuple[Tensor, Tensor, Tensor]:
     """What ``torch.ops.ssd_post.decode_threshold_flatten`` returns on CUDA:
     boxes [N, 4], scores [N], keys [N]."""
     B, A, C = logits.shape
@@ -149,14 +194,16 @@ def decode_threshold_flatten(locs: Tensor, logits: Tensor, anchors: Tensor, imag
     tensors, inputs = _prepare(locs, logits, anchors, image_sizes, config)
     count = ctypes.c_int64(-1)
     status = library().emulated_decode_threshold_flatten(
-        ctypes.byref(inputs), _ptr(boxes), _ptr(scores), _ptr(keys), ctypes.byref(count))
+        ctypes.byref(inputs), _ptr(boxes), _ptr(scores), _ptr(keys), ctypes.byref(count)
+    )
     _check(status, "decode_threshold_flatten")
     n = count.value
     return boxes[:n], scores[:n], keys[:n]
 
 
-def select_per_level(logits: Tensor, centerness, level_sizes, config: PostprocessConfig
-                     ) -> Tuple[Tensor, Tensor, Tensor]:
+def select_per_level(
+    logits: Tensor, centerness, level_sizes, config: PostprocessConfig
+) -> Tuple[Tensor, Tensor, Tensor]:
     """What ``torch.ops.ssd_post.select_per_level`` returns on CUDA: flat and scores
     [B, L, k], counts [B, L] (k = ssd_post.ops.level_capacity)."""
     from ssd_post.ops import level_capacity
@@ -170,19 +217,34 @@ def select_per_level(logits: Tensor, centerness, level_sizes, config: Postproces
     if flat.numel() == 0:
         return flat, scores, counts.zero_()
     x = logits.detach().to("cpu", torch.float32).contiguous()
-    ctr = None if centerness is None else centerness.detach().to("cpu", torch.float32).reshape(B, A).contiguous()
+    ctr = (
+        None
+        if centerness is None
+        else centerness.detach().to("cpu", torch.float32).reshape(B, A).contiguous()
+    )
     background = config.resolve_background_class(C)
     status = library().emulated_select_per_level(
-        _ptr(x), None if ctr is None else _ptr(ctr), ctypes.c_int64(B), ctypes.c_int64(A), ctypes.c_int64(C),
-        _ptr(sizes), ctypes.c_int32(sizes.numel()), ctypes.c_double(config.score_thresh),
-        ctypes.c_int64(config.topk_candidates), ctypes.c_int64(-1 if background is None else background),
-        _ptr(flat), _ptr(scores), _ptr(counts))
+        _ptr(x),
+        None if ctr is None else _ptr(ctr),
+        ctypes.c_int64(B),
+        ctypes.c_int64(A),
+        ctypes.c_int64(C),
+        _ptr(sizes),
+        ctypes.c_int32(sizes.numel()),
+        ctypes.c_double(config.score_thresh),
+        ctypes.c_int64(config.topk_candidates),
+        ctypes.c_int64(-1 if background is None else background),
+        _ptr(flat),
+        _ptr(scores),
+        _ptr(counts),
+    )
     _check(status, "select_per_level")
     return flat, scores, counts
 
 
-def nms_ranked_groups(ranked_boxes: Tensor, group_begin: Tensor, group_end: Tensor,
-                      iou_threshold: float) -> Tensor:
+def nms_ranked_groups(
+    ranked_boxes: Tensor, group_begin: Tensor, group_end: Tensor, iou_threshold: float
+) -> Tensor:
     """keep (Tensor[N] uint8) of the NMS kernel of batched_nms on ranked_boxes [N, 4],
     grouped into runs [group_begin[g], group_end[g]), each in rank order."""
     boxes = ranked_boxes.to(torch.float32).contiguous()
@@ -191,9 +253,14 @@ def nms_ranked_groups(ranked_boxes: Tensor, group_begin: Tensor, group_end: Tens
     keep = torch.full((boxes.shape[0],), 0xCD, dtype=torch.uint8)
     if begin.numel() == 0:
         return keep
-    status = library().emulated_nms_ranked_groups(_ptr(boxes), _ptr(begin), _ptr(end),
-                                            ctypes.c_int64(begin.numel()),
-                                            ctypes.c_double(iou_threshold), _ptr(keep))
+    status = library().emulated_nms_ranked_groups(
+        _ptr(boxes),
+        _ptr(begin),
+        _ptr(end),
+        ctypes.c_int64(begin.numel()),
+        ctypes.c_double(iou_threshold),
+        _ptr(keep),
+    )
     _check(status, "nms_ranked_groups")
     return keep
 

@@ -7,6 +7,7 @@ and crowd regions are dropped from the training targets, with a count printed;
 ``self.coco`` keeps the file's content unchanged, so evaluation sees exactly what
 pycocotools would see.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +47,9 @@ def load_coco_json(ann_file: str) -> dict:
         raise _fail(ann_file, "top level", f"should be an object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise _fail(ann_file, f"'{key}'", "should be a list" + ("" if key in data else " (missing)"))
+            raise _fail(
+                ann_file, f"'{key}'", "should be a list" + ("" if key in data else " (missing)")
+            )
 
     image_ids = set()
     for i, image in enumerate(data["images"]):
@@ -55,9 +58,13 @@ def load_coco_json(ann_file: str) -> dict:
             raise _fail(ann_file, where, "should be an object")
         for key, kind in (("id", int), ("file_name", str), ("height", int), ("width", int)):
             if not isinstance(image.get(key), kind) or isinstance(image.get(key), bool):
-                raise _fail(ann_file, where, f"'{key}' should be {kind.__name__}, got {image.get(key)!r}")
+                raise _fail(
+                    ann_file, where, f"'{key}' should be {kind.__name__}, got {image.get(key)!r}"
+                )
         if image["height"] < 1 or image["width"] < 1:
-            raise _fail(ann_file, where, f"size should be positive, got {image['height']}x{image['width']}")
+            raise _fail(
+                ann_file, where, f"size should be positive, got {image['height']}x{image['width']}"
+            )
         if image["id"] in image_ids:
             raise _fail(ann_file, where, f"duplicate image id {image['id']}")
         image_ids.add(image["id"])
@@ -80,11 +87,21 @@ def load_coco_json(ann_file: str) -> dict:
         if ann.get("image_id") not in image_ids:
             raise _fail(ann_file, where, f"image_id {ann.get('image_id')!r} is not in 'images'")
         if ann.get("category_id") not in category_ids:
-            raise _fail(ann_file, where, f"category_id {ann.get('category_id')!r} is not in 'categories'")
+            raise _fail(
+                ann_file, where, f"category_id {ann.get('category_id')!r} is not in 'categories'"
+            )
         bbox = ann.get("bbox")
-        if (not isinstance(bbox, list) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
-            raise _fail(ann_file, where, f"'bbox' should be 4 finite numbers [x, y, w, h], got {bbox!r}")
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in bbox
+            )
+        ):
+            raise _fail(
+                ann_file, where, f"'bbox' should be 4 finite numbers [x, y, w, h], got {bbox!r}"
+            )
     return data
 
 
@@ -114,8 +131,12 @@ def clean_boxes(
             continue
         x, y, w, h = (float(v) for v in ann["bbox"])
         box = [x, y, x + w, y + h]
-        clipped = [min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
-                   min(max(box[2], 0.0), width), min(max(box[3], 0.0), height)]
+        clipped = [
+            min(max(box[0], 0.0), width),
+            min(max(box[1], 0.0), height),
+            min(max(box[2], 0.0), width),
+            min(max(box[3], 0.0), height),
+        ]
         # Under a tenth of a pixel is no box: albumentations and the matcher would divide by it.
         if clipped[2] - clipped[0] < 0.1 or clipped[3] - clipped[1] < 0.1:
             counts["empty"] += 1
@@ -124,8 +145,11 @@ def clean_boxes(
             counts["clipped"] += 1
         boxes.append(clipped)
         categories.append(int(ann["category_id"]))
-    return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-            np.asarray(categories, dtype=np.int64), counts)
+    return (
+        np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        np.asarray(categories, dtype=np.int64),
+        counts,
+    )
 
 
 class CocoDetectionDataset(torch.utils.data.Dataset):
@@ -177,49 +201,65 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             self.label_to_category: Dict[int, int] = {i + 1: c for i, c in enumerate(category_ids)}
         else:
             if category_ids[0] < 1:
-                raise CocoFormatError(f"{ann_file}: category id {category_ids[0]} < 1 would be the background label")
+                raise CocoFormatError(
+                    f"{ann_file}: category id {category_ids[0]} < 1 would be the background label"
+                )
             self.label_to_category = {c: c for c in category_ids}
         self.category_to_label: Dict[int, int] = {c: l for l, c in self.label_to_category.items()}
         names = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]}
-        self.category_names: Dict[int, str] = {l: names[c] for l, c in self.label_to_category.items()}
+        self.category_names: Dict[int, str] = {
+            l: names[c] for l, c in self.label_to_category.items()
+        }
         self.num_classes = max(self.label_to_category) + 1
         self.image_ids: List[int] = sorted(self.coco.imgs)
 
         if check_files:
-            missing = [(i, self.coco.imgs[i]["file_name"]) for i in self.image_ids
-                       if not os.path.isfile(os.path.join(image_dir, self.coco.imgs[i]["file_name"]))]
+            missing = [
+                (i, self.coco.imgs[i]["file_name"])
+                for i in self.image_ids
+                if not os.path.isfile(os.path.join(image_dir, self.coco.imgs[i]["file_name"]))
+            ]
             if missing:
                 image_id, name = missing[0]
                 raise FileNotFoundError(
                     f"{ann_file}: {len(missing)} image file(s) missing from {image_dir}, "
-                    f"first: {name!r} (image id {image_id})")
+                    f"first: {name!r} (image id {image_id})"
+                )
 
         totals = {"clipped": 0, "empty": 0, "crowd": 0}
         self._targets = []
         for image_id in self.image_ids:
             info = self.coco.imgs[image_id]
-            boxes, categories, counts = clean_boxes(self.coco.imgToAnns.get(image_id, []), info["height"], info["width"])
+            boxes, categories, counts = clean_boxes(
+                self.coco.imgToAnns.get(image_id, []), info["height"], info["width"]
+            )
             labels = np.asarray([self.category_to_label[c] for c in categories], dtype=np.int64)
             self._targets.append((boxes, labels))
             for key in totals:
                 totals[key] += counts[key]
         self.filter_counts = totals
         if verbose and any(totals.values()):
-            print(f"{ann_file}: {totals['clipped']} box(es) clipped to their image, "
-                  f"{totals['empty']} zero-size box(es) and {totals['crowd']} crowd region(s) "
-                  "left out of the training targets")
+            print(
+                f"{ann_file}: {totals['clipped']} box(es) clipped to their image, "
+                f"{totals['empty']} zero-size box(es) and {totals['crowd']} crowd region(s) "
+                "left out of the training targets"
+            )
 
     def check_num_classes(self, num_classes: int) -> None:
         """ValueError unless a model with ``num_classes`` logit columns (background
         included) predicts exactly this set's labels: a mismatch would score a model
         against categories it was not trained on, without a word."""
         if num_classes != self.num_classes:
-            layout = ("contiguous labels: categories + background" if self.num_classes == len(self.label_to_category) + 1
-                      else "labels = category ids: largest id + 1")
+            layout = (
+                "contiguous labels: categories + background"
+                if self.num_classes == len(self.label_to_category) + 1
+                else "labels = category ids: largest id + 1"
+            )
             raise ValueError(
                 f"model.num_classes is {num_classes} but {self.ann_file} has {len(self.label_to_category)} "
                 f"categories (ids {sorted(self.category_to_label)[:8]}), so the model needs {self.num_classes} "
-                f"classes ({layout}); use a checkpoint trained on this data, or set data.contiguous_labels")
+                f"classes ({layout}); use a checkpoint trained on this data, or set data.contiguous_labels"
+            )
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -234,7 +274,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         if image.shape[:2] != (info["height"], info["width"]):
             raise ValueError(
                 f"{self.ann_file}: image id {info['id']} is {info['height']}x{info['width']} in the json "
-                f"but {path} is {image.shape[0]}x{image.shape[1]}")
+                f"but {path} is {image.shape[0]}x{image.shape[1]}"
+            )
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Target]:
@@ -249,7 +290,9 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
         else:
-            tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255.0
+            tensor = (
+                torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255.0
+            )
         target = {
             "boxes": torch.from_numpy(boxes.copy()),
             "labels": torch.from_numpy(labels.copy()),
@@ -264,5 +307,7 @@ def collate_fn(batch: Sequence[Tuple[Tensor, Target]]) -> Tuple[Tensor, List[Tar
     images = [item[0] for item in batch]
     shapes = {tuple(image.shape) for image in images}
     if len(shapes) != 1:
-        raise ValueError(f"images of a batch should have one shape (resize them), got {sorted(shapes)}")
+        raise ValueError(
+            f"images of a batch should have one shape (resize them), got {sorted(shapes)}"
+        )
     return torch.stack(images), [item[1] for item in batch]

@@ -8,6 +8,7 @@ pycocotools evaluates the set exactly as it evaluates COCO.
 Generation is a pure function of (seed, split, image index): the same seed gives
 the same files on every machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,14 @@ def _polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> np
     """Vertices [V, 2] (x, y) of a shape centred at (cx, cy)."""
     if kind == "square":
         # Axis-aligned, so its box is tight; the ratio varies a little.
-        return np.array([[cx - radius, cy - radius], [cx + radius, cy - radius],
-                         [cx + radius, cy + radius], [cx - radius, cy + radius]])
+        return np.array(
+            [
+                [cx - radius, cy - radius],
+                [cx + radius, cy - radius],
+                [cx + radius, cy + radius],
+                [cx - radius, cy + radius],
+            ]
+        )
     if kind == "triangle":
         t = angle + np.arange(3) * 2 * math.pi / 3
         return np.stack((cx + radius * np.cos(t), cy + radius * np.sin(t)), axis=1)
@@ -69,7 +76,9 @@ def _polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> np
     raise ValueError(f"unknown shape kind {kind!r}")
 
 
-def _box_of(kind: str, cx: float, cy: float, radius: float, angle: float) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def _box_of(
+    kind: str, cx: float, cy: float, radius: float, angle: float
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """The tight xyxy box of a shape and its fixed-point polygon (None for a circle)."""
     if kind == "circle":
         return np.array([cx - radius, cy - radius, cx + radius, cy + radius]), None
@@ -128,8 +137,15 @@ def render_image(
         cy0, cx0 = int(cy), int(cx)
         colour = _contrasting_colour(rng, image[cy0, cx0].astype(np.int64))
         if fixed is None:
-            cv2.circle(image, (int(round(cx * 16)), int(round(cy * 16))), int(round(radius * 16)),
-                       colour, thickness=-1, lineType=cv2.LINE_AA, shift=_SHIFT)
+            cv2.circle(
+                image,
+                (int(round(cx * 16)), int(round(cy * 16))),
+                int(round(radius * 16)),
+                colour,
+                thickness=-1,
+                lineType=cv2.LINE_AA,
+                shift=_SHIFT,
+            )
         else:
             cv2.fillPoly(image, [fixed], colour, lineType=cv2.LINE_AA, shift=_SHIFT)
         placed.append(box)
@@ -153,21 +169,25 @@ def _write_split(root: str, split: str, seed: int, count: int, size_range: Tuple
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for category, box in objects:
             x0, y0, x1, y1 = (float(v) for v in box)
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": category,
-                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                "area": round((x1 - x0) * (y1 - y0), 2),
-                "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "area": round((x1 - x0) * (y1 - y0), 2),
+                    "iscrowd": 0,
+                }
+            )
     with open(os.path.join(root, f"instances_{split}.json"), "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": CATEGORIES}, f)
 
 
 def _layout(root: str) -> Dict[str, Tuple[str, str]]:
-    return {split: (os.path.join(root, split), os.path.join(root, f"instances_{split}.json"))
-            for split in ("train", "val")}
+    return {
+        split: (os.path.join(root, split), os.path.join(root, f"instances_{split}.json"))
+        for split in ("train", "val")
+    }
 
 
 def ensure_shapes_dataset(
@@ -196,12 +216,19 @@ def ensure_shapes_dataset(
     Raises:
         ValueError: ``root`` holds a data set generated with other parameters.
     """
-    params = {"version": GENERATOR_VERSION, "seed": int(seed), "num_train": int(num_train),
-              "num_val": int(num_val), "size_range": [int(size_range[0]), int(size_range[1])]}
+    params = {
+        "version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "size_range": [int(size_range[0]), int(size_range[1])],
+    }
     if num_train < 1 or num_val < 1:
         raise ValueError(f"num_train and num_val should be >= 1, got {num_train} and {num_val}")
     if not (8 <= size_range[0] <= size_range[1]):
-        raise ValueError(f"size_range should be (min, max) with 8 <= min <= max, got {tuple(size_range)}")
+        raise ValueError(
+            f"size_range should be (min, max) with 8 <= min <= max, got {tuple(size_range)}"
+        )
     root = os.path.abspath(root)
     manifest = os.path.join(root, MANIFEST)
     if os.path.exists(manifest):
@@ -210,7 +237,8 @@ def ensure_shapes_dataset(
         if found != params:
             raise ValueError(
                 f"{root} holds a shapes data set made with {found}, not {params}; "
-                "point data_root at another folder or delete this one")
+                "point data_root at another folder or delete this one"
+            )
         return _layout(root)
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)

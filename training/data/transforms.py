@@ -6,6 +6,7 @@ IoU-constrained random crop -> horizontal flip -> resize -> normalize.
 Boxes ride along in ``pascal_voc`` (xyxy pixels) with a ``labels`` field; a box
 keeping less than ``min_visibility`` of its area after the crop is dropped.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,6 @@ from ..config import AugmentConfig
 
 ImageSize = Tuple[int, int]
 Mean = Tuple[float, float, float]
-
 
 
 def _box_iou(crop: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -56,14 +56,18 @@ class IoURandomCrop(BaseCrop):
         self.min_scale = min_scale
         self.trials = trials
 
-    def get_params_dependent_on_data(self, params: Dict[str, Any], data: Dict[str, Any]) -> Dict[str, Any]:
+    def get_params_dependent_on_data(
+        self, params: Dict[str, Any], data: Dict[str, Any]
+    ) -> Dict[str, Any]:
         height, width = params["shape"][:2]
         whole = {"crop_coords": (0, 0, width, height)}
         boxes = np.asarray(data.get("bboxes", np.zeros((0, 4))), dtype=np.float64)[:, :4]
         min_iou = self.py_random.choice(self.min_ious)
         if min_iou is None or len(boxes) == 0:
             return whole
-        boxes = boxes * np.array([width, height, width, height])  # albumentations keeps them normalised
+        boxes = boxes * np.array(
+            [width, height, width, height]
+        )  # albumentations keeps them normalised
         centres = 0.5 * (boxes[:, :2] + boxes[:, 2:])
         for _ in range(self.trials):
             w = self.py_random.uniform(self.min_scale, 1.0) * width
@@ -79,7 +83,9 @@ class IoURandomCrop(BaseCrop):
             if _box_iou(crop, boxes).max() < min_iou:
                 continue
             coords = (int(x0), int(y0), int(math.ceil(x0 + w)), int(math.ceil(y0 + h)))
-            return {"crop_coords": (coords[0], coords[1], min(coords[2], width), min(coords[3], height))}
+            return {
+                "crop_coords": (coords[0], coords[1], min(coords[2], width), min(coords[3], height))
+            }
         return whole
 
     def get_transform_init_args_names(self) -> Tuple[str, ...]:
@@ -87,12 +93,18 @@ class IoURandomCrop(BaseCrop):
 
 
 def _bbox_params(min_visibility: float) -> A.BboxParams:
-    return A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=min_visibility,
-                        clip=True, filter_invalid_bboxes=True)
+    return A.BboxParams(
+        format="pascal_voc",
+        label_fields=["labels"],
+        min_visibility=min_visibility,
+        clip=True,
+        filter_invalid_bboxes=True,
+    )
 
 
-def train_transforms(image_size: ImageSize, mean: Mean, std: Mean,
-                     augment: Optional[AugmentConfig] = None) -> A.Compose:
+def train_transforms(
+    image_size: ImageSize, mean: Mean, std: Mean, augment: Optional[AugmentConfig] = None
+) -> A.Compose:
     """SSD training augmentation ending in a normalised float tensor [3, H, W].
 
     Args:
@@ -106,7 +118,11 @@ def train_transforms(image_size: ImageSize, mean: Mean, std: Mean,
             ``min_visibility`` of their area are dropped.
     """
     augment = augment or AugmentConfig()
-    photometric_p, expand_p, max_expand = augment.photometric_p, augment.expand_p, augment.max_expand
+    photometric_p, expand_p, max_expand = (
+        augment.photometric_p,
+        augment.expand_p,
+        augment.max_expand,
+    )
     crop_p, flip_p, min_visibility = augment.crop_p, augment.flip_p, augment.min_visibility
     height, width = int(image_size[0]), int(image_size[1])
     fill = tuple(int(round(255 * m)) for m in mean)
@@ -114,13 +130,25 @@ def train_transforms(image_size: ImageSize, mean: Mean, std: Mean,
     pad = (max_expand - 1.0) / 2.0
     return A.Compose(
         [
-            A.OneOf([
-                A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.4, hue=0.05, p=1.0),
-                A.Compose([A.RandomBrightnessContrast(0.2, 0.2, p=1.0),
-                           A.HueSaturationValue(10, 30, 20, p=1.0)]),
-            ], p=photometric_p),
-            A.CropAndPad(percent=(0.0, pad), keep_size=False, sample_independently=True,
-                         fill=fill, p=expand_p),
+            A.OneOf(
+                [
+                    A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.4, hue=0.05, p=1.0),
+                    A.Compose(
+                        [
+                            A.RandomBrightnessContrast(0.2, 0.2, p=1.0),
+                            A.HueSaturationValue(10, 30, 20, p=1.0),
+                        ]
+                    ),
+                ],
+                p=photometric_p,
+            ),
+            A.CropAndPad(
+                percent=(0.0, pad),
+                keep_size=False,
+                sample_independently=True,
+                fill=fill,
+                p=expand_p,
+            ),
             IoURandomCrop(p=crop_p),
             A.HorizontalFlip(p=flip_p),
             A.Resize(height, width),
