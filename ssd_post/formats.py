@@ -12,7 +12,12 @@ from torch import Tensor
 
 @dataclass
 class Detections:
-    """Detections of a batch, zero-padded to K = detections_per_img per image.
+    """Detections of a batch, zero-padded to K rows per image.
+
+    From :func:`ssd_post.postprocess`, K = ``config.padded_detections(A, C)``:
+    min(detections_per_img, C_fg * min(topk_candidates, A)) (``per_level``:
+    min(detections_per_img, C_fg * A)), so never more rows than an image can fill.
+    From :meth:`from_list`, K = its ``detections_per_img`` argument.
 
     Attributes:
         boxes (Tensor[B, K, 4]): xyxy float32; rows past ``num_detections`` are zero.
@@ -46,7 +51,8 @@ class Detections:
     def from_list(
         cls, detections: Sequence[Dict[str, Tensor]], detections_per_img: int
     ) -> "Detections":
-        """Pads torchvision-style dicts into a Detections of K = detections_per_img."""
+        """Pads torchvision-style dicts into a Detections of K = ``detections_per_img``
+        rows (longer lists are cut to their first ``detections_per_img``)."""
         batch = len(detections)
         device = detections[0]["boxes"].device if batch else torch.device("cpu")
         out = cls(
