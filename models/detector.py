@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,22 @@ import ssd_post
 from ssd_post import BoxCoder, DefaultBoxes, Detections, PostprocessConfig
 from ssd_post.reference import torchvision_postprocess
 
-POSTPROCESS_BACKENDS = ("ssd_post", "torchvision")
+PostprocessFn = Callable[..., Detections]
+# The postprocess backends a detector (and evaluate.py --postprocess) can run: the
+# batched kernels, or torchvision's own per-image loop for comparison. Both take
+# (locs[B, A, 4], logits[B, A, C], anchors[A, 4], image_sizes, config, **keywords).
+POSTPROCESSORS: Dict[str, PostprocessFn] = {
+    "ssd_post": ssd_post.postprocess,
+    "torchvision": torchvision_postprocess,
+}
+
+
+def get_postprocess(name: str) -> PostprocessFn:
+    """The postprocess function called ``name`` (a key of :data:`POSTPROCESSORS`);
+    both return :class:`~ssd_post.Detections`."""
+    if name not in POSTPROCESSORS:
+        raise ValueError(f"unknown postprocess {name!r}; expected one of {sorted(POSTPROCESSORS)}")
+    return POSTPROCESSORS[name]
 
 
 class SSDDetector(nn.Module):
@@ -165,16 +180,12 @@ class SSDDetector(nn.Module):
         Returns:
             Detections with boxes [B, K, 4], scores [B, K], labels [B, K], num_detections [B].
         """
-        if postprocess not in POSTPROCESS_BACKENDS:
-            raise ValueError(
-                f"postprocess should be one of {POSTPROCESS_BACKENDS}, got {postprocess!r}"
-            )
+        run = get_postprocess(postprocess)
         locs, logits = self(images)
         anchors = self.anchors().to(locs.device)
         sizes = torch.tensor([self.image_size], dtype=torch.int64, device=locs.device).expand(
             locs.shape[0], 2
         )
-        run = ssd_post.postprocess if postprocess == "ssd_post" else torchvision_postprocess
         return run(
             locs, logits, anchors, sizes, self.postprocess_config, **self.postprocess_inputs()
         )
