@@ -1,4 +1,4 @@
-"""SSDDetector: backbone + SSD head + default boxes, with ssd_post as its postprocess."""
+"""SingleStageDetector: backbone + head + anchors, with ssd_post as its postprocess."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ def get_postprocess(name: str) -> PostprocessFn:
     return POSTPROCESSORS[name]
 
 
-class SSDDetector(nn.Module):
-    """An SSD-family detector whose inference goes through :func:`ssd_post.postprocess`.
+class SingleStageDetector(nn.Module):
+    """A single-stage detector (SSD, RetinaNet) whose inference goes through
+    :func:`ssd_post.postprocess`.
 
     The submodules are named ``backbone`` and ``head`` as in torchvision's ``SSD``, so
     the torchvision-compatible architectures share torchvision's state_dict keys.
@@ -205,3 +206,8 @@ class SSDDetector(nn.Module):
         }
         config.update(self.extra_config)
         return config
+
+
+# The name before RetinaNet joined; nothing stored refers to it (checkpoints hold a
+# model_config and a state_dict, no class), it is kept for code that imports it.
+SSDDetector = SingleStageDetector

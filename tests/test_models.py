@@ -10,6 +10,7 @@ import torch
 from torchvision.models import detection
 
 import ssd_post
+import models
 from models import build_model, check_model_options
 from models.checkpoint import load_detector, save_detector
 from models.detector import POSTPROCESSORS
@@ -21,6 +22,12 @@ from ssd_post import BoxCoder
 def tiny():
     torch.manual_seed(0)
     return build_model("tiny", 5, width=8).eval()
+
+
+def test_former_detector_name_is_an_alias():
+    detector = build_model("tiny", 5)
+    assert models.SSDDetector is models.SingleStageDetector
+    assert isinstance(detector, models.SSDDetector)
 
 
 def test_unknown_arch_is_named():

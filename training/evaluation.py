@@ -359,7 +359,7 @@ def infer_batch(
     """Forward, postprocess and COCO conversion of one batch, each stage timed.
 
     Args:
-        detector: an ``SSDDetector``: ``detector(images) -> (locs[B, A, 4],
+        detector: a ``SingleStageDetector``: ``detector(images) -> (locs[B, A, 4],
             logits[B, A, C])``, ``detector.postprocess_config`` and
             ``detector.postprocess_inputs()`` (RetinaNet's level sizes).
         images (Tensor[B, 3, H, W]): the network input.

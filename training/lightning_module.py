@@ -1,4 +1,4 @@
-"""Lightning wrappers: the detection DataModule and the SSD training module.
+"""Lightning wrappers: the detection DataModule and the detector training module.
 
 Both take the sections of a config (``training.config``); the training module takes
 them as plain dicts, which Lightning saves as hyperparameters, so a checkpoint
@@ -117,7 +117,7 @@ def warmup_cosine(
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class SSDLightningModule(pl.LightningModule):
+class DetectionLightningModule(pl.LightningModule):
     """Trains a detector of ``models`` with its own loss (SSD: MultiBox; RetinaNet:
     focal loss) and validates with COCO mAP.
 
@@ -246,3 +246,8 @@ class SSDLightningModule(pl.LightningModule):
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+# The name before RetinaNet training joined. A Lightning checkpoint stores the
+# hyperparameters, not the class, so either name loads it; kept for code importing it.
+SSDLightningModule = DetectionLightningModule
