@@ -11,14 +11,8 @@ from torch import Tensor
 from . import ops
 from .config import PostprocessConfig
 from .formats import Detections
-from .inputs import (
-    Anchors,
-    ImageSizes,
-    LevelSizes,
-    check_centerness,
-    check_level_sizes,
-    normalize_inputs,
-)
+from .inputs import Anchors, ImageSizes, LevelSizes
+from .inputs import check_centerness, check_level_sizes, normalize_inputs
 from .per_level import postprocess_per_level
 
 

@@ -14,14 +14,8 @@ from .box_coder import BoxCoder, clip_boxes
 from .config import PostprocessConfig
 from .formats import Detections
 from .linear_coder import LinearBoxCoder
-from .inputs import (
-    Anchors,
-    ImageSizes,
-    LevelSizes,
-    check_centerness,
-    check_level_sizes,
-    normalize_inputs,
-)
+from .inputs import Anchors, ImageSizes, LevelSizes
+from .inputs import check_centerness, check_level_sizes, normalize_inputs
 
 
 def scores_from_logits(
