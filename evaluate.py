@@ -5,7 +5,7 @@
     python evaluate.py --devices 2                      # two CPU processes through Lightning
     python evaluate.py --json out/metrics.json --save-vis out/vis
     python evaluate.py --backend onnxruntime            # network + postprocess exported to ONNX
-    python evaluate.py --backend aoti                   # ... compiled by AOTInductor (needs a C++ compiler)
+    python evaluate.py --backend aoti                   # ... by AOTInductor (needs a C++ compiler)
 
 Stages: ``data`` (waiting for the next batch: decoding and resizing images),
 ``forward`` (the network), ``postprocess`` (the chosen path, the only stage that
@@ -30,12 +30,11 @@ import torch
 from ssd_post.formats import write_coco_results
 from training.runtime_backends import BACKENDS, build_runtime_backend
 from training.config import ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
+from models.detector import POSTPROCESSORS, get_postprocess
 from training.evaluation import (
-    POSTPROCESSORS,
     STAGES,
     StageTimer,
     coco_evaluate,
-    get_postprocess,
     infer_batch,
     max_over_ranks,
     merge_rank_results,
@@ -333,8 +332,9 @@ def run_lightning(
 def format_report(metrics: Dict[str, Any]) -> str:
     """The printed report: COCO's table, per-stage timing and throughput."""
     lines = [
-        f"backend={metrics['backend']}  postprocess={metrics['postprocess']}  images={metrics['num_images']}  "
-        f"devices={metrics['devices']}  checkpoint={metrics['checkpoint']}",
+        f"backend={metrics['backend']}  postprocess={metrics['postprocess']}  "
+        f"images={metrics['num_images']}  devices={metrics['devices']}  "
+        f"checkpoint={metrics['checkpoint']}",
         metrics["summary"],
         "",
         f"{'stage':<12}{'total ms':>12}{'ms / image':>12}",

@@ -1,4 +1,5 @@
-"""Train an SSD detector with PyTorch Lightning; validation is COCO mAP on ssd_post's detections.
+"""Train a detector (SSD, RetinaNet) with PyTorch Lightning; validation is COCO mAP on
+ssd_post's detections.
 
     python train.py --config configs/tiny_shapes.yaml
     python train.py --config configs/ssd300_coco.yaml --data-root /data/coco --devices 8 --strategy ddp
@@ -139,13 +140,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     from models.checkpoint import save_detector
-    from training.lightning_module import DetectionDataModule, SSDLightningModule
+    from training.lightning_module import DetectionDataModule, DetectionLightningModule
 
     if config.threads:
         torch.set_num_threads(config.threads)
     pl.seed_everything(config.seed, workers=True)
     # The config is checked whole already: building the model cannot fail on a value.
-    module = SSDLightningModule(to_dict(config.model), to_dict(config.optim), to_dict(config.loss))
+    module = DetectionLightningModule(
+        to_dict(config.model), to_dict(config.optim), to_dict(config.loss)
+    )
     detector = module.detector
     datamodule = DetectionDataModule(
         config.data, detector.image_size, detector.image_mean, detector.image_std

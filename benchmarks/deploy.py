@@ -25,6 +25,7 @@ import torch
 
 from ssd_post.formats import Detections
 
+from .common import decode_clip
 from .scenarios import Inputs, make_inputs
 
 _CACHE: Dict[Tuple, Callable[..., Detections]] = {}
@@ -32,7 +33,8 @@ _FOLDER = tempfile.mkdtemp(prefix="ssd_post_onnx_bench_")
 
 
 def available_runtimes() -> List[str]:
-    """The peers (keys of PEERS) whose packages (and the export's: onnx, onnxscript) are installed."""
+    """The peers (keys of PEERS) whose packages (and the export's: onnx, onnxscript) are
+    installed."""
     if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
         return []
     return [name for name, (_, package) in PEERS.items() if importlib.util.find_spec(package)]
@@ -85,8 +87,6 @@ class _DecodeSoftmax(torch.nn.Module):
         self.box_weights = inp.config.box_weights
 
     def forward(self, locs, logits, image_sizes):
-        from .methods import decode_clip
-
         boxes = decode_clip(locs, self.anchors, image_sizes, self.box_weights)
         return boxes, logits.float().softmax(-1).transpose(1, 2)
 

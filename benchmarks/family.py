@@ -27,7 +27,7 @@ import ssd_post
 from ssd_post import PostprocessConfig
 from ssd_post.reference import torchvision_postprocess
 
-from .run import RESULTS_DIR, load_average, machine_info
+from .common import RESULTS_DIR, load_average, machine_info
 from .timing import time_calls
 
 METHODS = ("torchvision", "ssd_post", "read")

@@ -34,11 +34,11 @@ from typing import Callable, List
 
 import torch
 
+from .common import RESULTS_DIR
 from .methods import METHODS
 from .parity import compare
 from .scenarios import MODELS, Inputs, make_inputs
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GPU_METHODS = ("torchvision", "flatten_topk_nms", "ssd_post")
 
 

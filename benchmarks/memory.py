@@ -24,6 +24,9 @@ import sys
 from dataclasses import replace
 from typing import Dict, Optional
 
+from .common import load_inputs
+from .methods import METHODS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,9 +48,6 @@ def _reset_peak() -> bool:
 
 
 def measure_in_this_process(scenario: str, model: str, batch: int, method: str) -> Dict[str, float]:
-    from .methods import METHODS
-    from .run import load_inputs
-
     inp = load_inputs(scenario, model, batch)
     run = METHODS[method]
     one_image = replace(

@@ -15,11 +15,11 @@ import torchvision
 from torch import Tensor
 
 import ssd_post
-from ssd_post.box_coder import BoxCoder
 from ssd_post.formats import Detections
 from ssd_post.reference import torchvision_postprocess
 
 from . import deploy
+from .common import decode_clip
 from .scenarios import Inputs
 
 
@@ -43,14 +43,6 @@ def run_softmax(inp: Inputs):
 def _decode_all(inp: Inputs) -> Tensor:
     """Every anchor's box of every image, clipped: [B, A, 4]."""
     return decode_clip(inp.locs, inp.anchors, inp.image_sizes, inp.config.box_weights)
-
-
-def decode_clip(locs: Tensor, anchors: Tensor, image_sizes: Tensor, box_weights) -> Tensor:
-    """Boxes [B, A, 4] of locs [B, A, 4] on anchors [A, 4], clipped to image_sizes [B, 2] (h, w)."""
-    boxes = BoxCoder(box_weights).decode(locs, anchors)
-    hw = image_sizes.to(boxes.dtype)  # [B, 2] (h, w)
-    limit = torch.stack((hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]), dim=1)[:, None, :]
-    return torch.minimum(boxes.clamp(min=0), limit)
 
 
 def _per_image_top(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 from typing import Dict, List, Optional
@@ -22,19 +21,12 @@ from typing import Dict, List, Optional
 import torch
 
 from . import memory, report
+from .common import RESULTS_DIR, load_average, load_inputs, machine_info
 from .methods import METHODS, PREPARE, REFERENCES, parity_oracle
 from .parity import compare
-from .real import make_real_inputs, unavailable_reason
-from .scenarios import MODELS, Inputs, make_inputs
+from .real import unavailable_reason
+from .scenarios import MODELS
 from .timing import time_calls
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def load_inputs(scenario: str, model: str, batch: int) -> Inputs:
-    if scenario == "real":
-        return make_real_inputs(batch)
-    return make_inputs(scenario, model, batch, seed=batch)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -103,10 +95,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def _split(text: str) -> List[str]:
     return [t for t in text.split(",") if t]
-
-
-def load_average() -> List[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _estimate_s(last: Optional[tuple], batch: int) -> float:
@@ -181,8 +169,9 @@ def run_case(
         )
         row["median_s"], row["samples_s"] = median, samples
         per_image_estimate[method] = (batch, median + oracle_s)
+        parity = row.get("parity", "-")
         print(
-            f"  {method:18s} {1e3 * median:10.2f} ms  ({len(samples)} runs, parity {row.get('parity', '-')})",
+            f"  {method:18s} {1e3 * median:10.2f} ms  ({len(samples)} runs, parity {parity})",
             flush=True,
         )
     by_method = {r["method"]: r for r in rows}
@@ -251,28 +240,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         )
         print("\nwrote " + ", ".join(paths))
     return results
-
-
-def machine_info() -> Dict:
-    """What a benchmark's numbers depend on besides the code (stored with them)."""
-    return {
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from ssd_post.anchors import DefaultBoxes
 from ssd_post.box_coder import BoxCoder
@@ -92,16 +93,6 @@ class Inputs:
         return self.logits.shape[0]
 
 
-def _pairwise_iou(anchors: Tensor, box: Tensor) -> Tensor:
-    """IoU of every anchor [A, 4] with one box [4]."""
-    lt = torch.maximum(anchors[:, :2], box[:2])
-    rb = torch.minimum(anchors[:, 2:], box[2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area_a = (anchors[:, 2:] - anchors[:, :2]).prod(dim=1)
-    area_b = (box[2:] - box[:2]).prod()
-    return inter / (area_a + area_b - inter)
-
-
 def _sparse_image(anchors: Tensor, model: Model, gen: torch.Generator) -> Tuple[Tensor, Tensor]:
     num_anchors, num_classes = anchors.shape[0], model.num_classes
     coder = BoxCoder(model.config.box_weights)
@@ -115,7 +106,7 @@ def _sparse_image(anchors: Tensor, model: Model, gen: torch.Generator) -> Tuple[
         wh = size * (0.08 + 0.6 * torch.rand(2, generator=gen))
         centre = wh / 2 + (size - wh) * torch.rand(2, generator=gen)
         box = torch.cat((centre - wh / 2, centre + wh / 2))
-        iou = _pairwise_iou(anchors, box)
+        iou = box_iou(anchors, box[None])[:, 0]  # [A]
         hit = torch.nonzero(iou > 0.3).flatten()
         if hit.numel() == 0:
             hit = iou.argmax().reshape(1)

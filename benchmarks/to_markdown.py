@@ -11,7 +11,7 @@ import os
 import sys
 
 from .report import markdown_table
-from .run import RESULTS_DIR
+from .common import RESULTS_DIR
 
 
 def main(results_dir: str = RESULTS_DIR) -> str:
@@ -28,7 +28,8 @@ def main(results_dir: str = RESULTS_DIR) -> str:
     head = (
         f"Command: `{meta['command']}` ({meta['date']}; {meta['machine']['cpu']}, "
         f"{meta['machine']['torch_threads']} torch threads, torch {meta['machine']['torch']}; "
-        f"load average at start {meta['load_average_start']}, at end {meta.get('load_average_end')})"
+        f"load average at start {meta['load_average_start']}, "
+        f"at end {meta.get('load_average_end')})"
     )
     merged = {
         (m["command"], m["date"], tuple(m["load_average_start"]))

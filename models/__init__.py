@@ -1,4 +1,4 @@
-"""SSD models whose inference goes through ssd_post.
+"""Single-stage detectors (SSD, RetinaNet) whose inference goes through ssd_post.
 
 model = build_model("tiny", num_classes=5)          # trains on a CPU
 model = build_model("ssd300_vgg16", num_classes=91)  # torchvision's state_dict layout
@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 
 from ssd_post import PostprocessConfig
 
-from .detector import SSDDetector
+from .detector import SingleStageDetector, SSDDetector
 from .tiny import build_tiny, check_width
 from .torchvision_retinanet import (
     DEFAULT_SIZE as RETINANET_DEFAULT_SIZE,
@@ -92,7 +92,8 @@ def check_model_options(arch: Any, num_classes: Any, **kwargs: Any) -> None:
             check_retinanet_size(image_size)
         if arch not in SIZED_ARCHS and tuple(image_size) != FIXED_SIZES[arch]:
             raise ValueError(
-                f"{arch} has a fixed input size {FIXED_SIZES[arch]}, got image_size {tuple(image_size)}"
+                f"{arch} has a fixed input size {FIXED_SIZES[arch]}, "
+                f"got image_size {tuple(image_size)}"
             )
     for name in ("image_mean", "image_std"):
         value = kwargs.get(name)
@@ -106,8 +107,8 @@ def check_model_options(arch: Any, num_classes: Any, **kwargs: Any) -> None:
         check_width(kwargs["width"])
 
 
-def build_model(arch: str, num_classes: int, **kwargs: Any) -> SSDDetector:
-    """Builds an SSD detector.
+def build_model(arch: str, num_classes: int, **kwargs: Any) -> SingleStageDetector:
+    """Builds a single-stage detector (SSD or RetinaNet).
 
     Args:
         arch: ``"tiny"``, ``"ssd300_vgg16"``, ``"ssdlite320_mobilenet_v3_large"`` or
@@ -129,7 +130,7 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> SSDDetector:
     postprocess = kwargs.get("postprocess")
     mean, std = kwargs.get("image_mean"), kwargs.get("image_std")
     extra: Dict[str, Any] = {}
-    detector_class = SSDDetector
+    detector_class = SingleStageDetector
     if arch == "tiny":
         width = kwargs.get("width", TINY_DEFAULT_WIDTH)
         backbone, head, boxes = build_tiny(num_classes, width)
@@ -165,4 +166,11 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> SSDDetector:
     )
 
 
-__all__ = ["ARCHS", "RetinaNetDetector", "SSDDetector", "build_model", "check_model_options"]
+__all__ = [
+    "ARCHS",
+    "RetinaNetDetector",
+    "SingleStageDetector",
+    "SSDDetector",  # the former name of SingleStageDetector
+    "build_model",
+    "check_model_options",
+]

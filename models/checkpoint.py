@@ -12,15 +12,15 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .detector import SSDDetector
+from .detector import SingleStageDetector
 
 CHECKED_KEYS = ("arch", "num_classes")
 
 
-def save_detector(model: SSDDetector, path: str) -> None:
+def save_detector(model: SingleStageDetector, path: str) -> None:
     """Writes ``model``'s config and weights (moved to CPU) to ``path``."""
-    if not isinstance(model, SSDDetector):
-        raise ValueError(f"model should be an SSDDetector, got {type(model).__name__}")
+    if not isinstance(model, SingleStageDetector):
+        raise ValueError(f"model should be a SingleStageDetector, got {type(model).__name__}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -39,7 +39,8 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"{path}: refused to load: the file needs to run code (a pickled object that is not "
-            f"plain tensors and values); only checkpoints written by save_detector are accepted ({err})"
+            "plain tensors and values); only checkpoints written by save_detector are accepted "
+            f"({err})"
         ) from err
     except (RuntimeError, EOFError) as err:
         raise ValueError(f"{path}: not a readable torch checkpoint ({err})") from err
@@ -49,12 +50,13 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         or not isinstance(data.get("state_dict"), dict)
     ):
         raise ValueError(
-            f"{path}: should hold a dict with 'model_config' and 'state_dict' (written by save_detector)"
+            f"{path}: should hold a dict with 'model_config' and 'state_dict' "
+            "(written by save_detector)"
         )
     return data
 
 
-def load_detector(path: str, expected: Optional[Dict[str, Any]] = None) -> SSDDetector:
+def load_detector(path: str, expected: Optional[Dict[str, Any]] = None) -> SingleStageDetector:
     """Rebuilds the detector saved by :func:`save_detector`.
 
     Args:

@@ -1,10 +1,10 @@
-"""SSDDetector: backbone + SSD head + default boxes, with ssd_post as its postprocess."""
+"""SingleStageDetector: backbone + head + anchors, with ssd_post as its postprocess."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -13,11 +13,27 @@ import ssd_post
 from ssd_post import BoxCoder, DefaultBoxes, Detections, PostprocessConfig
 from ssd_post.reference import torchvision_postprocess
 
-POSTPROCESS_BACKENDS = ("ssd_post", "torchvision")
+PostprocessFn = Callable[..., Detections]
+# The postprocess backends a detector (and evaluate.py --postprocess) can run: the
+# batched kernels, or torchvision's own per-image loop for comparison. Both take
+# (locs[B, A, 4], logits[B, A, C], anchors[A, 4], image_sizes, config, **keywords).
+POSTPROCESSORS: Dict[str, PostprocessFn] = {
+    "ssd_post": ssd_post.postprocess,
+    "torchvision": torchvision_postprocess,
+}
 
 
-class SSDDetector(nn.Module):
-    """An SSD-family detector whose inference goes through :func:`ssd_post.postprocess`.
+def get_postprocess(name: str) -> PostprocessFn:
+    """The postprocess function called ``name`` (a key of :data:`POSTPROCESSORS`);
+    both return :class:`~ssd_post.Detections`."""
+    if name not in POSTPROCESSORS:
+        raise ValueError(f"unknown postprocess {name!r}; expected one of {sorted(POSTPROCESSORS)}")
+    return POSTPROCESSORS[name]
+
+
+class SingleStageDetector(nn.Module):
+    """A single-stage detector (SSD, RetinaNet) whose inference goes through
+    :func:`ssd_post.postprocess`.
 
     The submodules are named ``backbone`` and ``head`` as in torchvision's ``SSD``, so
     the torchvision-compatible architectures share torchvision's state_dict keys.
@@ -165,16 +181,12 @@ class SSDDetector(nn.Module):
         Returns:
             Detections with boxes [B, K, 4], scores [B, K], labels [B, K], num_detections [B].
         """
-        if postprocess not in POSTPROCESS_BACKENDS:
-            raise ValueError(
-                f"postprocess should be one of {POSTPROCESS_BACKENDS}, got {postprocess!r}"
-            )
+        run = get_postprocess(postprocess)
         locs, logits = self(images)
         anchors = self.anchors().to(locs.device)
         sizes = torch.tensor([self.image_size], dtype=torch.int64, device=locs.device).expand(
             locs.shape[0], 2
         )
-        run = ssd_post.postprocess if postprocess == "ssd_post" else torchvision_postprocess
         return run(
             locs, logits, anchors, sizes, self.postprocess_config, **self.postprocess_inputs()
         )
@@ -194,3 +206,8 @@ class SSDDetector(nn.Module):
         }
         config.update(self.extra_config)
         return config
+
+
+# The name before RetinaNet joined; nothing stored refers to it (checkpoints hold a
+# model_config and a state_dict, no class), it is kept for code that imports it.
+SSDDetector = SingleStageDetector

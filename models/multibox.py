@@ -15,6 +15,7 @@ from typing import Dict, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from ssd_post import BoxCoder
 
@@ -36,16 +37,6 @@ def pad_targets(
     return boxes, labels, valid
 
 
-def pairwise_iou(anchors: Tensor, boxes: Tensor) -> Tensor:
-    """IoU of anchors [A, 4] with each image's boxes [B, G, 4] -> [B, A, G]."""
-    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])  # [A]
-    area_b = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # [B, G]
-    top_left = torch.maximum(anchors[None, :, None, :2], boxes[:, None, :, :2])  # [B, A, G, 2]
-    bottom_right = torch.minimum(anchors[None, :, None, 2:], boxes[:, None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)  # [B, A, G]
-    return inter / (area_a[None, :, None] + area_b[:, None, :] - inter).clamp(min=1e-9)
-
-
 def match_anchors(anchors: Tensor, boxes: Tensor, valid: Tensor, iou_thresh: float = 0.5) -> Tensor:
     """Index of the matched box per anchor, -1 for background.
 
@@ -57,7 +48,9 @@ def match_anchors(anchors: Tensor, boxes: Tensor, valid: Tensor, iou_thresh: flo
     Returns:
         Tensor[B, A] int64 in [-1, G).
     """
-    iou = pairwise_iou(anchors, boxes)  # [B, A, G]
+    batch, num_boxes = boxes.shape[:2]
+    iou = box_iou(anchors, boxes.reshape(-1, 4))  # [A, B * G]
+    iou = iou.reshape(-1, batch, num_boxes).permute(1, 0, 2)  # [B, A, G]
     iou = iou.masked_fill(~valid[:, None, :], -1.0)
     best_iou, matched = iou.max(dim=2)  # [B, A]
     matched = torch.where(best_iou >= iou_thresh, matched, torch.full_like(matched, -1))

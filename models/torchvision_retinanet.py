@@ -28,7 +28,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 
 from ssd_post import PostprocessConfig
 
-from .detector import SSDDetector
+from .detector import SingleStageDetector
 
 ARCH = "retinanet_resnet50_fpn"
 DEFAULT_SIZE = (800, 800)
@@ -62,10 +62,10 @@ class GridAnchors:
         return [h * w * n for (h, w), n in zip(grid_sizes, per_location)]
 
 
-class RetinaNetDetector(SSDDetector):
-    """RetinaNet on :class:`SSDDetector`'s interface: ``forward`` gives ``(locs[B, A, 4],
-    logits[B, A, C])`` over all levels, ``predict`` runs the per-level postprocess,
-    ``compute_loss`` is torchvision's RetinaNet loss."""
+class RetinaNetDetector(SingleStageDetector):
+    """RetinaNet on :class:`SingleStageDetector`'s interface: ``forward`` gives
+    ``(locs[B, A, 4], logits[B, A, C])`` over all levels, ``predict`` runs the per-level
+    postprocess, ``compute_loss`` is torchvision's RetinaNet loss."""
 
     def compute_loss(
         self, images: Tensor, targets: Sequence[Mapping[str, Tensor]], options: Mapping[str, Any]

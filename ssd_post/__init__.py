@@ -8,6 +8,7 @@ from .box_coder import BoxCoder
 from .config import PostprocessConfig
 from .formats import Detections, to_coco_results, write_coco_results
 from .ops import batched_nms, has_cuda_kernels
+from . import fake_kernels  # noqa: F401  (registers the ops' fake kernels)
 from .linear_coder import LinearBoxCoder
 from .postprocess import (
     decode_threshold_flatten,

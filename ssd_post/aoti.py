@@ -90,10 +90,10 @@ def export_module(
 
 
 def export_package(model: nn.Module, path: str, example_images: Tensor, max_batch: int = 64) -> str:
-    """Compiles an SSDDetector with its postprocess into an AOTInductor package.
+    """Compiles a SingleStageDetector with its postprocess into an AOTInductor package.
 
     Args:
-        model: an SSDDetector whose postprocess is :func:`ssd_post.postprocess`.
+        model: a SingleStageDetector whose postprocess is :func:`ssd_post.postprocess`.
         path: the ``.pt2`` file to write.
         example_images (Tensor[B, 3, H, W]): resized, normalised images; H, W are fixed.
         max_batch: the largest batch the package accepts (the batch is dynamic).

@@ -41,7 +41,7 @@ class PostprocessModule(nn.Module):
 
 
 class DetectorModule(nn.Module):
-    """Images [B, 3, H, W] (resized, normalised) -> padded detections of an SSDDetector."""
+    """Images [B, 3, H, W] (resized, normalised) -> padded detections of a SingleStageDetector."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
@@ -74,7 +74,8 @@ def check_exportable_config(config: PostprocessConfig) -> None:
 
 
 def check_detector(model: Any) -> None:
-    """Raises TypeError unless ``model`` is an SSDDetector-like module postprocessed by ssd_post."""
+    """Raises TypeError unless ``model`` is a SingleStageDetector-like module (models/ of
+    the repository) postprocessed by ssd_post."""
     needed = ("postprocess_config", "anchors", "image_size")
     if (
         not isinstance(model, nn.Module)
@@ -82,7 +83,8 @@ def check_detector(model: Any) -> None:
         or not isinstance(getattr(model, "postprocess_config"), PostprocessConfig)
     ):
         raise TypeError(
-            "model should be an SSDDetector (models.build_model / models.checkpoint.load_detector) whose "
+            "model should be a SingleStageDetector (models.build_model / "
+            "models.checkpoint.load_detector) whose "
             f"postprocess is ssd_post.postprocess, got {type(model).__name__}"
         )
     check_exportable_config(model.postprocess_config)

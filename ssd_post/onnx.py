@@ -337,10 +337,10 @@ def export_module(
 
 
 def export(model: nn.Module, path: str, example_images: Tensor, opset: int = DEFAULT_OPSET) -> str:
-    """Exports an SSDDetector with its postprocess to one ONNX file, dynamic batch.
+    """Exports a SingleStageDetector with its postprocess to one ONNX file, dynamic batch.
 
     Args:
-        model: an SSDDetector whose postprocess is :func:`ssd_post.postprocess`.
+        model: a SingleStageDetector whose postprocess is :func:`ssd_post.postprocess`.
         path: where the .onnx file goes (weights inside the file).
         example_images (Tensor[B, 3, H, W]): float32 example input at the model's size.
         opset: ONNX opset, one of :data:`SUPPORTED_OPSETS`.

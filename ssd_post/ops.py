@@ -1,9 +1,8 @@
-"""Thin Python entry points to the compiled ops, and their fake kernels.
+"""Thin Python entry points to the compiled ops.
 
 The kernels come from ``ssd_post._C`` (loaded by ``_extension``); every entry point
-here checks first that it loaded. The fake kernels below give torch.compile /
-torch.export the output shapes without running anything; they are registered only
-when the ops exist.
+here checks first that it loaded. Their fake kernels (for torch.compile /
+torch.export) are in ``fake_kernels.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._extension import extension_loaded, require_extension
-from .config import padded_detections, unit_scalar
+from .config import unit_scalar
 from .corners import handle_inverted_boxes
 
 __all__ = [
@@ -41,16 +40,6 @@ def check_same_device(reference: str, tensors: dict) -> None:
             )
 
 
-def _check_image_sizes_device(image_sizes: Tensor, locs: Tensor) -> None:
-    # CPU image sizes are accepted on every device (their values are checked on the
-    # host without a synchronization, csrc/common/op_inputs.h).
-    if image_sizes.device != locs.device and image_sizes.device.type != "cpu":
-        raise ValueError(
-            f"image_sizes should be on the CPU or on the same device as locs, got "
-            f"{image_sizes.device} and {locs.device}"
-        )
-
-
 def has_cuda_kernels() -> bool:
     """Whether the extension loaded and was compiled with its CUDA kernels."""
     if not extension_loaded():
@@ -69,81 +58,10 @@ def cpu_vector_kernels() -> str:
     return torch.ops.ssd_post.cpu_vector_kernels()
 
 
-def _decode_threshold_flatten_fake(
-    locs,
-    logits,
-    anchors,
-    image_sizes,
-    score_thresh,
-    topk_candidates,
-    box_weights,
-    score_activation,
-    background_class,
-    clip_boxes,
-):
-    torch._check(locs.dim() == 3 and logits.dim() == 3, lambda: "locs and logits should be 3d")
-    check_same_device("locs", {"locs": locs, "logits": logits, "anchors": anchors})
-    _check_image_sizes_device(image_sizes, locs)
-    n = torch.library.get_ctx().new_dynamic_size()
-    return (
-        locs.new_empty((n, 4), dtype=torch.float32),
-        locs.new_empty((n,), dtype=torch.float32),
-        locs.new_empty((n,), dtype=torch.int64),
-    )
-
-
-def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
-    torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: "boxes should be [N, 4]")
-    check_same_device("boxes", {"boxes": boxes, "scores": scores, "idxs": idxs})
-    n = torch.library.get_ctx().new_dynamic_size()
-    return boxes.new_empty((n,), dtype=torch.int64)
-
-
-def _postprocess_fake(
-    locs,
-    logits,
-    anchors,
-    image_sizes,
-    score_thresh,
-    nms_thresh,
-    topk_candidates,
-    detections_per_img,
-    box_weights,
-    score_activation,
-    background_class,
-    clip_boxes,
-):
-    torch._check(logits.dim() == 3, lambda: "logits should be [B, A, C]")
-    check_same_device("locs", {"locs": locs, "logits": logits, "anchors": anchors})
-    _check_image_sizes_device(image_sizes, locs)
-    batch, num_anchors, num_classes = logits.shape
-    foreground = num_classes - (0 if background_class is None else 1)
-    k = padded_detections(detections_per_img, topk_candidates, num_anchors, foreground)
-    return (
-        locs.new_empty((batch, k, 4), dtype=torch.float32),
-        locs.new_empty((batch, k), dtype=torch.float32),
-        locs.new_empty((batch, k), dtype=torch.int64),
-        locs.new_empty((batch,), dtype=torch.int64),
-    )
-
-
 def level_capacity(level_sizes: List[int], num_classes: int, topk_candidates: int) -> int:
     """Slots per (image, level) of ``select_per_level``: min(topk, largest A_l * C)
     (common/select_params.h ``level_capacity``; keep the two equal)."""
     return min(topk_candidates, max(level_sizes) * num_classes)
-
-
-def _select_per_level_fake(
-    logits, centerness, level_sizes, score_thresh, topk_candidates, background_class
-):
-    torch._check(logits.dim() == 3, lambda: "logits should be [B, A, C]")
-    batch, _, num_classes = logits.shape
-    k = level_capacity(list(level_sizes), num_classes, topk_candidates)
-    return (
-        logits.new_empty((batch, len(level_sizes), k), dtype=torch.int64),
-        logits.new_empty((batch, len(level_sizes), k), dtype=torch.float32),
-        logits.new_empty((batch, len(level_sizes)), dtype=torch.int64),
-    )
 
 
 def select_per_level_op(
@@ -224,7 +142,8 @@ def decode_threshold_flatten_op(
     background_class: Optional[int],
     clip_boxes: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Direct call of ``torch.ops.ssd_post.decode_threshold_flatten`` (tensors already normalised)."""
+    """Direct call of ``torch.ops.ssd_post.decode_threshold_flatten`` (tensors already
+    normalised)."""
     require_extension()
     return torch.ops.ssd_post.decode_threshold_flatten(
         locs,
@@ -270,12 +189,3 @@ def postprocess_op(
         background_class,
         bool(clip_boxes),
     )
-
-
-if extension_loaded():
-    torch.library.register_fake("ssd_post::decode_threshold_flatten")(
-        _decode_threshold_flatten_fake
-    )
-    torch.library.register_fake("ssd_post::batched_nms")(_batched_nms_fake)
-    torch.library.register_fake("ssd_post::postprocess")(_postprocess_fake)
-    torch.library.register_fake("ssd_post::select_per_level")(_select_per_level_fake)

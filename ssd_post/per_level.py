@@ -25,7 +25,7 @@ build the torch ops below run on the device, each block's scores computed whole.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -37,55 +37,6 @@ from .formats import Detections
 from .linear_coder import LinearBoxCoder
 from . import ops
 from .ops import batched_nms
-
-LevelSizes = Union[Sequence[int], Tensor]
-
-
-def check_level_sizes(level_sizes: Optional[LevelSizes], num_anchors: int) -> List[int]:
-    """Anchors per feature level as a list of ints summing to ``num_anchors`` (A)."""
-    if level_sizes is None:
-        raise ValueError(
-            "level_sizes should be given (anchors per feature level) for selection='per_level', got None"
-        )
-    if isinstance(level_sizes, Tensor):
-        if level_sizes.dim() != 1 or level_sizes.is_floating_point():
-            raise ValueError(
-                f"level_sizes should be a 1d integer tensor, got {level_sizes.dim()}D {level_sizes.dtype}"
-            )
-        level_sizes = level_sizes.tolist()
-    try:
-        sizes = [int(n) for n in level_sizes]
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"level_sizes should be a list of ints, got {level_sizes!r}") from err
-    if not sizes or any(n < 0 for n in sizes) or sum(sizes) != num_anchors:
-        raise ValueError(
-            f"level_sizes should be ints >= 0 summing to A = {num_anchors}, got {sizes}"
-        )
-    return sizes
-
-
-def check_centerness(
-    centerness: Optional[Tensor], activation: str, batch: int, num_anchors: int
-) -> Optional[Tensor]:
-    """Centerness logits as Tensor[B, A, 1], or None when the activation has none."""
-    if activation != "sigmoid_centerness":
-        if centerness is not None:
-            raise ValueError(
-                f"centerness is only used by score_activation='sigmoid_centerness', got {activation!r}"
-            )
-        return None
-    if not isinstance(centerness, Tensor):
-        raise ValueError(
-            f"centerness should be a Tensor [B, A] or [B, A, 1], got {type(centerness).__name__}"
-        )
-    if not centerness.is_floating_point():
-        raise ValueError(f"centerness should be a floating point tensor, got {centerness.dtype}")
-    if tuple(centerness.shape) not in ((batch, num_anchors), (batch, num_anchors, 1)):
-        raise ValueError(
-            f"centerness should be [B, A] or [B, A, 1] = [{batch}, {num_anchors}(, 1)], "
-            f"got {tuple(centerness.shape)}"
-        )
-    return centerness.reshape(batch, num_anchors, 1)
 
 
 def block_scores(logits: Tensor, activation: str, centerness: Optional[Tensor]) -> Tensor:

@@ -1,111 +1,19 @@
-"""Public postprocess API: argument normalisation around the compiled ops."""
+"""Public postprocess API: the compiled ops behind the input checks of ssd_post.inputs."""
 
 from __future__ import annotations
 
 import types
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import ops
 from .config import PostprocessConfig
-from .corners import handle_inverted_boxes
 from .formats import Detections
-from .per_level import LevelSizes, check_centerness, check_level_sizes, postprocess_per_level
-
-Anchors = Union[Tensor, Sequence[Tensor]]
-ImageSizes = Union[Tensor, Sequence[Tuple[int, int]]]
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_float_tensor(t, name: str, rank: int, layout: str) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} should be a Tensor {layout}, got {type(t).__name__}")
-    if t.dim() != rank:
-        raise ValueError(f"{name} should be a {rank}d tensor {layout}, got {t.dim()}D")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} should be float32, float16 or bfloat16, got {t.dtype}")
-
-
-def normalize_inputs(
-    locs: Tensor,
-    logits: Tensor,
-    anchors: Anchors,
-    image_sizes: ImageSizes,
-    inverted_boxes: str = "keep",
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Checks the batch and brings anchors and image sizes to tensors.
-
-    logits must be on the device of ``locs`` (a ValueError names both devices);
-    anchors and image sizes may also be on the CPU (constants: anchors are copied
-    to the device of ``locs``; image sizes stay on the CPU, where the ops check
-    their values without a device synchronization). Fractional sizes are truncated
-    toward zero, as torchvision's ``int()`` of a size.
-
-    Returns:
-        locs (Tensor[B, A, 4]), logits (Tensor[B, A, C]), anchors (Tensor[A, 4] or
-        Tensor[B, A, 4], float32, corners handled per ``inverted_boxes``, see
-        :mod:`ssd_post.corners`) and image_sizes (Tensor[B, 2] (h, w): int64 on the
-        CPU for a list, else the given tensor).
-    """
-    _check_float_tensor(locs, "locs", 3, "[B, A, 4]")
-    _check_float_tensor(logits, "logits", 3, "[B, A, C]")
-    ops.check_same_device("locs", {"locs": locs, "logits": logits})
-    batch = logits.shape[0]
-    if isinstance(anchors, (list, tuple)):
-        if len(anchors) != batch:
-            raise ValueError(
-                f"anchors should be a list of B = {batch} tensors [A, 4], got {len(anchors)}"
-            )
-        if batch == 0:
-            anchors = locs.new_zeros((locs.shape[1], 4), dtype=torch.float32)
-        else:
-            if not all(isinstance(a, Tensor) for a in anchors):
-                raise ValueError("anchors should be a list of Tensors [A, 4]")
-            shapes = {tuple(a.shape) for a in anchors}
-            if len(shapes) != 1:
-                raise ValueError(
-                    f"anchors should all have the same shape [A, 4], got {sorted(shapes)}"
-                )
-            anchors = torch.stack(list(anchors))
-    if not isinstance(anchors, Tensor):
-        raise ValueError(
-            f"anchors should be a Tensor [A, 4] / [B, A, 4] or a list of them, got {type(anchors).__name__}"
-        )
-    if not anchors.is_floating_point():
-        raise ValueError(f"anchors should be a floating point tensor, got {anchors.dtype}")
-    if anchors.device.type != "cpu":  # CPU anchors are constants: copied to locs' device
-        ops.check_same_device("locs", {"locs": locs, "anchors": anchors})
-    anchors = handle_inverted_boxes(
-        anchors.to(device=locs.device, dtype=torch.float32), inverted_boxes, "anchors"
-    )
-
-    if isinstance(image_sizes, Tensor):
-        sizes = image_sizes
-        if sizes.device != locs.device and sizes.device.type != "cpu":
-            raise ValueError(
-                f"image_sizes should be on the CPU or on the same device as locs, "
-                f"got {sizes.device} and {locs.device}"
-            )
-    else:
-        try:
-            pairs = [tuple(int(v) for v in hw) for hw in image_sizes]
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"image_sizes should be a list of (height, width) pairs, got {image_sizes!r}"
-            ) from err
-        if any(len(hw) != 2 for hw in pairs):
-            raise ValueError(
-                f"image_sizes should be a list of (height, width) pairs, got {image_sizes!r}"
-            )
-        sizes = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
-    if sizes.dim() != 2 or sizes.shape[0] != batch or sizes.shape[1] != 2:
-        raise ValueError(
-            f"image_sizes should be [B, 2] = [{batch}, 2] of (height, width), got shape {tuple(sizes.shape)}"
-        )
-    return locs, logits, anchors, sizes
+from .inputs import Anchors, ImageSizes, LevelSizes
+from .inputs import check_centerness, check_level_sizes, normalize_inputs
+from .per_level import postprocess_per_level
 
 
 def decode_threshold_flatten(
@@ -196,7 +104,9 @@ def postprocess(
             locs,
             logits,
             anchors,
-            sizes,
+            # Indexed by the selected images, which live on the device of locs (torch
+            # refuses CUDA indices into a CPU tensor), so CPU sizes move over.
+            sizes.to(locs.device),
             config,
             check_level_sizes(level_sizes, num_anchors),
             centerness,

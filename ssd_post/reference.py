@@ -14,8 +14,8 @@ from .box_coder import BoxCoder, clip_boxes
 from .config import PostprocessConfig
 from .formats import Detections
 from .linear_coder import LinearBoxCoder
-from .per_level import LevelSizes, check_centerness, check_level_sizes
-from .postprocess import Anchors, ImageSizes, normalize_inputs
+from .inputs import Anchors, ImageSizes, LevelSizes
+from .inputs import check_centerness, check_level_sizes, normalize_inputs
 
 
 def scores_from_logits(

@@ -6,12 +6,35 @@ module imports what it uses instead of reaching into ``conftest``.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import ssd_post
 
 # Feature-map sizes of SSD300-VGG16 (8732 anchors with DefaultBoxes.ssd300()).
 SSD300_GRIDS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+
+# What every test that touches a CUDA device carries: the `cuda` mark, so that
+# `pytest -m cuda` (make gpu-check) selects it, and a skip where there is no device.
+CUDA_MARKS = (
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+)
+
+
+def needs_cuda(test):
+    """Decorator of a test that runs on a CUDA device only (see CUDA_MARKS)."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
+
+
+def cpu_and_cuda():
+    """Values of a ``device`` parameter: "cpu", and "cuda" with CUDA_MARKS.
+
+    Use as ``@pytest.mark.parametrize("device", cpu_and_cuda())``.
+    """
+    return ("cpu", pytest.param("cuda", marks=CUDA_MARKS))
 
 
 def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> torch.Tensor:

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import cuda_emulation
 import ssd_post
+from common_utils import CUDA_MARKS, needs_cuda
 from cuda_parity import (
     BOX_TOL,
     PARITY_CASES,
@@ -31,12 +32,6 @@ from cuda_parity import (
 from ssd_post import PostprocessConfig
 
 OPS = ("decode_threshold_flatten", "batched_nms", "postprocess")
-
-
-def needs_gpu(test):
-    """Marks a test `cuda` and skips it where no CUDA device is present."""
-    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-    return pytest.mark.cuda(skip(test))
 
 
 @pytest.mark.skipif(
@@ -81,13 +76,11 @@ class EmulatedKernels:
         return cuda_emulation.batched_nms(boxes, scores, idxs, iou_threshold)
 
 
-@pytest.fixture(params=[pytest.param("device", marks=pytest.mark.cuda), "emulated"])
+@pytest.fixture(params=[pytest.param("device", marks=CUDA_MARKS), "emulated"])
 def kernels(request):
     """Each CUDA-vs-CPU test runs on the GPU where there is one, and always on the
     emulator, which needs only a host C++ compiler."""
     if request.param == "device":
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA device")
         return DeviceKernels()
     if cuda_emulation.compiler() is None:
         pytest.skip("needs a C++ compiler to build the CUDA emulator")
@@ -292,7 +285,7 @@ def test_empty_inputs(kernels):
     assert empty.shape == (0,)
 
 
-@needs_gpu
+@needs_cuda
 def test_postprocess_does_not_synchronize():
     locs, logits, anchors, sizes = (t.cuda() for t in make_inputs(4, 2000, 21, seed=2))
     torch.cuda.synchronize()
@@ -304,7 +297,7 @@ def test_postprocess_does_not_synchronize():
     assert det.boxes.shape == (4, 200, 4)
 
 
-@needs_gpu
+@needs_cuda
 def test_cpu_image_sizes_with_cuda_inputs_are_checked_then_used():
     """The one image-size contract (csrc/common/op_inputs.h): CPU sizes are checked
     on the host and copied over; fractions are truncated on every device."""
@@ -338,7 +331,7 @@ def test_cpu_image_sizes_with_cuda_inputs_are_checked_then_used():
         on_cuda(bad)
 
 
-@needs_gpu
+@needs_cuda
 def test_postprocess_cuda_graph_capture_and_replay():
     config = PostprocessConfig(topk_candidates=50, detections_per_img=40)
     first = [t.cuda() for t in make_inputs(2, 1200, 8, seed=21)]

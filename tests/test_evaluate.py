@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 from pycocotools.coco import COCO
 
+from models.detector import get_postprocess
 from ssd_post import Detections
 from training.evaluation import (
     METRIC_KEYS,
@@ -23,7 +24,6 @@ from training.evaluation import (
     coco_evaluate,
     detections_to_coco,
     draw_detections,
-    get_postprocess,
     infer_batch,
     max_over_ranks,
     merge_rank_results,

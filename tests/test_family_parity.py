@@ -8,24 +8,8 @@ import torch
 from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_fpn_v2
 
 import ssd_post
+from common_utils import assert_same_detections_up_to_ties, needs_cuda
 from ssd_post import PostprocessConfig, reference
-
-
-def assert_same_up_to_ties(actual: ssd_post.Detections, expected: ssd_post.Detections) -> None:
-    """Counts and score sequences to the bit; inside each run of exactly equal scores
-    (sigmoid saturates near 1, and torchvision's order of equal scores is
-    unspecified) the (label, box) rows compared as sets, boxes to the bit."""
-    torch.testing.assert_close(actual.num_detections, expected.num_detections, rtol=0, atol=0)
-    torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=0)
-    for i, n in enumerate(actual.num_detections.tolist()):
-        scores = actual.scores[i, :n]
-        for value in torch.unique(scores):
-            tied = (scores == value).nonzero().flatten()
-
-            def rows(d):
-                return sorted(zip(d.labels[i, tied].tolist(), d.boxes[i, tied].tolist()))
-
-            assert rows(actual) == rows(expected), f"image {i}, score {value.item()}"
 
 
 BUILDERS = {
@@ -106,7 +90,7 @@ def test_postprocess_matches_torchvision(model_outputs, batch):
     config = PostprocessConfig.from_torchvision(model)
     assert sum(len(d["scores"]) for d in expected) > 0, "test needs detections"
     actual = _run_concatenated(ssd_post.postprocess, head, anchors, sizes, config)
-    assert_same_up_to_ties(
+    assert_same_detections_up_to_ties(
         actual, ssd_post.Detections.from_list(expected, config.detections_per_img)
     )
 
@@ -126,7 +110,7 @@ def test_patched_model_matches_torchvision(model_outputs, score_thresh):
         model.score_thresh = BUILDERS_DEFAULT_THRESH[type(model).__name__]
     assert sum(len(d["scores"]) for d in expected) > 0
     config = PostprocessConfig.from_torchvision(model)
-    assert_same_up_to_ties(
+    assert_same_detections_up_to_ties(
         ssd_post.Detections.from_list(actual, 300), ssd_post.Detections.from_list(expected, 300)
     )
     assert config.selection == "per_level"
@@ -142,7 +126,7 @@ def test_oracle_matches_torchvision(model_outputs):
         expected = model.postprocess_detections(head, anchors, sizes)
     config = PostprocessConfig.from_torchvision(model)
     oracle = _run_concatenated(reference.postprocess_loop, head, anchors, sizes, config)
-    assert_same_up_to_ties(
+    assert_same_detections_up_to_ties(
         oracle, ssd_post.Detections.from_list(expected, config.detections_per_img)
     )
 
@@ -182,8 +166,7 @@ def test_whole_block_path_matches_torchvision(model_outputs, monkeypatch):
     test_postprocess_matches_torchvision(model_outputs, 2)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_cuda_per_level_matches_torchvision_on_cuda(model_outputs):
     model, outputs = model_outputs
     head, anchors, sizes = _batch(outputs, 3)
@@ -193,7 +176,7 @@ def test_cuda_per_level_matches_torchvision_on_cuda(model_outputs):
     config = PostprocessConfig.from_torchvision(model)
     actual = _run_concatenated(ssd_post.postprocess, head, anchors, sizes, config)
     assert actual.boxes.device.type == "cuda"
-    assert_same_up_to_ties(
+    assert_same_detections_up_to_ties(
         actual.to("cpu"),
         ssd_post.Detections.from_list(
             [{k: v.cpu() for k, v in d.items()} for d in expected], config.detections_per_img

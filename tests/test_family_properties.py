@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import ssd_post
 from ssd_post import PostprocessConfig, reference
 
-from common_utils import assert_same_detections
+from common_utils import assert_same_detections, cpu_and_cuda
+from cuda_parity import assert_postprocess_match, make_inputs
 
 # Logits on a grid of 1/4: equal logits give exact ties, which the tie rules
 # (equal scores by level, then flattened index) must order the same way.
@@ -269,15 +270,45 @@ def test_level_sizes_tensor_and_centerness_2d_or_3d_agree():
     assert_same_detections(a, b)
 
 
-def test_cuda_inputs_give_a_clear_error_or_are_skipped():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("activation", ["sigmoid", "sigmoid_centerness"])
+def test_per_level_runs_on_the_device_of_its_inputs(device, activation):
+    """Every device has the per-level modes (on CUDA the select_per_level kernel, or
+    the batched torch ops in a build without it): the detections come back on the
+    device of the inputs and match the CPU oracle (CUDA scores within the rounding
+    of the device's expf, cuda_parity.py)."""
+    fcos = activation == "sigmoid_centerness"
     config = PostprocessConfig(
-        score_activation="sigmoid", selection="per_level", background_class=None
+        score_thresh=0.3,
+        detections_per_img=40,
+        score_activation=activation,
+        selection="per_level",
+        background_class=None,
+        box_coder="linear" if fcos else "box",
     )
-    locs, logits, boxes, sizes = _inputs()
-    with pytest.raises(NotImplementedError, match="not implemented on CUDA yet"):
-        ssd_post.postprocess(locs.cuda(), logits.cuda(), boxes, sizes, config, level_sizes=[6])
+    locs, logits, anchors, sizes = make_inputs(2, 300, 4, seed=3, logit_scale=2.0)
+    if fcos:
+        locs = locs.abs() * 20  # FCOS regresses distances (ReLU output)
+    centerness = torch.randn(2, 300, generator=torch.Generator().manual_seed(4)) if fcos else None
+    extra = dict(level_sizes=[200, 100])
+    actual = ssd_post.postprocess(
+        locs.to(device),
+        logits.to(device),
+        anchors,  # CPU anchors and sizes are constants on any device
+        sizes,
+        config,
+        centerness=None if centerness is None else centerness.to(device),
+        **extra,
+    )
+    fields = (actual.boxes, actual.scores, actual.labels, actual.num_detections)
+    assert {t.device.type for t in fields} == {device}
+    expected = reference.postprocess_loop(
+        locs, logits, anchors, sizes, config, centerness=centerness, **extra
+    )
+    assert expected.num_detections.min() > 0
+    assert_postprocess_match(
+        (expected.boxes, expected.scores, expected.labels, expected.num_detections), fields
+    )
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -10,8 +10,10 @@ import torch
 from torchvision.models import detection
 
 import ssd_post
+import models
 from models import build_model, check_model_options
 from models.checkpoint import load_detector, save_detector
+from models.detector import POSTPROCESSORS
 from models.multibox import match_anchors, multibox_loss, pad_targets
 from ssd_post import BoxCoder
 
@@ -20,6 +22,12 @@ from ssd_post import BoxCoder
 def tiny():
     torch.manual_seed(0)
     return build_model("tiny", 5, width=8).eval()
+
+
+def test_former_detector_name_is_an_alias():
+    detector = build_model("tiny", 5)
+    assert models.SSDDetector is models.SingleStageDetector
+    assert isinstance(detector, models.SSDDetector)
 
 
 def test_unknown_arch_is_named():
@@ -99,9 +107,14 @@ def test_predict_ssd_post_equals_torchvision_loop():
 
 
 def test_predict_calls_ssd_post(tiny, monkeypatch):
+    assert POSTPROCESSORS["ssd_post"] is ssd_post.postprocess
     calls = []
-    real = ssd_post.postprocess
-    monkeypatch.setattr(ssd_post, "postprocess", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return ssd_post.postprocess(*args, **kwargs)
+
+    monkeypatch.setitem(POSTPROCESSORS, "ssd_post", counted)
     tiny.predict(torch.randn(1, 3, 128, 128))
     assert calls == [1]
 

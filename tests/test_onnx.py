@@ -218,7 +218,7 @@ def test_unsupported_opset_is_refused(tmp_path):
 
 
 def test_model_without_ssd_post_postprocess_is_refused(tmp_path):
-    with pytest.raises(TypeError, match="SSDDetector .* got Linear"):
+    with pytest.raises(TypeError, match="SingleStageDetector .* got Linear"):
         ssd_onnx.export(torch.nn.Linear(2, 2), str(tmp_path / "x.onnx"), torch.zeros(1, 3, 8, 8))
 
 

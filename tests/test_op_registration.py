@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ssd_post
+from common_utils import cpu_and_cuda, needs_cuda
 from ssd_post import PostprocessConfig
 
 
@@ -19,7 +20,16 @@ def _inputs(batch=2, anchors_n=64, classes=5, seed=0):
     return locs, logits, anchors, sizes
 
 
-OPS = ("postprocess", "decode_threshold_flatten", "batched_nms")
+# The devices with a kernel of each op. select_per_level has only its CUDA kernel so
+# far (the CPU path is ssd_post/per_level.py): add "cpu" here with a CPU kernel;
+# test_kernels_are_registered_where_listed keeps this table true.
+KERNEL_DEVICES = {
+    "postprocess": ("cpu", "cuda"),
+    "decode_threshold_flatten": ("cpu", "cuda"),
+    "batched_nms": ("cpu", "cuda"),
+    "select_per_level": ("cuda",),
+}
+OPS = tuple(KERNEL_DEVICES)
 COMMON = dict(
     box_weights=[10.0, 10.0, 5.0, 5.0],
     score_activation="softmax",
@@ -28,42 +38,46 @@ COMMON = dict(
 )
 
 
-def test_opcheck_postprocess():
-    locs, logits, anchors, sizes = _inputs()
-    torch.library.opcheck(
-        torch.ops.ssd_post.postprocess.default,
-        (locs, logits, anchors, sizes, 0.1, 0.5, 20, 10),
-        COMMON,
-    )
-
-
-def test_opcheck_decode_threshold_flatten():
-    locs, logits, anchors, sizes = _inputs()
-    torch.library.opcheck(
-        torch.ops.ssd_post.decode_threshold_flatten.default,
-        (locs, logits, anchors, sizes, 0.1, 20),
-        COMMON,
-    )
-
-
-def test_opcheck_batched_nms():
+def _opcheck_args(op: str, device: str):
+    """(args, kwargs) of one call of ``torch.ops.ssd_post.<op>`` on ``device``."""
+    locs, logits, anchors, sizes = (t.to(device) for t in _inputs())
+    if op == "postprocess":
+        return (locs, logits, anchors, sizes, 0.1, 0.5, 20, 10), COMMON
+    if op == "decode_threshold_flatten":
+        return (locs, logits, anchors, sizes, 0.1, 20), COMMON
+    if op == "select_per_level":
+        centerness = torch.randn(logits.shape[:2], generator=torch.Generator().manual_seed(2))
+        # logits, centerness, level_sizes, score_thresh, topk_candidates, background_class
+        return (logits, centerness.to(device), [40, 24], 0.3, 12, None), {}
     generator = torch.Generator().manual_seed(1)
     xy = torch.rand(50, 2, generator=generator) * 50
     boxes = torch.cat((xy, xy + 10), dim=1)
-    torch.library.opcheck(
-        torch.ops.ssd_post.batched_nms.default,
-        (
-            boxes,
-            torch.rand(50, generator=generator),
-            torch.randint(0, 3, (50,), generator=generator),
-            0.5,
-        ),
-    )
+    scores = torch.rand(50, generator=generator)
+    idxs = torch.randint(0, 3, (50,), generator=generator)
+    return tuple(t.to(device) for t in (boxes, scores, idxs)) + (0.5,), {}
 
 
-def test_schemas_are_registered():
-    for op in OPS:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ssd_post::{op}", "CPU")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op, device):
+    if device not in KERNEL_DEVICES[op]:
+        pytest.skip(f"{op} has no {device} kernel")
+    if device == "cuda" and not ssd_post.has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    args, kwargs = _opcheck_args(op, device)
+    torch.library.opcheck(getattr(torch.ops.ssd_post, op).default, args, kwargs)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_kernels_are_registered_where_listed(op):
+    """CPU kernels always; CUDA kernels exactly when the build has them (a build
+    registers them for every op of KERNEL_DEVICES or for none)."""
+
+    def has(key: str) -> bool:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"ssd_post::{op}", key)
+
+    assert has("CPU") is ("cpu" in KERNEL_DEVICES[op])
+    assert has("CUDA") is (ssd_post.has_cuda_kernels() and "cuda" in KERNEL_DEVICES[op])
 
 
 def test_postprocess_inside_torch_compile_fullgraph():
@@ -98,16 +112,7 @@ def test_data_dependent_ops_inside_torch_compile():
     assert len(result[0]) > 0
 
 
-def test_has_cuda_kernels_agrees_with_the_dispatcher_for_every_op():
-    """True exactly when all three ops have a CUDA kernel (a build registers all or none)."""
-    per_op = {
-        op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ssd_post::{op}", "CUDA") for op in OPS
-    }
-    assert len(set(per_op.values())) == 1, per_op
-    assert ssd_post.has_cuda_kernels() is per_op["postprocess"]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_has_cuda_kernels_means_the_op_runs_on_cuda():
     if not ssd_post.has_cuda_kernels():
         pytest.skip("extension built without CUDA kernels")

@@ -14,7 +14,8 @@ from common_utils import assert_same_detections_up_to_ties
 from models import build_model, check_model_options
 from ssd_post import per_level, reference
 from training.config import ConfigError, config_from_dict, load_config
-from training.evaluation import StageTimer, get_postprocess, infer_batch
+from models.detector import get_postprocess
+from training.evaluation import StageTimer, infer_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 256

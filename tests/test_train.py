@@ -15,7 +15,8 @@ import yaml
 import train
 from models.checkpoint import load_detector
 from training.config import AugmentConfig, ConfigError, OptimConfig, load_config
-from training.lightning_module import SSDLightningModule, warmup_cosine
+from training import lightning_module
+from training.lightning_module import DetectionLightningModule, warmup_cosine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -251,7 +252,7 @@ def test_warmup_cosine_schedule():
 
 def test_loss_falls_when_fitting_one_batch():
     torch.manual_seed(0)
-    module = SSDLightningModule(
+    module = DetectionLightningModule(
         {"arch": "tiny", "num_classes": 3, "image_size": [64, 64], "width": 8}
     )
     detector = module.detector.train()
@@ -328,3 +329,7 @@ def test_retinanet_trains_and_validates_through_train_py(tmp_path):
         1,
         detector.postprocess_config.padded_detections(detector.anchors().shape[0], 5),
     )
+
+
+def test_former_lightning_module_name_is_an_alias():
+    assert lightning_module.SSDLightningModule is DetectionLightningModule

@@ -19,14 +19,13 @@ import contextlib
 import io
 import os
 import time
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from models.detector import PostprocessFn
 from ssd_post import Detections, to_coco_results
-from ssd_post import postprocess as ssd_post_postprocess
-from ssd_post.reference import torchvision_postprocess
 
 # The order of COCOeval.stats, named the way COCOeval.summarize prints them.
 COCO_STAT_NAMES: Tuple[str, ...] = (
@@ -59,23 +58,6 @@ METRIC_KEYS: Dict[str, int] = {
     "mar_large": 11,
 }
 STAGES: Tuple[str, ...] = ("data", "forward", "postprocess", "evaluation")
-
-PostprocessFn = Callable[..., Detections]
-POSTPROCESSORS: Dict[str, PostprocessFn] = {
-    "ssd_post": ssd_post_postprocess,
-    "torchvision": torchvision_postprocess,
-}
-
-
-def get_postprocess(name: str) -> PostprocessFn:
-    """The postprocess function called ``name`` (``"ssd_post"`` or ``"torchvision"``).
-
-    Both take ``(locs[B, A, 4], logits[B, A, C], anchors[A, 4], image_sizes, config)``
-    and return :class:`~ssd_post.Detections`.
-    """
-    if name not in POSTPROCESSORS:
-        raise ValueError(f"unknown postprocess {name!r}; expected one of {sorted(POSTPROCESSORS)}")
-    return POSTPROCESSORS[name]
 
 
 class StageTimer:
@@ -173,6 +155,22 @@ def detections_to_coco(
     return to_coco_results(
         detections, image_ids, dict(label_to_category) if label_to_category else None, scale_xy
     )
+
+
+def detections_by_image(
+    detections: Detections,
+    targets: Sequence[Mapping[str, object]],
+    input_size: Tuple[int, int],
+    label_to_category: Optional[Mapping[int, int]] = None,
+) -> Dict[int, List[dict]]:
+    """:func:`detections_to_coco` grouped by image: image id -> that image's COCO
+    results entries, every image of the batch a key (one without detections maps to
+    an empty list, so it still counts as evaluated). What :func:`merge_rank_results`
+    joins across ranks."""
+    per_image: Dict[int, List[dict]] = {int(t["image_id"]): [] for t in targets}
+    for entry in detections_to_coco(detections, targets, input_size, label_to_category):
+        per_image[entry["image_id"]].append(entry)
+    return per_image
 
 
 def merge_rank_results(
@@ -361,7 +359,7 @@ def infer_batch(
     """Forward, postprocess and COCO conversion of one batch, each stage timed.
 
     Args:
-        detector: an ``SSDDetector``: ``detector(images) -> (locs[B, A, 4],
+        detector: a ``SingleStageDetector``: ``detector(images) -> (locs[B, A, 4],
             logits[B, A, C])``, ``detector.postprocess_config`` and
             ``detector.postprocess_inputs()`` (RetinaNet's level sizes).
         images (Tensor[B, 3, H, W]): the network input.
@@ -389,11 +387,7 @@ def infer_batch(
             **detector.postprocess_inputs(),
         )
     with timer.stage("evaluation"):
-        results = detections_to_coco(detections, targets, input_size, label_to_category)
-        per_image: Dict[int, List[dict]] = {int(t["image_id"]): [] for t in targets}
-        for entry in results:
-            per_image[entry["image_id"]].append(entry)
-    return per_image
+        return detections_by_image(detections, targets, input_size, label_to_category)
 
 
 def run_inference(

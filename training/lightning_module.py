@@ -1,4 +1,4 @@
-"""Lightning wrappers: the detection DataModule and the SSD training module.
+"""Lightning wrappers: the detection DataModule and the detector training module.
 
 Both take the sections of a config (``training.config``); the training module takes
 them as plain dicts, which Lightning saves as hyperparameters, so a checkpoint
@@ -21,7 +21,7 @@ from .config import DataConfig, LossConfig, ModelConfig, OptimConfig, section
 from .data.coco import CocoDetectionDataset, collate_fn
 from .data.shapes import ensure_shapes_dataset
 from .data.transforms import eval_transforms, train_transforms
-from .evaluation import coco_evaluate, detections_to_coco
+from .evaluation import coco_evaluate, detections_by_image, merge_rank_results
 
 
 class DetectionDataModule(pl.LightningDataModule):
@@ -117,7 +117,7 @@ def warmup_cosine(
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class SSDLightningModule(pl.LightningModule):
+class DetectionLightningModule(pl.LightningModule):
     """Trains a detector of ``models`` with its own loss (SSD: MultiBox; RetinaNet:
     focal loss) and validates with COCO mAP.
 
@@ -142,7 +142,7 @@ class SSDLightningModule(pl.LightningModule):
         self.detector = build_model(
             model_cfg.arch, model_cfg.num_classes, **model_cfg.build_kwargs()
         )
-        self._val_results: List[dict] = []
+        self._val_results: Dict[int, List[dict]] = {}  # image id -> COCO results entries
         self._fit_start: Optional[float] = None
         self.last_val_step = -1
 
@@ -173,39 +173,34 @@ class SSDLightningModule(pl.LightningModule):
         return losses["loss"]
 
     def on_validation_epoch_start(self) -> None:
-        self._val_results = []
+        self._val_results = {}
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
         detections = self.detector.predict(images)
         dataset = self.trainer.datamodule.val_dataset
-        self._val_results.extend(
-            detections_to_coco(
+        self._val_results.update(
+            detections_by_image(
                 detections, targets, self.detector.image_size, dataset.label_to_category
             )
         )
 
     def on_validation_epoch_end(self) -> None:
-        results = self._val_results
+        per_rank: List[Optional[Dict[int, List[dict]]]] = [self._val_results]
         if self.trainer.world_size > 1:
             # Every rank evaluates the union, so all log the same numbers.
-            gathered: List[Optional[List[dict]]] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, results)
-            # DistributedSampler pads ranks with repeated images: keep one copy of each.
-            results, seen = [], set()
-            for part in gathered:
-                results.extend(r for r in part if r["image_id"] not in seen)
-                seen |= {r["image_id"] for r in part}
+            per_rank = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(per_rank, self._val_results)
+        # DistributedSampler pads ranks with repeated images: each counts once.
+        results, ran = merge_rank_results(per_rank)
         dataset = self.trainer.datamodule.val_dataset
         image_ids = dataset.coco.getImgIds()
         if (
             self.trainer.sanity_checking
             or self.trainer.fast_dev_run
             or self.trainer.limit_val_batches != 1.0
-        ):
-            image_ids = sorted({r["image_id"] for r in results})  # only the images that ran
-        if not image_ids:  # a partial run that detected nothing has nothing to score
-            image_ids = dataset.coco.getImgIds()
+        ) and ran:
+            image_ids = ran  # a partial run scores only the images that ran
         stats = coco_evaluate(dataset.coco, results, image_ids)
         self.log("val/mAP", stats["map"], prog_bar=True)
         self.log_dict(
@@ -218,7 +213,7 @@ class SSDLightningModule(pl.LightningModule):
         if self._fit_start is not None:
             self.log("time/elapsed_s", time.time() - self._fit_start)
         self.last_val_step = int(self.trainer.global_step)
-        self._val_results = []
+        self._val_results = {}
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
@@ -251,3 +246,8 @@ class SSDLightningModule(pl.LightningModule):
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+# The name before RetinaNet training joined. A Lightning checkpoint stores the
+# hyperparameters, not the class, so either name loads it; kept for code importing it.
+SSDLightningModule = DetectionLightningModule

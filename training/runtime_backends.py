@@ -33,7 +33,7 @@ class _Network(nn.Module):
 
 
 class RuntimeDetector:
-    """Stands in for the SSDDetector in :func:`training.evaluation.run_inference`:
+    """Stands in for the SingleStageDetector in :func:`training.evaluation.run_inference`:
     ``self(images)`` runs the exported network in the runtime; ``anchors()``,
     ``postprocess_config`` and ``image_size`` come from the PyTorch detector."""
 

@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from .boxes import box_areas, box_overlaps
+
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 2, "name": "square", "supercategory": "shape"},
@@ -89,17 +91,12 @@ def _box_of(
 
 def _overlap_ok(box: np.ndarray, placed: List[np.ndarray]) -> bool:
     """Some overlap is wanted, but no object may be mostly hidden by another."""
-    for other in placed:
-        iw = min(box[2], other[2]) - max(box[0], other[0])
-        ih = min(box[3], other[3]) - max(box[1], other[1])
-        if iw <= 0 or ih <= 0:
-            continue
-        inter = iw * ih
-        area_a = (box[2] - box[0]) * (box[3] - box[1])
-        area_b = (other[2] - other[0]) * (other[3] - other[1])
-        if inter / (area_a + area_b - inter) > 0.3 or inter / min(area_a, area_b) > 0.45:
-            return False
-    return True
+    if not placed:
+        return True
+    others = np.stack(placed)
+    inter, iou = box_overlaps(box, others)
+    smaller = np.minimum(box_areas(box[None])[0], box_areas(others))
+    return not ((iou > 0.3) | (inter / smaller > 0.45)).any()
 
 
 def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> Tuple[int, int, int]:

@@ -18,19 +18,10 @@ from albumentations.augmentations.crops.transforms import BaseCrop
 from albumentations.pytorch import ToTensorV2
 
 from ..config import AugmentConfig
+from .boxes import box_overlaps
 
 ImageSize = Tuple[int, int]
 Mean = Tuple[float, float, float]
-
-
-def _box_iou(crop: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy box (4,) with boxes (n, 4)."""
-    tl = np.maximum(crop[:2], boxes[:, :2])
-    br = np.minimum(crop[2:], boxes[:, 2:])
-    inter = np.clip(br - tl, 0, None).prod(axis=1)
-    area_crop = (crop[2] - crop[0]) * (crop[3] - crop[1])
-    area_boxes = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area_crop + area_boxes - inter, 1e-12)
 
 
 class IoURandomCrop(BaseCrop):
@@ -80,7 +71,7 @@ class IoURandomCrop(BaseCrop):
             inside = ((centres > crop[:2]) & (centres < crop[2:])).all(axis=1)
             if not inside.any():
                 continue
-            if _box_iou(crop, boxes).max() < min_iou:
+            if box_overlaps(crop, boxes)[1].max() < min_iou:
                 continue
             coords = (int(x0), int(y0), int(math.ceil(x0 + w)), int(math.ceil(y0 + h)))
             return {

@@ -1,0 +1,96 @@
+"""Fake (meta) kernels of the compiled ops: the output shapes torch.compile and
+torch.export trace with, computed without running anything.
+
+They check devices with the same rules as the eager entry points (ssd_post.inputs):
+a ``meta`` tensor next to a CPU tensor would otherwise reach a fake kernel and
+pass. Imported by ``ssd_post/__init__.py``; registered only when the ops exist.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._extension import extension_loaded
+from .config import padded_detections
+from .inputs import check_image_sizes_device
+from .ops import check_same_device, level_capacity
+
+
+def _decode_threshold_flatten_fake(
+    locs,
+    logits,
+    anchors,
+    image_sizes,
+    score_thresh,
+    topk_candidates,
+    box_weights,
+    score_activation,
+    background_class,
+    clip_boxes,
+):
+    torch._check(locs.dim() == 3 and logits.dim() == 3, lambda: "locs and logits should be 3d")
+    check_same_device("locs", {"locs": locs, "logits": logits, "anchors": anchors})
+    check_image_sizes_device(image_sizes, locs)
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (
+        locs.new_empty((n, 4), dtype=torch.float32),
+        locs.new_empty((n,), dtype=torch.float32),
+        locs.new_empty((n,), dtype=torch.int64),
+    )
+
+
+def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
+    torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: "boxes should be [N, 4]")
+    check_same_device("boxes", {"boxes": boxes, "scores": scores, "idxs": idxs})
+    n = torch.library.get_ctx().new_dynamic_size()
+    return boxes.new_empty((n,), dtype=torch.int64)
+
+
+def _postprocess_fake(
+    locs,
+    logits,
+    anchors,
+    image_sizes,
+    score_thresh,
+    nms_thresh,
+    topk_candidates,
+    detections_per_img,
+    box_weights,
+    score_activation,
+    background_class,
+    clip_boxes,
+):
+    torch._check(logits.dim() == 3, lambda: "logits should be [B, A, C]")
+    check_same_device("locs", {"locs": locs, "logits": logits, "anchors": anchors})
+    check_image_sizes_device(image_sizes, locs)
+    batch, num_anchors, num_classes = logits.shape
+    foreground = num_classes - (0 if background_class is None else 1)
+    k = padded_detections(detections_per_img, topk_candidates, num_anchors, foreground)
+    return (
+        locs.new_empty((batch, k, 4), dtype=torch.float32),
+        locs.new_empty((batch, k), dtype=torch.float32),
+        locs.new_empty((batch, k), dtype=torch.int64),
+        locs.new_empty((batch,), dtype=torch.int64),
+    )
+
+
+def _select_per_level_fake(
+    logits, centerness, level_sizes, score_thresh, topk_candidates, background_class
+):
+    torch._check(logits.dim() == 3, lambda: "logits should be [B, A, C]")
+    batch, _, num_classes = logits.shape
+    k = level_capacity(list(level_sizes), num_classes, topk_candidates)
+    return (
+        logits.new_empty((batch, len(level_sizes), k), dtype=torch.int64),
+        logits.new_empty((batch, len(level_sizes), k), dtype=torch.float32),
+        logits.new_empty((batch, len(level_sizes)), dtype=torch.int64),
+    )
+
+
+if extension_loaded():
+    torch.library.register_fake("ssd_post::decode_threshold_flatten")(
+        _decode_threshold_flatten_fake
+    )
+    torch.library.register_fake("ssd_post::batched_nms")(_batched_nms_fake)
+    torch.library.register_fake("ssd_post::postprocess")(_postprocess_fake)
+    torch.library.register_fake("ssd_post::select_per_level")(_select_per_level_fake)
