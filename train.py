@@ -2,7 +2,8 @@
 ssd_post's detections.
 
     python train.py --config configs/tiny_shapes.yaml
-    python train.py --config configs/ssd300_coco.yaml --data-root /data/coco --devices 8 --strategy ddp
+    python train.py --config configs/ssd300_coco.yaml --data-root /data/coco \
+        --devices 8 --strategy ddp
 
 Writes to ``output_dir``: Lightning checkpoints (best by val mAP and last), CSV and
 TensorBoard logs, ``detector.pt`` (``models.checkpoint.save_detector`` format) and

@@ -153,12 +153,14 @@ class PackageRunner:
             }
             if tensor.dim() == 0 or got != {"dtype": want["dtype"], "shape": want["shape"]}:
                 raise ValueError(
-                    f"input {index} should be {want['dtype']} [B, {', '.join(map(str, want['shape']))}], "
+                    f"input {index} should be {want['dtype']} "
+                    f"[B, {', '.join(map(str, want['shape']))}], "
                     f"got {got['dtype']} {list(tensor.shape)}"
                 )
             if not 1 <= tensor.shape[0] <= self.max_batch:
                 raise ValueError(
-                    f"input {index}: the batch should be in [1, {self.max_batch}], got {tensor.shape[0]}"
+                    f"input {index}: the batch should be in [1, {self.max_batch}], "
+                    f"got {tensor.shape[0]}"
                 )
 
     def __call__(self, *inputs: Tensor) -> Tuple[Tensor, ...]:

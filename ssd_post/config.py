@@ -8,12 +8,13 @@ import operator
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
+import torch
+
 ACTIVATIONS = ("softmax", "sigmoid", "sigmoid_centerness")
 SELECTIONS = ("per_class", "per_level")
 BOX_CODERS = ("box", "linear")
 # mmdet's spelling of the background column: "first" is column 0, "last" is C - 1.
 BACKGROUND_NAMES = ("first", "last")
-import torch
 
 # What to do with a box whose corners are not x1 <= x2, y1 <= y2 (ssd_post.corners).
 INVERTED_BOXES = ("keep", "sort", "raise")

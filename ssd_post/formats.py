@@ -40,7 +40,8 @@ class Detections:
         )
 
     def to_list(self) -> List[Dict[str, Tensor]]:
-        """torchvision's format: one dict of ``boxes[n, 4]``, ``scores[n]``, ``labels[n]`` per image."""
+        """torchvision's format: one dict of ``boxes[n, 4]``, ``scores[n]``, ``labels[n]``
+        per image."""
         counts = self.num_detections.tolist()
         return [
             {"boxes": self.boxes[i, :n], "scores": self.scores[i, :n], "labels": self.labels[i, :n]}

@@ -424,8 +424,9 @@ def load_session(
 def load_runner(
     path: str, runtime: str, threads: Optional[int] = None
 ) -> Callable[..., Detections]:
-    """:func:`load_session` for a file written by :func:`export` or :func:`export_postprocess`:
-    Detections out (boxes [B, K, 4], scores [B, K], labels [B, K] int64, num_detections [B] int64)."""
+    """:func:`load_session` for a file written by :func:`export` or
+    :func:`export_postprocess`: Detections out (boxes [B, K, 4], scores [B, K],
+    labels [B, K] int64, num_detections [B] int64)."""
     session = load_session(path, runtime, threads)
 
     def run(*inputs: Tensor) -> Detections:

@@ -56,16 +56,19 @@ LEAN_IMPORT = (
     import ssd_post
     from ssd_post import reference
 
-    anchors = ssd_post.DefaultBoxes.ssd300()((300, 300), [(3, 3), (2, 2), (2, 2), (1, 1), (1, 1), (1, 1)])  # [A, 4]
+    grids = [(3, 3), (2, 2), (2, 2), (1, 1), (1, 1), (1, 1)]
+    anchors = ssd_post.DefaultBoxes.ssd300()((300, 300), grids)  # [A, 4]
     generator = torch.Generator().manual_seed(0)
     locs = torch.randn(2, anchors.shape[0], 4, generator=generator) * 0.1    # [B, A, 4]
     logits = torch.randn(2, anchors.shape[0], 3, generator=generator) * 3    # [B, A, C]
     coder = ssd_post.BoxCoder()
     boxes = coder.decode(locs[0], anchors)
-    assert torch.allclose(coder.encode(boxes, anchors), locs[0], atol=1e-4), "encode(decode(x)) != x"
+    roundtrip = coder.encode(boxes, anchors)
+    assert torch.allclose(roundtrip, locs[0], atol=1e-4), "encode(decode(x)) != x"
     result = reference.postprocess_loop(locs, logits, anchors, [(300, 300)] * 2,
                                         ssd_post.PostprocessConfig(score_thresh=0.2))
-    assert result.boxes.shape[0] == 2 and int(result.num_detections.sum()) > 0, result.num_detections
+    counts = result.num_detections
+    assert result.boxes.shape[0] == 2 and int(counts.sum()) > 0, counts
     loaded = sorted(name for name in BLOCKED if name in sys.modules)
     assert not loaded, f"imported by the library: {loaded}"
     print("lean ok")
@@ -184,13 +187,17 @@ WITHOUT_EXTENSION = textwrap.dedent("""
     import sys
 
     # An editable install's finder would resolve ssd_post to the source tree.
-    sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+    sys.meta_path = [
+        f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")
+    ]
     import torch
     import ssd_post
     from ssd_post import reference
 
-    assert "site-packages" not in ssd_post.__file__ and "{root}" in ssd_post.__file__, ssd_post.__file__
-    anchors = ssd_post.DefaultBoxes.ssd300()((300, 300), [(3, 3), (2, 2), (2, 2), (1, 1), (1, 1), (1, 1)])  # [A, 4]
+    where = ssd_post.__file__
+    assert "site-packages" not in where and "{root}" in where, where
+    grids = [(3, 3), (2, 2), (2, 2), (1, 1), (1, 1), (1, 1)]
+    anchors = ssd_post.DefaultBoxes.ssd300()((300, 300), grids)  # [A, 4]
     locs = torch.zeros(1, anchors.shape[0], 4)                                     # [B, A, 4]
     logits = torch.zeros(1, anchors.shape[0], 3)                                   # [B, A, C]
     logits[0, 0, 1] = 10.0
@@ -201,7 +208,8 @@ WITHOUT_EXTENSION = textwrap.dedent("""
     assert result.num_detections.tolist() == [1], result.num_detections
     assert ssd_post.has_cuda_kernels() is False
     for call in (lambda: ssd_post.postprocess(locs, logits, anchors, [(300, 300)], config),
-                 lambda: ssd_post.batched_nms(boxes, logits[0, :, 1], torch.zeros(len(boxes), dtype=torch.long), 0.5)):
+                 lambda: ssd_post.batched_nms(boxes, logits[0, :, 1],
+                                              torch.zeros(len(boxes), dtype=torch.long), 0.5)):
         try:
             call()
         except RuntimeError as error:

@@ -205,10 +205,12 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
                     f"{ann_file}: category id {category_ids[0]} < 1 would be the background label"
                 )
             self.label_to_category = {c: c for c in category_ids}
-        self.category_to_label: Dict[int, int] = {c: l for l, c in self.label_to_category.items()}
+        self.category_to_label: Dict[int, int] = {
+            c: label for label, c in self.label_to_category.items()
+        }
         names = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]}
         self.category_names: Dict[int, str] = {
-            l: names[c] for l, c in self.label_to_category.items()
+            label: names[c] for label, c in self.label_to_category.items()
         }
         self.num_classes = max(self.label_to_category) + 1
         self.image_ids: List[int] = sorted(self.coco.imgs)
@@ -256,9 +258,11 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
                 else "labels = category ids: largest id + 1"
             )
             raise ValueError(
-                f"model.num_classes is {num_classes} but {self.ann_file} has {len(self.label_to_category)} "
-                f"categories (ids {sorted(self.category_to_label)[:8]}), so the model needs {self.num_classes} "
-                f"classes ({layout}); use a checkpoint trained on this data, or set data.contiguous_labels"
+                f"model.num_classes is {num_classes} but {self.ann_file} has "
+                f"{len(self.label_to_category)} categories (ids "
+                f"{sorted(self.category_to_label)[:8]}), so the model needs {self.num_classes} "
+                f"classes ({layout}); use a checkpoint trained on this data, or set "
+                f"data.contiguous_labels"
             )
 
     def __len__(self) -> int:
@@ -273,8 +277,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"cannot read image {path} (image id {info['id']})")
         if image.shape[:2] != (info["height"], info["width"]):
             raise ValueError(
-                f"{self.ann_file}: image id {info['id']} is {info['height']}x{info['width']} in the json "
-                f"but {path} is {image.shape[0]}x{image.shape[1]}"
+                f"{self.ann_file}: image id {info['id']} is {info['height']}x{info['width']} "
+                f"in the json but {path} is {image.shape[0]}x{image.shape[1]}"
             )
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
