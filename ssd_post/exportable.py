@@ -24,8 +24,8 @@ class PostprocessModule(nn.Module):
     ``forward(locs [B, A, 4], logits [B, A, C], image_sizes [B, 2] int64 (h, w))``
     returns boxes [B, K, 4] float32, scores [B, K] float32, labels [B, K] int64 and
     num_detections [B] int64, K = ``config.padded_detections(A, C)`` as for
-    :func:`ssd_post.postprocess` (the ONNX lowering pads to ``detections_per_img``,
-    which is larger only when an image cannot fill that many rows).
+    :func:`ssd_post.postprocess`, in eager, in the ONNX graph and in an AOTInductor
+    package alike.
     """
 
     def __init__(self, anchors: Tensor, config: PostprocessConfig) -> None:

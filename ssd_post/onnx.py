@@ -7,12 +7,14 @@ has a fake kernel); :func:`translation_table` lowers it to standard ONNX ops:
     box decode (dw/dh clamped at log(1000/16)) + clip             # [B, A, 4]
     TopK of min(topk_candidates, A) per (image, class)            # [B, C, k]
     NonMaxSuppression, one "batch" per (image, class)             # strict > on score and IoU
-    ScatterND of the survivors' scores into [B, C * k], TopK per image of detections_per_img
+    ScatterND of the survivors' scores into [B, C * k], TopK per image of K    # [B, K]
 
-which reproduces torchvision's selection exactly; only each runtime's own exp and
-softmax rounding differ (a few ULPs). ONNX NonMaxSuppression sorts box corners
-before the IoU; decoded SSD boxes already have x1 <= x2, y1 <= y2, so this changes
-nothing (a clipped box can only become zero-area, which suppresses nothing either way).
+with K = ``config.padded_detections(A, C)``, the op's own padded size (A and C are
+fixed at export, only the batch is dynamic). This reproduces torchvision's selection
+exactly; only each runtime's own exp and softmax rounding differ (a few ULPs). ONNX
+NonMaxSuppression sorts box corners before the IoU; decoded SSD boxes already have
+x1 <= x2, y1 <= y2, so this changes nothing (a clipped box can only become zero-area,
+which suppresses nothing either way).
 
 Importing :mod:`ssd_post` does not import this module (it needs onnx, onnxscript).
 """
@@ -66,21 +68,29 @@ def require(module: str, purpose: str):
 # ----------------------------------------------------------------------------- lowering
 
 
-def check_expressible(config: PostprocessConfig, num_classes: Optional[int] = None) -> None:
-    """Raises ValueError when the ONNX lowering cannot express ``config``."""
+def check_expressible(config: PostprocessConfig, num_classes: int) -> None:
+    """Raises ValueError when the ONNX lowering cannot express ``config`` for logits
+    with ``num_classes`` columns (``background_class`` may be a name: it is resolved)."""
     if config.score_activation not in ("softmax", "sigmoid"):
         raise ValueError(
             f"the ONNX lowering covers SSD's softmax and sigmoid activations, "
             f"got score_activation={config.score_activation!r}"
         )
-    if (
-        num_classes is not None
-        and config.background_class is not None
-        and config.background_class >= num_classes
-    ):
+    background = config.resolve_background_class(num_classes)
+    if background is not None and background >= num_classes:
+        raise ValueError(f"background_class should be < C = {num_classes}, got {background}")
+
+
+def _static_dim(value, axis: int, what: str) -> int:
+    """Size ``axis`` of an exporter value, which must be fixed at export: the padded K
+    of the op depends on A and C, and an ONNX graph has one K for every run."""
+    size = value.shape[axis] if value.shape is not None else None
+    if not isinstance(size, int):
         raise ValueError(
-            f"background_class should be < C = {num_classes}, got {config.background_class}"
+            f"the ONNX lowering needs {what} fixed at export (only the batch is dynamic), "
+            f"got {size!r}"
         )
+    return size
 
 
 def _lowering():
@@ -123,8 +133,9 @@ def _lowering():
         limit = op.Unsqueeze(op.Gather(hw, ints(1, 0, 1, 0), axis=1), ints(1))  # [B, 1, 4]
         return op.Min(op.Max(boxes, floats(0.0)), limit)
 
-    def candidates(locs, logits, anchors, image_sizes, config: PostprocessConfig):
-        """Per (image, class) top-k of the scores and their boxes.
+    def candidates(locs, logits, anchors, image_sizes, config: PostprocessConfig, background):
+        """Per (image, class) top-k of the scores and their boxes; ``background`` is the
+        resolved background column (an int) or None.
 
         Returns values [B, C, k] (background and sub-threshold entries are <= score_thresh),
         their boxes [B, C * k, 4], and k, C, B as [1] int64 tensors.
@@ -140,12 +151,12 @@ def _lowering():
             boxes = clip(boxes, image_sizes)
         scores = op.Transpose(scores, perm=[0, 2, 1])  # [B, C, A]
         batch, num_classes, num_anchors = dim(scores, 0), dim(scores, 1), dim(scores, 2)
-        if config.background_class is not None:
+        if background is not None:
             # 0 is never > score_thresh >= 0: the background column yields no candidate.
             columns = op.Range(
                 op.Constant(value_int=0), op.Squeeze(num_classes), op.Constant(value_int=1)
             )
-            is_background = op.Equal(columns, op.Constant(value_int=config.background_class))
+            is_background = op.Equal(columns, op.Constant(value_int=background))
             scores = op.Where(op.Unsqueeze(is_background, ints(0, 2)), floats(0.0), scores)
         k = op.Min(num_anchors, ints(config.topk_candidates))
         # TopK keeps equal values in index order: ties go by anchor index, as in ssd_post.
@@ -178,9 +189,13 @@ def _lowering():
             background_class,
             clip_boxes,
         )
-        check_expressible(config)
+        classes = _static_dim(logits, 2, "the number of classes C")
+        check_expressible(config, classes)
+        # The op's (and its fake kernel's) padded size: the graph declares exactly it.
+        anchor_count = _static_dim(logits, 1, "the number of anchors A")
+        padded = config.padded_detections(anchor_count, classes)
         values, cand_boxes, k, num_classes, batch = candidates(
-            locs, logits, anchors, image_sizes, config
+            locs, logits, anchors, image_sizes, config, config.resolve_background_class(classes)
         )
         # One NMS "batch" per (image, class): ONNX NMS shares boxes across classes,
         # but each class has its own top-k boxes here.
@@ -203,22 +218,23 @@ def _lowering():
             where,
             op.GatherND(flat_values, where),
         )
-        per_image = op.Reshape(kept, op.Concat(batch, ints(-1), axis=0))  # [B, C*k]
-        top = op.Min(dim(per_image, 1), ints(config.detections_per_img))
+        # The width C * k written out (not -1), so that ONNX shape inference knows it and
+        # infers the TopK below as [B, K]: the graph's shape contract is checkable offline.
+        width = classes * min(config.topk_candidates, anchor_count)
+        per_image = op.Reshape(kept, op.Concat(batch, ints(width), axis=0))  # [B, C*k]
+        # K <= C_fg * min(topk_candidates, A) <= C * k columns: a TopK of K needs no padding.
         # Ties by index = (class, rank in class), ssd_post's order.
-        det_scores, det_index = op.TopK(per_image, top, axis=-1, largest=1, sorted=1)  # [B, top]
+        det_scores, det_index = op.TopK(
+            per_image, ints(padded), axis=-1, largest=1, sorted=1
+        )  # [B, K]
         valid = op.Greater(det_scores, floats(-0.5))
         det_boxes = op.GatherND(
             cand_boxes, op.Unsqueeze(det_index, ints(-1)), batch_dims=1
-        )  # [B, top, 4]
+        )  # [B, K, 4]
         labels = op.Div(det_index, k)
-        zero_i = op.Constant(value_int=0)
-        pad = op.Sub(ints(config.detections_per_img), top)
-        pad2 = op.Concat(ints(0, 0, 0), pad, axis=0)
-        pad3 = op.Concat(ints(0, 0, 0, 0), pad, ints(0), axis=0)
-        det_boxes = op.Pad(op.Where(op.Unsqueeze(valid, ints(-1)), det_boxes, floats(0.0)), pad3)
-        det_scores = op.Pad(op.Where(valid, det_scores, floats(0.0)), pad2)
-        labels = op.Pad(op.Where(valid, labels, zero_i), pad2)
+        det_boxes = op.Where(op.Unsqueeze(valid, ints(-1)), det_boxes, floats(0.0))
+        det_scores = op.Where(valid, det_scores, floats(0.0))
+        labels = op.Where(valid, labels, op.Constant(value_int=0))
         counts = op.ReduceSum(op.Cast(valid, to=INT64), ints(1), keepdims=0)
         return det_boxes, det_scores, labels, counts
 
@@ -244,9 +260,10 @@ def _lowering():
             background_class,
             clip_boxes,
         )
-        check_expressible(config)
+        classes = _static_dim(logits, 2, "the number of classes C")
+        check_expressible(config, classes)
         values, cand_boxes, k, num_classes, batch = candidates(
-            locs, logits, anchors, image_sizes, config
+            locs, logits, anchors, image_sizes, config, config.resolve_background_class(classes)
         )
         # NonZero walks [B, C, k] in row-major order: keys increasing, each by rank.
         where = op.Transpose(
@@ -347,7 +364,8 @@ def export(model: nn.Module, path: str, example_images: Tensor, opset: int = DEF
 
     Returns:
         ``path``. The graph has input ``images`` and outputs boxes [B, K, 4], scores [B, K],
-        labels [B, K] int64, num_detections [B] int64.
+        labels [B, K] int64, num_detections [B] int64, K =
+        ``model.postprocess_config.padded_detections(A, C)`` as in eager.
     """
     module = DetectorModule(model)
     check_expressible(model.postprocess_config, model.num_classes)

@@ -21,7 +21,7 @@ import ssd_post  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from benchmarks.parity import compare  # noqa: E402
-from benchmarks.scenarios import MODELS, make_inputs  # noqa: E402
+from benchmarks.scenarios import MODELS, Inputs, make_inputs  # noqa: E402
 from ssd_post import onnx as ssd_onnx  # noqa: E402
 
 
@@ -63,13 +63,23 @@ def ssdlite320_onnx(tmp_path_factory) -> str:
     )
 
 
+def _outputs(det: ssd_post.Detections):
+    return det.boxes, det.scores, det.labels, det.num_detections
+
+
+def _assert_same_shapes(got: ssd_post.Detections, want: ssd_post.Detections) -> None:
+    """Every output of the graph has the eager op's shape and dtype (K included)."""
+    for name, g, w in zip(ssd_onnx.DETECTION_OUTPUTS, _outputs(got), _outputs(want)):
+        assert (g.shape, g.dtype) == (w.shape, w.dtype), name
+
+
 def _assert_runtime_matches(path: str, runtime: str, scenario: str, model: str, batch: int) -> None:
     run = ssd_onnx.load_runner(path, _runtime_or_skip(runtime))
     inp = make_inputs(scenario, model, batch, seed=batch)
     got = run(inp.locs, inp.logits, inp.image_sizes)
     want = ssd_post.postprocess(inp.locs, inp.logits, inp.anchors, inp.image_sizes, inp.config)
     assert got.boxes.dtype == torch.float32 and got.labels.dtype == torch.int64
-    assert got.boxes.shape == (batch, inp.config.detections_per_img, 4)
+    _assert_same_shapes(got, want)
     result = compare(got, want)
     assert result.ok, result.message
     assert result.detections > 0  # the comparison saw detections
@@ -96,6 +106,96 @@ def test_ssd300_matches_ssd_post(ssd300_onnx, runtime, scenario, batch):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_ssdlite320_matches_ssd_post(ssdlite320_onnx, runtime, scenario, batch):
     _assert_runtime_matches(ssdlite320_onnx, runtime, scenario, "ssdlite320", batch)
+
+
+# ----------------------------------------------------------------------------- small K
+
+# Three classes and topk_candidates 10: K = min(200, C_fg * 10) is 20 with a background
+# column and 30 without, below detections_per_img = 200.
+SMALL_CLASSES = 3
+
+
+def _small_inputs(batch: int, seed: int, background_class) -> Inputs:
+    anchors = MODELS["toy"].make_anchors()
+    gen = torch.Generator().manual_seed(seed)
+    size = MODELS["toy"].image_size
+    return Inputs(
+        0.5 * torch.randn(batch, anchors.shape[0], 4, generator=gen),
+        2.0 * torch.randn(batch, anchors.shape[0], SMALL_CLASSES, generator=gen),
+        anchors,
+        torch.full((batch, 2), size, dtype=torch.int64),
+        ssd_post.PostprocessConfig(
+            score_thresh=0.2,
+            topk_candidates=10,
+            detections_per_img=200,
+            background_class=background_class,
+        ),
+    )
+
+
+def _export_small(inp: Inputs, path) -> str:
+    return ssd_onnx.export_postprocess(
+        inp.anchors, inp.config, str(path), inp.locs, inp.logits, inp.image_sizes
+    )
+
+
+def _eager(inp: Inputs) -> ssd_post.Detections:
+    return ssd_post.postprocess(inp.locs, inp.logits, inp.anchors, inp.image_sizes, inp.config)
+
+
+def _dims(value_info) -> list:
+    return [
+        d.dim_value if d.HasField("dim_value") else d.dim_param
+        for d in value_info.type.tensor_type.shape.dim
+    ]
+
+
+@pytest.mark.parametrize("background_class", [0, "last", None])
+def test_graph_shape_contract_small_k(tmp_path, background_class):
+    """The graph itself computes the op's K: ONNX shape inference of the exported graph,
+    with the exporter's declared output shapes erased, gives eager's shapes and dtypes
+    and keeps the batch dynamic. No runtime runs."""
+    onnx = pytest.importorskip("onnx")
+    inp = _small_inputs(2, seed=11, background_class=background_class)
+    want = _eager(inp)
+    k = inp.config.padded_detections(inp.logits.shape[1], SMALL_CLASSES)
+    assert want.boxes.shape[1] == k < inp.config.detections_per_img  # the case that matters
+    model = onnx.load(_export_small(inp, tmp_path / "small.onnx"))
+    declared = {o.name: _dims(o) for o in model.graph.output}
+    for output in model.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    del model.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    batch = _dims(inferred.graph.input[0])[0]
+    assert isinstance(batch, str) and batch  # a named, dynamic batch
+    assert [o.name for o in inferred.graph.output] == list(ssd_onnx.DETECTION_OUTPUTS)
+    for output, tensor in zip(inferred.graph.output, _outputs(want)):
+        shape = [batch] + list(tensor.shape[1:])
+        assert _dims(output) == shape, output.name
+        assert declared[output.name] == shape, output.name
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(output.type.tensor_type.elem_type)
+        assert dtype == tensor.numpy().dtype, output.name
+
+
+@pytest.mark.parametrize("background_class", [0, "first", "last", None])
+def test_small_k_matches_ssd_post(tmp_path, background_class):
+    """onnxruntime runs the graph exported at B = 2 at B = 1 and 3: eager's shapes
+    (K < detections_per_img) and detections, with background_class names resolved."""
+    _runtime_or_skip("onnxruntime")
+    path = _export_small(
+        _small_inputs(2, seed=11, background_class=background_class), tmp_path / "s.onnx"
+    )
+    run = ssd_onnx.load_runner(path, "onnxruntime")
+    for batch in (1, 3):
+        inp = _small_inputs(batch, seed=batch, background_class=background_class)
+        got, want = run(inp.locs, inp.logits, inp.image_sizes), _eager(inp)
+        _assert_same_shapes(got, want)
+        result = compare(got, want)
+        assert result.ok, result.message
+        assert result.detections > 0
+        background = inp.config.resolve_background_class(SMALL_CLASSES)
+        real = torch.arange(got.labels.shape[1]) < got.num_detections[:, None]
+        assert background is None or not bool((got.labels[real] == background).any())
 
 
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
