@@ -46,7 +46,10 @@ def test_opcheck_decode_threshold_flatten():
     )
 
 
-def test_opcheck_batched_nms():
+@pytest.mark.parametrize("limits", [(), (4,), (4, 2), (None, None)])
+def test_opcheck_batched_nms(limits):
+    # (): the four-argument call of older callers and exported graphs; then max_kept
+    # per group, max_kept per image (keys_per_image = 2), both left at None.
     generator = torch.Generator().manual_seed(1)
     xy = torch.rand(50, 2, generator=generator) * 50
     boxes = torch.cat((xy, xy + 10), dim=1)
@@ -57,6 +60,7 @@ def test_opcheck_batched_nms():
             torch.rand(50, generator=generator),
             torch.randint(0, 3, (50,), generator=generator),
             0.5,
+            *limits,
         ),
     )
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <unordered_map>
 
 #include "../common/box_math.h"
 #include "../common/checks.h"
@@ -283,9 +284,24 @@ struct ScoreRank {
   }
 };
 
+// Floor division: the image of key `key` when keys are image * keys_per_image + class
+// (keys_per_image >= 1); negative keys fall into negative images.
+int64_t image_of_key(int64_t key, int64_t keys_per_image) {
+  const int64_t q = key / keys_per_image;
+  return key % keys_per_image < 0 ? q - 1 : q;
+}
+
+// Candidates of a bounded run are ranked a chunk at a time: the best `chunk`
+// (selected, then sorted), and the next chunk, twice as large, only if the scan
+// wants more. The first chunk covers max_kept survivors and a margin for the
+// boxes they suppress.
+int64_t first_chunk(int64_t max_kept) { return std::max<int64_t>(64, max_kept + max_kept / 2); }
+
 at::Tensor batched_nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_in,
-                           const at::Tensor& idxs_in, double iou_threshold) {
+                           const at::Tensor& idxs_in, double iou_threshold,
+                           c10::optional<int64_t> max_kept, c10::optional<int64_t> keys_per_image) {
   check_nms_inputs(boxes_in, scores_in, idxs_in, iou_threshold);
+  check_nms_limits(max_kept, keys_per_image);
   const int64_t N = boxes_in.size(0);
   if (N == 0) return at::empty({0}, idxs_in.options().dtype(at::kLong));
   const at::Tensor boxes = boxes_in.to(at::kFloat).contiguous();
@@ -294,35 +310,70 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_
   const float* box_data = boxes.data_ptr<float>();
   const int64_t* idx_data = idxs.data_ptr<int64_t>();
   const ScoreRank by_score{scores.data_ptr<double>()};
+  const int64_t limit = max_kept.value_or(-1);
 
-  // Group by idx, each group in rank order.
+  // The runs scanned one at a time: images when the limit is per image (each
+  // image's candidates in rank order, one kept list per group), else groups.
+  const bool per_image = keys_per_image.has_value();
+  const auto run_of = [&](int64_t i) {
+    return per_image ? image_of_key(idx_data[i], *keys_per_image) : idx_data[i];
+  };
   std::vector<int64_t> order(static_cast<size_t>(N));
   std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    if (idx_data[x] != idx_data[y]) return idx_data[x] < idx_data[y];
-    return by_score(x, y);
-  });
-  std::vector<float> ranked_boxes(static_cast<size_t>(4 * N));
-  for (int64_t r = 0; r < N; ++r) std::copy_n(box_data + 4 * order[r], 4, &ranked_boxes[4 * r]);
+  bool grouped = true;
+  for (int64_t i = 1; i < N && grouped; ++i) grouped = run_of(i - 1) <= run_of(i);
+  if (!grouped) {
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t x, int64_t y) { return run_of(x) < run_of(y); });
+  }
   std::vector<int64_t> run_begin{0};
   for (int64_t r = 1; r < N; ++r) {
-    if (idx_data[order[r]] != idx_data[order[r - 1]]) run_begin.push_back(r);
+    if (run_of(order[r]) != run_of(order[r - 1])) run_begin.push_back(r);
   }
   run_begin.push_back(N);
 
-  std::vector<uint8_t> keep(static_cast<size_t>(N));
+  std::vector<uint8_t> keep(static_cast<size_t>(N), 0);  // by box index
   const int64_t runs = static_cast<int64_t>(run_begin.size()) - 1;
   at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
     NmsScratch scratch;
+    std::vector<float> ranked_boxes;
+    std::vector<uint8_t> ranked_keep;
+    std::unordered_map<int64_t, int64_t> group_of_key;  // per image: key -> group of the scan
     for (int64_t g = begin; g < end; ++g) {
-      nms_ranked_run(ranked_boxes.data() + 4 * run_begin[g], run_begin[g + 1] - run_begin[g],
-                     iou_threshold, keep.data() + run_begin[g], scratch);
+      int64_t* first = order.data() + run_begin[g];
+      int64_t* last = order.data() + run_begin[g + 1];
+      const int64_t n = last - first;
+      if (limit < 0) {
+        std::sort(first, last, by_score);
+        ranked_boxes.resize(static_cast<size_t>(4 * n));
+        ranked_keep.resize(static_cast<size_t>(n));
+        for (int64_t r = 0; r < n; ++r) std::copy_n(box_data + 4 * first[r], 4, &ranked_boxes[4 * r]);
+        nms_ranked_run(ranked_boxes.data(), n, iou_threshold, ranked_keep.data(), scratch);
+        for (int64_t r = 0; r < n; ++r) keep[first[r]] = ranked_keep[r];
+        continue;
+      }
+      GreedyScan& scan = scratch.scan;
+      scan.start(iou_threshold, limit);
+      group_of_key.clear();
+      int64_t* next = first;
+      for (int64_t chunk = first_chunk(limit); next < last && !scan.full(); chunk *= 2) {
+        int64_t* chunk_end = last - next > chunk ? next + chunk : last;
+        if (chunk_end < last) std::nth_element(next, chunk_end, last, by_score);
+        std::sort(next, chunk_end, by_score);
+        for (; next < chunk_end && !scan.full(); ++next) {
+          int64_t group = 0;
+          if (per_image) {
+            group = group_of_key.emplace(idx_data[*next], group_of_key.size()).first->second;
+          }
+          keep[*next] = scan.offer(box_data + 4 * *next, group) ? 1 : 0;
+        }
+      }
     }
   });
 
   std::vector<int64_t> kept;
-  for (int64_t r = 0; r < N; ++r) {
-    if (keep[r]) kept.push_back(order[r]);
+  for (int64_t i = 0; i < N; ++i) {
+    if (keep[i]) kept.push_back(i);
   }
   std::sort(kept.begin(), kept.end(), by_score);
   at::Tensor out = at::empty({static_cast<int64_t>(kept.size())}, idxs_in.options().dtype(at::kLong));
