@@ -42,6 +42,7 @@ test-fast: install
 bench: install
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.family
+	$(PY) -m benchmarks.nms
 
 # On a machine with a CUDA GPU: the CUDA tests, then the GPU benchmark
 # (benchmarks/results/gpu_<device>.json).

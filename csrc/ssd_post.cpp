@@ -14,7 +14,12 @@ TORCH_LIBRARY(ssd_post, m) {
       "decode_threshold_flatten(Tensor locs, Tensor logits, Tensor anchors, Tensor image_sizes, "
       "float score_thresh, int topk_candidates, float[] box_weights, str score_activation, "
       "int? background_class, bool clip_boxes) -> (Tensor boxes, Tensor scores, Tensor keys)");
-  m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
+  // max_kept: at most that many survivors per group, or with keys_per_image (keys
+  // laid out as image * keys_per_image + class) per image: the full NMS truncated.
+  // The defaults keep older callers and exported graphs valid.
+  m.def(
+      "batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, "
+      "int? max_kept=None, int? keys_per_image=None) -> Tensor");
   m.def(
       "postprocess(Tensor locs, Tensor logits, Tensor anchors, Tensor image_sizes, "
       "float score_thresh, float nms_thresh, int topk_candidates, int detections_per_img, "

@@ -6,7 +6,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass, field
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -16,8 +16,15 @@ BOX_CODERS = ("box", "linear")
 # mmdet's spelling of the background column: "first" is column 0, "last" is C - 1.
 BACKGROUND_NAMES = ("first", "last")
 
-# What to do with a box whose corners are not x1 <= x2, y1 <= y2 (ssd_post.corners).
-INVERTED_BOXES = ("keep", "sort", "raise")
+
+def inverted_boxes_modes() -> List[str]:
+    """What may be done with a box whose corners are not x1 <= x2, y1 <= y2
+    (ssd_post.corners). A function, because TorchScript compiles a call but cannot
+    read a module-level tuple."""
+    return ["keep", "sort", "raise"]
+
+
+INVERTED_BOXES = tuple(inverted_boxes_modes())
 
 
 def real_scalar(value, name: str) -> float:

@@ -8,10 +8,12 @@ for that, or for an error, with ``inverted_boxes``.
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import Tensor
 
-from .config import INVERTED_BOXES
+from .config import inverted_boxes_modes
 
 
 def handle_inverted_boxes(boxes: Tensor, mode: str, name: str) -> Tensor:
@@ -22,13 +24,16 @@ def handle_inverted_boxes(boxes: Tensor, mode: str, name: str) -> Tensor:
     the first inverted box, and returns ``boxes`` otherwise (this reads the values:
     a device synchronization on CUDA).
     """
-    if mode not in INVERTED_BOXES:
-        raise ValueError(f"inverted_boxes should be one of {INVERTED_BOXES}, got {mode!r}")
+    # Written for TorchScript too (batched_nms scripts): no generator expressions,
+    # no !r conversions, typed lists.
+    modes = inverted_boxes_modes()
+    if mode not in modes:
+        raise ValueError(f"inverted_boxes should be one of {modes}, got '{mode}'")
     if mode == "keep" or boxes.numel() == 0:
         return boxes
     if boxes.dim() == 0 or boxes.shape[-1] != 4:
         raise ValueError(
-            f"{name} should be a tensor [..., 4] of xyxy boxes, got shape {tuple(boxes.shape)}"
+            f"{name} should be a tensor [..., 4] of xyxy boxes, got shape {list(boxes.shape)}"
         )
     x1, y1, x2, y2 = boxes.unbind(-1)
     if mode == "sort":
@@ -43,9 +48,15 @@ def handle_inverted_boxes(boxes: Tensor, mode: str, name: str) -> Tensor:
         )
     inverted = (x2 < x1) | (y2 < y1)
     if bool(inverted.any()):
-        index = tuple(int(i) for i in inverted.nonzero()[0])
+        position: List[int] = inverted.nonzero()[0].tolist()
+        box: List[float] = boxes.reshape(-1, 4)[int(inverted.reshape(-1).nonzero()[0])].tolist()
+        index = (
+            str(position[0])
+            if len(position) == 1
+            else "(" + ", ".join([str(i) for i in position]) + ")"
+        )
         raise ValueError(
             f"{name} should have x1 <= x2 and y1 <= y2 (inverted_boxes='raise'), "
-            f"got {boxes[index].tolist()} at index {index if len(index) > 1 else index[0]}"
+            f"got {box} at index {index}"
         )
     return boxes

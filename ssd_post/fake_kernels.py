@@ -39,7 +39,7 @@ def _decode_threshold_flatten_fake(
     )
 
 
-def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
+def _batched_nms_fake(boxes, scores, idxs, iou_threshold, max_kept=None, keys_per_image=None):
     torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: "boxes should be [N, 4]")
     check_same_device("boxes", {"boxes": boxes, "scores": scores, "idxs": idxs})
     n = torch.library.get_ctx().new_dynamic_size()

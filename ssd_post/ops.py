@@ -7,13 +7,13 @@ torch.export) are in ``fake_kernels.py``.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._extension import extension_loaded, require_extension
-from .config import unit_scalar
+from .config import unit_scalar, whole_scalar
 from .corners import handle_inverted_boxes
 
 __all__ = [
@@ -26,11 +26,12 @@ __all__ = [
 ]
 
 
-def check_same_device(reference: str, tensors: dict) -> None:
+def check_same_device(reference: str, tensors: Dict[str, Tensor]) -> None:
     """Raises a ValueError naming both devices when a tensor of ``tensors`` (name ->
     Tensor) is not on the device of ``tensors[reference]``. Run before dispatch,
     and by the fake kernels: a ``meta`` tensor next to a CPU tensor would
-    otherwise reach the fake kernel and pass."""
+    otherwise reach the fake kernel and pass. TorchScript compiles it (typed
+    dict, no Python-only constructs), so scripted callers keep the check."""
     device = tensors[reference].device
     for name, tensor in tensors.items():
         if tensor.device != device:
@@ -91,12 +92,19 @@ def select_per_level_op(
 
 
 def batched_nms(
-    boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, inverted_boxes: str = "keep"
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    iou_threshold: float,
+    inverted_boxes: str = "keep",
+    max_kept: Optional[int] = None,
+    keys_per_image: Optional[int] = None,
 ) -> Tensor:
     """Greedy NMS applied independently inside each group of equal ``idxs``.
 
     Same contract as ``torchvision.ops.batched_nms``, computed per group (no
-    coordinate-offset trick, so any idx values and coordinates are exact).
+    coordinate-offset trick, so any idx values and coordinates are exact). Scripts
+    with ``torch.jit.script`` (docs/torchscript.md).
 
     Args:
         boxes (Tensor[N, 4]): xyxy boxes with x1 <= x2, y1 <= y2, floating point
@@ -109,14 +117,34 @@ def batched_nms(
             Any real number that converts exactly (numpy scalar, 0-d tensor).
         inverted_boxes: ``"keep"`` (torchvision), ``"sort"`` the corners first
             (ONNX / TensorFlow NMS) or ``"raise"`` a ValueError on an inverted box.
+        max_kept (int, optional): stop each group after ``max_kept`` survivors, like
+            ONNX's ``max_output_boxes_per_class`` or TensorFlow's ``max_output_size``:
+            the result is the full NMS's result without each group's survivors past
+            its first ``max_kept`` (in rank order), and the boxes ranked after them
+            are not looked at. ``None``: no limit. Pass it by keyword.
+        keys_per_image (int, optional): with ``max_kept``, count survivors per image
+            instead of per group, for ``idxs = image * keys_per_image + class``
+            (image = ``idxs // keys_per_image``, floor division): each image keeps its
+            ``max_kept`` best survivors of the full NMS in the output order below,
+            which it reaches by scanning its boxes in that order with one kept list
+            per group. Pass it by keyword.
 
     Returns:
         Tensor[K] int64: indices of the kept boxes, by decreasing score, equal scores
         in increasing index order.
     """
-    for name, value in (("boxes", boxes), ("scores", scores), ("idxs", idxs)):
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{name} should be a Tensor, got {type(value).__name__}")
+    # The eager-only part: type checks and conversions that TorchScript's typed
+    # signature makes unnecessary (and that it could not compile).
+    if not torch.jit.is_scripting():
+        for name, value in (("boxes", boxes), ("scores", scores), ("idxs", idxs)):
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{name} should be a Tensor, got {type(value).__name__}")
+        iou_threshold = unit_scalar(iou_threshold, "iou_threshold")
+        if max_kept is not None:
+            max_kept = whole_scalar(max_kept, "max_kept", minimum=0)
+        if keys_per_image is not None:
+            keys_per_image = whole_scalar(keys_per_image, "keys_per_image")
+        require_extension()
     check_same_device("boxes", {"boxes": boxes, "scores": scores, "idxs": idxs})
     if boxes.is_quantized or scores.is_quantized:
         raise ValueError(
@@ -124,9 +152,9 @@ def batched_nms(
             f"{boxes.dtype} and {scores.dtype} (dequantize them first)"
         )
     boxes = handle_inverted_boxes(boxes, inverted_boxes, "boxes")
-    require_extension()
+    # The op checks iou_threshold's range, max_kept and keys_per_image (ValueError).
     return torch.ops.ssd_post.batched_nms(
-        boxes, scores, idxs, unit_scalar(iou_threshold, "iou_threshold")
+        boxes, scores, idxs, iou_threshold, max_kept, keys_per_image
     )
 
 

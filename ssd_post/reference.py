@@ -4,7 +4,7 @@ of the benchmarks. It states the semantics of ssd_post in plain torch ops."""
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torchvision
@@ -158,10 +158,17 @@ def _cat_candidates(
 
 
 def batched_nms_reference(
-    boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    iou_threshold: float,
+    max_kept: Optional[int] = None,
+    keys_per_image: Optional[int] = None,
 ) -> Tensor:
     """Per group of equal idxs, ``torchvision.ops.nms``; kept indices by decreasing
-    score, equal scores in index order."""
+    score, equal scores in index order. With ``max_kept``, that full answer
+    truncated: only the first ``max_kept`` survivors of each group (or, with
+    ``keys_per_image``, of each image ``idx // keys_per_image``) in that order."""
     kept = []
     for group in torch.unique(idxs):
         members = torch.nonzero(idxs == group).flatten()
@@ -176,7 +183,20 @@ def batched_nms_reference(
     kept = torch.cat(kept)
     # Index order first, then a stable sort by score: equal scores stay in index order.
     kept = kept.sort().values
-    return kept[rank_order(scores[kept])]
+    kept = kept[rank_order(scores[kept])]
+    if max_kept is None:
+        return kept
+    counted = (
+        idxs if keys_per_image is None else torch.div(idxs, keys_per_image, rounding_mode="floor")
+    )
+    seen: Dict[int, int] = {}
+    truncated = []
+    for i in kept.tolist():
+        key = int(counted[i])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= max_kept:
+            truncated.append(i)
+    return torch.tensor(truncated, dtype=torch.int64)
 
 
 def torchvision_postprocess(

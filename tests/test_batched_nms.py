@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -219,3 +221,159 @@ def test_result_does_not_depend_on_thread_count():
     torch.testing.assert_close(
         ssd_post.batched_nms(boxes, scores, idxs, 0.5), single, rtol=0, atol=0
     )
+
+
+# --- max_kept: the full NMS truncated, per group or per image ------------------------
+
+
+@st.composite
+def bounded_nms_problems(draw):
+    boxes, scores, idxs, thr = draw(nms_problems())
+    max_kept = draw(st.integers(0, 6))
+    keys_per_image = draw(st.sampled_from([None, 1, 2, 3]))
+    return boxes, scores, idxs, thr, max_kept, keys_per_image
+
+
+@settings(max_examples=200, deadline=None)
+@given(bounded_nms_problems())
+def test_max_kept_is_the_full_nms_truncated(problem):
+    boxes, scores, idxs, thr, max_kept, keys_per_image = problem
+    expected = batched_nms_reference(boxes, scores, idxs, thr, max_kept, keys_per_image)
+    actual = ssd_post.batched_nms(
+        boxes, scores, idxs, thr, max_kept=max_kept, keys_per_image=keys_per_image
+    )
+    assert actual.tolist() == expected.tolist()
+
+
+def _clustered(n: int, groups: int, seed: int):
+    """Boxes crowded into a small area, so that most are suppressed and a bounded
+    scan has to rank several chunks of candidates; scores with many ties."""
+    generator = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(n, generator, size=60.0)
+    scores = torch.round(torch.rand(n, generator=generator) * 30) / 30
+    idxs = torch.randint(0, groups, (n,), generator=generator)
+    return boxes, scores, idxs
+
+
+@pytest.mark.parametrize("max_kept", [1, 7, 100, 400, 5000])
+@pytest.mark.parametrize("groups, keys_per_image", [(1, None), (12, None), (12, 4), (12, 12)])
+def test_max_kept_over_many_chunks(max_kept, groups, keys_per_image):
+    boxes, scores, idxs = _clustered(6000, groups, seed=max_kept + groups)
+    full = ssd_post.batched_nms(boxes, scores, idxs, 0.5)
+    expected = batched_nms_reference(boxes, scores, idxs, 0.5, max_kept, keys_per_image)
+    actual = ssd_post.batched_nms(
+        boxes, scores, idxs, 0.5, max_kept=max_kept, keys_per_image=keys_per_image
+    )
+    assert actual.tolist() == expected.tolist()
+    # The limit binds where it is small and the full answer is a prefix-subset of it.
+    assert set(actual.tolist()) <= set(full.tolist())
+    if max_kept == 5000:
+        assert actual.tolist() == full.tolist()
+    if max_kept == 1 and keys_per_image is None:
+        assert len(actual) == len(torch.unique(idxs))
+
+
+def test_max_kept_per_image_counts_every_group_of_the_image():
+    # Image 0 has classes 0 and 1 (keys 0, 1), image 1 has key 2: keys_per_image 2.
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]] * 3)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    idxs = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert ssd_post.batched_nms(boxes, scores, idxs, 0.5, max_kept=3).tolist() == [0, 1, 2, 3, 4, 5]
+    per_image = ssd_post.batched_nms(boxes, scores, idxs, 0.5, max_kept=3, keys_per_image=2)
+    assert per_image.tolist() == [0, 1, 2, 4, 5]
+    per_group = ssd_post.batched_nms(boxes, scores, idxs, 0.5, max_kept=1)
+    assert per_group.tolist() == [0, 2, 4]
+
+
+def test_max_kept_with_nan_scores_and_boxes():
+    boxes, scores, idxs = _clustered(500, 3, seed=5)
+    scores = scores.double()
+    scores[::9] = float("nan")
+    scores[4::13] = -0.0
+    boxes[7::11, 2] = float("nan")
+    for keys_per_image in (None, 2):
+        expected = batched_nms_reference(boxes, scores, idxs, 0.4, 20, keys_per_image)
+        actual = ssd_post.batched_nms(
+            boxes, scores, idxs, 0.4, max_kept=20, keys_per_image=keys_per_image
+        )
+        assert actual.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_kept": -1}, "max_kept should be an int >= 0, got -1"),
+        ({"max_kept": 2.5}, "max_kept should be an int >= 0, got 2.5"),
+        ({"max_kept": True}, "max_kept should be an int >= 0, got True"),
+        ({"max_kept": 5, "keys_per_image": 0}, "keys_per_image should be an int >= 1, got 0"),
+        ({"keys_per_image": 3}, "keys_per_image .* needs max_kept; got keys_per_image = 3"),
+    ],
+)
+def test_bad_max_kept_and_keys_per_image(kwargs, match):
+    boxes, scores, idxs = _clustered(10, 2, seed=0)
+    with pytest.raises(ValueError, match=match):
+        ssd_post.batched_nms(boxes, scores, idxs, 0.5, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "max_kept, keys_per_image, match",
+    [
+        (-3, None, r"max_kept should be >= 0 \(or None for no limit\), got -3"),
+        (2, 0, "keys_per_image should be >= 1, got 0"),
+        (None, 4, "keys_per_image .* needs max_kept; got keys_per_image = 4"),
+    ],
+)
+def test_the_op_refuses_bad_limits_with_a_value_error(max_kept, keys_per_image, match):
+    boxes, scores, idxs = _clustered(10, 2, seed=0)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.ssd_post.batched_nms(boxes, scores, idxs, 0.5, max_kept, keys_per_image)
+
+
+# --- TorchScript (detectron2's test_nms_scriptability) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def scripted_batched_nms():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        return torch.jit.script(ssd_post.batched_nms)
+
+
+@pytest.mark.parametrize("iou_threshold", [0.2, 0.5, 0.8])
+def test_scripted_equals_eager(scripted_batched_nms, iou_threshold):
+    generator = torch.Generator().manual_seed(int(iou_threshold * 10))
+    boxes = random_boxes(1000, generator)
+    scores = torch.rand(1000, generator=generator)
+    idxs = torch.randint(0, 10, (1000,), generator=generator)
+    eager = ssd_post.batched_nms(boxes, scores, idxs, iou_threshold)
+    scripted = scripted_batched_nms(boxes, scores, idxs, iou_threshold)
+    torch.testing.assert_close(scripted, eager, rtol=0, atol=0)
+    assert 0 < len(eager) < 1000
+    for max_kept, keys_per_image in ((5, None), (12, 5), (0, None)):
+        eager = ssd_post.batched_nms(
+            boxes, scores, idxs, iou_threshold, max_kept=max_kept, keys_per_image=keys_per_image
+        )
+        scripted = scripted_batched_nms(
+            boxes, scores, idxs, iou_threshold, max_kept=max_kept, keys_per_image=keys_per_image
+        )
+        torch.testing.assert_close(scripted, eager, rtol=0, atol=0)
+    sorted_ = scripted_batched_nms(boxes[:, [2, 3, 0, 1]], scores, idxs, iou_threshold, "sort")
+    torch.testing.assert_close(sorted_, ssd_post.batched_nms(boxes, scores, idxs, iou_threshold))
+
+
+def test_scripted_keeps_the_checks(scripted_batched_nms):
+    boxes, scores, idxs = _clustered(10, 2, seed=0)
+    # A raise in scripted Python surfaces as torch.jit.Error and an error of the op
+    # as RuntimeError, each with the eager message (docs/torchscript.md).
+    with pytest.raises(torch.jit.Error, match="scores should be on the same device as boxes"):
+        scripted_batched_nms(boxes, scores.to("meta"), idxs, 0.5)
+    with pytest.raises(torch.jit.Error, match="inverted_boxes should be one of"):
+        scripted_batched_nms(boxes, scores, idxs, 0.5, "swap")
+    inverted = boxes.clone()
+    inverted[3] = inverted[3, [2, 3, 0, 1]]
+    with pytest.raises(torch.jit.Error, match=r"boxes should have x1 <= x2 .* at index 3"):
+        scripted_batched_nms(inverted, scores, idxs, 0.5, "raise")
+    with pytest.raises(RuntimeError, match="iou_threshold should be in"):
+        scripted_batched_nms(boxes, scores, idxs, 1.5)
+    with pytest.raises(RuntimeError, match="max_kept should be >= 0"):
+        scripted_batched_nms(boxes, scores, idxs, 0.5, max_kept=-1)

@@ -149,3 +149,16 @@ def test_real_inputs_use_the_models_own_normalisation(tmp_path):
     torch.testing.assert_close(images[0].mean(dim=(1, 2)), expected, atol=0.05, rtol=0)
     torch.testing.assert_close(images[2], images[0])  # batch 3 from 2 images: reused in order
     assert np.isfinite(images.numpy()).all()
+
+
+def test_nms_benchmark_checks_max_kept_and_writes_json(tmp_path):
+    from benchmarks import nms
+
+    out = tmp_path / "nms.json"
+    result = nms.main(["--boxes", "2000", "--max-kept", "50", "--repeats", "1", "--out", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored["boxes"] == 2000 and stored["max_kept"] == 50
+    assert {"sort", "numpy_sort", "batched_nms_max_kept", "batched_nms_full"} <= set(
+        stored["median_ms"]
+    )
+    assert stored["survivors_full"] == result["survivors_full"] > 50

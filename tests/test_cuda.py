@@ -30,6 +30,7 @@ from cuda_parity import (
     run_postprocess,
 )
 from ssd_post import PostprocessConfig
+from ssd_post.reference import batched_nms_reference
 
 OPS = ("decode_threshold_flatten", "batched_nms", "postprocess")
 
@@ -55,9 +56,9 @@ class DeviceKernels:
         assert all(t.device.type == "cuda" for t in out)
         return tuple(t.cpu() for t in out)
 
-    def batched_nms(self, boxes, scores, idxs, iou_threshold):
+    def batched_nms(self, boxes, scores, idxs, iou_threshold, max_kept=None, keys_per_image=None):
         out = torch.ops.ssd_post.batched_nms(
-            boxes.cuda(), scores.cuda(), idxs.cuda(), iou_threshold
+            boxes.cuda(), scores.cuda(), idxs.cuda(), iou_threshold, max_kept, keys_per_image
         )
         assert out.device.type == "cuda" and out.dtype == torch.int64
         return out.cpu()
@@ -72,8 +73,10 @@ class EmulatedKernels:
     def flatten(self, inputs, config):
         return cuda_emulation.decode_threshold_flatten(*inputs, config)
 
-    def batched_nms(self, boxes, scores, idxs, iou_threshold):
-        return cuda_emulation.batched_nms(boxes, scores, idxs, iou_threshold)
+    def batched_nms(self, boxes, scores, idxs, iou_threshold, max_kept=None, keys_per_image=None):
+        return cuda_emulation.batched_nms(
+            boxes, scores, idxs, iou_threshold, max_kept, keys_per_image
+        )
 
 
 @pytest.fixture(params=[pytest.param("device", marks=CUDA_MARKS), "emulated"])
@@ -253,6 +256,28 @@ def test_batched_nms_cuda_equals_cpu(kernels, n, groups, iou_threshold):
     torch.testing.assert_close(
         kernels.batched_nms(boxes, scores, idxs, iou_threshold), cpu, rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize("max_kept", [0, 1, 5, 70, 200])
+@pytest.mark.parametrize("groups, keys_per_image", [(1, None), (37, None), (37, 5), (36, 36)])
+def test_batched_nms_max_kept_is_the_full_nms_truncated(kernels, max_kept, groups, keys_per_image):
+    # 64-box chunks of the kernel: limits inside the first chunk, at a later one and
+    # past the survivor count; per group and per image (floor(idx / keys_per_image)).
+    boxes, scores, idxs = make_nms_inputs(3000, groups, seed=max_kept + groups)
+    expected = batched_nms_reference(boxes, scores, idxs, 0.3, max_kept, keys_per_image)
+    actual = kernels.batched_nms(boxes, scores, idxs, 0.3, max_kept, keys_per_image)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    cpu = torch.ops.ssd_post.batched_nms(boxes, scores, idxs, 0.3, max_kept, keys_per_image)
+    torch.testing.assert_close(actual, cpu, rtol=0, atol=0)
+
+
+def test_batched_nms_max_kept_with_negative_keys(kernels):
+    boxes, scores, idxs = make_nms_inputs(800, 12, seed=4)
+    idxs = idxs - 6  # images -2 .. 1 with keys_per_image = 3: floor division
+    for max_kept, keys_per_image in ((3, None), (4, 3)):
+        expected = batched_nms_reference(boxes, scores, idxs, 0.5, max_kept, keys_per_image)
+        actual = kernels.batched_nms(boxes, scores, idxs, 0.5, max_kept, keys_per_image)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 def test_batched_nms_nan_negative_zero_and_float64_scores(kernels):

@@ -58,6 +58,17 @@ def _opcheck_args(op: str, device: str):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("limits", [(4,), (4, 2), (None, None)])
+def test_opcheck_batched_nms_limits(limits, device):
+    # max_kept per group, max_kept per image (keys_per_image = 2), both left at None;
+    # test_opcheck covers the four-argument call of older callers and exported graphs.
+    if device == "cuda" and not ssd_post.has_cuda_kernels():
+        pytest.skip("extension built without CUDA kernels")
+    args, kwargs = _opcheck_args("batched_nms", device)
+    torch.library.opcheck(torch.ops.ssd_post.batched_nms.default, args + limits, kwargs)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op, device):
     if device not in KERNEL_DEVICES[op]:

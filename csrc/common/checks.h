@@ -172,6 +172,25 @@ inline void check_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores,
   check_unit_interval(iou_threshold, "iou_threshold");
 }
 
+// batched_nms's optional bound: stop a group after max_kept survivors, or with
+// keys laid out as image * keys_per_image + class, an image after max_kept
+// survivors over all its groups. Wrong values are a ValueError in Python.
+inline void check_nms_limits(c10::optional<int64_t> max_kept,
+                             c10::optional<int64_t> keys_per_image) {
+  if (max_kept.has_value()) {
+    TORCH_CHECK_VALUE(*max_kept >= 0, "max_kept should be >= 0 (or None for no limit), got ",
+                      *max_kept);
+  }
+  if (keys_per_image.has_value()) {
+    TORCH_CHECK_VALUE(*keys_per_image >= 1, "keys_per_image should be >= 1, got ",
+                      *keys_per_image);
+    TORCH_CHECK_VALUE(max_kept.has_value(),
+                      "keys_per_image only sets what max_kept counts (survivors per image), "
+                      "so it needs max_kept; got keys_per_image = ",
+                      *keys_per_image, " and max_kept = None");
+  }
+}
+
 inline void check_postprocess_scalars(double nms_thresh, int64_t detections_per_img) {
   check_unit_interval(nms_thresh, "nms_thresh");
   TORCH_CHECK(detections_per_img >= 1, "detections_per_img should be >= 1, got ",

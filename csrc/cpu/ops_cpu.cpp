@@ -4,8 +4,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
-#include <numeric>
+#include <limits>
+#include <unordered_map>
 
 #include "../common/box_math.h"
 #include "../common/checks.h"
@@ -271,62 +273,124 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
   return {out_boxes, out_scores, out_labels, out_count};
 }
 
-// Ranks by score, highest first, with NaN above every number as torch.sort puts
-// it; equal scores keep index order.
-struct ScoreRank {
-  const double* scores;
-  bool operator()(int64_t x, int64_t y) const {
-    const bool nan_x = std::isnan(scores[x]), nan_y = std::isnan(scores[y]);
-    if (nan_x != nan_y) return nan_x;
-    if (!nan_x && scores[x] != scores[y]) return scores[x] > scores[y];
-    return x < y;
-  }
+// A box of batched_nms with its rank: score key descending (NaN above every
+// number, as torch.sort puts it; -0.0 equal to 0.0), then index ascending. The
+// keys are computed once, so ranking compares integers instead of testing doubles
+// for NaN at every comparison.
+struct Ranked {
+  uint64_t score_key;
+  int64_t index;
 };
 
+uint64_t score_key(double score) {
+  if (std::isnan(score)) return std::numeric_limits<uint64_t>::max();
+  const uint64_t bits = std::bit_cast<uint64_t>(score == 0.0 ? 0.0 : score);
+  // IEEE bits order like the values once negatives are flipped and positives moved up.
+  return (bits >> 63) != 0 ? ~bits : bits | (uint64_t{1} << 63);
+}
+
+bool ranks_before(const Ranked& x, const Ranked& y) {
+  return x.score_key > y.score_key || (x.score_key == y.score_key && x.index < y.index);
+}
+
+// Floor division: the image of key `key` when keys are image * keys_per_image + class
+// (keys_per_image >= 1); negative keys fall into negative images.
+int64_t image_of_key(int64_t key, int64_t keys_per_image) {
+  const int64_t q = key / keys_per_image;
+  return key % keys_per_image < 0 ? q - 1 : q;
+}
+
+// Candidates of a bounded run are ranked a chunk at a time: the best `chunk`
+// (selected, then sorted), and the next chunk, twice as large, only if the scan
+// wants more. The first chunk covers max_kept survivors and a margin for the
+// boxes they suppress.
+int64_t first_chunk(int64_t max_kept) { return std::max<int64_t>(64, max_kept + max_kept / 2); }
+
 at::Tensor batched_nms_cpu(const at::Tensor& boxes_in, const at::Tensor& scores_in,
-                           const at::Tensor& idxs_in, double iou_threshold) {
+                           const at::Tensor& idxs_in, double iou_threshold,
+                           c10::optional<int64_t> max_kept, c10::optional<int64_t> keys_per_image) {
   check_nms_inputs(boxes_in, scores_in, idxs_in, iou_threshold);
+  check_nms_limits(max_kept, keys_per_image);
   const int64_t N = boxes_in.size(0);
   if (N == 0) return at::empty({0}, idxs_in.options().dtype(at::kLong));
   const at::Tensor boxes = boxes_in.to(at::kFloat).contiguous();
   const at::Tensor scores = scores_in.to(at::kDouble).contiguous();
   const at::Tensor idxs = idxs_in.to(at::kLong).contiguous();
   const float* box_data = boxes.data_ptr<float>();
+  const double* score_data = scores.data_ptr<double>();
   const int64_t* idx_data = idxs.data_ptr<int64_t>();
-  const ScoreRank by_score{scores.data_ptr<double>()};
+  const int64_t limit = max_kept.value_or(-1);
 
-  // Group by idx, each group in rank order.
-  std::vector<int64_t> order(static_cast<size_t>(N));
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    if (idx_data[x] != idx_data[y]) return idx_data[x] < idx_data[y];
-    return by_score(x, y);
-  });
-  std::vector<float> ranked_boxes(static_cast<size_t>(4 * N));
-  for (int64_t r = 0; r < N; ++r) std::copy_n(box_data + 4 * order[r], 4, &ranked_boxes[4 * r]);
+  // The runs scanned one at a time: images when the limit is per image (each
+  // image's candidates in rank order, one kept list per group), else groups.
+  const bool per_image = keys_per_image.has_value();
+  const auto run_of = [&](const Ranked& r) {
+    return per_image ? image_of_key(idx_data[r.index], *keys_per_image) : idx_data[r.index];
+  };
+  std::vector<Ranked> order(static_cast<size_t>(N));
+  bool grouped = true;
+  for (int64_t i = 0; i < N; ++i) {
+    order[i] = {score_key(score_data[i]), i};
+    grouped = grouped && (i == 0 || run_of(order[i - 1]) <= run_of(order[i]));
+  }
+  if (!grouped) {
+    std::stable_sort(order.begin(), order.end(),
+                     [&](const Ranked& x, const Ranked& y) { return run_of(x) < run_of(y); });
+  }
   std::vector<int64_t> run_begin{0};
   for (int64_t r = 1; r < N; ++r) {
-    if (idx_data[order[r]] != idx_data[order[r - 1]]) run_begin.push_back(r);
+    if (run_of(order[r]) != run_of(order[r - 1])) run_begin.push_back(r);
   }
   run_begin.push_back(N);
 
-  std::vector<uint8_t> keep(static_cast<size_t>(N));
+  std::vector<uint8_t> keep(static_cast<size_t>(N), 0);  // by box index
   const int64_t runs = static_cast<int64_t>(run_begin.size()) - 1;
   at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
     NmsScratch scratch;
+    std::vector<float> ranked_boxes;
+    std::vector<uint8_t> ranked_keep;
+    std::unordered_map<int64_t, int64_t> group_of_key;  // per image: key -> group of the scan
     for (int64_t g = begin; g < end; ++g) {
-      nms_ranked_run(ranked_boxes.data() + 4 * run_begin[g], run_begin[g + 1] - run_begin[g],
-                     iou_threshold, keep.data() + run_begin[g], scratch);
+      Ranked* first = order.data() + run_begin[g];
+      Ranked* last = order.data() + run_begin[g + 1];
+      const int64_t n = last - first;
+      if (limit < 0) {
+        std::sort(first, last, ranks_before);
+        ranked_boxes.resize(static_cast<size_t>(4 * n));
+        ranked_keep.resize(static_cast<size_t>(n));
+        for (int64_t r = 0; r < n; ++r) {
+          std::copy_n(box_data + 4 * first[r].index, 4, &ranked_boxes[4 * r]);
+        }
+        nms_ranked_run(ranked_boxes.data(), n, iou_threshold, ranked_keep.data(), scratch);
+        for (int64_t r = 0; r < n; ++r) keep[first[r].index] = ranked_keep[r];
+        continue;
+      }
+      GreedyScan& scan = scratch.scan;
+      scan.start(iou_threshold, limit);
+      group_of_key.clear();
+      Ranked* next = first;
+      for (int64_t chunk = first_chunk(limit); next < last && !scan.full(); chunk *= 2) {
+        Ranked* chunk_end = last - next > chunk ? next + chunk : last;
+        if (chunk_end < last) std::nth_element(next, chunk_end, last, ranks_before);
+        std::sort(next, chunk_end, ranks_before);
+        for (; next < chunk_end && !scan.full(); ++next) {
+          const int64_t i = next->index;
+          int64_t group = 0;
+          if (per_image) group = group_of_key.emplace(idx_data[i], group_of_key.size()).first->second;
+          keep[i] = scan.offer(box_data + 4 * i, group) ? 1 : 0;
+        }
+      }
     }
   });
 
-  std::vector<int64_t> kept;
-  for (int64_t r = 0; r < N; ++r) {
-    if (keep[r]) kept.push_back(order[r]);
+  std::vector<Ranked> kept;
+  for (int64_t i = 0; i < N; ++i) {
+    if (keep[i]) kept.push_back({score_key(score_data[i]), i});
   }
-  std::sort(kept.begin(), kept.end(), by_score);
+  std::sort(kept.begin(), kept.end(), ranks_before);
   at::Tensor out = at::empty({static_cast<int64_t>(kept.size())}, idxs_in.options().dtype(at::kLong));
-  std::copy(kept.begin(), kept.end(), out.data_ptr<int64_t>());
+  int64_t* out_data = out.data_ptr<int64_t>();
+  for (size_t r = 0; r < kept.size(); ++r) out_data[r] = kept[r].index;
   return out;
 }
 

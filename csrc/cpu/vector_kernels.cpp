@@ -127,7 +127,9 @@ int64_t columns_above(const float* row, const float* limit, int64_t C, int32_t* 
 
 // ---- greedy NMS ----
 
-// Bit l set where the kept box a suppresses box j + l: box_iou's op order.
+// Bit l set where box a (earlier in rank order) suppresses box b in lane l:
+// box_iou(a, b)'s op order, so both loops below compare the same bits as the
+// scalar box_iou. One side is usually a broadcast box.
 //
 // With FastOrder on NaN-free boxes the corner max / min are exact (up to the sign
 // of a zero, which cannot move an IoU across a threshold >= 0). A NaN can still
@@ -135,18 +137,28 @@ int64_t columns_above(const float* row, const float* limit, int64_t C, int32_t* 
 // width 0 and so IoU 0 or NaN, FastOrder may give width NaN and so IoU NaN;
 // neither suppresses, so both orders keep the same boxes.
 template <typename Order>
-inline uint32_t suppressed(const BoxColumns& b, int64_t j, const Vec& ax1, const Vec& ay1,
-                           const Vec& ax2, const Vec& ay2, const Vec& aarea, const Vec& thresh) {
+inline uint32_t iou_above(const Vec& ax1, const Vec& ay1, const Vec& ax2, const Vec& ay2,
+                          const Vec& aarea, const Vec& bx1, const Vec& by1, const Vec& bx2,
+                          const Vec& by2, const Vec& barea, const Vec& thresh) {
   const Vec zero(0.f);
-  const Vec xx1 = Order::max(ax1, Vec::loadu(b.x1 + j));
-  const Vec yy1 = Order::max(ay1, Vec::loadu(b.y1 + j));
-  const Vec xx2 = Order::min(ax2, Vec::loadu(b.x2 + j));
-  const Vec yy2 = Order::min(ay2, Vec::loadu(b.y2 + j));
+  const Vec xx1 = Order::max(ax1, bx1);
+  const Vec yy1 = Order::max(ay1, by1);
+  const Vec xx2 = Order::min(ax2, bx2);
+  const Vec yy2 = Order::min(ay2, by2);
   const Vec iw = Order::max(zero, xx2 - xx1);
   const Vec ih = Order::max(zero, yy2 - yy1);
   const Vec inter = iw * ih;
-  const Vec uni = (aarea + Vec::loadu(b.area + j)) - inter;
+  const Vec uni = (aarea + barea) - inter;
   return lane_mask((inter / uni) > thresh);
+}
+
+// Bit l set where the kept box a suppresses box j + l.
+template <typename Order>
+inline uint32_t suppressed(const BoxColumns& b, int64_t j, const Vec& ax1, const Vec& ay1,
+                           const Vec& ax2, const Vec& ay2, const Vec& aarea, const Vec& thresh) {
+  return iou_above<Order>(ax1, ay1, ax2, ay2, aarea, Vec::loadu(b.x1 + j), Vec::loadu(b.y1 + j),
+                          Vec::loadu(b.x2 + j), Vec::loadu(b.y2 + j), Vec::loadu(b.area + j),
+                          thresh);
 }
 
 template <typename Order>
@@ -174,12 +186,34 @@ void greedy_nms(const BoxColumns& b, int64_t n, float thresh, bool any_nan, uint
   }
 }
 
+// Whether one of the `count` kept boxes suppresses `box` (x1, y1, x2, y2, area):
+// the kept boxes are the earlier ones, so they take box_iou's first argument.
+template <typename Order>
+bool kept_suppress(const BoxColumns& kept, int64_t count, const float* box, float thresh) {
+  const Vec bx1(box[0]), by1(box[1]), bx2(box[2]), by2(box[3]), barea(box[4]), t(thresh);
+  for (int64_t l = 0; l < count; l += kWidth) {
+    uint32_t mask = iou_above<Order>(Vec::loadu(kept.x1 + l), Vec::loadu(kept.y1 + l),
+                                     Vec::loadu(kept.x2 + l), Vec::loadu(kept.y2 + l),
+                                     Vec::loadu(kept.area + l), bx1, by1, bx2, by2, barea, t);
+    // Lanes past `count` read whatever the padding holds: ignored.
+    if (count - l < kWidth) mask &= (uint32_t{1} << (count - l)) - 1;
+    if (mask != 0) return true;
+  }
+  return false;
+}
+
+bool any_suppresses(const BoxColumns& kept, int64_t count, const float* box, float thresh,
+                    bool any_nan) {
+  return any_nan ? kept_suppress<ExactOrder>(kept, count, box, thresh)
+                 : kept_suppress<FastOrder>(kept, count, box, thresh);
+}
+
 }  // namespace
 
 VectorKernels kernels() {
 #define SSD_POST_STRINGIFY2(x) #x
 #define SSD_POST_STRINGIFY(x) SSD_POST_STRINGIFY2(x)
-  return VectorKernels{rows_may_pass, columns_above, greedy_nms,
+  return VectorKernels{rows_may_pass, columns_above, greedy_nms, any_suppresses,
                        SSD_POST_STRINGIFY(SSD_POST_VECTOR_VARIANT)};
 #undef SSD_POST_STRINGIFY
 #undef SSD_POST_STRINGIFY2

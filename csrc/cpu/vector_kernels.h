@@ -1,4 +1,4 @@
-// The three loops of the CPU op that run a SIMD vector at a time, behind one table
+// The loops of the CPU ops that run a SIMD vector at a time, behind one table
 // of function pointers chosen once per process.
 //
 // vector_kernels.cpp is written once against at::vec::Vectorized<float> (ATen's
@@ -40,6 +40,12 @@ struct VectorKernels {
   // any_nan: whether a coordinate is NaN (then the slower NaN-exact max / min).
   void (*greedy_nms)(const BoxColumns& boxes, int64_t n, float thresh, bool any_nan,
                      uint8_t* keep);
+  // Whether one of the first `count` boxes of `kept` (the kept boxes of a group,
+  // readable up to count + kVectorPad) suppresses `box` = (x1, y1, x2, y2, area),
+  // the next box of the group in rank order: IoU(kept, box) > thresh in box_iou's
+  // op order. any_nan: whether a coordinate of either side is NaN.
+  bool (*any_suppresses)(const BoxColumns& kept, int64_t count, const float* box, float thresh,
+                         bool any_nan);
   // Which variant this is ("baseline" or "avx2"), for tests and benchmarks.
   const char* name;
 };

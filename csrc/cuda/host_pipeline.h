@@ -221,17 +221,18 @@ void postprocess_ranked(Backend& backend, const RankedCandidates<Backend>& ranke
 }
 
 // The NMS of batched_nms: ranked_boxes [N, 4] grouped into runs
-// [group_begin[g], group_end[g]), each in rank order; keep[i] = 1 for survivors.
+// [group_begin[g], group_end[g]), each in rank order; keep[i] = 1 for survivors,
+// at most the first max_kept of each run when max_kept >= 0.
 template <class Backend>
 void nms_ranked_groups(Backend& backend, const float* ranked_boxes, const int64_t* group_begin,
                        const int64_t* group_end, int64_t num_groups, double iou_threshold,
-                       uint8_t* keep) {
+                       int64_t max_kept, uint8_t* keep) {
   if (num_groups == 0) return;
   require(num_groups <= std::numeric_limits<int32_t>::max(),
           "too many NMS groups: " + std::to_string(num_groups));
   backend.launch(static_cast<unsigned>(num_groups), kNmsThreads, 0, &nms_ranked_groups_kernel,
                  reinterpret_cast<const float4*>(ranked_boxes), group_begin, group_end,
-                 iou_threshold, keep);
+                 iou_threshold, max_kept, keep);
 }
 
 }  // namespace gpu

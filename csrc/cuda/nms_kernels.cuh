@@ -5,7 +5,7 @@
 // boxes the chunk kept. The result is the CPU's sequential greedy loop exactly: a
 // box is dropped iff an earlier kept box of its run overlaps it by > threshold.
 //
-// Device code only (see kernel_support.cuh); nms.cu launches these kernels.
+// Device code only (see kernel_support.cuh); host_pipeline.h launches these kernels.
 #pragma once
 
 #include <cstdint>
@@ -38,10 +38,15 @@ __device__ __forceinline__ void load_box(const float4* boxes, int64_t i, float o
 }
 
 // keep[0, n) must be 1 and visible to the whole block on entry. Every IoU is taken
-// as box_iou(earlier, later), the argument order of the CPU loop.
-__device__ __forceinline__ void greedy_nms_block(const float4* boxes, int n, double iou_threshold, uint8_t* keep,
-                                 NmsShared& shared) {
+// as box_iou(earlier, later), the argument order of the CPU loop. With max_kept in
+// [0, n), only the first max_kept survivors are kept (the full pass truncated) and
+// the walk stops at the chunk that reaches them.
+__device__ __forceinline__ void greedy_nms_block(const float4* boxes, int n, double iou_threshold,
+                                                 int64_t max_kept, uint8_t* keep,
+                                                 NmsShared& shared) {
   const int tid = threadIdx.x;
+  const int limit = (max_kept < 0 || max_kept > n) ? n : static_cast<int>(max_kept);
+  int total_kept = 0;  // survivors of the chunks before this one (the same in every thread)
   for (int chunk_begin = 0; chunk_begin < n; chunk_begin += kNmsChunk) {
     const int chunk_len = min(kNmsChunk, n - chunk_begin);
     // Masks inside the chunk, for the rows still alive when the chunk starts.
@@ -64,7 +69,8 @@ __device__ __forceinline__ void greedy_nms_block(const float4* boxes, int n, dou
       shared.row_masks[tid] = mask;
     }
     __syncthreads();
-    // Greedy scan of the chunk in rank order; only rows that are kept apply masks.
+    // Greedy scan of the chunk in rank order; only rows that are kept apply masks,
+    // and rows past the limit are dropped.
     if (tid == 0) {
       uint64_t alive = 0;
       for (int t = 0; t < chunk_len; ++t) {
@@ -72,7 +78,7 @@ __device__ __forceinline__ void greedy_nms_block(const float4* boxes, int n, dou
       }
       int kept = 0;
       for (int t = 0; t < chunk_len; ++t) {
-        if ((alive >> t) & 1u) {
+        if (((alive >> t) & 1u) && total_kept + kept < limit) {
           load_box(boxes, chunk_begin + t, shared.kept_boxes[kept]);
           shared.kept_areas[kept] = box_area(shared.kept_boxes[kept]);
           ++kept;
@@ -84,8 +90,14 @@ __device__ __forceinline__ void greedy_nms_block(const float4* boxes, int n, dou
       shared.kept_count = kept;
     }
     __syncthreads();
-    // The boxes this chunk kept suppress later rows; each thread owns its rows.
     const int kept = shared.kept_count;
+    total_kept += kept;
+    if (total_kept >= limit) {
+      // Enough survivors: the rows after this chunk are dropped unseen.
+      for (int j = chunk_begin + chunk_len + tid; j < n; j += blockDim.x) keep[j] = 0;
+      return;
+    }
+    // The boxes this chunk kept suppress later rows; each thread owns its rows.
     for (int j = chunk_begin + chunk_len + tid; j < n; j += blockDim.x) {
       if (!keep[j]) continue;
       float box_j[4];
@@ -121,20 +133,20 @@ __global__ void __launch_bounds__(kNmsThreads) decode_and_nms_segments_kernel(
     keep[first + i] = 1;
   }
   __syncthreads();
-  greedy_nms_block(boxes + first, n, iou_threshold, keep + first, shared);
+  greedy_nms_block(boxes + first, n, iou_threshold, /*max_kept=*/-1, keep + first, shared);
 }
 
 __global__ void __launch_bounds__(kNmsThreads)
     nms_ranked_groups_kernel(const float4* __restrict__ ranked_boxes,
                              const int64_t* __restrict__ group_begin,
                              const int64_t* __restrict__ group_end, double iou_threshold,
-                             uint8_t* keep) {
+                             int64_t max_kept, uint8_t* keep) {
   __shared__ NmsShared shared;
   const int64_t first = group_begin[blockIdx.x];
   const int n = static_cast<int>(group_end[blockIdx.x] - first);
   for (int i = threadIdx.x; i < n; i += blockDim.x) keep[first + i] = 1;
   __syncthreads();
-  greedy_nms_block(ranked_boxes + first, n, iou_threshold, keep + first, shared);
+  greedy_nms_block(ranked_boxes + first, n, iou_threshold, max_kept, keep + first, shared);
 }
 
 }  // namespace gpu

@@ -8,7 +8,8 @@
 // device, so there is no host synchronization and the whole op can be captured in
 // a CUDA graph (with image_sizes on the device: CPU image sizes are copied over).
 // decode_threshold_flatten and batched_nms return data-dependent sizes and
-// synchronize for them.
+// synchronize for them (batched_nms's optional max_kept changes which rows it
+// keeps, not that).
 //
 // Scores are exp(x - max) * (1 / sum) in float32 with the device's expf and the
 // device's summation order, so they may differ from the CPU kernel (which uses
@@ -185,9 +186,36 @@ at::Tensor order_by_score(const at::Tensor& candidates, const at::Tensor& rank_s
   return ordered.index_select(0, nan_first);
 }
 
+// `ranked` (kept indices in output order) without the survivors of each image past
+// its first max_kept; image = floor(idx / keys_per_image).
+at::Tensor first_per_image(const at::Tensor& ranked, const at::Tensor& idxs, int64_t max_kept,
+                           int64_t keys_per_image) {
+  const int64_t M = ranked.numel();
+  if (M == 0) return ranked;
+  const at::Tensor images = at::div(idxs.index_select(0, ranked), keys_per_image, "floor");
+  // Stable: each image's survivors stay in output order.
+  const at::Tensor by_image =
+      std::get<1>(at::sort(images, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const at::Tensor sorted_images = images.index_select(0, by_image);
+  const at::Tensor position = at::arange(M, ranked.options());
+  at::Tensor run_start = at::zeros({M}, ranked.options());
+  if (M > 1) {
+    const at::Tensor starts = sorted_images.slice(0, 1).ne(sorted_images.slice(0, 0, M - 1));
+    run_start.slice(0, 1).copy_(position.slice(0, 1) * starts);
+  }
+  const at::Tensor rank_in_image = position - std::get<0>(at::cummax(run_start, 0));
+  // Back from image order to output order.
+  at::Tensor rank_by_output = at::empty_like(rank_in_image);
+  rank_by_output.index_copy_(0, by_image, rank_in_image);
+  return ranked.masked_select(rank_by_output < max_kept);
+}
+
 at::Tensor batched_nms_cuda(const at::Tensor& boxes_in, const at::Tensor& scores_in,
-                            const at::Tensor& idxs_in, double iou_threshold) {
+                            const at::Tensor& idxs_in, double iou_threshold,
+                            c10::optional<int64_t> max_kept,
+                            c10::optional<int64_t> keys_per_image) {
   check_nms_inputs(boxes_in, scores_in, idxs_in, iou_threshold);
+  check_nms_limits(max_kept, keys_per_image);
   const c10::cuda::CUDAGuard device_guard(boxes_in.device());
   const int64_t N = boxes_in.size(0);
   const at::TensorOptions long_options = idxs_in.options().dtype(at::kLong);
@@ -224,10 +252,15 @@ at::Tensor batched_nms_cuda(const at::Tensor& boxes_in, const at::Tensor& scores
   CudaBackend backend(boxes_in.device());
   nms_ranked_groups(backend, ranked_boxes.data_ptr<float>(), group_begin.data_ptr<int64_t>(),
                     group_end.data_ptr<int64_t>(), group_begin.numel(), iou_threshold,
-                    keep.data_ptr<uint8_t>());
+                    max_kept.value_or(-1), keep.data_ptr<uint8_t>());
 
   const at::Tensor kept = std::get<0>(at::sort(order.index_select(0, at::nonzero(keep).flatten())));
-  return order_by_score(kept, rank_scores, is_nan);
+  const at::Tensor ranked = order_by_score(kept, rank_scores, is_nan);
+  // Per image: every group already stopped at max_kept survivors, and an image's
+  // best max_kept survivors include at most max_kept of any one group, so the
+  // image's first max_kept in output order are its answer.
+  if (keys_per_image.has_value()) return first_per_image(ranked, idxs, *max_kept, *keys_per_image);
+  return ranked;
 }
 
 }  // namespace

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -243,10 +243,15 @@ def select_per_level(
 
 
 def nms_ranked_groups(
-    ranked_boxes: Tensor, group_begin: Tensor, group_end: Tensor, iou_threshold: float
+    ranked_boxes: Tensor,
+    group_begin: Tensor,
+    group_end: Tensor,
+    iou_threshold: float,
+    max_kept: int = -1,
 ) -> Tensor:
     """keep (Tensor[N] uint8) of the NMS kernel of batched_nms on ranked_boxes [N, 4],
-    grouped into runs [group_begin[g], group_end[g]), each in rank order."""
+    grouped into runs [group_begin[g], group_end[g]), each in rank order; at most
+    the first max_kept survivors of each run when max_kept >= 0."""
     boxes = ranked_boxes.to(torch.float32).contiguous()
     begin = group_begin.to(torch.int64).contiguous()
     end = group_end.to(torch.int64).contiguous()
@@ -259,13 +264,38 @@ def nms_ranked_groups(
         _ptr(end),
         ctypes.c_int64(begin.numel()),
         ctypes.c_double(iou_threshold),
+        ctypes.c_int64(max_kept),
         _ptr(keep),
     )
     _check(status, "nms_ranked_groups")
     return keep
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+def _first_per_image(ranked: Tensor, idxs: Tensor, max_kept: int, keys_per_image: int) -> Tensor:
+    """first_per_image of ops_cuda.cu: ``ranked`` without each image's survivors past
+    its first ``max_kept`` (image = floor(idx / keys_per_image))."""
+    m = ranked.numel()
+    if m == 0:
+        return ranked
+    images = torch.div(idxs[ranked], keys_per_image, rounding_mode="floor")
+    by_image = torch.sort(images, stable=True).indices
+    sorted_images = images[by_image]
+    position = torch.arange(m)
+    run_start = torch.zeros(m, dtype=torch.int64)
+    run_start[1:] = position[1:] * (sorted_images[1:] != sorted_images[:-1])
+    rank_in_image = position - torch.cummax(run_start, 0).values
+    rank_by_output = torch.empty_like(rank_in_image).index_copy_(0, by_image, rank_in_image)
+    return ranked[rank_by_output < max_kept]
+
+
+def batched_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    iou_threshold: float,
+    max_kept: Optional[int] = None,
+    keys_per_image: Optional[int] = None,
+) -> Tensor:
     """What ``torch.ops.ssd_post.batched_nms`` returns on CUDA: the host steps of
     batched_nms_cuda (ops_cuda.cu), one for one in torch on the CPU, around the
     emulated NMS kernel. Returns kept indices (Tensor[K] int64)."""
@@ -290,7 +320,12 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     is_group_start[1:] = sorted_idxs[1:] != sorted_idxs[:-1]
     group_begin = is_group_start.nonzero().flatten()
     group_end = torch.cat((group_begin[1:], torch.tensor([n])))
-    keep = nms_ranked_groups(boxes[order], group_begin, group_end, iou_threshold)
+    keep = nms_ranked_groups(
+        boxes[order], group_begin, group_end, iou_threshold, -1 if max_kept is None else max_kept
+    )
     if not bool(((keep == 0) | (keep == 1)).all()):
         raise RuntimeError("the emulated NMS kernel left slots of keep unwritten")
-    return order_by_score(torch.sort(order[keep.bool()]).values)
+    ranked = order_by_score(torch.sort(order[keep.bool()]).values)
+    if keys_per_image is not None:
+        return _first_per_image(ranked, idxs, max_kept, keys_per_image)
+    return ranked

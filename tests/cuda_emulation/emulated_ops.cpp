@@ -148,11 +148,11 @@ int emulated_select_per_level(const float* logits, const float* centerness, int6
 
 int emulated_nms_ranked_groups(const float* ranked_boxes, const int64_t* group_begin,
                                const int64_t* group_end, int64_t num_groups, double iou_threshold,
-                               uint8_t* keep) {
+                               int64_t max_kept, uint8_t* keep) {
   return guarded([&] {
     EmulatorBackend backend;
     nms_ranked_groups(backend, ranked_boxes, group_begin, group_end, num_groups, iou_threshold,
-                      keep);
+                      max_kept, keep);
   });
 }
 

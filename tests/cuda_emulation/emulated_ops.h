@@ -46,9 +46,10 @@ int emulated_select_per_level(const float* logits, const float* centerness, int6
                               int64_t* counts);
 
 // The NMS kernel of batched_nms: ranked_boxes [N, 4] grouped into runs
-// [group_begin[g], group_end[g]), each in rank order; keep[i] = 1 for survivors.
+// [group_begin[g], group_end[g]), each in rank order; keep[i] = 1 for survivors,
+// at most the first max_kept of each run when max_kept >= 0.
 int emulated_nms_ranked_groups(const float* ranked_boxes, const int64_t* group_begin,
                                const int64_t* group_end, int64_t num_groups, double iou_threshold,
-                               uint8_t* keep);
+                               int64_t max_kept, uint8_t* keep);
 
 }  // extern "C"

@@ -144,7 +144,8 @@ void check_flatten(const Problem& p, const Inputs& in) {
   }
 }
 
-void check_nms(std::mt19937& rng, int64_t n, int64_t groups, double iou_threshold) {
+void check_nms(std::mt19937& rng, int64_t n, int64_t groups, double iou_threshold,
+               int64_t max_kept) {
   const Problem p{1, n, groups, 0, -1, 0.0, iou_threshold, 0, 0, false, false, false};
   std::uniform_real_distribution<float> uniform(0.f, 1.f);
   std::vector<float> boxes(n * 4);
@@ -162,11 +163,23 @@ void check_nms(std::mt19937& rng, int64_t n, int64_t groups, double iou_threshol
   }
   std::vector<uint8_t> keep(n, 0xCD);
   expect(emulated_nms_ranked_groups(boxes.data(), begin.data(), end.data(), groups, iou_threshold,
-                                    keep.data()) == 0,
+                                    -1, keep.data()) == 0,
          "nms returned an error", p);
   for (int64_t i = 0; i < n; ++i) expect(keep[i] == 0 || keep[i] == 1, "keep is 0 or 1", p);
   for (int64_t g = 0; g < groups; ++g) {
     if (end[g] > begin[g]) expect(keep[begin[g]] == 1, "the best box of a group is kept", p);
+  }
+  // Bounded: the first max_kept survivors of each group, nothing else.
+  std::vector<uint8_t> bounded(n, 0xCD);
+  expect(emulated_nms_ranked_groups(boxes.data(), begin.data(), end.data(), groups, iou_threshold,
+                                    max_kept, bounded.data()) == 0,
+         "bounded nms returned an error", p);
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t survivors = 0;
+    for (int64_t i = begin[g]; i < end[g]; ++i) {
+      survivors += keep[i];
+      expect(bounded[i] == (keep[i] && survivors <= max_kept), "bounded = full truncated", p);
+    }
   }
 }
 
@@ -245,10 +258,10 @@ int main() {
   check_select_per_level(rng, 1, 3, {40, 0, 9}, true, 1000, 0.2);     // every pair, empty level
   check_select_per_level(rng, 3, 5, {64, 16}, false, 1, 0.0);          // one slot per level
   std::printf("select_per_level done\n");
-  check_nms(rng, 1, 1, 0.5);
-  check_nms(rng, 300, 1, 0.5);
-  check_nms(rng, 2000, 37, 0.3);
-  check_nms(rng, 500, 500, 0.0);
+  check_nms(rng, 1, 1, 0.5, 0);
+  check_nms(rng, 300, 1, 0.5, 70);
+  check_nms(rng, 2000, 37, 0.3, 3);
+  check_nms(rng, 500, 500, 0.0, 1);
   if (failures > 0) {
     std::printf("%d checks failed\n", failures);
     return 1;
