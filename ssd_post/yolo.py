@@ -8,6 +8,7 @@ loop over images, no time limit, no coordinate-offset trick.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -139,6 +140,42 @@ def _cap_per_image(image: Tensor, score: Tensor, batch: int, max_nms: int) -> Te
     return above | (at_cut & (rank_at_cut < room[image]))
 
 
+def _best_class(class_scores: Tensor, conf_thres: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The anchors whose best class probability is ``> conf_thres``, with that
+    probability and class (equal probabilities to the lower class).
+
+    One read of ``class_scores`` (Tensor[B, nc, N]): the maximum of each block of about
+    sqrt(nc) classes (Tensor[B, blocks, N]; as fast as one amax over all classes), then,
+    for the passing anchors only, the first block holding the maximum and the first
+    class of that block holding it. Gathering sqrt(nc) + sqrt(nc) values per anchor
+    instead of nc matters: each gathered value is a cache miss in this layout.
+
+    Returns:
+        (image, anchor, score, label): Tensor[K] each, image after image, by anchor.
+    """
+    nc = class_scores.shape[1]
+    width = math.isqrt(nc - 1) + 1  # ceil(sqrt(nc))
+    # A width that divides nc spares the copy that joins a short last block (80: 10).
+    divisor = next(d for d in range(width, nc + 1) if nc % d == 0)
+    if divisor <= 2 * width:
+        width = divisor
+    full = nc // width
+    blocks = [class_scores[:, : full * width].unflatten(1, (full, width)).amax(2)]
+    if full * width < nc:
+        blocks.append(class_scores[:, full * width :].amax(1, keepdim=True))
+    block_best = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]  # [B, blocks, N]
+    image, anchor = (block_best.amax(1) > conf_thres).nonzero(as_tuple=True)
+    # argmax: the first block (hence the lowest class) holding the maximum.
+    block = block_best.transpose(1, 2)[image, anchor].argmax(1)
+    # The classes of that block; past the last class (a short last block) repeat it,
+    # after its real column, so the first maximum stays the lowest class.
+    columns = (block[:, None] * width + torch.arange(width, device=block.device)).clamp(max=nc - 1)
+    values = class_scores.transpose(1, 2)[image[:, None], anchor[:, None], columns]
+    score, position = values.max(1)
+    label = columns.gather(1, position[:, None]).squeeze(1)
+    return image, anchor, score, label
+
+
 def yolo_candidates(
     prediction: Tensor,
     conf_thres: float,
@@ -167,11 +204,7 @@ def yolo_candidates(
         image, anchor, label = (class_scores.transpose(1, 2) > conf_thres).nonzero(as_tuple=True)
         score = class_scores[image, label, anchor]
     else:
-        # One read of the scores (amax), then the best class of the few passing anchors
-        # only. Indexing the transposed view gathers one anchor's classes per output row
-        # (much faster than an index across the middle dimension).
-        image, anchor = (class_scores.amax(1) > conf_thres).nonzero(as_tuple=True)
-        score, label = class_scores.transpose(1, 2)[image, anchor].max(1)
+        image, anchor, score, label = _best_class(class_scores, conf_thres)
     if classes is not None:
         allowed = torch.isin(label, torch.tensor(classes, dtype=label.dtype, device=label.device))
         image, anchor, label, score = (
