@@ -97,6 +97,15 @@ def test_matches_oracle_any_threshold_and_classes(seed, conf, iou, multi_label, 
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_dtypes_match_oracle(dtype):
+    prediction = make_prediction(5, 2, 7, 2, 50).to(dtype)
+    for regime in REGIMES.values():
+        output = assert_same(prediction, **regime, nc=7, max_nms=20)
+        assert all(rows.dtype == dtype for rows in output)
+        assert sum(len(rows) for rows in output) > 0
+
+
 def test_extra_columns_and_indices_gather_the_right_rows():
     prediction = make_prediction(3, 3, 4, 5, 80)
     output, idxs = ssd_post.non_max_suppression(
