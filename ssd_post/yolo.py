@@ -110,9 +110,10 @@ def _check_arguments(
     return prediction, conf_thres, iou_thres, classes, max_det, nc, channels - 4 - nc, max_nms
 
 
-def _cap_per_image(image: Tensor, score: Tensor, batch: int, max_nms: int) -> Tensor:
+def _cap_per_image(image: Tensor, score: Tensor, batch: int, max_nms: int) -> Optional[Tensor]:
     """Mask of the candidates each image keeps under its cap of ``max_nms``: its
-    ``max_nms`` best scores, equal scores to the lower candidate index.
+    ``max_nms`` best scores, equal scores to the lower candidate index; None when no
+    image has more than ``max_nms``.
 
     ``image`` (Tensor[K] int64, non-decreasing) and ``score`` (Tensor[K]) list the
     candidates image after image. One ``kthvalue`` per image over a padded [B, M]
@@ -122,7 +123,7 @@ def _cap_per_image(image: Tensor, score: Tensor, batch: int, max_nms: int) -> Te
     counts = torch.bincount(image, minlength=batch)
     widest = int(counts.max()) if len(image) else 0
     if widest <= max_nms:
-        return torch.ones_like(image, dtype=torch.bool)
+        return None
     starts = counts.cumsum(0) - counts
     position = torch.arange(len(image), device=image.device) - starts[image]
     padded = score.new_full((batch, widest), float("-inf"))
@@ -308,7 +309,8 @@ def non_max_suppression(
     batch = prediction.shape[0]
     image, anchor, label, score = yolo_candidates(prediction, conf_thres, nc, multi_label, classes)
     capped = _cap_per_image(image, score, batch, max_nms)
-    image, anchor, label, score = image[capped], anchor[capped], label[capped], score[capped]
+    if capped is not None:
+        image, anchor, label, score = image[capped], anchor[capped], label[capped], score[capped]
 
     columns = prediction.transpose(1, 2)  # [B, N, 4 + nc + nm], a view
     boxes = cxcywh_to_xyxy(columns[image, anchor, :4])  # [K, 4]
