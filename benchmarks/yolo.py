@@ -134,20 +134,35 @@ def differing(a: Tuple[List[Tensor], List[Tensor]], b: Tuple[List[Tensor], List[
 
 
 def time_fresh(
-    fn: Callable[[Tensor], object], prediction: Tensor, repeats: int, budget_s: float
-) -> float:
-    """Median seconds of fn(copy), each call on a fresh copy made outside the timer;
-    stops after budget_s. The first call is a warm-up, dropped unless it alone spent
-    the budget (a loop of seconds gains nothing from a warm-up)."""
-    samples: List[float] = []
-    while len(samples) < repeats + 1 and (len(samples) < 2 or sum(samples) < budget_s):
-        copy = prediction.clone()
-        start = time.perf_counter()
-        fn(copy)
-        samples.append(time.perf_counter() - start)
-        if len(samples) == 1 and samples[0] >= budget_s:
-            return samples[0]
-    return statistics.median(samples[1:])
+    calls: Dict[str, Callable[[Tensor], object]],
+    prediction: Tensor,
+    repeats: int,
+    budget_s: float,
+) -> Dict[str, float]:
+    """Median seconds of each call(copy), each on a fresh copy made outside the timer.
+
+    The calls take turns (one round times each once), so a load change on a shared
+    machine hits them alike and their ratio stays meaningful. The first round is a
+    warm-up, dropped; a call stops being repeated once it has spent budget_s (a
+    loop of seconds is timed once or twice, and its one call counts when it alone
+    spent the budget).
+    """
+    samples: Dict[str, List[float]] = {name: [] for name in calls}
+    for _ in range(repeats + 1):
+        for name, call in calls.items():
+            spent = samples[name]
+            if len(spent) >= 2 and sum(spent) >= budget_s:
+                continue
+            if len(spent) == 1 and spent[0] >= budget_s:
+                continue
+            copy = prediction.clone()
+            start = time.perf_counter()
+            call(copy)
+            spent.append(time.perf_counter() - start)
+    return {
+        name: statistics.median(spent[1:] if len(spent) > 1 else spent)
+        for name, spent in samples.items()
+    }
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -194,10 +209,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if external is not None:
             entry["differ_from_ultralytics"] = differing(ours, external(prediction.clone(), **kw))
             calls["ultralytics"] = lambda x, kw=kw: external(x, **kw)
-        for name, call in calls.items():
-            entry["median_ms"][name] = (
-                time_fresh(call, prediction, args.repeats, args.budget_s) * 1e3
-            )
+        medians = time_fresh(calls, prediction, args.repeats, args.budget_s)
+        entry["median_ms"] = {name: seconds * 1e3 for name, seconds in medians.items()}
         ms = entry["median_ms"]
         entry["loop_over_ssd_post"] = ms["offset_loop"] / ms["ssd_post"]
         entry["ssd_post_over_read"] = ms["ssd_post"] / ms["class_scores_read"]
