@@ -240,3 +240,13 @@ def test_bad_input(kwargs, match):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ssd_post.non_max_suppression(**arguments)
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 10), (2, 6, 0)])
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_empty_batch_or_no_anchors(shape, multi_label):
+    output, idxs = ssd_post.non_max_suppression(
+        torch.rand(shape), conf_thres=0.0, multi_label=multi_label, max_nms=1, return_idxs=True
+    )
+    assert [d.shape for d in output] == [(0, 6)] * shape[0]
+    assert [i.shape for i in idxs] == [(0,)] * shape[0]
