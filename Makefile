@@ -43,6 +43,7 @@ bench: install
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.family
 	$(PY) -m benchmarks.nms
+	$(PY) -m benchmarks.yolo
 
 # On a machine with a CUDA GPU: the CUDA tests, then the GPU benchmark
 # (benchmarks/results/gpu_<device>.json).

@@ -16,6 +16,7 @@ from .postprocess import (
     patch_torchvision_ssd,
     postprocess,
 )
+from .yolo import non_max_suppression
 
 __all__ = [
     "BoxCoder",
@@ -26,6 +27,7 @@ __all__ = [
     "batched_nms",
     "decode_threshold_flatten",
     "has_cuda_kernels",
+    "non_max_suppression",
     "patch_torchvision",
     "patch_torchvision_ssd",
     "postprocess",

@@ -310,3 +310,77 @@ def _torchvision_per_level(
     return Detections.from_list(
         method(owner, head, per_image, _shapes(sizes)), config.detections_per_img
     )
+
+
+def yolo_nms_loop(
+    prediction: Tensor,
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.45,
+    classes: Optional[List[int]] = None,
+    agnostic: bool = False,
+    multi_label: bool = False,
+    max_det: int = 300,
+    nc: int = 0,
+    max_nms: int = 30000,
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """The oracle of ``ssd_post.non_max_suppression``: YOLOv8's documented NMS, one
+    image and one class at a time, exact (no class-offset trick), equal scores to the
+    lower anchor, then the lower class.
+
+    Args:
+        prediction (Tensor[B, 4 + nc + nm, N]): cx, cy, w, h, class probabilities,
+            extra columns.
+
+    Returns:
+        (detections, anchors): per image Tensor[n, 6 + nm] (x1, y1, x2, y2, conf, class,
+        extra...) by decreasing conf, and the anchor index of each row (Tensor[n] int64).
+    """
+    nc = nc or prediction.shape[1] - 4
+    detections, anchors = [], []
+    for image in prediction:
+        rows = image.T  # [N, 4 + nc + nm]: one anchor a row
+        cx, cy, w, h = rows[:, :4].unbind(1)
+        boxes = torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=1)
+        probs, extra = rows[:, 4 : 4 + nc], rows[:, 4 + nc :]
+        if multi_label:
+            # Every (anchor, class) pair over the threshold, anchor-major.
+            anchor, label = torch.nonzero(probs > conf_thres, as_tuple=True)
+            score = probs[anchor, label]
+        else:
+            score, label = probs.max(1)  # the first (lowest) class at equal probabilities
+            anchor = torch.nonzero(score > conf_thres).flatten()
+            score, label = score[anchor], label[anchor]
+        if classes is not None:
+            allowed = torch.tensor([int(c) in classes for c in label.tolist()], dtype=torch.bool)
+            anchor, label, score = anchor[allowed], label[allowed], score[allowed]
+        # Candidates in (anchor, class) order, then ranked by score: the order is the
+        # tie rule of the cap, of NMS and of the output.
+        order = rank_order(score)[:max_nms]
+        anchor, label, score = anchor[order], label[order], score[order]
+        if agnostic:
+            groups = [torch.ones_like(label, dtype=torch.bool)]
+        else:
+            groups = [label == c for c in torch.unique(label).tolist()]
+        kept = []
+        for members in groups:
+            members = torch.nonzero(members).flatten()  # still in rank order
+            survivors = torchvision.ops.nms(
+                boxes[anchor[members]].float(), score[members].float(), iou_thres
+            )
+            kept.append(members[survivors])
+        kept = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
+        kept = kept.sort().values[:max_det] if len(kept) else kept  # rank order
+        anchor, label, score = anchor[kept], label[kept], score[kept]
+        detections.append(
+            torch.cat(
+                (
+                    boxes[anchor],
+                    score[:, None],
+                    label[:, None].to(prediction.dtype),
+                    extra[anchor],
+                ),
+                dim=1,
+            )
+        )
+        anchors.append(anchor)
+    return detections, anchors
