@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/rank_keys.h"
 #include "../common/select_params.h"
 
 namespace ssd_post {
@@ -22,13 +23,13 @@ struct Candidate {
 
 // Higher score first; equal scores in anchor order, so every result is unique.
 // Candidate scores passed `score > score_thresh >= 0`, so they are positive floats
-// whose bits order like their values: one 64-bit compare of (score bits, ~anchor)
-// ranks two candidates without a branch. A function object, not a function, so
-// that std::sort and std::nth_element inline it.
+// whose bits order like their values: one 64-bit compare of the rank keys of
+// common/rank_keys.h (score bits, then 32 bits of reversed anchor) ranks two
+// candidates without a branch. A function object, not a function, so that
+// std::sort and std::nth_element inline it.
 struct RanksBefore {
   static uint64_t key(const Candidate& c) {
-    return (static_cast<uint64_t>(std::bit_cast<uint32_t>(c.score)) << 32) |
-           static_cast<uint32_t>(~c.anchor);
+    return make_rank_key(std::bit_cast<uint32_t>(c.score), c.anchor, int64_t{1} << 32, 32);
   }
   bool operator()(const Candidate& a, const Candidate& b) const { return key(a) > key(b); }
 };

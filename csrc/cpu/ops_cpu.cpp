@@ -11,62 +11,12 @@
 #include "../common/checks.h"
 #include "../common/op_inputs.h"
 #include "candidates.h"
+#include "decode.h"
 #include "nms.h"
 
 namespace ssd_post {
 namespace cpu {
 namespace {
-
-// Writes (dw, dh) of the n ranked candidates of image b, clamped, to logs[2 * i],
-// ready for one call of torch's exp over many of them: torch's exp is the same for
-// an element wherever it sits in a tensor, and torchvision decodes with it, so the
-// boxes are bit-identical to torchvision's and NMS decisions near the IoU threshold
-// cannot flip.
-void fill_scale_logs(const Candidate* ranked, int64_t n, int64_t b, const DecodeInputs& in,
-                     float* logs) {
-  const DecodeParams& p = in.params;
-  for (int64_t i = 0; i < n; ++i) {
-    clamped_scale_logs(p.rel(b, ranked[i].anchor), p.weights, &logs[2 * i], &logs[2 * i + 1]);
-  }
-}
-
-// Decodes (and clips) the n ranked candidates of image b into out[n, 4], given
-// their exp(dw), exp(dh) in scales[2 * i].
-void decode_ranked(const Candidate* ranked, int64_t n, int64_t b, const DecodeInputs& in,
-                   const float* scales, float* out) {
-  const DecodeParams& p = in.params;
-  const float* sizes = p.image_sizes + 2 * b;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t a = ranked[i].anchor;
-    float* box = out + 4 * i;
-    decode_box_from_exp(p.rel(b, a), p.anchor_box(b, a), p.weights, scales[2 * i],
-                        scales[2 * i + 1], box);
-    if (p.clip) clip_box(box, sizes[0], sizes[1]);
-  }
-}
-
-// Decodes (and clips) the box of every selected candidate into out[N, 4], with one
-// torch exp over all candidates.
-void decode_selection(const Selection& sel, const DecodeInputs& in, float* out) {
-  const int64_t C = sel.num_classes;
-  at::Tensor scales = at::empty({sel.size(), 2}, at::kFloat);  // (exp dw, exp dh) per candidate
-  float* scale = scales.data_ptr<float>();
-  at::parallel_for(0, sel.num_segments(), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t first = sel.segment_begin[s];
-      fill_scale_logs(sel.items.data() + first, sel.segment_begin[s + 1] - first, s / C, in,
-                      scale + 2 * first);
-    }
-  });
-  scales.exp_();
-  at::parallel_for(0, sel.num_segments(), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t first = sel.segment_begin[s];
-      decode_ranked(sel.items.data() + first, sel.segment_begin[s + 1] - first, s / C, in,
-                    scale + 2 * first, out + 4 * first);
-    }
-  });
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cpu(
     const at::Tensor& locs, const at::Tensor& logits, const at::Tensor& anchors,
@@ -121,7 +71,7 @@ void nms_class(const std::vector<Candidate>& ranked, int64_t b, int64_t label,
   if (n == 0) return;
   ws.boxes.resize(static_cast<size_t>(4 * n));
   ws.keep.resize(static_cast<size_t>(n));
-  decode_ranked(ranked.data(), n, b, in, scales, ws.boxes.data());
+  decode_candidates(ranked.data(), n, b, in.params, scales, ws.boxes.data());
   nms_ranked_run(ws.boxes.data(), n, nms_thresh, ws.keep.data(), ws.scratch);
   for (int64_t i = 0; i < n; ++i) {
     if (!ws.keep[i]) continue;
@@ -181,8 +131,8 @@ void postprocess_per_image(const at::Tensor& logits, const SelectParams& params,
       total = 0;
       for (int64_t c = 0; c < C; ++c) {
         BoundedCandidates& cands = scanner.per_class()[c];
-        fill_scale_logs(cands.items().data(), static_cast<int64_t>(cands.items().size()), b, in,
-                        scales.data_ptr<float>() + 2 * total);
+        fill_scale_logs(cands.items().data(), static_cast<int64_t>(cands.items().size()), b,
+                        in.params, scales.data_ptr<float>() + 2 * total);
         total += static_cast<int64_t>(cands.items().size());
       }
       if (total > 0) scales.narrow(0, 0, 2 * total).exp_();
@@ -211,7 +161,7 @@ void postprocess_split_anchors(const at::Tensor& logits, const SelectParams& par
   at::Tensor scales = at::empty({2 * first[B * C]}, at::kFloat);
   float* scale = scales.data_ptr<float>();
   for (int64_t s = 0; s < B * C; ++s) {
-    fill_scale_logs(merged[s].data(), static_cast<int64_t>(merged[s].size()), s / C, in,
+    fill_scale_logs(merged[s].data(), static_cast<int64_t>(merged[s].size()), s / C, in.params,
                     scale + 2 * first[s]);
   }
   scales.exp_();
