@@ -60,6 +60,9 @@ class BoundedCandidates {
   // A score must be above this to enter (-inf until the first pruning).
   float floor() const { return floor_; }
 
+  // Leaves the k best, in no particular order.
+  void keep_best(int64_t k);
+
   // Leaves the k best, ranked.
   void finish(int64_t k);
 
@@ -67,8 +70,6 @@ class BoundedCandidates {
   const std::vector<Candidate>& items() const { return items_; }
 
  private:
-  void keep_best(int64_t k);
-
   std::vector<Candidate> items_;
   float floor_ = -std::numeric_limits<float>::infinity();
 };

@@ -23,6 +23,9 @@ void fill_scale_logs(const Item* items, int64_t n, int64_t b, const DecodeParams
   }
 }
 
+// Counts n decoded boxes (see decoded_box_count).
+void count_decoded_boxes(int64_t n);
+
 // Decodes (and clips) the n candidates of image b into out[n, 4], given their
 // exp(dw), exp(dh) in scales[2 * i].
 template <typename Item>
@@ -36,11 +39,17 @@ void decode_candidates(const Item* items, int64_t n, int64_t b, const DecodePara
                         scales[2 * i + 1], box);
     if (p.clip) clip_box(box, sizes[0], sizes[1]);
   }
+  count_decoded_boxes(n);
 }
 
 // Decodes (and clips) the box of every selected candidate into out[N, 4], with one
 // torch exp over all candidates.
 void decode_selection(const Selection& sel, const DecodeInputs& in, float* out);
+
+// Boxes decoded by this process's CPU kernels since the last reset (all threads):
+// lets the tests check that a stage decodes only what it needs. reset: set it back
+// to 0 after reading.
+int64_t decoded_box_count(bool reset);
 
 }  // namespace cpu
 }  // namespace ssd_post

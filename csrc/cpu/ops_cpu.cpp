@@ -10,6 +10,7 @@
 #include "../common/box_math.h"
 #include "../common/checks.h"
 #include "../common/op_inputs.h"
+#include "bounded_nms.h"
 #include "candidates.h"
 #include "decode.h"
 #include "nms.h"
@@ -46,144 +47,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cpu(
   return {boxes, scores, keys};
 }
 
-// One NMS survivor of an image, with what the output needs.
-struct Survivor {
-  float score;
-  int32_t label;
-  int64_t order;  // position in class-then-rank order (C * topk can pass 2^31): breaks ties
-  float box[4];
-};
-
-// What one thread needs to take a class from ranked candidates to survivors;
-// allocated once per thread and reused.
-struct NmsWorkspace {
-  NmsScratch scratch;
-  std::vector<float> boxes;  // [n, 4] decoded, clipped boxes of the ranked candidates
-  std::vector<uint8_t> keep;
-};
-
-// Decodes the ranked candidates of (image b, class label) given their exp(dw),
-// exp(dh) in scales[2 * i], runs greedy NMS on them and appends the survivors.
-void nms_class(const std::vector<Candidate>& ranked, int64_t b, int64_t label,
-               const DecodeInputs& in, const float* scales, double nms_thresh, NmsWorkspace& ws,
-               std::vector<Survivor>& out) {
-  const int64_t n = static_cast<int64_t>(ranked.size());
-  if (n == 0) return;
-  ws.boxes.resize(static_cast<size_t>(4 * n));
-  ws.keep.resize(static_cast<size_t>(n));
-  decode_candidates(ranked.data(), n, b, in.params, scales, ws.boxes.data());
-  nms_ranked_run(ws.boxes.data(), n, nms_thresh, ws.keep.data(), ws.scratch);
-  for (int64_t i = 0; i < n; ++i) {
-    if (!ws.keep[i]) continue;
-    Survivor s{ranked[i].score, static_cast<int32_t>(label), static_cast<int64_t>(out.size()), {}};
-    std::copy_n(ws.boxes.data() + 4 * i, 4, s.box);
-    out.push_back(s);
-  }
-}
-
-struct PostprocessOutputs {
-  float* boxes;     // [B, K, 4]
-  float* scores;    // [B, K]
-  int64_t* labels;  // [B, K]
-  int64_t* counts;  // [B]
-  int64_t K;
-};
-
-// Writes the K best survivors of image b (by score; ties by class, then rank).
-void write_top(std::vector<Survivor>& survivors, int64_t b, const PostprocessOutputs& out) {
-  const int64_t n = std::min<int64_t>(out.K, static_cast<int64_t>(survivors.size()));
-  std::partial_sort(survivors.begin(), survivors.begin() + n, survivors.end(),
-                    [](const Survivor& x, const Survivor& y) {
-                      return x.score > y.score || (x.score == y.score && x.order < y.order);
-                    });
-  out.counts[b] = n;
-  for (int64_t r = 0; r < n; ++r) {
-    const Survivor& s = survivors[r];
-    std::copy_n(s.box, 4, out.boxes + (b * out.K + r) * 4);
-    out.scores[b * out.K + r] = s.score;
-    out.labels[b * out.K + r] = s.label;
-  }
-}
-
 // B >= threads: each image runs the whole pipeline on one thread, with buffers
 // that the thread reuses, so the extra memory is per thread, not per image.
 void postprocess_per_image(const at::Tensor& logits, const SelectParams& params,
                            const DecodeInputs& in, double nms_thresh,
                            const PostprocessOutputs& out) {
   const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
-  const int64_t k = params.topk_candidates;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     CandidateScanner scanner(params, C);
-    NmsWorkspace ws;
-    std::vector<Survivor> survivors;
-    // (dw, dh) of every candidate of the image, exp'd in place by one torch call;
-    // grown to the largest image's candidate count, not to 2 * C * topk.
-    at::Tensor scales = at::empty({0}, at::kFloat);
+    BoundedNms nms(C, nms_thresh);
     for (int64_t b = begin; b < end; ++b) {
       scanner.reset();
       scanner.scan(logits, b, 0, A);
-      int64_t total = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        scanner.per_class()[c].finish(k);
-        total += static_cast<int64_t>(scanner.per_class()[c].items().size());
-      }
-      if (scales.numel() < 2 * total) scales = at::empty({2 * total}, at::kFloat);
-      total = 0;
       for (int64_t c = 0; c < C; ++c) {
         BoundedCandidates& cands = scanner.per_class()[c];
-        fill_scale_logs(cands.items().data(), static_cast<int64_t>(cands.items().size()), b,
-                        in.params, scales.data_ptr<float>() + 2 * total);
-        total += static_cast<int64_t>(cands.items().size());
+        cands.keep_best(params.topk_candidates);
+        nms.add_class(cands.items(), c);
       }
-      if (total > 0) scales.narrow(0, 0, 2 * total).exp_();
-      survivors.clear();
-      total = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const std::vector<Candidate>& ranked = scanner.per_class()[c].items();
-        nms_class(ranked, b, c, in, scales.data_ptr<float>() + 2 * total, nms_thresh, ws,
-                  survivors);
-        total += static_cast<int64_t>(ranked.size());
-      }
-      write_top(survivors, b, out);
+      nms.run(b, in.params, out);
     }
   });
 }
 
-// B < threads: the anchors of each image are split across threads, then the
-// (image, class) segments are merged and suppressed in parallel.
+// B < threads: the anchors of each image are split across threads and the
+// (image, class) segments merged, then each image is scanned on one thread.
 void postprocess_split_anchors(const at::Tensor& logits, const SelectParams& params,
                                const DecodeInputs& in, double nms_thresh,
                                const PostprocessOutputs& out) {
   const int64_t B = logits.size(0), C = logits.size(2);
   const std::vector<std::vector<Candidate>> merged = rank_segments(logits, params);
-  std::vector<int64_t> first(static_cast<size_t>(B * C + 1), 0);
-  for (int64_t s = 0; s < B * C; ++s) first[s + 1] = first[s] + static_cast<int64_t>(merged[s].size());
-  at::Tensor scales = at::empty({2 * first[B * C]}, at::kFloat);
-  float* scale = scales.data_ptr<float>();
-  for (int64_t s = 0; s < B * C; ++s) {
-    fill_scale_logs(merged[s].data(), static_cast<int64_t>(merged[s].size()), s / C, in.params,
-                    scale + 2 * first[s]);
-  }
-  scales.exp_();
-  std::vector<std::vector<Survivor>> segment_survivors(static_cast<size_t>(B * C));
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    NmsWorkspace ws;
-    for (int64_t s = begin; s < end; ++s) {
-      nms_class(merged[s], s / C, s % C, in, scale + 2 * first[s], nms_thresh, ws,
-                segment_survivors[s]);
-    }
-  });
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Survivor> survivors;
+    BoundedNms nms(C, nms_thresh);
     for (int64_t b = begin; b < end; ++b) {
-      survivors.clear();
-      for (int64_t c = 0; c < C; ++c) {
-        for (Survivor s : segment_survivors[b * C + c]) {
-          s.order = static_cast<int64_t>(survivors.size());
-          survivors.push_back(s);
-        }
-      }
-      write_top(survivors, b, out);
+      for (int64_t c = 0; c < C; ++c) nms.add_class(merged[b * C + c], c);
+      nms.run(b, in.params, out);
     }
   });
 }
