@@ -25,6 +25,7 @@ _DETECTIONS = [1, 2, 3, 7, 64, 10**9]
 
 
 def _debug_counters(reset: bool = False) -> List[int]:
+    """[boxes decoded, images scanned again] since the last reset."""
     return torch.ops.ssd_post._debug_counters(reset)
 
 
@@ -166,14 +167,43 @@ def test_scan_decodes_only_the_boxes_it_reaches():
     boxes, _, _ = ssd_post.decode_threshold_flatten(locs, logits, anchors, sizes, config)
     candidates = boxes.shape[0]
     # The counter counts: decoding every candidate shows every candidate.
-    assert _debug_counters(reset=True) == [candidates]
+    assert _debug_counters(reset=True) == [candidates, 0]
     assert candidates > 10_000
 
     detections = ssd_post.postprocess(locs, logits, anchors, sizes, config)
-    decoded = _debug_counters(reset=True)[0]
+    decoded, rescans = _debug_counters(reset=True)
     assert detections.num_detections.tolist() == [5, 5]
     assert 10 <= decoded <= candidates // 50
-    assert _debug_counters() == [0]
+    assert rescans == 0
+    assert _debug_counters() == [0, 0]
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_image_scanned_again_when_its_cut_keeps_too_few(threads):
+    """Thousands of candidates on one box: NMS keeps one per class, fewer than the
+    10 asked, so the scan passes the image cut (the best max(8 K, 512) candidates)
+    and must scan the image again without it, and still equal the full pipeline."""
+    generator = torch.Generator().manual_seed(3)
+    batch, num_anchors, classes = 2, 3000, 4
+    logits = torch.randn(batch, num_anchors, classes, generator=generator)
+    locs = torch.zeros(batch, num_anchors, 4)
+    anchors = torch.tensor([[10.0, 10.0, 50.0, 60.0]]).expand(num_anchors, 4).contiguous()
+    sizes = [(100, 100)] * batch
+    config = PostprocessConfig(
+        score_thresh=0.01, nms_thresh=0.5, topk_candidates=3000, detections_per_img=10
+    )
+    expected = _full_pipeline(locs, logits, anchors, sizes, config)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _debug_counters(reset=True)
+        actual = ssd_post.postprocess(locs, logits, anchors, sizes, config)
+        _, rescans = _debug_counters(reset=True)
+    finally:
+        torch.set_num_threads(saved)
+    assert_same_detections(actual, expected)
+    assert actual.num_detections.tolist() == [classes - 1] * batch
+    assert rescans == batch
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -194,3 +224,60 @@ def test_result_does_not_depend_on_thread_count(batch):
         torch.set_num_threads(threads)
     assert_same_detections(results[1], results[0])
     assert results[0].num_detections.tolist() == [100] * batch
+
+
+@pytest.mark.parametrize("detections", [1, 20, 100])
+@pytest.mark.parametrize("nms_thresh", [0.3, 0.7])
+def test_image_cut_equals_the_full_pipeline(detections, nms_thresh):
+    """Enough candidates for the image cut to act, on a small canvas where NMS
+    suppresses many of them: whether the scan ends above the cut or scans again,
+    the answer is the full pipeline's."""
+    generator = torch.Generator().manual_seed(detections)
+    batch, num_anchors, classes = 3, 2000, 5
+    logits = (torch.randn(batch, num_anchors, classes, generator=generator) * 2).round() / 2
+    locs = 0.3 * torch.randn(batch, num_anchors, 4, generator=generator)
+    anchors = random_boxes(num_anchors, generator, size=40.0)
+    sizes = [(40, 40)] * batch
+    config = PostprocessConfig(
+        score_thresh=0.01,
+        nms_thresh=nms_thresh,
+        topk_candidates=1000,
+        detections_per_img=detections,
+    )
+    expected = _full_pipeline(locs, logits, anchors, sizes, config)
+    actual = ssd_post.postprocess(locs, logits, anchors, sizes, config)
+    assert_same_detections(actual, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_class_cut_away_entirely_by_the_image_cut(threads):
+    """Class 1 fills the image cut on the first anchors; class 2 scores lower and
+    only on later anchors, so the cut drops all of it, and the per-class top-k
+    leaves nothing below the cut to show that candidates are missing. NMS keeps one
+    box of class 1 (all boxes are equal): running out of candidates short of K must
+    count as too few and scan the image again."""
+    num_anchors = 3000
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.full((1, num_anchors, 3), -10.0)
+    logits[0, :, 0] = 0.0
+    logits[0, :2000, 1] = 6.0 + 0.01 * torch.randn(2000, generator=generator)
+    logits[0, 2000:, 2] = 2.0 + 0.01 * torch.randn(num_anchors - 2000, generator=generator)
+    locs = torch.zeros(1, num_anchors, 4)
+    anchors = torch.tensor([[10.0, 10.0, 50.0, 60.0]]).expand(num_anchors, 4).contiguous()
+    # 2 classes x 300 > 512 candidates: the cut is on.
+    config = PostprocessConfig(
+        score_thresh=0.01, nms_thresh=0.5, topk_candidates=300, detections_per_img=10
+    )
+    expected = _full_pipeline(locs, logits, anchors, [(300, 300)], config)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _debug_counters(reset=True)
+        actual = ssd_post.postprocess(locs, logits, anchors, [(300, 300)], config)
+        _, rescans = _debug_counters(reset=True)
+    finally:
+        torch.set_num_threads(saved)
+    assert_same_detections(actual, expected)
+    assert actual.labels[0].tolist()[:3] == [1, 2, 0]
+    assert actual.num_detections.tolist() == [2]
+    assert rescans == 1

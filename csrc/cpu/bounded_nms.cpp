@@ -47,7 +47,8 @@ bool BoundedNms::survives(const float* box, float area, int64_t label) const {
   return true;
 }
 
-void BoundedNms::run(int64_t b, const DecodeParams& params, const PostprocessOutputs& out) {
+bool BoundedNms::run(int64_t b, const DecodeParams& params, const PostprocessOutputs& out,
+                     float trust) {
   const int64_t n = static_cast<int64_t>(candidates_.size());
   for (auto& kept : kept_) kept.clear();
   int64_t count = 0;
@@ -66,6 +67,7 @@ void BoundedNms::run(int64_t b, const DecodeParams& params, const PostprocessOut
     decode_candidates(items, m, b, params, scale, boxes_.data());
 
     for (int64_t i = 0; i < m && count < out.K; ++i) {
+      if (!(items[i].score > trust)) return undo(b, count, out);
       const float* box = boxes_.data() + 4 * i;
       const float area = box_area(box);
       const int64_t label = items[i].label;
@@ -79,8 +81,19 @@ void BoundedNms::run(int64_t b, const DecodeParams& params, const PostprocessOut
       out.labels[slot] = label;
     }
   }
+  // Out of candidates: enough only if none were cut away.
+  if (count < out.K && trust != kNoCut) return undo(b, count, out);
   out.counts[b] = count;
   candidates_.clear();
+  return true;
+}
+
+bool BoundedNms::undo(int64_t b, int64_t count, const PostprocessOutputs& out) {
+  std::fill_n(out.boxes + 4 * b * out.K, 4 * count, 0.f);
+  std::fill_n(out.scores + b * out.K, count, 0.f);
+  std::fill_n(out.labels + b * out.K, count, 0);
+  candidates_.clear();
+  return false;
 }
 
 }  // namespace cpu

@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "../common/decode_params.h"
@@ -23,6 +24,9 @@
 
 namespace ssd_post {
 namespace cpu {
+
+// The `trust` of candidates collected without an image cut.
+inline constexpr float kNoCut = -std::numeric_limits<float>::infinity();
 
 // One candidate of an image, with its class.
 struct ImageCandidate {
@@ -50,10 +54,16 @@ class BoundedNms {
   void add_class(const std::vector<Candidate>& ranked, int64_t label);
 
   // Writes the out.K best survivors of image b, from the candidates added since
-  // the last run, to out; forgets the candidates.
-  void run(int64_t b, const DecodeParams& params, const PostprocessOutputs& out);
+  // the last run, to out, and forgets the candidates. The candidates need only be
+  // complete above `trust` (CandidateScanner::image_floor; kNoCut: complete):
+  // returns false, with nothing written, when the scan would have to go below it
+  // before out.K survive.
+  bool run(int64_t b, const DecodeParams& params, const PostprocessOutputs& out, float trust);
 
  private:
+  // Clears the count slots run wrote for image b and the candidates; returns false.
+  bool undo(int64_t b, int64_t count, const PostprocessOutputs& out);
+
   // Whether the box (with its area) survives against the kept boxes of `label`.
   bool survives(const float* box, float area, int64_t label) const;
 

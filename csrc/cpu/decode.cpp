@@ -2,23 +2,8 @@
 
 #include <ATen/Parallel.h>
 
-#include <atomic>
-
 namespace ssd_post {
 namespace cpu {
-namespace {
-
-// Relaxed: a count, read by the tests only between op calls.
-std::atomic<int64_t> decoded_boxes{0};
-
-}  // namespace
-
-void count_decoded_boxes(int64_t n) { decoded_boxes.fetch_add(n, std::memory_order_relaxed); }
-
-int64_t decoded_box_count(bool reset) {
-  return reset ? decoded_boxes.exchange(0, std::memory_order_relaxed)
-               : decoded_boxes.load(std::memory_order_relaxed);
-}
 
 void decode_selection(const Selection& sel, const DecodeInputs& in, float* out) {
   const int64_t C = sel.num_classes;

@@ -10,6 +10,7 @@
 #include "../common/box_math.h"
 #include "../common/op_inputs.h"
 #include "candidates.h"
+#include "debug_counters.h"
 
 namespace ssd_post {
 namespace cpu {
@@ -22,9 +23,6 @@ void fill_scale_logs(const Item* items, int64_t n, int64_t b, const DecodeParams
     clamped_scale_logs(p.rel(b, items[i].anchor), p.weights, &logs[2 * i], &logs[2 * i + 1]);
   }
 }
-
-// Counts n decoded boxes (see decoded_box_count).
-void count_decoded_boxes(int64_t n);
 
 // Decodes (and clips) the n candidates of image b into out[n, 4], given their
 // exp(dw), exp(dh) in scales[2 * i].
@@ -39,17 +37,12 @@ void decode_candidates(const Item* items, int64_t n, int64_t b, const DecodePara
                         scales[2 * i + 1], box);
     if (p.clip) clip_box(box, sizes[0], sizes[1]);
   }
-  count_decoded_boxes(n);
+  count_event(Counter::kDecodedBoxes, n);
 }
 
 // Decodes (and clips) the box of every selected candidate into out[N, 4], with one
 // torch exp over all candidates.
 void decode_selection(const Selection& sel, const DecodeInputs& in, float* out);
-
-// Boxes decoded by this process's CPU kernels since the last reset (all threads):
-// lets the tests check that a stage decodes only what it needs. reset: set it back
-// to 0 after reading.
-int64_t decoded_box_count(bool reset);
 
 }  // namespace cpu
 }  // namespace ssd_post

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "../common/box_math.h"
@@ -12,6 +13,7 @@
 #include "../common/op_inputs.h"
 #include "bounded_nms.h"
 #include "candidates.h"
+#include "debug_counters.h"
 #include "decode.h"
 #include "nms.h"
 
@@ -47,24 +49,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cpu(
   return {boxes, scores, keys};
 }
 
+// The image cut of postprocess's candidate scan (CandidateScanner::set_image_cap):
+// only the best 8 K candidates of an image are taken, which in a dense image saves
+// most of the per-class pushes and softmax rows. An image with fewer than K
+// survivors among them is scanned again without the cut: 8 K leaves room for 7 K
+// suppressed boxes. No cut (0) where it would not be below `most`, the number of
+// candidates an image can send to NMS (it would only cost memory).
+int64_t image_cap(int64_t K, int64_t most) {
+  const int64_t cap = std::max<int64_t>(8 * K, 512);
+  return cap < most ? cap : 0;
+}
+
+// The candidates of image b from a fresh scan of all its anchors (per class, the
+// top-k cut applied) into nms.
+void add_image(CandidateScanner& scanner, const at::Tensor& logits, int64_t b,
+               const SelectParams& params, BoundedNms& nms) {
+  const int64_t C = logits.size(2);
+  scanner.reset();
+  scanner.scan(logits, b, 0, logits.size(1));
+  for (int64_t c = 0; c < C; ++c) {
+    BoundedCandidates& cands = scanner.per_class()[c];
+    cands.keep_best(params.topk_candidates);
+    nms.add_class(cands.items(), c);
+  }
+}
+
+// Scans image b again without the image cut, after nms.run found the cut too high.
+void rescan_image(const at::Tensor& logits, int64_t b, const SelectParams& params,
+                  const DecodeInputs& in, BoundedNms& nms, const PostprocessOutputs& out) {
+  count_event(Counter::kImageRescans, 1);
+  CandidateScanner scanner(params, logits.size(2));
+  add_image(scanner, logits, b, params, nms);
+  nms.run(b, in.params, out, kNoCut);
+}
+
 // B >= threads: each image runs the whole pipeline on one thread, with buffers
 // that the thread reuses, so the extra memory is per thread, not per image.
 void postprocess_per_image(const at::Tensor& logits, const SelectParams& params,
-                           const DecodeInputs& in, double nms_thresh,
+                           const DecodeInputs& in, double nms_thresh, int64_t cap,
                            const PostprocessOutputs& out) {
-  const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
+  const int64_t B = logits.size(0), C = logits.size(2);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     CandidateScanner scanner(params, C);
+    scanner.set_image_cap(cap);
     BoundedNms nms(C, nms_thresh);
     for (int64_t b = begin; b < end; ++b) {
-      scanner.reset();
-      scanner.scan(logits, b, 0, A);
-      for (int64_t c = 0; c < C; ++c) {
-        BoundedCandidates& cands = scanner.per_class()[c];
-        cands.keep_best(params.topk_candidates);
-        nms.add_class(cands.items(), c);
+      add_image(scanner, logits, b, params, nms);
+      if (!nms.run(b, in.params, out, scanner.image_floor())) {
+        rescan_image(logits, b, params, in, nms, out);
       }
-      nms.run(b, in.params, out);
     }
   });
 }
@@ -72,15 +105,16 @@ void postprocess_per_image(const at::Tensor& logits, const SelectParams& params,
 // B < threads: the anchors of each image are split across threads and the
 // (image, class) segments merged, then each image is scanned on one thread.
 void postprocess_split_anchors(const at::Tensor& logits, const SelectParams& params,
-                               const DecodeInputs& in, double nms_thresh,
+                               const DecodeInputs& in, double nms_thresh, int64_t cap,
                                const PostprocessOutputs& out) {
   const int64_t B = logits.size(0), C = logits.size(2);
-  const std::vector<std::vector<Candidate>> merged = rank_segments(logits, params);
+  std::vector<float> floors;
+  const std::vector<std::vector<Candidate>> merged = rank_segments(logits, params, cap, &floors);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     BoundedNms nms(C, nms_thresh);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t c = 0; c < C; ++c) nms.add_class(merged[b * C + c], c);
-      nms.run(b, in.params, out);
+      if (!nms.run(b, in.params, out, floors[b])) rescan_image(logits, b, params, in, nms, out);
     }
   });
 }
@@ -109,11 +143,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
   if (B == 0 || dims.anchors == 0) return {out_boxes, out_scores, out_labels, out_count};
   const PostprocessOutputs out{out_boxes.data_ptr<float>(), out_scores.data_ptr<float>(),
                                out_labels.data_ptr<int64_t>(), out_count.data_ptr<int64_t>(), K};
+  const int64_t most =
+      padded_detections(std::numeric_limits<int64_t>::max(), params.topk_candidates,
+                        dims.anchors, dims.classes, params.background_class);
+  const int64_t cap = image_cap(K, most);
   const int64_t chunks = anchor_chunks_per_image(B, dims.anchors);
   if (chunks == 1) {
-    postprocess_per_image(logits, params, in, nms_thresh, out);
+    postprocess_per_image(logits, params, in, nms_thresh, cap, out);
   } else {
-    postprocess_split_anchors(logits, params, in, nms_thresh, out);
+    postprocess_split_anchors(logits, params, in, nms_thresh, cap, out);
   }
   return {out_boxes, out_scores, out_labels, out_count};
 }
