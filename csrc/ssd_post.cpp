@@ -2,6 +2,7 @@
 // kernels in ssd_post/ops.py.
 #include <torch/library.h>
 
+#include "cpu/debug_counters.h"
 #include "cpu/vector_kernels.h"
 
 // No Python here: the shared library holds only torch registrations (run by its
@@ -37,4 +38,8 @@ TORCH_LIBRARY(ssd_post, m) {
   // Which compilation of cpu/vector_kernels.cpp this process runs ("baseline",
   // "avx2"): for bug reports, and for the tests that run each variant.
   m.def("cpu_vector_kernels() -> str", [] { return std::string(ssd_post::cpu::vector_kernels().name); });
+  // Counters of the CPU kernels, for the tests: [boxes decoded, images scanned
+  // again], summed over all threads since the last reset (cpu/debug_counters.h);
+  // reset=True sets them back to 0 after reading.
+  m.def("_debug_counters(bool reset=False) -> int[]", &ssd_post::cpu::read_counters);
 }

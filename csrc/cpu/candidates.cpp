@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
+#include <limits>
 
 #include "row_bound.h"
 
@@ -56,6 +58,19 @@ void CandidateScanner::reset() {
     limits_[static_cast<size_t>(params_.background_class)] = std::numeric_limits<float>::infinity();
   }
   pending_count_ = 0;
+  image_scores_.clear();
+  image_floor_ = -std::numeric_limits<float>::infinity();
+}
+
+void CandidateScanner::note_image_score(float score) {
+  image_scores_.push_back(score);
+  if (static_cast<int64_t>(image_scores_.size()) <= 2 * image_cap_) return;
+  // Position m - 1 then holds the m-th best, so after the resize it is last.
+  std::nth_element(image_scores_.begin(), image_scores_.begin() + (image_cap_ - 1),
+                   image_scores_.end(), std::greater<float>());
+  image_scores_.resize(static_cast<size_t>(image_cap_));
+  image_floor_ = image_scores_.back();
+  for (float& limit : limits_) limit = std::max(limit, image_floor_);
 }
 
 void CandidateScanner::flush_softmax_rows() {
@@ -76,6 +91,16 @@ void CandidateScanner::flush_softmax_rows() {
   }
 }
 
+float CandidateScanner::row_bound() const {
+  // A row can give a candidate only above the lowest foreground limit; the
+  // limits rise with the per-class and image cuts.
+  float lowest = std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < C_; ++c) {
+    if (c != params_.background_class) lowest = std::min(lowest, limits_[c]);
+  }
+  return make_score_bound(Activation::kSoftmax, lowest).value;
+}
+
 template <typename scalar_t>
 void CandidateScanner::scan_softmax(const scalar_t* image, int64_t a_begin, int64_t a_end) {
   constexpr bool kIsFloat = std::is_same<scalar_t, float>::value;
@@ -91,7 +116,7 @@ void CandidateScanner::scan_softmax(const scalar_t* image, int64_t a_begin, int6
       block_rows = converted_.data();
     }
     const int64_t n = float_rows_may_pass(block_rows, C_, params_.background_class,
-                                          params_.bound.value, 0, rows, passing_.data());
+                                          row_bound(), 0, rows, passing_.data());
     for (int64_t i = 0; i < n; ++i) {
       const int64_t r = passing_[i];
       std::copy_n(block_rows + r * C_, C_, staged + pending_count_ * C_);
@@ -136,7 +161,9 @@ int64_t anchor_chunks_per_image(int64_t B, int64_t A) {
 }
 
 std::vector<std::vector<Candidate>> rank_segments(const at::Tensor& logits_in,
-                                                  const SelectParams& params) {
+                                                  const SelectParams& params,
+                                                  int64_t image_cap,
+                                                  std::vector<float>* image_floors) {
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
   const int64_t k = params.topk_candidates;
@@ -146,8 +173,10 @@ std::vector<std::vector<Candidate>> rank_segments(const at::Tensor& logits_in,
 
   // task_results[task][class], ranked.
   std::vector<std::vector<Candidate>> task_results(static_cast<size_t>(num_tasks * C));
+  std::vector<float> task_floors(static_cast<size_t>(num_tasks));
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
     CandidateScanner scanner(params, C);
+    scanner.set_image_cap(image_cap);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / chunks, chunk = t % chunks;
       const int64_t a_begin = std::min(A, chunk * anchors_per_chunk);
@@ -159,8 +188,18 @@ std::vector<std::vector<Candidate>> rank_segments(const at::Tensor& logits_in,
         cands.finish(k);
         task_results[t * C + c] = cands.items();
       }
+      task_floors[t] = scanner.image_floor();
     }
   });
+  if (image_floors != nullptr) {
+    // A chunk's candidates are complete above its own floor, so the image's are
+    // above the highest of them.
+    image_floors->assign(static_cast<size_t>(B), -std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < num_tasks; ++t) {
+      float& floor = (*image_floors)[t / chunks];
+      floor = std::max(floor, task_floors[t]);
+    }
+  }
 
   // Merge the chunks of each (image, class); a single chunk is already final.
   const int64_t num_segments = B * C;

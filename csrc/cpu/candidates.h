@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/rank_keys.h"
 #include "../common/select_params.h"
 
 namespace ssd_post {
@@ -22,13 +23,13 @@ struct Candidate {
 
 // Higher score first; equal scores in anchor order, so every result is unique.
 // Candidate scores passed `score > score_thresh >= 0`, so they are positive floats
-// whose bits order like their values: one 64-bit compare of (score bits, ~anchor)
-// ranks two candidates without a branch. A function object, not a function, so
-// that std::sort and std::nth_element inline it.
+// whose bits order like their values: one 64-bit compare of the rank keys of
+// common/rank_keys.h (score bits, then 32 bits of reversed anchor) ranks two
+// candidates without a branch. A function object, not a function, so that
+// std::sort and std::nth_element inline it.
 struct RanksBefore {
   static uint64_t key(const Candidate& c) {
-    return (static_cast<uint64_t>(std::bit_cast<uint32_t>(c.score)) << 32) |
-           static_cast<uint32_t>(~c.anchor);
+    return make_rank_key(std::bit_cast<uint32_t>(c.score), c.anchor, int64_t{1} << 32, 32);
   }
   bool operator()(const Candidate& a, const Candidate& b) const { return key(a) > key(b); }
 };
@@ -59,6 +60,9 @@ class BoundedCandidates {
   // A score must be above this to enter (-inf until the first pruning).
   float floor() const { return floor_; }
 
+  // Leaves the k best, in no particular order.
+  void keep_best(int64_t k);
+
   // Leaves the k best, ranked.
   void finish(int64_t k);
 
@@ -66,8 +70,6 @@ class BoundedCandidates {
   const std::vector<Candidate>& items() const { return items_; }
 
  private:
-  void keep_best(int64_t k);
-
   std::vector<Candidate> items_;
   float floor_ = -std::numeric_limits<float>::infinity();
 };
@@ -88,19 +90,37 @@ class CandidateScanner {
   // After scan: per class, candidates in no particular order (finish() ranks them).
   std::vector<BoundedCandidates>& per_class() { return per_class_; }
 
+  // A speculative cut across the classes, for a caller that needs only the best
+  // candidates of the image: once more than 2m candidates were offered, only scores
+  // above the m-th best offered so far are taken (0: no cut, the default). It
+  // saves the pushes, and the cut rises into every class's limit.
+  void set_image_cap(int64_t m) { image_cap_ = m; }
+
+  // After scan: every candidate of the image scored above this was taken (-inf
+  // when nothing was cut). Below it the candidates may be incomplete, so a caller
+  // may use only what ranks above it, or scan again without the cut.
+  float image_floor() const { return image_floor_; }
+
  private:
   template <typename scalar_t>
   void scan_softmax(const scalar_t* image, int64_t a_begin, int64_t a_end);
   template <typename scalar_t>
   void scan_sigmoid(const scalar_t* image, int64_t a_begin, int64_t a_end);
   void flush_softmax_rows();
+  // The softmax row test's bound (row_bound.h) for the current class limits.
+  float row_bound() const;
   // Offers a score that passed limits_[c] to class c.
   void offer(int64_t c, float score, int32_t anchor) {
     BoundedCandidates& cands = per_class_[static_cast<size_t>(c)];
     if (cands.push(score, anchor, params_.topk_candidates)) {
-      limits_[static_cast<size_t>(c)] = std::max(params_.score_thresh, cands.floor());
+      limits_[static_cast<size_t>(c)] =
+          std::max({params_.score_thresh, cands.floor(), image_floor_});
     }
+    if (image_cap_ > 0) note_image_score(score);
   }
+  // Counts a taken score towards the image cut; raises image_floor_ and every
+  // class's limit when the best image_cap_ change.
+  void note_image_score(float score);
 
   SelectParams params_;
   int64_t C_;
@@ -120,6 +140,9 @@ class CandidateScanner {
   std::vector<int32_t> pending_anchor_;
   int64_t pending_count_ = 0;
   std::vector<int32_t> passing_columns_;  // [C]: the classes of a row above their limit
+  int64_t image_cap_ = 0;
+  std::vector<float> image_scores_;  // at most 2 * image_cap_ taken scores
+  float image_floor_ = -std::numeric_limits<float>::infinity();
 };
 
 // Candidates of all B * C segments, segment s = image * C + class, each segment
@@ -142,8 +165,12 @@ int64_t anchor_chunks_per_image(int64_t B, int64_t A);
 // the anchors of each image are scanned in anchor_chunks_per_image chunks in
 // parallel and the chunks of a segment merged. logits: [B, A, C] on the CPU, any
 // strides (made contiguous).
+// image_cap: CandidateScanner::set_image_cap of every scan (0: none); then
+// image_floors[b] (resized to B) is the image_floor of image b over its chunks.
 std::vector<std::vector<Candidate>> rank_segments(const at::Tensor& logits,
-                                                  const SelectParams& params);
+                                                  const SelectParams& params,
+                                                  int64_t image_cap = 0,
+                                                  std::vector<float>* image_floors = nullptr);
 
 // rank_segments flattened into one array with segment offsets.
 Selection select_candidates(const at::Tensor& logits, const SelectParams& params);

@@ -7,68 +7,21 @@
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <unordered_map>
 
 #include "../common/box_math.h"
 #include "../common/checks.h"
 #include "../common/op_inputs.h"
+#include "bounded_nms.h"
 #include "candidates.h"
+#include "debug_counters.h"
+#include "decode.h"
 #include "nms.h"
 
 namespace ssd_post {
 namespace cpu {
 namespace {
-
-// Writes (dw, dh) of the n ranked candidates of image b, clamped, to logs[2 * i],
-// ready for one call of torch's exp over many of them: torch's exp is the same for
-// an element wherever it sits in a tensor, and torchvision decodes with it, so the
-// boxes are bit-identical to torchvision's and NMS decisions near the IoU threshold
-// cannot flip.
-void fill_scale_logs(const Candidate* ranked, int64_t n, int64_t b, const DecodeInputs& in,
-                     float* logs) {
-  const DecodeParams& p = in.params;
-  for (int64_t i = 0; i < n; ++i) {
-    clamped_scale_logs(p.rel(b, ranked[i].anchor), p.weights, &logs[2 * i], &logs[2 * i + 1]);
-  }
-}
-
-// Decodes (and clips) the n ranked candidates of image b into out[n, 4], given
-// their exp(dw), exp(dh) in scales[2 * i].
-void decode_ranked(const Candidate* ranked, int64_t n, int64_t b, const DecodeInputs& in,
-                   const float* scales, float* out) {
-  const DecodeParams& p = in.params;
-  const float* sizes = p.image_sizes + 2 * b;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t a = ranked[i].anchor;
-    float* box = out + 4 * i;
-    decode_box_from_exp(p.rel(b, a), p.anchor_box(b, a), p.weights, scales[2 * i],
-                        scales[2 * i + 1], box);
-    if (p.clip) clip_box(box, sizes[0], sizes[1]);
-  }
-}
-
-// Decodes (and clips) the box of every selected candidate into out[N, 4], with one
-// torch exp over all candidates.
-void decode_selection(const Selection& sel, const DecodeInputs& in, float* out) {
-  const int64_t C = sel.num_classes;
-  at::Tensor scales = at::empty({sel.size(), 2}, at::kFloat);  // (exp dw, exp dh) per candidate
-  float* scale = scales.data_ptr<float>();
-  at::parallel_for(0, sel.num_segments(), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t first = sel.segment_begin[s];
-      fill_scale_logs(sel.items.data() + first, sel.segment_begin[s + 1] - first, s / C, in,
-                      scale + 2 * first);
-    }
-  });
-  scales.exp_();
-  at::parallel_for(0, sel.num_segments(), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const int64_t first = sel.segment_begin[s];
-      decode_ranked(sel.items.data() + first, sel.segment_begin[s + 1] - first, s / C, in,
-                    scale + 2 * first, out + 4 * first);
-    }
-  });
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cpu(
     const at::Tensor& locs, const at::Tensor& logits, const at::Tensor& anchors,
@@ -98,144 +51,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cpu(
   return {boxes, scores, keys};
 }
 
-// One NMS survivor of an image, with what the output needs.
-struct Survivor {
-  float score;
-  int32_t label;
-  int64_t order;  // position in class-then-rank order (C * topk can pass 2^31): breaks ties
-  float box[4];
-};
+// The image cut of postprocess's candidate scan (CandidateScanner::set_image_cap):
+// only the best 8 K candidates of an image are taken, which in a dense image saves
+// most of the per-class pushes and softmax rows. An image with fewer than K
+// survivors among them is scanned again without the cut: 8 K leaves room for 7 K
+// suppressed boxes. No cut (0) where it would not be below `most`, the number of
+// candidates an image can send to NMS (it would only cost memory).
+int64_t image_cap(int64_t K, int64_t most) {
+  const int64_t cap = std::max<int64_t>(8 * K, 512);
+  return cap < most ? cap : 0;
+}
 
-// What one thread needs to take a class from ranked candidates to survivors;
-// allocated once per thread and reused.
-struct NmsWorkspace {
-  NmsScratch scratch;
-  std::vector<float> boxes;  // [n, 4] decoded, clipped boxes of the ranked candidates
-  std::vector<uint8_t> keep;
-};
-
-// Decodes the ranked candidates of (image b, class label) given their exp(dw),
-// exp(dh) in scales[2 * i], runs greedy NMS on them and appends the survivors.
-void nms_class(const std::vector<Candidate>& ranked, int64_t b, int64_t label,
-               const DecodeInputs& in, const float* scales, double nms_thresh, NmsWorkspace& ws,
-               std::vector<Survivor>& out) {
-  const int64_t n = static_cast<int64_t>(ranked.size());
-  if (n == 0) return;
-  ws.boxes.resize(static_cast<size_t>(4 * n));
-  ws.keep.resize(static_cast<size_t>(n));
-  decode_ranked(ranked.data(), n, b, in, scales, ws.boxes.data());
-  nms_ranked_run(ws.boxes.data(), n, nms_thresh, ws.keep.data(), ws.scratch);
-  for (int64_t i = 0; i < n; ++i) {
-    if (!ws.keep[i]) continue;
-    Survivor s{ranked[i].score, static_cast<int32_t>(label), static_cast<int64_t>(out.size()), {}};
-    std::copy_n(ws.boxes.data() + 4 * i, 4, s.box);
-    out.push_back(s);
+// The candidates of image b from a fresh scan of all its anchors (per class, the
+// top-k cut applied) into nms.
+void add_image(CandidateScanner& scanner, const at::Tensor& logits, int64_t b,
+               const SelectParams& params, BoundedNms& nms) {
+  const int64_t C = logits.size(2);
+  scanner.reset();
+  scanner.scan(logits, b, 0, logits.size(1));
+  for (int64_t c = 0; c < C; ++c) {
+    BoundedCandidates& cands = scanner.per_class()[c];
+    cands.keep_best(params.topk_candidates);
+    nms.add_class(cands.items(), c);
   }
 }
 
-struct PostprocessOutputs {
-  float* boxes;     // [B, K, 4]
-  float* scores;    // [B, K]
-  int64_t* labels;  // [B, K]
-  int64_t* counts;  // [B]
-  int64_t K;
-};
-
-// Writes the K best survivors of image b (by score; ties by class, then rank).
-void write_top(std::vector<Survivor>& survivors, int64_t b, const PostprocessOutputs& out) {
-  const int64_t n = std::min<int64_t>(out.K, static_cast<int64_t>(survivors.size()));
-  std::partial_sort(survivors.begin(), survivors.begin() + n, survivors.end(),
-                    [](const Survivor& x, const Survivor& y) {
-                      return x.score > y.score || (x.score == y.score && x.order < y.order);
-                    });
-  out.counts[b] = n;
-  for (int64_t r = 0; r < n; ++r) {
-    const Survivor& s = survivors[r];
-    std::copy_n(s.box, 4, out.boxes + (b * out.K + r) * 4);
-    out.scores[b * out.K + r] = s.score;
-    out.labels[b * out.K + r] = s.label;
-  }
+// Scans image b again without the image cut, after nms.run found the cut too high.
+void rescan_image(const at::Tensor& logits, int64_t b, const SelectParams& params,
+                  const DecodeInputs& in, BoundedNms& nms, const PostprocessOutputs& out) {
+  count_event(Counter::kImageRescans, 1);
+  CandidateScanner scanner(params, logits.size(2));
+  add_image(scanner, logits, b, params, nms);
+  nms.run(b, in.params, out, kNoCut);
 }
 
 // B >= threads: each image runs the whole pipeline on one thread, with buffers
 // that the thread reuses, so the extra memory is per thread, not per image.
 void postprocess_per_image(const at::Tensor& logits, const SelectParams& params,
-                           const DecodeInputs& in, double nms_thresh,
+                           const DecodeInputs& in, double nms_thresh, int64_t cap,
                            const PostprocessOutputs& out) {
-  const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
-  const int64_t k = params.topk_candidates;
+  const int64_t B = logits.size(0), C = logits.size(2);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     CandidateScanner scanner(params, C);
-    NmsWorkspace ws;
-    std::vector<Survivor> survivors;
-    // (dw, dh) of every candidate of the image, exp'd in place by one torch call;
-    // grown to the largest image's candidate count, not to 2 * C * topk.
-    at::Tensor scales = at::empty({0}, at::kFloat);
+    scanner.set_image_cap(cap);
+    BoundedNms nms(C, nms_thresh);
     for (int64_t b = begin; b < end; ++b) {
-      scanner.reset();
-      scanner.scan(logits, b, 0, A);
-      int64_t total = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        scanner.per_class()[c].finish(k);
-        total += static_cast<int64_t>(scanner.per_class()[c].items().size());
+      add_image(scanner, logits, b, params, nms);
+      if (!nms.run(b, in.params, out, scanner.image_floor())) {
+        rescan_image(logits, b, params, in, nms, out);
       }
-      if (scales.numel() < 2 * total) scales = at::empty({2 * total}, at::kFloat);
-      total = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        BoundedCandidates& cands = scanner.per_class()[c];
-        fill_scale_logs(cands.items().data(), static_cast<int64_t>(cands.items().size()), b, in,
-                        scales.data_ptr<float>() + 2 * total);
-        total += static_cast<int64_t>(cands.items().size());
-      }
-      if (total > 0) scales.narrow(0, 0, 2 * total).exp_();
-      survivors.clear();
-      total = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const std::vector<Candidate>& ranked = scanner.per_class()[c].items();
-        nms_class(ranked, b, c, in, scales.data_ptr<float>() + 2 * total, nms_thresh, ws,
-                  survivors);
-        total += static_cast<int64_t>(ranked.size());
-      }
-      write_top(survivors, b, out);
     }
   });
 }
 
-// B < threads: the anchors of each image are split across threads, then the
-// (image, class) segments are merged and suppressed in parallel.
+// B < threads: the anchors of each image are split across threads and the
+// (image, class) segments merged, then each image is scanned on one thread.
 void postprocess_split_anchors(const at::Tensor& logits, const SelectParams& params,
-                               const DecodeInputs& in, double nms_thresh,
+                               const DecodeInputs& in, double nms_thresh, int64_t cap,
                                const PostprocessOutputs& out) {
   const int64_t B = logits.size(0), C = logits.size(2);
-  const std::vector<std::vector<Candidate>> merged = rank_segments(logits, params);
-  std::vector<int64_t> first(static_cast<size_t>(B * C + 1), 0);
-  for (int64_t s = 0; s < B * C; ++s) first[s + 1] = first[s] + static_cast<int64_t>(merged[s].size());
-  at::Tensor scales = at::empty({2 * first[B * C]}, at::kFloat);
-  float* scale = scales.data_ptr<float>();
-  for (int64_t s = 0; s < B * C; ++s) {
-    fill_scale_logs(merged[s].data(), static_cast<int64_t>(merged[s].size()), s / C, in,
-                    scale + 2 * first[s]);
-  }
-  scales.exp_();
-  std::vector<std::vector<Survivor>> segment_survivors(static_cast<size_t>(B * C));
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    NmsWorkspace ws;
-    for (int64_t s = begin; s < end; ++s) {
-      nms_class(merged[s], s / C, s % C, in, scale + 2 * first[s], nms_thresh, ws,
-                segment_survivors[s]);
-    }
-  });
+  std::vector<float> floors;
+  const std::vector<std::vector<Candidate>> merged = rank_segments(logits, params, cap, &floors);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Survivor> survivors;
+    BoundedNms nms(C, nms_thresh);
     for (int64_t b = begin; b < end; ++b) {
-      survivors.clear();
-      for (int64_t c = 0; c < C; ++c) {
-        for (Survivor s : segment_survivors[b * C + c]) {
-          s.order = static_cast<int64_t>(survivors.size());
-          survivors.push_back(s);
-        }
-      }
-      write_top(survivors, b, out);
+      for (int64_t c = 0; c < C; ++c) nms.add_class(merged[b * C + c], c);
+      if (!nms.run(b, in.params, out, floors[b])) rescan_image(logits, b, params, in, nms, out);
     }
   });
 }
@@ -264,11 +145,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
   if (B == 0 || dims.anchors == 0) return {out_boxes, out_scores, out_labels, out_count};
   const PostprocessOutputs out{out_boxes.data_ptr<float>(), out_scores.data_ptr<float>(),
                                out_labels.data_ptr<int64_t>(), out_count.data_ptr<int64_t>(), K};
+  const int64_t most =
+      padded_detections(std::numeric_limits<int64_t>::max(), params.topk_candidates,
+                        dims.anchors, dims.classes, params.background_class);
+  const int64_t cap = image_cap(K, most);
   const int64_t chunks = anchor_chunks_per_image(B, dims.anchors);
   if (chunks == 1) {
-    postprocess_per_image(logits, params, in, nms_thresh, out);
+    postprocess_per_image(logits, params, in, nms_thresh, cap, out);
   } else {
-    postprocess_split_anchors(logits, params, in, nms_thresh, out);
+    postprocess_split_anchors(logits, params, in, nms_thresh, cap, out);
   }
   return {out_boxes, out_scores, out_labels, out_count};
 }

@@ -9,8 +9,10 @@ namespace cpu {
 
 // For each row r in [begin, end) of the float32 logits `rows` (C columns each),
 // whether some foreground logit x_c (column `background` excluded, -1: none) has
-// x_c - max(row) > bound. Writes the passing row indices, in increasing order, to
-// `passing` (room for end - begin entries) and returns how many there are.
+// x_c - m - log(S_lo) > bound, with m = max(row) and S_lo <= sum_k exp(x_k - m) a
+// lower bound of the softmax denominator (so that log(p_c) <= x_c - m - log(S_lo)).
+// Writes the passing row indices, in increasing order, to `passing` (room for
+// end - begin entries) and returns how many there are.
 //
 // Only the foreground max needs the test, because x - m is monotone in x for a
 // fixed m. A row holding a NaN may either pass or fail: a passing row gets its
