@@ -2,6 +2,7 @@
 // kernels in ssd_post/ops.py.
 #include <torch/library.h>
 
+#include "cpu/select_per_level.h"
 #include "cpu/vector_kernels.h"
 
 // No Python here: the shared library holds only torch registrations (run by its
@@ -24,12 +25,15 @@ TORCH_LIBRARY(ssd_post, m) {
   // score): for every (image, level), the best topk_candidates anchor x class pairs
   // above score_thresh, ranked, as flat indices anchor * C + class [B, L, k], their
   // scores [B, L, k] and counts [B, L] (k = min(topk_candidates, largest A_l * C);
-  // slots past a count hold -1 and 0). CUDA only: the CPU path is ssd_post/per_level.py,
-  // which reproduces torch's CPU sigmoid bits.
+  // slots past a count hold -1 and 0). On the CPU the scores are torch's sigmoid bits
+  // (cpu/select_per_level.cpp), on CUDA the device's expf.
   m.def(
       "select_per_level(Tensor logits, Tensor? centerness, int[] level_sizes, float score_thresh, "
       "int topk_candidates, int? background_class) -> (Tensor flat, Tensor scores, Tensor counts)");
   // Which compilation of cpu/vector_kernels.cpp this process runs ("baseline",
   // "avx2"): for bug reports, and for the tests that run each variant.
   m.def("cpu_vector_kernels() -> str", [] { return std::string(ssd_post::cpu::vector_kernels().name); });
+  // How the CPU select_per_level scores its blocks at the current thread count
+  // ("gathered" or "whole_block", after its self-check): for tests and bug reports.
+  m.def("per_level_cpu_scoring() -> str", [] { return ssd_post::cpu::per_level_scoring(); });
 }

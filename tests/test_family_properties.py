@@ -278,26 +278,3 @@ def test_cuda_inputs_give_a_clear_error_or_are_skipped():
     locs, logits, boxes, sizes = _inputs()
     with pytest.raises(NotImplementedError, match="not implemented on CUDA yet"):
         ssd_post.postprocess(locs.cuda(), logits.cuda(), boxes, sizes, config, level_sizes=[6])
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("numel", [1, 15, 16, 1007, 32767, 32768, 100_003, 838_656])
-def test_sigmoid_at_gives_the_bits_of_a_whole_block_sigmoid(numel, threads):
-    from ssd_post.block_sigmoid import loop_step, sigmoid_at
-
-    step = loop_step()
-    if step is None:
-        pytest.skip("unknown vector width on this CPU: the per-level path computes whole blocks")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        block = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 6
-        expected = torch.sigmoid(block)
-        positions = torch.arange(numel)
-        actual = sigmoid_at(block, positions, step)
-        sparse = positions[::7]
-        sparse_actual = sigmoid_at(block, sparse, step)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(actual, expected)
-    assert torch.equal(sparse_actual, expected[sparse])
