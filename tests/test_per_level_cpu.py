@@ -270,3 +270,24 @@ def test_level_limit_is_the_shared_one():
             config,
             level_sizes=[1] * 17,
         )
+
+
+@pytest.mark.parametrize("with_centerness", [False, True])
+def test_opcheck_select_per_level(with_centerness):
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 60, 5, generator=gen) * 2
+    centerness = torch.randn(2, 60, 1, generator=gen) if with_centerness else None
+    torch.library.opcheck(
+        torch.ops.ssd_post.select_per_level.default, (logits, centerness, [40, 20], 0.2, 30, None)
+    )
+
+
+def test_select_per_level_inside_torch_compile_fullgraph():
+    logits = torch.randn(2, 60, 5, generator=torch.Generator().manual_seed(5)) * 2
+
+    def run(logits):
+        return torch.ops.ssd_post.select_per_level(logits, None, [40, 20], 0.2, 30, None)
+
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(logits), run(logits)):
+        assert torch.equal(got, want)

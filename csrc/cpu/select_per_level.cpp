@@ -36,6 +36,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "../common/checks.h"
 #include "../common/select_params.h"
 #include "select_per_level.h"
@@ -61,6 +65,8 @@ constexpr int64_t kGrainSize = at::internal::GRAIN_SIZE;
 // Gathered body values go through sigmoid in calls of this many: under the grain
 // (one thread) and whole steps of every width tried, so all of them take the body.
 constexpr int64_t kBodyPiece = 4096;
+static_assert(kBodyPiece < at::internal::GRAIN_SIZE && kBodyPiece % 64 == 0,
+              "kBodyPiece should stay under the grain and hold whole steps");
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -125,6 +131,20 @@ void sigmoid_at(const float* block, int64_t numel, const int64_t* positions, int
   for (int64_t i = 0; i < tail_n; ++i) out[s.tail[i]] = s.out[i];
 }
 
+// at::sigmoid of a contiguous float32 block to the bit (for a verified layout), on
+// this thread: each chunk of torch's loop in calls of kBodyPiece elements, whole
+// steps without a tail, and its remainder, which ends with the chunk's tail. All
+// under the grain, so none of them is split over threads, wherever it runs.
+void sigmoid_chunked(const float* x, int64_t numel, const LoopLayout& layout, float* out) {
+  const int64_t chunk = loop_chunk(numel, layout.threads);
+  for (int64_t first = 0; first < numel; first += chunk) {
+    const int64_t end = std::min(first + chunk, numel);
+    for (int64_t piece = first; piece < end; piece += kBodyPiece) {
+      sigmoid_call(x + piece, out + piece, std::min(kBodyPiece, end - piece));
+    }
+  }
+}
+
 // In place, torch's sqrt of v[0, n) (FCOS's score): torch's float sqrt is its
 // vectorised routine, not std::sqrt, and rounds differently from it now and then.
 // Calls under the grain, as sigmoid_at's.
@@ -148,10 +168,11 @@ bool poisoned() {
   return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
 }
 
-// Whether sigmoid_at gives at::sigmoid's bits at every position of synthetic blocks
-// that end below, at and past the grain, split into as many chunks as `threads`
-// allows (and fewer), each chunk with a tail. Values spread over [-16, 16] with
-// an irrational stride: many round differently in the body and in the tail.
+// Whether sigmoid_at and sigmoid_chunked give at::sigmoid's bits at every position
+// of synthetic blocks that end below, at and past the grain, split into as many
+// chunks as `threads` allows (and fewer), each chunk with a tail, and whether
+// sqrt_like_torch is position-independent. Values spread over [-16, 16] with an
+// irrational stride: many round differently in the body and in the tail.
 bool layout_matches_torch(const LoopLayout& layout) {
   const int64_t most = std::min<int64_t>(layout.threads, 64);
   const int64_t sizes[] = {7, 1000, kGrainSize - 3, kGrainSize, 3 * kGrainSize + 5,
@@ -168,20 +189,28 @@ bool layout_matches_torch(const LoopLayout& layout) {
     if (poisoned()) expected.data_ptr<float>()[numel / 2] += 1.f;
     std::vector<int64_t> positions(static_cast<size_t>(numel));
     for (int64_t i = 0; i < numel; ++i) positions[i] = i;
-    std::vector<float> actual(static_cast<size_t>(numel));
-    sigmoid_at(x, numel, positions.data(), numel, layout, actual.data(), scratch);
-    if (std::memcmp(actual.data(), expected.data_ptr<float>(), numel * sizeof(float)) != 0) {
+    const at::Tensor products = expected * expected.flip(0);
+    const at::Tensor whole_sqrt = at::sqrt(products);
+    // Both scorings run on a worker thread, as in the op.
+    std::vector<float> gathered_sigmoid(static_cast<size_t>(numel));
+    std::vector<float> chunked_sigmoid(static_cast<size_t>(numel));
+    std::vector<float> gathered_sqrt;
+    for (int64_t i = 1; i < numel; i += 3) gathered_sqrt.push_back(products.data_ptr<float>()[i]);
+    at::parallel_for(0, 1, 1, [&](int64_t, int64_t) {
+      sigmoid_at(x, numel, positions.data(), numel, layout, gathered_sigmoid.data(), scratch);
+      sigmoid_chunked(x, numel, layout, chunked_sigmoid.data());
+      sqrt_like_torch(gathered_sqrt.data(), static_cast<int64_t>(gathered_sqrt.size()));
+    });
+    const size_t bytes = static_cast<size_t>(numel) * sizeof(float);
+    if (std::memcmp(gathered_sigmoid.data(), expected.data_ptr<float>(), bytes) != 0 ||
+        std::memcmp(chunked_sigmoid.data(), expected.data_ptr<float>(), bytes) != 0) {
       return false;
     }
     // FCOS's sqrt on gathered products must not depend on position either: the
     // sqrt of every third product, gathered, against the whole block's.
-    const at::Tensor products = expected * expected.flip(0);
-    const at::Tensor whole = at::sqrt(products);
-    std::vector<float> gathered;
-    for (int64_t i = 1; i < numel; i += 3) gathered.push_back(products.data_ptr<float>()[i]);
-    sqrt_like_torch(gathered.data(), static_cast<int64_t>(gathered.size()));
-    for (size_t j = 0; j < gathered.size(); ++j) {
-      if (std::memcmp(&gathered[j], whole.data_ptr<float>() + 1 + 3 * j, sizeof(float)) != 0) {
+    for (size_t j = 0; j < gathered_sqrt.size(); ++j) {
+      if (std::memcmp(&gathered_sqrt[j], whole_sqrt.data_ptr<float>() + 1 + 3 * j,
+                      sizeof(float)) != 0) {
         return false;
       }
     }
@@ -239,13 +268,16 @@ struct LevelInputs {
   const LevelTable* levels;
   SelectParams params;
   int64_t capacity;  // slots per (image, level)
-  // The gathered path: float32 blocks laid out as torch's loop sees them (each
-  // image's [A, C] contiguous), the layout verified and a logit bound to prune with.
+  // Float32 blocks laid out as torch's loop sees them (each image's [A, C]
+  // contiguous) and that layout verified: blocks are scored on the worker threads,
+  // whole (chunk by chunk, as torch's loop splits them) or gathered.
+  bool layout_known;
+  // And a logit bound to prune with: the gathered path.
   bool gather;
   LoopLayout layout;
-  const float* logits_data;  // when gather
+  const float* logits_data;  // when layout_known
   int64_t image_stride;
-  const float* centerness_data;  // when gather and centerness given
+  const float* centerness_data;  // when layout_known and centerness given
   int64_t centerness_image_stride;
 };
 
@@ -271,25 +303,30 @@ void write_best(std::vector<Pair>& pairs, int64_t capacity, const BlockOutput& o
   *out.count = n;
 }
 
-// Whether some x[c] > bound (NaN never is). No branch per element, so that it
-// compiles to vector compares: on a trained head this test is all that most rows
-// cost, and it reads every logit.
-bool any_above(const float* x, int64_t n, float bound) {
-  int any = 0;
-  for (int64_t c = 0; c < n; ++c) any |= static_cast<int>(x[c] > bound);
-  return any != 0;
-}
-
-// The largest non-NaN value of x[0, n) (-inf if none).
+// The largest non-NaN value of x[0, n) (-inf if none). Some x[c] > bound exactly
+// when this max is > bound, and a NaN never passes, so one max per row tells which
+// rows may hold a passing pair; on a trained head this pass is all that most rows
+// cost, and it reads every logit, so it runs a vector at a time (SSE's max returns
+// its second operand when one is NaN: the NaN is skipped).
 float max_ignoring_nan(const float* x, int64_t n) {
-  float m[4] = {-std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
-                -std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
+  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
   int64_t c = 0;
-  for (; c + 4 <= n; c += 4) {
-    for (int j = 0; j < 4; ++j) m[j] = x[c + j] > m[j] ? x[c + j] : m[j];
+  float m = kMinusInf;
+#if defined(__SSE2__)
+  __m128 m0 = _mm_set1_ps(kMinusInf), m1 = m0, m2 = m0, m3 = m0;
+  for (; c + 16 <= n; c += 16) {
+    m0 = _mm_max_ps(_mm_loadu_ps(x + c), m0);
+    m1 = _mm_max_ps(_mm_loadu_ps(x + c + 4), m1);
+    m2 = _mm_max_ps(_mm_loadu_ps(x + c + 8), m2);
+    m3 = _mm_max_ps(_mm_loadu_ps(x + c + 12), m3);
   }
-  for (; c < n; ++c) m[0] = x[c] > m[0] ? x[c] : m[0];
-  return std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+  for (; c + 4 <= n; c += 4) m0 = _mm_max_ps(_mm_loadu_ps(x + c), m0);
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3)));
+  m = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+#endif
+  for (; c < n; ++c) m = x[c] > m ? x[c] : m;
+  return m;
 }
 
 double sigmoid_double(double x) { return 1.0 / (1.0 + std::exp(-x)); }
@@ -298,13 +335,14 @@ double sigmoid_double(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 struct BlockScratch {
   SigmoidScratch sigmoid;
   std::vector<int64_t> rows, positions, anchors;
-  std::vector<float> row_bound, scores, centerness_scores;
+  std::vector<float> row_max, row_bound, scores, centerness_scores;
   std::vector<double> best;
   std::vector<Pair> pairs;
 };
 
-// A class logit at or below row_bound[r] (for rows[r]) cannot give a pair that
-// both passes the threshold and is among the block's `k` best scores.
+// A class logit at or below row_bound[r] (for rows[r], whose max logit is
+// row_max[r]) cannot give a pair that both passes the threshold and is among the
+// block's `k` best scores.
 //
 // The k rows with the best score of their best class give k pairs scoring at
 // least about s_k, the k-th best of those row scores, so a pair of the top k
@@ -316,19 +354,24 @@ struct BlockScratch {
 // such ties can have far lower logits than the k-th row's. Dense blocks then
 // score a few pairs per row at most, instead of every pair. NaN logits are left
 // out of a row's max: the max of the rest is a real pair of that row.
-void topk_row_bounds(const float* logits, const float* centerness, int64_t C, float bound,
-                     int64_t k, BlockScratch& s) {
+void topk_row_bounds(const float* centerness, float bound, int64_t k, BlockScratch& s) {
   const int64_t n = static_cast<int64_t>(s.rows.size());
-  s.best.resize(static_cast<size_t>(n));
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t a = s.rows[r];
-    double best = sigmoid_double(max_ignoring_nan(logits + a * C, C));
-    if (centerness != nullptr) best = std::sqrt(best * sigmoid_double(centerness[a]));
-    s.best[r] = best;
+  double kth;
+  if (centerness == nullptr) {  // sigmoid is monotone: the k-th best row max is enough
+    s.best.assign(s.row_max.begin(), s.row_max.end());
+    std::nth_element(s.best.begin(), s.best.begin() + (k - 1), s.best.end(),
+                     std::greater<double>());
+    kth = sigmoid_double(s.best[k - 1]);
+  } else {
+    s.best.resize(static_cast<size_t>(n));
+    for (int64_t r = 0; r < n; ++r) {
+      s.best[r] = std::sqrt(sigmoid_double(s.row_max[r]) * sigmoid_double(centerness[s.rows[r]]));
+    }
+    std::nth_element(s.best.begin(), s.best.begin() + (k - 1), s.best.end(),
+                     std::greater<double>());
+    kth = s.best[k - 1];
   }
-  std::vector<double> kth_of(s.best);
-  std::nth_element(kth_of.begin(), kth_of.begin() + (k - 1), kth_of.end(), std::greater<double>());
-  const double needed = std::max(kth_of[k - 1], 0.0) * (1 - 1e-5);
+  const double needed = std::max(kth, 0.0) * (1 - 1e-5);
   s.row_bound.resize(static_cast<size_t>(n));
   for (int64_t r = 0; r < n; ++r) {
     double p = needed;
@@ -358,18 +401,24 @@ bool select_block_gathered(const LevelInputs& in, int64_t image, int level, Bloc
   const int64_t background = in.params.background_class;
   const int64_t k = in.params.topk_candidates;
   s.rows.clear();
+  s.row_max.clear();
   for (int64_t a = 0; a < A_l; ++a) {
     if (ctr != nullptr && !(ctr[a] > bound)) continue;
-    if (any_above(x + a * C, C, bound)) s.rows.push_back(a);
+    const float row_max = max_ignoring_nan(x + a * C, C);
+    if (row_max > bound) {
+      s.rows.push_back(a);
+      s.row_max.push_back(row_max);
+    }
   }
   const int64_t rows = static_cast<int64_t>(s.rows.size());
   // No top-k bound with a background column, which a row's max could hold.
   const bool topk_bound = background < 0 && A_l > k && rows > k;
-  if (topk_bound) topk_row_bounds(x, ctr, C, bound, k, s);
+  if (topk_bound) topk_row_bounds(ctr, bound, k, s);
   s.positions.clear();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t a = s.rows[r];
     const float row_bound = topk_bound ? s.row_bound[r] : bound;
+    if (!(s.row_max[r] > row_bound)) continue;
     const float* row = x + a * C;
     for (int64_t c = 0; c < C; ++c) {
       if (row[c] > row_bound && c != background) s.positions.push_back(a * C + c);
@@ -405,10 +454,49 @@ bool select_block_gathered(const LevelInputs& in, int64_t image, int level, Bloc
   return true;
 }
 
+// Thresholds and ranks the whole block's scores p [A_l * C].
+void select_from_scores(const LevelInputs& in, const float* p, int64_t A_l, int64_t C,
+                        BlockScratch& s, const BlockOutput& out) {
+  const float thresh = in.params.score_thresh;
+  const int64_t background = in.params.background_class;
+  s.pairs.clear();
+  for (int64_t a = 0; a < A_l; ++a) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float score = p[a * C + c];
+      if (score > thresh && c != background) s.pairs.push_back({score, a * C + c});
+    }
+  }
+  write_best(s.pairs, in.capacity, out);
+}
+
+// Scores one block whole on this thread, torch's bits (the layout is verified),
+// then thresholds and ranks.
+void select_block_chunked(const LevelInputs& in, int64_t image, int level, BlockScratch& s,
+                          const BlockOutput& out) {
+  const int64_t C = in.logits.size(2);
+  const int64_t first = in.levels->start[level];
+  const int64_t A_l = in.levels->start[level + 1] - first;
+  const int64_t numel = A_l * C;
+  s.scores.resize(static_cast<size_t>(numel));
+  sigmoid_chunked(in.logits_data + image * in.image_stride + first * C, numel, in.layout,
+                  s.scores.data());
+  if (in.centerness_data != nullptr) {
+    s.centerness_scores.resize(static_cast<size_t>(A_l));
+    sigmoid_chunked(in.centerness_data + image * in.centerness_image_stride + first, A_l,
+                    in.layout, s.centerness_scores.data());
+    for (int64_t a = 0; a < A_l; ++a) {
+      for (int64_t c = 0; c < C; ++c) s.scores[a * C + c] *= s.centerness_scores[a];
+    }
+    sqrt_like_torch(s.scores.data(), numel);
+  }
+  select_from_scores(in, s.scores.data(), A_l, C, s, out);
+}
+
 // Scores one block whole with torch's own ops on exactly the block torchvision
 // scores (the tensors as given, converted to float32 as the oracle does), then
-// thresholds and ranks. Run on the calling thread for a block at or past the
-// grain, where torch's sigmoid would split it over threads.
+// thresholds and ranks. For blocks whose layout is not known or not verified:
+// run on the calling thread when the block is at or past the grain, where
+// torch's sigmoid splits it over threads as torchvision's call does.
 void select_block_whole(const LevelInputs& in, int64_t image, int level, BlockScratch& s,
                         const BlockOutput& out) {
   const int64_t C = in.logits.size(2);
@@ -420,17 +508,7 @@ void select_block_whole(const LevelInputs& in, int64_t image, int level, BlockSc
     scores = at::sqrt(scores * at::sigmoid(ctr));
   }
   scores = scores.contiguous();
-  const float* p = scores.data_ptr<float>();
-  const float thresh = in.params.score_thresh;
-  const int64_t background = in.params.background_class;
-  s.pairs.clear();
-  for (int64_t a = 0; a < A_l; ++a) {
-    for (int64_t c = 0; c < C; ++c) {
-      const float score = p[a * C + c];
-      if (score > thresh && c != background) s.pairs.push_back({score, a * C + c});
-    }
-  }
-  write_best(s.pairs, in.capacity, out);
+  select_from_scores(in, scores.data_ptr<float>(), A_l, C, s, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_per_level_cpu(
@@ -462,9 +540,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_per_level_cpu(
                                  (!in.centerness.defined() || in.centerness[0].is_contiguous());
   const bool float32 = logits.scalar_type() == at::kFloat &&
                        (!in.centerness.defined() || in.centerness.scalar_type() == at::kFloat);
-  in.gather = in.layout.step > 0 && blocks_contiguous && float32 &&
-              in.params.bound.value > -std::numeric_limits<float>::infinity();
-  if (in.gather) {
+  in.layout_known = in.layout.step > 0 && blocks_contiguous && float32;
+  in.gather = in.layout_known && in.params.bound.value > -std::numeric_limits<float>::infinity();
+  if (in.layout_known) {
     in.logits_data = logits.data_ptr<float>();
     in.image_stride = logits.stride(0);
     in.centerness_data = in.centerness.defined() ? in.centerness.data_ptr<float>() : nullptr;
@@ -495,8 +573,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_per_level_cpu(
                        count_data + segment, levels.start[block.level] * C};
   };
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
-  // Whole blocks at or past the grain run afterwards on this thread, where torch's
-  // sigmoid splits them over threads as torchvision's call does.
+  // Whole blocks of unknown layout at or past the grain run afterwards on this
+  // thread, where torch's sigmoid splits them over threads as torchvision's call does.
   std::vector<uint8_t> deferred(static_cast<size_t>(num_blocks), 0);
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(threads, num_blocks);
@@ -509,7 +587,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_per_level_cpu(
         continue;
       }
       const int64_t numel = (levels.start[block.level + 1] - levels.start[block.level]) * C;
-      if (numel < kGrainSize || threads == 1) {
+      if (in.layout_known) {
+        select_block_chunked(in, block.image, block.level, scratch, output_of(block));
+      } else if (numel < kGrainSize || threads == 1) {
         select_block_whole(in, block.image, block.level, scratch, output_of(block));
       } else {
         deferred[i] = 1;
