@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "cpu/debug_counters.h"
+#include "cpu/select_per_level.h"
 #include "cpu/vector_kernels.h"
 
 // No Python here: the shared library holds only torch registrations (run by its
@@ -30,8 +31,8 @@ TORCH_LIBRARY(ssd_post, m) {
   // score): for every (image, level), the best topk_candidates anchor x class pairs
   // above score_thresh, ranked, as flat indices anchor * C + class [B, L, k], their
   // scores [B, L, k] and counts [B, L] (k = min(topk_candidates, largest A_l * C);
-  // slots past a count hold -1 and 0). CUDA only: the CPU path is ssd_post/per_level.py,
-  // which reproduces torch's CPU sigmoid bits.
+  // slots past a count hold -1 and 0). On the CPU the scores are torch's sigmoid bits
+  // (cpu/select_per_level.cpp), on CUDA the device's expf.
   m.def(
       "select_per_level(Tensor logits, Tensor? centerness, int[] level_sizes, float score_thresh, "
       "int topk_candidates, int? background_class) -> (Tensor flat, Tensor scores, Tensor counts)");
@@ -42,4 +43,7 @@ TORCH_LIBRARY(ssd_post, m) {
   // again], summed over all threads since the last reset (cpu/debug_counters.h);
   // reset=True sets them back to 0 after reading.
   m.def("_debug_counters(bool reset=False) -> int[]", &ssd_post::cpu::read_counters);
+  // How the CPU select_per_level scores its blocks at the current thread count
+  // ("gathered" or "whole_block", after its self-check): for tests and bug reports.
+  m.def("per_level_cpu_scoring() -> str", [] { return ssd_post::cpu::per_level_scoring(); });
 }

@@ -23,6 +23,7 @@ __all__ = [
     "has_cuda_kernels",
     "check_same_device",
     "cpu_vector_kernels",
+    "per_level_cpu_scoring",
 ]
 
 
@@ -59,9 +60,20 @@ def cpu_vector_kernels() -> str:
     return torch.ops.ssd_post.cpu_vector_kernels()
 
 
+def per_level_cpu_scoring() -> str:
+    """How the CPU ``select_per_level`` scores its (image, level) blocks in this
+    process at the current thread count: ``"gathered"`` (only the pairs a logit
+    bound lets through, with torch's sigmoid bits, after a self-check against
+    ``torch.sigmoid``) or ``"whole_block"`` (torch.sigmoid of every block: the
+    self-check failed, e.g. on a torch whose loop layout differs)."""
+    require_extension()
+    return torch.ops.ssd_post.per_level_cpu_scoring()
+
+
 def level_capacity(level_sizes: List[int], num_classes: int, topk_candidates: int) -> int:
     """Slots per (image, level) of ``select_per_level``: min(topk, largest A_l * C)
-    (common/select_params.h ``level_capacity``; keep the two equal)."""
+    (common/select_params.h ``level_capacity``, which sizes the kernels' outputs; a
+    test holds the two equal)."""
     return min(topk_candidates, max(level_sizes) * num_classes)
 
 
@@ -73,7 +85,7 @@ def select_per_level_op(
     topk_candidates: int,
     background_class: Optional[int],
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Direct call of ``torch.ops.ssd_post.select_per_level`` (CUDA only; inputs checked).
+    """Direct call of ``torch.ops.ssd_post.select_per_level`` (CPU and CUDA; inputs checked).
 
     Returns:
         flat (Tensor[B, L, k] int64, anchor * C + class, -1 past the count), scores
@@ -170,8 +182,7 @@ def decode_threshold_flatten_op(
     background_class: Optional[int],
     clip_boxes: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Direct call of ``torch.ops.ssd_post.decode_threshold_flatten`` (tensors already
-    normalised)."""
+    """Direct call of ``torch.ops.ssd_post.decode_threshold_flatten`` (tensors normalised)."""
     require_extension()
     return torch.ops.ssd_post.decode_threshold_flatten(
         locs,

@@ -145,6 +145,40 @@ def _per_level_candidates(
     return _cat_candidates(anchor_idxs, image_scores, image_labels)
 
 
+def select_per_level_loop(
+    logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig, level_sizes: List[int]
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The oracle of ``ssd_post::select_per_level`` (``per_level.select_per_level``):
+    one (image, level) block at a time, scored whole as torchvision scores it.
+
+    Args:
+        logits (Tensor[B, A, C]), centerness (Tensor[B, A, 1] or None).
+
+    Returns:
+        image, anchor, label (Tensor[N] int64) and score (Tensor[N] float32), by
+        image, then level, then rank (score descending, equal scores by anchor * C
+        + class), at most ``topk_candidates`` per (image, level).
+    """
+    background = config.resolve_background_class(logits.shape[2])
+    images, anchors, labels, scores = [], [], [], []
+    for i in range(logits.shape[0]):
+        anchor, score, label = _per_level_candidates(
+            logits[i],
+            None if centerness is None else centerness[i],
+            level_sizes,
+            config,
+            background,
+        )
+        images.append(torch.full_like(anchor, i))
+        anchors.append(anchor)
+        labels.append(label)
+        scores.append(score)
+    if not images:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, empty, torch.zeros(0)
+    return torch.cat(images), torch.cat(anchors), torch.cat(labels), torch.cat(scores)
+
+
 def _cat_candidates(
     anchor_idxs: List[Tensor], scores: List[Tensor], labels: List[Tensor]
 ) -> Tuple[Tensor, Tensor, Tensor]:

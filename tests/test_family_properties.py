@@ -309,26 +309,3 @@ def test_per_level_runs_on_the_device_of_its_inputs(device, activation):
     assert_postprocess_match(
         (expected.boxes, expected.scores, expected.labels, expected.num_detections), fields
     )
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("numel", [1, 15, 16, 1007, 32767, 32768, 100_003, 838_656])
-def test_sigmoid_at_gives_the_bits_of_a_whole_block_sigmoid(numel, threads):
-    from ssd_post.block_sigmoid import loop_step, sigmoid_at
-
-    step = loop_step()
-    if step is None:
-        pytest.skip("unknown vector width on this CPU: the per-level path computes whole blocks")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        block = torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 6
-        expected = torch.sigmoid(block)
-        positions = torch.arange(numel)
-        actual = sigmoid_at(block, positions, step)
-        sparse = positions[::7]
-        sparse_actual = sigmoid_at(block, sparse, step)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(actual, expected)
-    assert torch.equal(sparse_actual, expected[sparse])

@@ -1,8 +1,9 @@
-"""The per-level selection kernel (csrc/cuda, ``ssd_post::select_per_level``) equals
-the CPU path (ssd_post/per_level.py), on a GPU where there is one and everywhere
-through the CUDA emulator (tests/cuda_emulation): the same pairs in the same rank
-order per (image, level), scores within float rounding (the device's expf against
-torch's CPU sigmoid)."""
+"""The per-level selection op ``ssd_post::select_per_level`` equals the oracle
+(``reference.select_per_level_loop``, torch ops on whole blocks): its CPU kernel to
+the bit; its CUDA kernel (on a GPU where there is one, and everywhere through the
+CUDA emulator, tests/cuda_emulation) with the same pairs in the same rank order per
+(image, level) and scores within float rounding (the device's expf against torch's
+CPU sigmoid)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 import cuda_emulation
 from cuda_parity import assert_ranked_rows_match
-from ssd_post import PostprocessConfig, ops, per_level
+from ssd_post import PostprocessConfig, ops, per_level, reference
 
 pytestmark = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs a C++ compiler")
 
@@ -28,6 +29,10 @@ def _device_op(logits, centerness, level_sizes, score_thresh, topk, background):
         background,
     )
     return tuple(t.cpu() for t in out)
+
+
+def _cpu_op(logits, centerness, level_sizes, score_thresh, topk, background):
+    return ops.select_per_level_op(logits, centerness, level_sizes, score_thresh, topk, background)
 
 
 def _emulated_op(logits, centerness, level_sizes, score_thresh, topk, background):
@@ -54,10 +59,11 @@ def _emulated_op(logits, centerness, level_sizes, score_thresh, topk, background
             ],
         ),
         "emulated",
+        "cpu",
     ]
 )
 def select_op(request):
-    return _device_op if request.param == "device" else _emulated_op
+    return {"device": _device_op, "emulated": _emulated_op, "cpu": _cpu_op}[request.param]
 
 
 def _config(**kw) -> PostprocessConfig:
@@ -80,16 +86,19 @@ def _groups(image, anchor, label, score, level_sizes, batch, num_classes):
     level = torch.bucketize(anchor, ends, right=True)
     flat = anchor * num_classes + label
     return {
-        (b, l): (flat[(image == b) & (level == l)], score[(image == b) & (level == l)])
+        (b, lvl): (flat[(image == b) & (level == lvl)], score[(image == b) & (level == lvl)])
         for b in range(batch)
-        for l in range(len(level_sizes))
+        for lvl in range(len(level_sizes))
     }
 
 
 def assert_same_selection(select_op, logits, centerness, config, level_sizes):
     batch, _, num_classes = logits.shape
-    expected = per_level.select_per_level(logits, centerness, config, level_sizes)
+    expected = reference.select_per_level_loop(logits, centerness, config, level_sizes)
     got = per_level.select_with_kernel(select_op, logits, centerness, config, level_sizes)
+    if select_op is _cpu_op:  # torch's own sigmoid bits, the oracle's order
+        for name, want_t, got_t in zip(("image", "anchor", "label", "score"), expected, got):
+            assert torch.equal(got_t, want_t), f"{name} differs from the oracle"
     want = _groups(*expected, level_sizes, batch, num_classes)
     have = _groups(*got, level_sizes, batch, num_classes)
     assert sum(v[0].numel() for v in want.values()) > 0, "the case should select something"
@@ -240,7 +249,7 @@ def level_problems(draw):
 def test_kernel_matches_cpu_path_on_random_problems(select_op, problem):
     logits, ctr, config, levels = problem
     batch, _, num_classes = logits.shape
-    expected = per_level.select_per_level(logits, ctr, config, levels)
+    expected = reference.select_per_level_loop(logits, ctr, config, levels)
     if expected[0].numel() == 0:
         flat, _, counts = select_op(
             logits,

@@ -12,7 +12,7 @@ from torchvision.models import detection
 import ssd_post
 from common_utils import assert_same_detections_up_to_ties
 from models import build_model, check_model_options
-from ssd_post import per_level, reference
+from ssd_post import reference
 from training.config import ConfigError, config_from_dict, load_config
 from models.detector import get_postprocess
 from training.evaluation import StageTimer, infer_batch
@@ -87,21 +87,6 @@ def test_predict_equals_torchvisions_retinanet(pair, batch, topk, monkeypatch):
     assert int(got.num_detections.max()) <= 5 * topk
     assert_same_detections_up_to_ties(got, expected)
     assert_same_detections_up_to_ties(loop, expected)
-
-
-@pytest.mark.slow  # ResNet-50 FPN forward passes
-def test_whole_block_path_used_on_cuda_equals_torchvision(pair, monkeypatch):
-    # Off the CPU no loop layout is known, so every (image, level) block is scored
-    # whole (the CUDA path); run that path here.
-    theirs, ours = pair
-    monkeypatch.setattr(per_level, "loop_step", lambda: None)
-    images = _images(2, seed=3)
-    with torch.no_grad():
-        expected = ssd_post.Detections.from_list(
-            theirs(list(images)), ours.postprocess_config.detections_per_img
-        )
-        got = ours.predict(_normalise(images, ours))
-    assert_same_detections_up_to_ties(got, expected)
 
 
 @pytest.mark.slow  # ResNet-50 FPN forward passes

@@ -134,8 +134,9 @@ inline BatchDims check_level_inputs(const at::Tensor& logits,
                 "centerness should be [B, A] or [B, A, 1] = [", B, ", ", A, "], got ", ctr.sizes());
   }
   const int64_t count = static_cast<int64_t>(level_sizes.size());
-  TORCH_CHECK(count >= 1 && count <= kMaxLevels, "level_sizes should have 1 to ", kMaxLevels,
-              " levels, got ", count);
+  // A ValueError in Python: the one place where the level limit is checked.
+  TORCH_CHECK_VALUE(count >= 1 && count <= kMaxLevels, "level_sizes should have 1 to ",
+                    kMaxLevels, " levels, got ", count);
   int64_t total = 0;
   for (const int64_t n : level_sizes) {
     TORCH_CHECK(n >= 0, "level_sizes should be >= 0, got ", level_sizes);

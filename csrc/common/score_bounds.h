@@ -21,9 +21,12 @@ enum class Activation : int { kSoftmax = 0, kSigmoid = 1 };
 // Room left between the pruning bound and the true threshold, in logit units.
 constexpr double kBoundMargin = 1e-2;
 
-// Sigmoid above this threshold is not pruned: near 1 the margin's effect on p
-// falls under float resolution.
+// Sigmoid above this threshold is not pruned: near 1 the margin's effect on p,
+// p (1 - p) kBoundMargin, falls toward float resolution.
 constexpr double kSigmoidPruneMaxThresh = 0.99;
+// Nor below this one: a sigmoid that small is near float's subnormal range, where
+// its relative rounding error is no longer small.
+constexpr double kSigmoidPruneMinThresh = 1e-30;
 
 struct ScoreBound {
   // A logit (softmax: logit minus the row max) at or below `value` cannot pass.
@@ -36,9 +39,22 @@ inline ScoreBound make_score_bound(Activation activation, double score_thresh) {
   if (activation == Activation::kSoftmax) {
     return {static_cast<float>(std::log(score_thresh) - kBoundMargin)};
   }
-  if (score_thresh >= kSigmoidPruneMaxThresh) return {minus_inf};
+  if (score_thresh >= kSigmoidPruneMaxThresh || score_thresh < kSigmoidPruneMinThresh) {
+    return {minus_inf};
+  }
   const double logit = std::log(score_thresh) - std::log1p(-score_thresh);
   return {static_cast<float>(logit - kBoundMargin)};
+}
+
+// The logit bound of the per-level selection (RetinaNet, FCOS), on the CPU and on
+// CUDA: sigmoid(x) > t, or with centerness FCOS's sqrt(sigmoid(x) * sigmoid(c)) > t,
+// which needs both sigmoids > t^2: the bound is taken at t^2 (1 - 1e-3), the
+// relative slack covering the rounding of the product and the square root. It
+// bounds the class and the centerness logit alike.
+inline ScoreBound make_level_score_bound(double score_thresh, bool with_centerness) {
+  const double bounded = with_centerness ? score_thresh * score_thresh * (1.0 - 1e-3)
+                                         : score_thresh;
+  return make_score_bound(Activation::kSigmoid, bounded);
 }
 
 // Same op order as torch: sigmoid(x) = 1 / (1 + exp(-x)).

@@ -48,7 +48,8 @@ inline int64_t padded_detections(int64_t detections_per_img, int64_t topk_candid
 }
 
 // Per-level selection (RetinaNet, FCOS): the anchor range of each feature level,
-// passed to the kernels by value. Levels are [start[l], start[l + 1]).
+// passed to the kernels by value. Levels are [start[l], start[l + 1]). The CPU and
+// CUDA ops accept the same level counts, 1..kMaxLevels (checks.h).
 constexpr int kMaxLevels = 16;
 
 struct LevelTable {
@@ -66,16 +67,13 @@ inline LevelTable make_level_table(const int64_t* level_sizes, int count) {
   return table;
 }
 
-// SelectParams of the per-level selection: sigmoid scores, with centerness FCOS's
-// sqrt(sigmoid(x) * sigmoid(c)) > t, which needs both sigmoids > t^2: the logit
-// bound is taken at t^2 (1 - 1e-3), the relative slack covering the rounding of
-// the product and the square root. topk_candidates is clamped by level_capacity().
+// SelectParams of the per-level selection (CPU and CUDA): sigmoid scores, with
+// centerness FCOS's, pruned by make_level_score_bound. topk_candidates is clamped
+// by level_capacity().
 inline SelectParams make_level_select_params(double score_thresh, int64_t topk_candidates,
                                              bool with_centerness, int64_t background_class) {
-  const double bound_thresh =
-      with_centerness ? score_thresh * score_thresh * (1.0 - 1e-3) : score_thresh;
   return {Activation::kSigmoid, static_cast<float>(score_thresh),
-          make_score_bound(Activation::kSigmoid, bound_thresh), topk_candidates,
+          make_level_score_bound(score_thresh, with_centerness), topk_candidates,
           background_class};
 }
 
