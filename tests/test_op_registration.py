@@ -27,7 +27,7 @@ KERNEL_DEVICES = {
     "postprocess": ("cpu", "cuda"),
     "decode_threshold_flatten": ("cpu", "cuda"),
     "batched_nms": ("cpu", "cuda"),
-    "select_per_level": ("cuda",),
+    "select_per_level": ("cpu", "cuda"),
 }
 OPS = tuple(KERNEL_DEVICES)
 COMMON = dict(
