@@ -26,10 +26,8 @@ struct OutputOrder {
 
 }  // namespace
 
-BoundedNms::BoundedNms(int64_t num_classes, double nms_thresh)
-    : nms_thresh_(nms_thresh),
-      kept_(static_cast<size_t>(num_classes)),
-      scales_(at::empty({0}, at::kFloat)) {}
+BoundedNms::BoundedNms(int64_t /*num_classes*/, double nms_thresh)
+    : nms_thresh_(nms_thresh), scales_(at::empty({0}, at::kFloat)) {}
 
 void BoundedNms::add_class(const std::vector<Candidate>& ranked, int64_t label) {
   for (const Candidate& c : ranked) {
@@ -37,20 +35,10 @@ void BoundedNms::add_class(const std::vector<Candidate>& ranked, int64_t label) 
   }
 }
 
-bool BoundedNms::survives(const float* box, float area, int64_t label) const {
-  const std::vector<float>& kept = kept_[static_cast<size_t>(label)];
-  for (size_t i = 0; i < kept.size(); i += 5) {
-    // The kept box first, as greedy NMS compares them (box_iou is not symmetric
-    // in how it treats NaN).
-    if (suppresses(box_iou(&kept[i], kept[i + 4], box, area), nms_thresh_)) return false;
-  }
-  return true;
-}
-
 bool BoundedNms::run(int64_t b, const DecodeParams& params, const PostprocessOutputs& out,
                      float trust) {
   const int64_t n = static_cast<int64_t>(candidates_.size());
-  for (auto& kept : kept_) kept.clear();
+  kept_.start(nms_thresh_, out.K);
   int64_t count = 0;
   int64_t chunk = std::max(out.K, kMinChunk);
   for (int64_t first = 0; first < n && count < out.K; first += chunk, chunk *= 2) {
@@ -69,12 +57,10 @@ bool BoundedNms::run(int64_t b, const DecodeParams& params, const PostprocessOut
     for (int64_t i = 0; i < m && count < out.K; ++i) {
       if (!(items[i].score > trust)) return undo(b, count, out);
       const float* box = boxes_.data() + 4 * i;
-      const float area = box_area(box);
       const int64_t label = items[i].label;
-      if (!survives(box, area, label)) continue;
-      std::vector<float>& kept = kept_[static_cast<size_t>(label)];
-      kept.insert(kept.end(), box, box + 4);
-      kept.push_back(area);
+      // The kept boxes of the class are compared first, as greedy NMS does
+      // (box_iou is not symmetric in how it treats NaN).
+      if (!kept_.offer(box, label)) continue;
       const int64_t slot = b * out.K + count++;
       std::copy_n(box, 4, out.boxes + 4 * slot);
       out.scores[slot] = items[i].score;

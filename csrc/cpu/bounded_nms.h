@@ -21,6 +21,7 @@
 
 #include "../common/decode_params.h"
 #include "candidates.h"
+#include "nms.h"
 
 namespace ssd_post {
 namespace cpu {
@@ -64,14 +65,11 @@ class BoundedNms {
   // Clears the count slots run wrote for image b and the candidates; returns false.
   bool undo(int64_t b, int64_t count, const PostprocessOutputs& out);
 
-  // Whether the box (with its area) survives against the kept boxes of `label`.
-  bool survives(const float* box, float area, int64_t label) const;
-
   double nms_thresh_;
   std::vector<ImageCandidate> candidates_;
-  // Per class, the kept boxes of the current image, 5 floats each (x1, y1, x2, y2,
-  // area).
-  std::vector<std::vector<float>> kept_;
+  // The kept boxes of the current image, one group per class (the greedy scan of
+  // batched_nms's max_kept, whose IoU test runs a vector of kept boxes at a time).
+  GreedyScan kept_;
   at::Tensor scales_;         // (dw, dh) of a chunk, exp'd in place by torch
   std::vector<float> boxes_;  // [chunk, 4] decoded boxes of a chunk
 };
