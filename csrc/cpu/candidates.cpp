@@ -98,7 +98,11 @@ float CandidateScanner::row_bound() const {
   for (int64_t c = 0; c < C_; ++c) {
     if (c != params_.background_class) lowest = std::min(lowest, limits_[c]);
   }
-  return make_score_bound(Activation::kSoftmax, lowest).value;
+  return row_bound_at(lowest);
+}
+
+float CandidateScanner::row_bound_at(float lowest_limit) const {
+  return make_score_bound(Activation::kSoftmax, lowest_limit).value;
 }
 
 template <typename scalar_t>
@@ -106,6 +110,8 @@ void CandidateScanner::scan_softmax(const scalar_t* image, int64_t a_begin, int6
   constexpr bool kIsFloat = std::is_same<scalar_t, float>::value;
   if (!kIsFloat && converted_.empty()) converted_.resize(static_cast<size_t>(kBlockRows * C_));
   float* staged = pending_rows_.data_ptr<float>();
+  // The row bound while every class limit is still the threshold (row_bound_at).
+  const float threshold_bound = row_bound_at(params_.score_thresh);
   for (int64_t block = a_begin; block < a_end; block += kBlockRows) {
     const int64_t rows = std::min(kBlockRows, a_end - block);
     const float* block_rows;
@@ -115,8 +121,9 @@ void CandidateScanner::scan_softmax(const scalar_t* image, int64_t a_begin, int6
       for (int64_t i = 0; i < rows * C_; ++i) converted_[i] = static_cast<float>(image[block * C_ + i]);
       block_rows = converted_.data();
     }
-    const int64_t n = float_rows_may_pass(block_rows, C_, params_.background_class,
-                                          row_bound(), 0, rows, passing_.data());
+    const float bound = row_bound();
+    const int64_t n = float_rows_may_pass(block_rows, C_, params_.background_class, bound,
+                                          bound > threshold_bound, 0, rows, passing_.data());
     for (int64_t i = 0; i < n; ++i) {
       const int64_t r = passing_[i];
       std::copy_n(block_rows + r * C_, C_, staged + pending_count_ * C_);

@@ -109,6 +109,8 @@ class CandidateScanner {
   void flush_softmax_rows();
   // The softmax row test's bound (row_bound.h) for the current class limits.
   float row_bound() const;
+  // The same bound for a lowest foreground limit of `lowest_limit`.
+  float row_bound_at(float lowest_limit) const;
   // Offers a score that passed limits_[c] to class c.
   void offer(int64_t c, float score, int32_t anchor) {
     BoundedCandidates& cands = per_class_[static_cast<size_t>(c)];

@@ -11,6 +11,9 @@ namespace cpu {
 // whether some foreground logit x_c (column `background` excluded, -1: none) has
 // x_c - m - log(S_lo) > bound, with m = max(row) and S_lo <= sum_k exp(x_k - m) a
 // lower bound of the softmax denominator (so that log(p_c) <= x_c - m - log(S_lo)).
+// Without use_denominator, S_lo = 1 (the test then costs one max per row): the
+// denominator pays only once the class limits have risen above the threshold,
+// while at the threshold it rarely rules out a row that the max test lets through.
 // Writes the passing row indices, in increasing order, to `passing` (room for
 // end - begin entries) and returns how many there are.
 //
@@ -19,7 +22,7 @@ namespace cpu {
 // probabilities from torch's softmax, which turns such a row into NaN, and NaN is
 // never kept, so both answers give the same detections.
 int64_t float_rows_may_pass(const float* rows, int64_t C, int64_t background, float bound,
-                            int64_t begin, int64_t end, int32_t* passing);
+                            bool use_denominator, int64_t begin, int64_t end, int32_t* passing);
 
 // The columns c in [0, C) of one row of probabilities with row[c] > limit[c] (NaN
 // never is), in increasing order, written to `columns` (room for C entries);

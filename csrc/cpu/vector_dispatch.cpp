@@ -27,8 +27,9 @@ const VectorKernels& vector_kernels() {
 }
 
 int64_t float_rows_may_pass(const float* rows, int64_t C, int64_t background, float bound,
-                            int64_t begin, int64_t end, int32_t* passing) {
-  return vector_kernels().rows_may_pass(rows, C, background, bound, begin, end, passing);
+                            bool use_denominator, int64_t begin, int64_t end, int32_t* passing) {
+  return vector_kernels().rows_may_pass(rows, C, background, bound, use_denominator, begin, end,
+                                        passing);
 }
 
 int64_t columns_above(const float* row, const float* limit, int64_t C, int32_t* columns) {

@@ -117,7 +117,8 @@ inline float sum_exp_lower_bound(const float* x, int64_t n, float m) {
 // p_c = exp(x_c - m) / S <= exp(x_c - m) / S_lo with S_lo <= S: a row whose best
 // foreground logit fails (x - m) - log(S_lo) > bound cannot pass. The cheap test
 // without S_lo comes first: it decides most rows of a sparse image.
-inline bool row_may_pass(const float* row, int64_t C, int64_t background, float bound) {
+inline bool row_may_pass(const float* row, int64_t C, int64_t background, float bound,
+                         bool use_denominator) {
   float fg, m;
   if (background < 0) {
     fg = m = max_range(row, C);  // the max column itself gives x - m = 0
@@ -130,16 +131,17 @@ inline bool row_may_pass(const float* row, int64_t C, int64_t background, float 
   }
   const float y = fg - m;
   if (!(y > bound)) return false;
+  if (!use_denominator) return true;
   return (y - std::log(sum_exp_lower_bound(row, C, m))) > bound;
 }
 
 int64_t rows_may_pass(const float* rows, int64_t C, int64_t background, float bound,
-                      int64_t begin, int64_t end, int32_t* passing) {
+                      bool use_denominator, int64_t begin, int64_t end, int32_t* passing) {
   int64_t count = 0;
   for (int64_t r = begin; r < end; ++r) {
     // Branch-free append: the store always happens, the count moves on a pass.
     passing[count] = static_cast<int32_t>(r);
-    count += row_may_pass(rows + r * C, C, background, bound) ? 1 : 0;
+    count += row_may_pass(rows + r * C, C, background, bound, use_denominator) ? 1 : 0;
   }
   return count;
 }

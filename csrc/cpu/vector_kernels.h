@@ -32,7 +32,7 @@ constexpr int64_t kVectorPad = 16;
 struct VectorKernels {
   // See float_rows_may_pass in row_bound.h.
   int64_t (*rows_may_pass)(const float* rows, int64_t C, int64_t background, float bound,
-                           int64_t begin, int64_t end, int32_t* passing);
+                           bool use_denominator, int64_t begin, int64_t end, int32_t* passing);
   // See columns_above in row_bound.h.
   int64_t (*columns_above)(const float* row, const float* limit, int64_t C, int32_t* columns);
   // Greedy NMS over n ranked boxes: keep[] holds 1 on entry; clears keep[j] for
