@@ -36,13 +36,10 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include "../common/checks.h"
 #include "../common/select_params.h"
 #include "select_per_level.h"
+#include "vector_kernels.h"
 
 namespace ssd_post {
 namespace cpu {
@@ -303,32 +300,6 @@ void write_best(std::vector<Pair>& pairs, int64_t capacity, const BlockOutput& o
   *out.count = n;
 }
 
-// The largest non-NaN value of x[0, n) (-inf if none). Some x[c] > bound exactly
-// when this max is > bound, and a NaN never passes, so one max per row tells which
-// rows may hold a passing pair; on a trained head this pass is all that most rows
-// cost, and it reads every logit, so it runs a vector at a time (SSE's max returns
-// its second operand when one is NaN: the NaN is skipped).
-float max_ignoring_nan(const float* x, int64_t n) {
-  constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
-  int64_t c = 0;
-  float m = kMinusInf;
-#if defined(__SSE2__)
-  __m128 m0 = _mm_set1_ps(kMinusInf), m1 = m0, m2 = m0, m3 = m0;
-  for (; c + 16 <= n; c += 16) {
-    m0 = _mm_max_ps(_mm_loadu_ps(x + c), m0);
-    m1 = _mm_max_ps(_mm_loadu_ps(x + c + 4), m1);
-    m2 = _mm_max_ps(_mm_loadu_ps(x + c + 8), m2);
-    m3 = _mm_max_ps(_mm_loadu_ps(x + c + 12), m3);
-  }
-  for (; c + 4 <= n; c += 4) m0 = _mm_max_ps(_mm_loadu_ps(x + c), m0);
-  alignas(16) float lanes[4];
-  _mm_store_ps(lanes, _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3)));
-  m = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
-#endif
-  for (; c < n; ++c) m = x[c] > m ? x[c] : m;
-  return m;
-}
-
 double sigmoid_double(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // Per-thread buffers.
@@ -402,6 +373,9 @@ bool select_block_gathered(const LevelInputs& in, int64_t image, int level, Bloc
   const int64_t k = in.params.topk_candidates;
   s.rows.clear();
   s.row_max.clear();
+  // One max per row tells which rows may hold a passing pair; on a trained head this
+  // pass, which reads every logit, is all that most rows cost.
+  const auto max_ignoring_nan = vector_kernels().max_ignoring_nan;
   for (int64_t a = 0; a < A_l; ++a) {
     if (ctr != nullptr && !(ctr[a] > bound)) continue;
     const float row_max = max_ignoring_nan(x + a * C, C);

@@ -239,6 +239,27 @@ bool kept_suppress(const BoxColumns& kept, int64_t count, const float* box, floa
   return false;
 }
 
+float max_ignoring_nan(const float* x, int64_t n) {
+  const Vec minus_inf(kMinusInf);
+  Vec m0 = minus_inf, m1 = minus_inf;
+  int64_t i = 0;
+  // `v > m` is false where v is NaN, so the blend keeps m there.
+  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
+    const Vec v0 = Vec::loadu(x + i), v1 = Vec::loadu(x + i + kWidth);
+    m0 = Vec::blendv(m0, v0, v0 > m0);
+    m1 = Vec::blendv(m1, v1, v1 > m1);
+  }
+  for (; i + kWidth <= n; i += kWidth) {
+    const Vec v = Vec::loadu(x + i);
+    m0 = Vec::blendv(m0, v, v > m0);
+  }
+  // No lane holds a NaN, so the order of the reduction does not matter.
+  float m = at::vec::vec_reduce_all<float>(
+      [](const Vec& a, const Vec& b) { return FastOrder::max(a, b); }, FastOrder::max(m0, m1));
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
 bool any_suppresses(const BoxColumns& kept, int64_t count, const float* box, float thresh,
                     bool any_nan) {
   return any_nan ? kept_suppress<ExactOrder>(kept, count, box, thresh)
@@ -250,7 +271,8 @@ bool any_suppresses(const BoxColumns& kept, int64_t count, const float* box, flo
 VectorKernels kernels() {
 #define SSD_POST_STRINGIFY2(x) #x
 #define SSD_POST_STRINGIFY(x) SSD_POST_STRINGIFY2(x)
-  return VectorKernels{rows_may_pass, columns_above, greedy_nms, any_suppresses,
+  return VectorKernels{rows_may_pass,  columns_above,    greedy_nms,
+                       any_suppresses, max_ignoring_nan,
                        SSD_POST_STRINGIFY(SSD_POST_VECTOR_VARIANT)};
 #undef SSD_POST_STRINGIFY
 #undef SSD_POST_STRINGIFY2

@@ -46,6 +46,9 @@ struct VectorKernels {
   // op order. any_nan: whether a coordinate of either side is NaN.
   bool (*any_suppresses)(const BoxColumns& kept, int64_t count, const float* box, float thresh,
                          bool any_nan);
+  // The largest non-NaN value of x[0, n) (-inf if none): some x[c] > bound exactly
+  // when it is > bound, and a NaN never passes (select_per_level's row test).
+  float (*max_ignoring_nan)(const float* x, int64_t n);
   // Which variant this is ("baseline" or "avx2"), for tests and benchmarks.
   const char* name;
 };
