@@ -112,6 +112,7 @@ def _full_pipeline(
     return out
 
 
+@pytest.mark.slow  # a few hundred hypothesis examples
 @settings(max_examples=300, deadline=None)
 @given(problems(exact_boxes=False))
 def test_bounded_scan_equals_the_full_pipeline(problem):
@@ -121,6 +122,7 @@ def test_bounded_scan_equals_the_full_pipeline(problem):
     assert_same_detections(actual, expected)
 
 
+@pytest.mark.slow  # a few hundred hypothesis examples
 @settings(max_examples=200, deadline=None)
 @given(problems(exact_boxes=True))
 def test_bounded_scan_equals_the_oracle(problem):

@@ -16,6 +16,7 @@ from benchmarks.parity import compare  # noqa: E402
 from benchmarks.scenarios import make_inputs  # noqa: E402
 
 
+@pytest.mark.slow  # OpenVINO compiles a model per case
 @pytest.mark.parametrize("peer", ["openvino_multiclass_nms", "openvino_detection_output"])
 @pytest.mark.parametrize(
     "scenario, model, batch",

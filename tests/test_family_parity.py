@@ -45,7 +45,10 @@ def _spread_class_logits(model, target_std: float) -> None:
     last_conv.bias.zero_()
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+# ResNet-50 FPN models, built and run at full size: the slow tier.
+@pytest.fixture(
+    scope="module", params=[pytest.param(name, marks=pytest.mark.slow) for name in sorted(BUILDERS)]
+)
 def model_outputs(request):
     torch.manual_seed(0)
     model = BUILDERS[request.param](

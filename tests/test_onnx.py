@@ -87,7 +87,9 @@ def _assert_runtime_matches(path: str, runtime: str, scenario: str, model: str, 
 
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
 @pytest.mark.parametrize("scenario", ["sparse", "dense"])
-@pytest.mark.parametrize("batch", [1, 3])  # exported at B = 2: the batch is dynamic
+@pytest.mark.parametrize(
+    "batch", [1, pytest.param(3, marks=pytest.mark.slow)]
+)  # exported at B = 2: the batch is dynamic (B = 3 in the slow tier)
 def test_toy_matches_ssd_post(toy_onnx, runtime, scenario, batch):
     _assert_runtime_matches(toy_onnx, runtime, scenario, "toy", batch)
 
@@ -275,9 +277,8 @@ def test_tiny_model_end_to_end(tiny_detector, tmp_path, runtime):
     torch.testing.assert_close(got.boxes[:, top], want.boxes[:, top], rtol=0, atol=1e-2)
 
 
-@pytest.mark.parametrize(
-    "opset", [ssd_onnx.SUPPORTED_OPSETS[-1]]
-)  # the default (18) is tested above
+@pytest.mark.slow  # the default opset (18) is tested in the fast tier above
+@pytest.mark.parametrize("opset", [ssd_onnx.SUPPORTED_OPSETS[-1]])
 def test_newest_supported_opset(tmp_path, opset):
     onnx = pytest.importorskip("onnx")
     inp = make_inputs("dense", "toy", 2, seed=7)
@@ -364,6 +365,7 @@ def test_batched_nms_has_no_lowering(tmp_path):
         )
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_import_ssd_post_does_not_import_onnx():
     code = "import sys, ssd_post; print('onnx' in sys.modules or 'onnxscript' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

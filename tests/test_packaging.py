@@ -86,6 +86,7 @@ def _run(script: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_import_ssd_post_needs_no_training_module():
     result = _run(LEAN_IMPORT)
     assert result.returncode == 0, result.stderr[-3000:]

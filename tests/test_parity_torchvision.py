@@ -42,7 +42,14 @@ def _spread_class_logits(model, target_std: float) -> None:
             last_conv.bias.mul_(target_std / std)
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+# SSD300-VGG16 is a full-size model (about 30 s to build and run here): the slow tier.
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(name, marks=pytest.mark.slow) if name == "ssd300_vgg16" else name
+        for name in sorted(BUILDERS)
+    ],
+)
 def model_outputs(request):
     torch.manual_seed(0)
     model = BUILDERS[request.param](weights=None, weights_backbone=None, num_classes=91).eval()
