@@ -8,6 +8,7 @@ import it at the top instead of importing each other inside functions.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from typing import Dict, List
@@ -63,3 +64,11 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def write_json(path: str, result: Dict) -> None:
+    """Writes one benchmark's result to ``path`` (folders made as needed) and says so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 from typing import Dict, List, Optional
 
@@ -23,7 +22,7 @@ import torchvision
 
 import ssd_post
 
-from .common import RESULTS_DIR, machine_info
+from .common import RESULTS_DIR, machine_info, write_json
 from .timing import time_calls
 
 IMAGE_SIZE = 640.0
@@ -104,10 +103,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "median_ms": medians_ms,
         "max_kept_over": ratios,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
@@ -32,7 +31,7 @@ from torch import Tensor
 import ssd_post
 from ssd_post.yolo import cxcywh_to_xyxy
 
-from .common import RESULTS_DIR, machine_info
+from .common import RESULTS_DIR, machine_info, write_json
 
 IMAGE_SIZE = 640
 STRIDES = (8, 16, 32)  # YOLOv8 at 640: 80x80 + 40x40 + 20x20 = 8400 anchors
@@ -240,10 +239,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "ultralytics_importable": external is not None,
         "regimes": results,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 

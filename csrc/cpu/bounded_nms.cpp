@@ -26,7 +26,7 @@ struct OutputOrder {
 
 }  // namespace
 
-BoundedNms::BoundedNms(int64_t /*num_classes*/, double nms_thresh)
+BoundedNms::BoundedNms(double nms_thresh)
     : nms_thresh_(nms_thresh), scales_(at::empty({0}, at::kFloat)) {}
 
 void BoundedNms::add_class(const std::vector<Candidate>& ranked, int64_t label) {

@@ -49,7 +49,7 @@ struct PostprocessOutputs {
 // allocated once per thread and reused.
 class BoundedNms {
  public:
-  BoundedNms(int64_t num_classes, double nms_thresh);
+  explicit BoundedNms(double nms_thresh);
 
   // Appends the candidates of class `label` (any order; the top-k cut applied).
   void add_class(const std::vector<Candidate>& ranked, int64_t label);

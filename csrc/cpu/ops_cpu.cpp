@@ -93,7 +93,7 @@ void postprocess_per_image(const at::Tensor& logits, const SelectParams& params,
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     CandidateScanner scanner(params, C);
     scanner.set_image_cap(cap);
-    BoundedNms nms(C, nms_thresh);
+    BoundedNms nms(nms_thresh);
     for (int64_t b = begin; b < end; ++b) {
       add_image(scanner, logits, b, params, nms);
       if (!nms.run(b, in.params, out, scanner.image_floor())) {
@@ -112,7 +112,7 @@ void postprocess_split_anchors(const at::Tensor& logits, const SelectParams& par
   std::vector<float> floors;
   const std::vector<std::vector<Candidate>> merged = rank_segments(logits, params, cap, &floors);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    BoundedNms nms(C, nms_thresh);
+    BoundedNms nms(nms_thresh);
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t c = 0; c < C; ++c) nms.add_class(merged[b * C + c], c);
       if (!nms.run(b, in.params, out, floors[b])) rescan_image(logits, b, params, in, nms, out);
