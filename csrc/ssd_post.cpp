@@ -27,15 +27,24 @@ TORCH_LIBRARY(ssd_post, m) {
       "float score_thresh, float nms_thresh, int topk_candidates, int detections_per_img, "
       "float[] box_weights, str score_activation, int? background_class, bool clip_boxes) "
       "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor num_detections)");
-  // The per-level selection of RetinaNet / FCOS (sigmoid; with centerness FCOS's
-  // score): for every (image, level), the best topk_candidates anchor x class pairs
-  // above score_thresh, ranked, as flat indices anchor * C + class [B, L, k], their
-  // scores [B, L, k] and counts [B, L] (k = min(topk_candidates, largest A_l * C);
-  // slots past a count hold -1 and 0). On the CPU the scores are torch's sigmoid bits
-  // (cpu/select_per_level.cpp), on CUDA the device's expf.
+  // The selection of the single-stage family: for every (image, group) the best
+  // topk_candidates anchor x class pairs whose score is > score_thresh, ranked
+  // (score descending, equal scores by flat index anchor * C + class), as flat
+  // indices [B, G, k], their scores [B, G, k] and counts [B, G]; slots past a count
+  // hold -1 and 0. Groups are the levels of level_sizes (RetinaNet, FCOS, ATSS; one
+  // level: per image, EfficientDet, YOLO) or, per_class, the classes (SSD; one level).
+  // Scores: score_activation ("softmax", "sigmoid", "none") of the logits, over each
+  // (image, level) block as torch computes it, joined with the optional per-anchor
+  // score_factor [B, A(, 1)] (a logit when factor_logits) by factor_mode ("sqrt",
+  // "before_threshold", "after_selection": ranked on the class score, reported
+  // multiplied); single_label keeps only each anchor's best class; classes is an
+  // allow-list of columns. k = select_capacity (common/select_params.h). On the CPU
+  // the scores are torch's bits (cpu/select_per_level.cpp), on CUDA the device's.
   m.def(
-      "select_per_level(Tensor logits, Tensor? centerness, int[] level_sizes, float score_thresh, "
-      "int topk_candidates, int? background_class) -> (Tensor flat, Tensor scores, Tensor counts)");
+      "select_topk(Tensor logits, Tensor? score_factor, int[] level_sizes, float score_thresh, "
+      "int topk_candidates, int? background_class, str score_activation=\"sigmoid\", "
+      "str factor_mode=\"sqrt\", bool factor_logits=True, bool single_label=False, "
+      "int[]? classes=None, bool per_class=False) -> (Tensor flat, Tensor scores, Tensor counts)");
   // Which compilation of cpu/vector_kernels.cpp this process runs ("baseline",
   // "avx2"): for bug reports, and for the tests that run each variant.
   m.def("cpu_vector_kernels() -> str", [] { return std::string(ssd_post::cpu::vector_kernels().name); });
@@ -43,7 +52,7 @@ TORCH_LIBRARY(ssd_post, m) {
   // again], summed over all threads since the last reset (cpu/debug_counters.h);
   // reset=True sets them back to 0 after reading.
   m.def("_debug_counters(bool reset=False) -> int[]", &ssd_post::cpu::read_counters);
-  // How the CPU select_per_level scores its blocks at the current thread count
+  // How the CPU select_topk scores its sigmoid blocks at the current thread count
   // ("gathered" or "whole_block", after its self-check): for tests and bug reports.
   m.def("per_level_cpu_scoring() -> str", [] { return ssd_post::cpu::per_level_scoring(); });
 }

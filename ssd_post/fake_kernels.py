@@ -13,7 +13,7 @@ import torch
 from ._extension import extension_loaded
 from .config import padded_detections
 from .inputs import check_image_sizes_device
-from .ops import check_same_device, level_capacity
+from .ops import check_same_device, select_capacity
 
 
 def _decode_threshold_flatten_fake(
@@ -74,16 +74,30 @@ def _postprocess_fake(
     )
 
 
-def _select_per_level_fake(
-    logits, centerness, level_sizes, score_thresh, topk_candidates, background_class
+def _select_topk_fake(
+    logits,
+    score_factor,
+    level_sizes,
+    score_thresh,
+    topk_candidates,
+    background_class,
+    score_activation="sigmoid",
+    factor_mode="sqrt",
+    factor_logits=True,
+    single_label=False,
+    classes=None,
+    per_class=False,
 ):
     torch._check(logits.dim() == 3, lambda: "logits should be [B, A, C]")
+    if score_factor is not None:
+        check_same_device("logits", {"logits": logits, "score_factor": score_factor})
     batch, _, num_classes = logits.shape
-    k = level_capacity(list(level_sizes), num_classes, topk_candidates)
+    groups = num_classes if per_class else len(level_sizes)
+    k = select_capacity(list(level_sizes), num_classes, topk_candidates, single_label, per_class)
     return (
-        logits.new_empty((batch, len(level_sizes), k), dtype=torch.int64),
-        logits.new_empty((batch, len(level_sizes), k), dtype=torch.float32),
-        logits.new_empty((batch, len(level_sizes)), dtype=torch.int64),
+        logits.new_empty((batch, groups, k), dtype=torch.int64),
+        logits.new_empty((batch, groups, k), dtype=torch.float32),
+        logits.new_empty((batch, groups), dtype=torch.int64),
     )
 
 
@@ -93,4 +107,4 @@ if extension_loaded():
     )
     torch.library.register_fake("ssd_post::batched_nms")(_batched_nms_fake)
     torch.library.register_fake("ssd_post::postprocess")(_postprocess_fake)
-    torch.library.register_fake("ssd_post::select_per_level")(_select_per_level_fake)
+    torch.library.register_fake("ssd_post::select_topk")(_select_topk_fake)

@@ -70,36 +70,66 @@ def per_level_cpu_scoring() -> str:
     return torch.ops.ssd_post.per_level_cpu_scoring()
 
 
-def level_capacity(level_sizes: List[int], num_classes: int, topk_candidates: int) -> int:
-    """Slots per (image, level) of ``select_per_level``: min(topk, largest A_l * C)
-    (common/select_params.h ``level_capacity``, which sizes the kernels' outputs; a
-    test holds the two equal)."""
-    return min(topk_candidates, max(level_sizes) * num_classes)
+def select_capacity(
+    level_sizes: List[int],
+    num_classes: int,
+    topk_candidates: int,
+    single_label: bool = False,
+    per_class: bool = False,
+) -> int:
+    """Slots per (image, group) of ``select_topk``: per_class, min(topk, A); per
+    level, min(topk, pairs of the largest level), one pair per anchor with
+    ``single_label`` (common/select_params.h ``select_capacity``, which sizes the
+    kernels' outputs; a test holds the two equal)."""
+    if per_class:
+        return min(topk_candidates, sum(level_sizes))
+    return min(topk_candidates, max(level_sizes) * (1 if single_label else num_classes))
 
 
-def select_per_level_op(
+def select_topk_op(
     logits: Tensor,
-    centerness: Optional[Tensor],
+    score_factor: Optional[Tensor],
     level_sizes: List[int],
     score_thresh: float,
     topk_candidates: int,
     background_class: Optional[int],
+    score_activation: str = "sigmoid",
+    factor_mode: str = "sqrt",
+    factor_logits: bool = True,
+    single_label: bool = False,
+    classes: Optional[List[int]] = None,
+    per_class: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Direct call of ``torch.ops.ssd_post.select_per_level`` (CPU and CUDA; inputs checked).
+    """Direct call of ``torch.ops.ssd_post.select_topk`` (CPU and CUDA; inputs checked
+    by the op). The oracle is ``reference.select_topk_loop``.
+
+    Args:
+        logits (Tensor[B, A, C]): class logits (or probabilities, ``"none"``).
+        score_factor (Tensor[B, A] or Tensor[B, A, 1], optional): per-anchor factor.
+        level_sizes: anchors per group of levels, summing to A ([A] for per_image
+            and per_class).
 
     Returns:
-        flat (Tensor[B, L, k] int64, anchor * C + class, -1 past the count), scores
-        (Tensor[B, L, k] float32) and counts (Tensor[B, L] int64); each (image, level)
-        ranked by decreasing score, equal scores by flat index; k = level_capacity().
+        flat (Tensor[B, G, k] int64, anchor * C + class, -1 past the count), scores
+        (Tensor[B, G, k] float32, the reported score) and counts (Tensor[B, G] int64);
+        G = C with ``per_class`` else the number of levels; each (image, group)
+        ranked by decreasing score (the class score with "after_selection"), equal
+        scores by flat index; k = select_capacity().
     """
     require_extension()
-    return torch.ops.ssd_post.select_per_level(
+    return torch.ops.ssd_post.select_topk(
         logits,
-        centerness,
+        score_factor,
         [int(n) for n in level_sizes],
         float(score_thresh),
         int(topk_candidates),
         background_class,
+        score_activation,
+        factor_mode,
+        bool(factor_logits),
+        bool(single_label),
+        None if classes is None else [int(c) for c in classes],
+        bool(per_class),
     )
 
 

@@ -4,7 +4,7 @@ torchvision's ``RetinaNet`` / ``FCOS.postprocess_detections`` loop over images a
 feature levels; here the threshold, the per-(image, level) top-k, the decode and the
 NMS run once for the whole batch, with the same bits:
 
-- the selection is the compiled op ``ssd_post::select_per_level`` on the CPU and on
+- the selection is the compiled op ``ssd_post::select_topk`` on the CPU and on
   CUDA: for every (image, level) block, the scores, the threshold and the
   ``topk_candidates`` highest scores over all anchor x class pairs, equal scores by
   flattened index (anchor * C + class). On the CPU its scores are torch's own
@@ -38,7 +38,7 @@ def select_per_level(
     logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig, level_sizes: List[int]
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Scores, threshold and per-(image, level) top-k over anchor x class pairs, by the
-    compiled op ``ssd_post::select_per_level`` on every device.
+    compiled op ``ssd_post::select_topk`` on every device.
 
     Args:
         logits (Tensor[B, A, C]), centerness (Tensor[B, A, 1] or None).
@@ -49,7 +49,7 @@ def select_per_level(
         scores by flattened index anchor * C + class), at most ``topk_candidates``
         per group. ``reference.select_per_level_loop`` is the oracle.
     """
-    return select_with_kernel(ops.select_per_level_op, logits, centerness, config, level_sizes)
+    return select_with_kernel(ops.select_topk_op, logits, centerness, config, level_sizes)
 
 
 def select_with_kernel(
@@ -60,7 +60,7 @@ def select_with_kernel(
     level_sizes: List[int],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`select_per_level` through a per-level selection op with the signature
-    of ``ops.select_per_level_op`` (the compiled op, or the tests' CUDA emulator):
+    of ``ops.select_topk_op`` (the compiled op, or the tests' CUDA emulator):
     the same candidates in the same order on every device; scores are torch's CPU
     sigmoid bits on the CPU, the device's expf on CUDA.
 

@@ -148,7 +148,7 @@ def _per_level_candidates(
 def select_per_level_loop(
     logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig, level_sizes: List[int]
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The oracle of ``ssd_post::select_per_level`` (``per_level.select_per_level``):
+    """The oracle of ``ssd_post::select_topk`` (``per_level.select_per_level``):
     one (image, level) block at a time, scored whole as torchvision scores it.
 
     Args:
@@ -177,6 +177,147 @@ def select_per_level_loop(
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, empty, empty, torch.zeros(0)
     return torch.cat(images), torch.cat(anchors), torch.cat(labels), torch.cat(scores)
+
+
+def _block_scores(
+    logits: Tensor,
+    factor: Optional[Tensor],
+    score_activation: str,
+    factor_mode: str,
+    factor_logits: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Selection and reported scores (Tensor[A_l, C] float32 each) of one (image,
+    level) block: the activation over the whole block as torch computes it, joined
+    with the per-anchor factor (Tensor[A_l] or None) by ``factor_mode``."""
+    logits = logits.float()
+    if score_activation == "softmax":
+        probs = logits.softmax(-1)
+    elif score_activation == "sigmoid":
+        probs = logits.sigmoid()
+    else:
+        probs = logits
+    if factor is None:
+        return probs, probs
+    factor = factor.float()
+    if factor_logits:
+        factor = factor.sigmoid()
+    product = probs * factor[:, None]
+    if factor_mode == "sqrt":
+        return torch.sqrt(product), torch.sqrt(product)
+    if factor_mode == "before_threshold":
+        return product, product
+    return probs, product  # after_selection
+
+
+def _best_columns(scores: Tensor, eligible: Tensor) -> Tensor:
+    """Mask (Tensor[A, C] bool) of each row's best eligible column: the highest score,
+    equal scores to the lower column, NaN ignored; no column for a row with none."""
+    masked = torch.where(eligible & ~scores.isnan(), scores, torch.tensor(float("-inf")))
+    best = torch.zeros_like(eligible)
+    rows = torch.arange(scores.shape[0])
+    has_any = (eligible & ~scores.isnan()).any(1)
+    # argmax returns the first maximum: the lower column among equal scores.
+    best[rows[has_any], masked[has_any].argmax(1)] = True
+    return best
+
+
+def select_topk_loop(
+    logits: Tensor,
+    score_factor: Optional[Tensor],
+    level_sizes: List[int],
+    score_thresh: float,
+    topk_candidates: int,
+    background_class: Optional[int],
+    score_activation: str = "sigmoid",
+    factor_mode: str = "sqrt",
+    factor_logits: bool = True,
+    single_label: bool = False,
+    classes: Optional[List[int]] = None,
+    per_class: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The oracle of ``ssd_post::select_topk`` (same arguments, same outputs), one
+    image and one (image, level) block at a time in plain torch ops.
+
+    Per block ``logits[b, start:end]`` (float32): the class probabilities are
+    ``score_activation`` of the whole block ("softmax" over C, "sigmoid", "none": as
+    given); with ``score_factor`` f (``[B, A]`` or ``[B, A, 1]``; sigmoid of the
+    block's slice when ``factor_logits``), the selection score is sqrt(p * f)
+    ("sqrt"), p * f ("before_threshold") or p ("after_selection", whose reported score
+    is p * f). Eligible columns: all but ``background_class``; with ``single_label``
+    only each anchor's best one (highest selection score, equal scores to the lower
+    column, NaN ignored); then only the columns of ``classes`` when given. A pair is
+    a candidate when eligible and its selection score is ``> score_thresh``; each
+    group (the level; ``per_class``: the class, over the one level) keeps its
+    ``topk_candidates`` best by selection score, equal scores by flat index
+    anchor * C + class.
+
+    Returns:
+        flat (Tensor[B, G, k] int64, -1 past the count), scores (Tensor[B, G, k]
+        float32, reported scores, 0 past the count), counts (Tensor[B, G] int64);
+        k = ``ops.select_capacity``.
+    """
+    from .ops import select_capacity
+
+    batch, num_anchors, num_classes = logits.shape
+    level_sizes = [int(n) for n in level_sizes]
+    groups = num_classes if per_class else len(level_sizes)
+    k = select_capacity(level_sizes, num_classes, topk_candidates, single_label, per_class)
+    flat_out = torch.full((batch, groups, k), -1, dtype=torch.int64)
+    score_out = torch.zeros((batch, groups, k), dtype=torch.float32)
+    count_out = torch.zeros((batch, groups), dtype=torch.int64)
+    factor = None if score_factor is None else score_factor.reshape(batch, num_anchors)
+    columns = torch.ones(num_classes, dtype=torch.bool)
+    if background_class is not None:
+        columns[background_class] = False
+    allowed = torch.ones(num_classes, dtype=torch.bool)
+    if classes is not None:
+        allowed = torch.zeros(num_classes, dtype=torch.bool)
+        allowed[list(classes)] = True
+
+    def write(b: int, group: int, flat: Tensor, select: Tensor, report: Tensor) -> None:
+        order = rank_order(select)[:k]  # flat increases: equal scores stay in flat order
+        n = len(order)
+        flat_out[b, group, :n] = flat[order]
+        score_out[b, group, :n] = report[order]
+        count_out[b, group] = n
+
+    for b in range(batch):
+        start = 0
+        for level, size in enumerate(level_sizes):
+            block = slice(start, start + size)
+            select, report = _block_scores(
+                logits[b, block],
+                None if factor is None else factor[b, block],
+                score_activation,
+                factor_mode,
+                factor_logits,
+            )
+            eligible = columns[None, :].expand(size, num_classes)
+            if single_label:
+                eligible = _best_columns(select, eligible)
+            passing = eligible & allowed[None, :] & (select > score_thresh)
+            if per_class:
+                for c in range(num_classes):
+                    anchors = torch.nonzero(passing[:, c]).flatten()
+                    if len(anchors):
+                        write(
+                            b,
+                            c,
+                            (start + anchors) * num_classes + c,
+                            select[anchors, c],
+                            report[anchors, c],
+                        )
+            else:
+                pairs = torch.nonzero(passing.flatten()).flatten()
+                write(
+                    b,
+                    level,
+                    start * num_classes + pairs,
+                    select.flatten()[pairs],
+                    report.flatten()[pairs],
+                )
+            start += size
+    return flat_out, score_out, count_out
 
 
 def _cat_candidates(

@@ -27,7 +27,7 @@ KERNEL_DEVICES = {
     "postprocess": ("cpu", "cuda"),
     "decode_threshold_flatten": ("cpu", "cuda"),
     "batched_nms": ("cpu", "cuda"),
-    "select_per_level": ("cpu", "cuda"),
+    "select_topk": ("cpu", "cuda"),
 }
 OPS = tuple(KERNEL_DEVICES)
 COMMON = dict(
@@ -45,7 +45,7 @@ def _opcheck_args(op: str, device: str):
         return (locs, logits, anchors, sizes, 0.1, 0.5, 20, 10), COMMON
     if op == "decode_threshold_flatten":
         return (locs, logits, anchors, sizes, 0.1, 20), COMMON
-    if op == "select_per_level":
+    if op == "select_topk":
         centerness = torch.randn(logits.shape[:2], generator=torch.Generator().manual_seed(2))
         # logits, centerness, level_sizes, score_thresh, topk_candidates, background_class
         return (logits, centerness.to(device), [40, 24], 0.3, 12, None), {}

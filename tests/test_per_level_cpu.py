@@ -1,4 +1,4 @@
-"""The CPU kernel of ``ssd_post::select_per_level`` (csrc/cpu/select_per_level.cpp):
+"""The CPU kernel of ``ssd_post::select_topk`` (csrc/cpu/select_per_level.cpp):
 torch's sigmoid bits at every thread count and CPU capability, its self-check and
 fallback, the logit bound near the threshold, and the rules it shares with CUDA
 (level limit, slots per level)."""
@@ -244,11 +244,11 @@ def test_pairs_near_the_threshold_are_kept_exactly(problem):
     ],
 )
 def test_python_capacity_equals_the_kernels(level_sizes, classes, topk):
-    # ops.level_capacity (the fake kernel's slots) and common/select_params.h's
+    # ops.select_capacity (the fake kernel's slots) and common/select_params.h's
     # level_capacity (the CPU and CUDA kernels' slots) fed the same cases.
     logits = torch.zeros(1, sum(level_sizes), classes)
-    flat, scores, counts = ops.select_per_level_op(logits, None, level_sizes, 0.5, topk, None)
-    k = ops.level_capacity(level_sizes, classes, topk)
+    flat, scores, counts = ops.select_topk_op(logits, None, level_sizes, 0.5, topk, None)
+    k = ops.select_capacity(level_sizes, classes, topk)
     assert flat.shape == scores.shape == (1, len(level_sizes), k)
     assert counts.shape == (1, len(level_sizes))
 
@@ -278,7 +278,7 @@ def test_opcheck_select_per_level(with_centerness):
     logits = torch.randn(2, 60, 5, generator=gen) * 2
     centerness = torch.randn(2, 60, 1, generator=gen) if with_centerness else None
     torch.library.opcheck(
-        torch.ops.ssd_post.select_per_level.default, (logits, centerness, [40, 20], 0.2, 30, None)
+        torch.ops.ssd_post.select_topk.default, (logits, centerness, [40, 20], 0.2, 30, None)
     )
 
 
@@ -286,7 +286,7 @@ def test_select_per_level_inside_torch_compile_fullgraph():
     logits = torch.randn(2, 60, 5, generator=torch.Generator().manual_seed(5)) * 2
 
     def run(logits):
-        return torch.ops.ssd_post.select_per_level(logits, None, [40, 20], 0.2, 30, None)
+        return torch.ops.ssd_post.select_topk(logits, None, [40, 20], 0.2, 30, None)
 
     compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(logits), run(logits)):

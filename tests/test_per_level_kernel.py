@@ -1,4 +1,4 @@
-"""The per-level selection op ``ssd_post::select_per_level`` equals the oracle
+"""The per-level selection op ``ssd_post::select_topk`` equals the oracle
 (``reference.select_per_level_loop``, torch ops on whole blocks): its CPU kernel to
 the bit; its CUDA kernel (on a GPU where there is one, and everywhere through the
 CUDA emulator, tests/cuda_emulation) with the same pairs in the same rank order per
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs
 
 
 def _device_op(logits, centerness, level_sizes, score_thresh, topk, background):
-    out = ops.select_per_level_op(
+    out = ops.select_topk_op(
         logits.cuda(),
         None if centerness is None else centerness.cuda(),
         level_sizes,
@@ -32,7 +32,7 @@ def _device_op(logits, centerness, level_sizes, score_thresh, topk, background):
 
 
 def _cpu_op(logits, centerness, level_sizes, score_thresh, topk, background):
-    return ops.select_per_level_op(logits, centerness, level_sizes, score_thresh, topk, background)
+    return ops.select_topk_op(logits, centerness, level_sizes, score_thresh, topk, background)
 
 
 def _emulated_op(logits, centerness, level_sizes, score_thresh, topk, background):
@@ -203,14 +203,14 @@ def test_fake_kernel_shapes_equal_the_kernels():
     config = _config(topk_candidates=40)
     real = cuda_emulation.select_per_level(logits, None, [12, 8], config)
     with FakeTensorMode() as mode:
-        fake = torch.ops.ssd_post.select_per_level(
+        fake = torch.ops.ssd_post.select_topk(
             mode.from_tensor(logits), None, [12, 8], 0.05, 40, None
         )
     assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
 
 
 def test_registered_for_cuda_exactly_when_the_other_ops_are():
-    has = torch._C._dispatch_has_kernel_for_dispatch_key("ssd_post::select_per_level", "CUDA")
+    has = torch._C._dispatch_has_kernel_for_dispatch_key("ssd_post::select_topk", "CUDA")
     assert has is ops.has_cuda_kernels()
 
 

@@ -41,10 +41,13 @@ inline void check_unit_interval(double value, const char* name) {
   TORCH_CHECK(value >= 0.0 && value <= 1.0, name, " should be in [0, 1], got ", value);
 }
 
-inline Activation parse_activation(const std::string& name) {
+// The fused per-class postprocess takes softmax and sigmoid; select_topk "none" too.
+inline Activation parse_activation(const std::string& name, bool allow_none = false) {
   if (name == "softmax") return Activation::kSoftmax;
   if (name == "sigmoid") return Activation::kSigmoid;
-  TORCH_CHECK(false, "score_activation should be 'softmax' or 'sigmoid', got '", name, "'");
+  if (allow_none && name == "none") return Activation::kNone;
+  TORCH_CHECK_VALUE(false, "score_activation should be 'softmax', 'sigmoid'",
+                    allow_none ? " or 'none'" : "", ", got '", name, "'");
   return Activation::kSoftmax;  // unreachable
 }
 
@@ -113,25 +116,31 @@ inline BatchDims check_decode_inputs(const at::Tensor& locs, const at::Tensor& l
   return {B, A, C};
 }
 
-// Validates select_per_level's arguments and returns B, A, C; `levels` receives
-// the anchor range of each level.
-inline BatchDims check_level_inputs(const at::Tensor& logits,
-                                    const c10::optional<at::Tensor>& centerness,
-                                    at::IntArrayRef level_sizes, double score_thresh,
-                                    int64_t topk_candidates,
-                                    c10::optional<int64_t> background_class, LevelTable* levels) {
-  TORCH_CHECK(logits.dim() == 3, "logits should be a 3d tensor [B, A, C], got ", logits.dim(),
-              "D");
+// Validates select_topk's arguments and returns B, A, C; `levels` receives the
+// anchor range of each level and `rule` the scoring and grouping.
+inline BatchDims check_select_inputs(const at::Tensor& logits,
+                                     const c10::optional<at::Tensor>& score_factor,
+                                     at::IntArrayRef level_sizes, double score_thresh,
+                                     int64_t topk_candidates,
+                                     c10::optional<int64_t> background_class,
+                                     const std::string& score_activation,
+                                     const std::string& factor_mode, bool factor_logits,
+                                     bool single_label, c10::OptionalIntArrayRef classes,
+                                     bool per_class, LevelTable* levels, ScoreRule* rule) {
+  TORCH_CHECK_VALUE(logits.dim() == 3, "logits should be a 3d tensor [B, A, C], got ",
+                    logits.dim(), "D");
   check_float_tensor(logits, "logits");
   const int64_t B = logits.size(0), A = logits.size(1), C = logits.size(2);
-  TORCH_CHECK(C >= 1, "logits should have at least one class column, got shape ", logits.sizes());
-  if (centerness.has_value()) {
-    const at::Tensor& ctr = *centerness;
-    check_float_tensor(ctr, "centerness");
-    check_same_device(ctr, logits, "centerness", "logits");
-    TORCH_CHECK((ctr.dim() == 2 || (ctr.dim() == 3 && ctr.size(2) == 1)) && ctr.size(0) == B &&
-                    ctr.size(1) == A,
-                "centerness should be [B, A] or [B, A, 1] = [", B, ", ", A, "], got ", ctr.sizes());
+  TORCH_CHECK_VALUE(C >= 1, "logits should have at least one class column, got shape ",
+                    logits.sizes());
+  if (score_factor.has_value()) {
+    const at::Tensor& factor = *score_factor;
+    check_float_tensor(factor, "score_factor");
+    check_same_device(factor, logits, "score_factor", "logits");
+    TORCH_CHECK_VALUE((factor.dim() == 2 || (factor.dim() == 3 && factor.size(2) == 1)) &&
+                          factor.size(0) == B && factor.size(1) == A,
+                      "score_factor should be [B, A] or [B, A, 1] = [", B, ", ", A, "], got ",
+                      factor.sizes());
   }
   const int64_t count = static_cast<int64_t>(level_sizes.size());
   // A ValueError in Python: the one place where the level limit is checked.
@@ -139,17 +148,53 @@ inline BatchDims check_level_inputs(const at::Tensor& logits,
                     kMaxLevels, " levels, got ", count);
   int64_t total = 0;
   for (const int64_t n : level_sizes) {
-    TORCH_CHECK(n >= 0, "level_sizes should be >= 0, got ", level_sizes);
+    TORCH_CHECK_VALUE(n >= 0, "level_sizes should be >= 0, got ", level_sizes);
     total += n;
   }
-  TORCH_CHECK(total == A, "level_sizes should sum to A = ", A, ", got ", level_sizes);
+  TORCH_CHECK_VALUE(total == A, "level_sizes should sum to A = ", A, ", got ", level_sizes);
+  TORCH_CHECK_VALUE(!per_class || count == 1,
+                    "per_class selection scores each image as one block: level_sizes should be "
+                    "[A], got ", level_sizes);
   check_selection_scalars(score_thresh, topk_candidates, background_class, C);
+  FactorMode mode = FactorMode::kNone;
+  if (factor_mode == "sqrt") {
+    mode = FactorMode::kSqrt;
+  } else if (factor_mode == "before_threshold") {
+    mode = FactorMode::kBeforeThreshold;
+  } else if (factor_mode == "after_selection") {
+    mode = FactorMode::kAfterSelection;
+  } else {
+    TORCH_CHECK_VALUE(false,
+                      "factor_mode should be 'sqrt', 'before_threshold' or 'after_selection', "
+                      "got '", factor_mode, "'");
+  }
+  if (classes.has_value()) {
+    for (const int64_t c : *classes) {
+      TORCH_CHECK_VALUE(c >= 0 && c < C, "classes should be columns in [0, C) with C = ", C,
+                        ", got ", *classes);
+      TORCH_CHECK_VALUE(!background_class.has_value() || c != *background_class,
+                        "classes should not hold the background column ", *background_class,
+                        ", got ", *classes);
+    }
+  }
+  *rule = {parse_activation(score_activation, /*allow_none=*/true),
+           score_factor.has_value() ? mode : FactorMode::kNone, factor_logits, single_label,
+           per_class};
   *levels = make_level_table(level_sizes.data(), static_cast<int>(count));
-  // The kernel indexes a level's pairs with 32-bit arithmetic.
-  TORCH_CHECK(largest_level_pairs(*levels, C) <= std::numeric_limits<uint32_t>::max(),
-              "a feature level should have fewer than 2^32 anchor x class pairs, got ",
-              largest_level_pairs(*levels, C));
+  // The kernels index a level's pairs with 32-bit arithmetic.
+  TORCH_CHECK_VALUE(largest_level_pairs(*levels, C) <= std::numeric_limits<uint32_t>::max(),
+                    "a feature level should have fewer than 2^32 anchor x class pairs, got ",
+                    largest_level_pairs(*levels, C));
   return {B, A, C};
+}
+
+// The allow-list as one flag per column (1: may be reported); all 1 without one.
+inline std::vector<uint8_t> class_allowed_mask(c10::OptionalIntArrayRef classes, int64_t C) {
+  std::vector<uint8_t> allowed(static_cast<size_t>(C), classes.has_value() ? 0 : 1);
+  if (classes.has_value()) {
+    for (const int64_t c : *classes) allowed[static_cast<size_t>(c)] = 1;
+  }
+  return allowed;
 }
 
 inline void check_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores,

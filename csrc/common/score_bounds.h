@@ -16,7 +16,14 @@
 
 namespace ssd_post {
 
-enum class Activation : int { kSoftmax = 0, kSigmoid = 1 };
+// kNone: the logits already are the scores (probabilities), used as given.
+enum class Activation : int { kSoftmax = 0, kSigmoid = 1, kNone = 2 };
+
+// How a per-anchor score factor (objectness, centerness, IoU quality) f joins a class
+// probability p (select_topk): kSqrt: sqrt(p * f) is thresholded and ranked (FCOS);
+// kBeforeThreshold: p * f is (YOLOv5, YOLOX); kAfterSelection: p is thresholded
+// and ranked, p * f reported (mmdet ATSS, GFL). kNone: no factor tensor.
+enum class FactorMode : int { kNone = 0, kSqrt = 1, kBeforeThreshold = 2, kAfterSelection = 3 };
 
 // Room left between the pruning bound and the true threshold, in logit units.
 constexpr double kBoundMargin = 1e-2;

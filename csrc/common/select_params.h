@@ -77,6 +77,16 @@ inline SelectParams make_level_select_params(double score_thresh, int64_t topk_c
           background_class};
 }
 
+// The scoring and grouping of select_topk, one value for the CPU and CUDA kernels
+// and the emulator (built by make_score_rule in checks.h from the op's arguments).
+struct ScoreRule {
+  Activation activation;   // of the class logits
+  FactorMode factor_mode;  // kNone when no factor tensor is given
+  bool factor_logits;      // the factor is a logit (sigmoid applied) or a probability
+  bool single_label;       // only each anchor's best class (equal scores: lower class)
+  bool per_class;          // groups are (image, class) over one level, else (image, level)
+};
+
 // Pairs (anchor x class) of the largest level: the index range of a per-level rank key.
 inline int64_t largest_level_pairs(const LevelTable& levels, int64_t num_classes) {
   int64_t most = 0;
@@ -91,6 +101,20 @@ inline int64_t largest_level_pairs(const LevelTable& levels, int64_t num_classes
 inline int64_t level_capacity(const LevelTable& levels, int64_t num_classes,
                               int64_t topk_candidates) {
   return std::min(topk_candidates, largest_level_pairs(levels, num_classes));
+}
+
+// Groups per image of select_topk: the classes (per_class) or the levels.
+inline int64_t select_groups(const LevelTable& levels, int64_t num_classes, const ScoreRule& rule) {
+  return rule.per_class ? num_classes : levels.count;
+}
+
+// Slots per (image, group) of select_topk: per_class, a class keeps at most
+// min(topk, A) anchors; per level, min(topk, pairs of the largest level), where an
+// anchor gives one pair with single_label. ssd_post.ops.select_capacity mirrors it.
+inline int64_t select_capacity(const LevelTable& levels, int64_t num_classes,
+                               int64_t topk_candidates, const ScoreRule& rule) {
+  if (rule.per_class) return std::min(topk_candidates, levels.start[levels.count]);
+  return level_capacity(levels, rule.single_label ? 1 : num_classes, topk_candidates);
 }
 
 }  // namespace ssd_post

@@ -485,13 +485,23 @@ void select_block_whole(const LevelInputs& in, int64_t image, int level, BlockSc
   select_from_scores(in, scores.data_ptr<float>(), A_l, C, s, out);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_per_level_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk_cpu(
     const at::Tensor& logits, const c10::optional<at::Tensor>& centerness,
     at::IntArrayRef level_sizes, double score_thresh, int64_t topk_candidates,
-    c10::optional<int64_t> background_class) {
+    c10::optional<int64_t> background_class, c10::string_view score_activation,
+    c10::string_view factor_mode, bool factor_logits, bool single_label,
+    c10::OptionalIntArrayRef classes, bool per_class) {
   LevelTable levels;
-  const BatchDims dims = check_level_inputs(logits, centerness, level_sizes, score_thresh,
-                                            topk_candidates, background_class, &levels);
+  ScoreRule rule;
+  const BatchDims dims = check_select_inputs(
+      logits, centerness, level_sizes, score_thresh, topk_candidates, background_class,
+      std::string(score_activation), std::string(factor_mode), factor_logits, single_label,
+      classes, per_class, &levels, &rule);
+  TORCH_CHECK(rule.activation == Activation::kSigmoid &&
+                  (rule.factor_mode == FactorMode::kNone ||
+                   (rule.factor_mode == FactorMode::kSqrt && rule.factor_logits)) &&
+                  !rule.single_label && !rule.per_class && !classes.has_value(),
+              "select_topk: this scoring is not implemented on the CPU yet");
   const int64_t B = dims.batch, A = dims.anchors, C = dims.classes;
   const int64_t capacity = level_capacity(levels, C, topk_candidates);
   const at::TensorOptions options = logits.options();
@@ -584,7 +594,7 @@ std::string per_level_scoring() {
   return verified_step(calling_threads()) > 0 ? "gathered" : "whole_block";
 }
 
-TORCH_LIBRARY_IMPL(ssd_post, CPU, m) { m.impl("select_per_level", &select_per_level_cpu); }
+TORCH_LIBRARY_IMPL(ssd_post, CPU, m) { m.impl("select_topk", &select_topk_cpu); }
 
 }  // namespace cpu
 }  // namespace ssd_post

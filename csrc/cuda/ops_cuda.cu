@@ -131,13 +131,23 @@ void select_level_typed(CudaBackend& backend, const at::Tensor& logits,
                       logits.size(2), levels, params, out);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> select_per_level_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk_cuda(
     const at::Tensor& logits_in, const c10::optional<at::Tensor>& centerness_in,
     at::IntArrayRef level_sizes, double score_thresh, int64_t topk_candidates,
-    c10::optional<int64_t> background_class) {
+    c10::optional<int64_t> background_class, c10::string_view score_activation,
+    c10::string_view factor_mode, bool factor_logits, bool single_label,
+    c10::OptionalIntArrayRef classes, bool per_class) {
   LevelTable levels;
-  const BatchDims dims = check_level_inputs(logits_in, centerness_in, level_sizes, score_thresh,
-                                            topk_candidates, background_class, &levels);
+  ScoreRule rule;
+  const BatchDims dims = check_select_inputs(
+      logits_in, centerness_in, level_sizes, score_thresh, topk_candidates, background_class,
+      std::string(score_activation), std::string(factor_mode), factor_logits, single_label,
+      classes, per_class, &levels, &rule);
+  TORCH_CHECK(rule.activation == Activation::kSigmoid &&
+                  (rule.factor_mode == FactorMode::kNone ||
+                   (rule.factor_mode == FactorMode::kSqrt && rule.factor_logits)) &&
+                  !rule.single_label && !rule.per_class && !classes.has_value(),
+              "select_topk: this scoring is not implemented on CUDA yet");
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   c10::optional<at::Tensor> centerness;
@@ -269,7 +279,7 @@ TORCH_LIBRARY_IMPL(ssd_post, CUDA, m) {
   m.impl("decode_threshold_flatten", &decode_threshold_flatten_cuda);
   m.impl("batched_nms", &batched_nms_cuda);
   m.impl("postprocess", &postprocess_cuda);
-  m.impl("select_per_level", &select_per_level_cuda);
+  m.impl("select_topk", &select_topk_cuda);
 }
 
 }  // namespace gpu

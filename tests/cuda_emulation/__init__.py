@@ -205,8 +205,8 @@ def select_per_level(
     logits: Tensor, centerness, level_sizes, config: PostprocessConfig
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """What ``torch.ops.ssd_post.select_per_level`` returns on CUDA: flat and scores
-    [B, L, k], counts [B, L] (k = ssd_post.ops.level_capacity)."""
-    from ssd_post.ops import level_capacity
+    [B, L, k], counts [B, L] (k = ssd_post.ops.select_capacity)."""
+    from ssd_post.ops import select_capacity as level_capacity
 
     B, A, C = logits.shape
     sizes = torch.tensor([int(n) for n in level_sizes], dtype=torch.int64)
