@@ -46,8 +46,8 @@ inline Activation parse_activation(const std::string& name, bool allow_none = fa
   if (name == "softmax") return Activation::kSoftmax;
   if (name == "sigmoid") return Activation::kSigmoid;
   if (allow_none && name == "none") return Activation::kNone;
-  TORCH_CHECK_VALUE(false, "score_activation should be 'softmax', 'sigmoid'",
-                    allow_none ? " or 'none'" : "", ", got '", name, "'");
+  TORCH_CHECK(false, "score_activation should be 'softmax', 'sigmoid'",
+              allow_none ? " or 'none'" : "", ", got '", name, "'");
   return Activation::kSoftmax;  // unreachable
 }
 
