@@ -64,6 +64,36 @@ inline ScoreBound make_level_score_bound(double score_thresh, bool with_centerne
   return make_score_bound(Activation::kSigmoid, bounded);
 }
 
+// The logit bounds of select_topk (CPU and CUDA), for any ScoreRule: a class
+// logit (softmax: minus its row max) at or below `class_logit`, or a factor logit at
+// or below `factor_logit`, cannot give a selection score > score_thresh. A bound
+// holds only where the scores are known to be at most 1: class probabilities of
+// "softmax" and "sigmoid" and factors given as logits (sigmoid); "none" and
+// factors given as probabilities may exceed 1, so they prune nothing.
+// - no factor, "after_selection": the selection score is p (p > t);
+// - "before_threshold": p * f > t with p, f <= 1 needs p > t and f > t (the
+//   rounded product is at most either factor);
+// - "sqrt": as make_level_score_bound, both at t^2 (1 - 1e-3). For sigmoid with
+//   a sqrt factor or none, class_logit equals make_level_score_bound's bound.
+struct PairBounds {
+  ScoreBound class_logit;
+  ScoreBound factor_logit;
+};
+
+inline PairBounds make_pair_bounds(Activation activation, FactorMode factor_mode,
+                                   bool factor_logits, double score_thresh) {
+  const ScoreBound none{-std::numeric_limits<float>::infinity()};
+  const bool joined =
+      factor_mode == FactorMode::kSqrt || factor_mode == FactorMode::kBeforeThreshold;
+  if (activation == Activation::kNone || (joined && !factor_logits)) return {none, none};
+  if (!joined) return {make_score_bound(activation, score_thresh), none};
+  const double bounded = factor_mode == FactorMode::kSqrt
+                             ? score_thresh * score_thresh * (1.0 - 1e-3)
+                             : score_thresh;
+  return {make_score_bound(activation, bounded),
+          make_score_bound(Activation::kSigmoid, bounded)};
+}
+
 // Same op order as torch: sigmoid(x) = 1 / (1 + exp(-x)).
 SSD_HOST_DEVICE float sigmoid_f32(float x) {
 #if defined(__CUDA_ARCH__)
@@ -89,6 +119,26 @@ SSD_HOST_DEVICE float softmax_prob(float x, float row_max, float inv_sum) {
 #else
   return std::exp(x - row_max) * inv_sum;
 #endif
+}
+
+// A per-anchor score factor as a probability: sigmoid_f32 of a logit, else as given.
+SSD_HOST_DEVICE float factor_probability(float factor, bool factor_logits) {
+  return factor_logits ? sigmoid_f32(factor) : factor;
+}
+
+// The score a pair is thresholded and ranked by (select_topk), from the class
+// probability p and the factor probability f (ignored without a factor), in torch's
+// op order: sqrt(p * f), p * f, or p.
+SSD_HOST_DEVICE float selection_score(FactorMode mode, float p, float f) {
+  if (mode == FactorMode::kSqrt) return centerness_score(p, f);
+  if (mode == FactorMode::kBeforeThreshold) return mul_rn(p, f);
+  return p;
+}
+
+// The score a selected pair reports: its selection score, or p * f for
+// "after_selection" (ranked on p, reported multiplied).
+SSD_HOST_DEVICE float reported_score(FactorMode mode, float p, float f) {
+  return mode == FactorMode::kAfterSelection ? mul_rn(p, f) : selection_score(mode, p, f);
 }
 
 }  // namespace ssd_post
