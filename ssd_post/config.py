@@ -10,9 +10,15 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-ACTIVATIONS = ("softmax", "sigmoid", "sigmoid_centerness")
-SELECTIONS = ("per_class", "per_level")
-BOX_CODERS = ("box", "linear")
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+# The old spelling of FCOS's score, sqrt(sigmoid(cls) * sigmoid(centerness)): read as
+# score_activation="sigmoid" with score_factor_mode="sqrt".
+LEGACY_CENTERNESS = "sigmoid_centerness"
+SCORE_FACTOR_MODES = ("sqrt", "before_threshold", "after_selection")
+LABEL_MODES = ("multi", "single")
+SELECTIONS = ("per_class", "per_level", "per_image")
+BOX_CODERS = ("box", "linear", "none")
+BOX_FORMATS = ("xyxy", "cxcywh")
 # mmdet's spelling of the background column: "first" is column 0, "last" is C - 1.
 BACKGROUND_NAMES = ("first", "last")
 
@@ -97,16 +103,36 @@ class PostprocessConfig:
         box_weights: (wx, wy, ww, wh) of the box coder; (10, 10, 5, 5) are SSD's
             variances (0.1, 0.2).
         score_activation: ``"softmax"`` over all classes (torchvision SSD),
-            ``"sigmoid"`` per class (RetinaNet) or ``"sigmoid_centerness"``:
-            sqrt(sigmoid(class logit) * sigmoid(centerness logit)) (FCOS).
+            ``"sigmoid"`` per class (RetinaNet, FCOS) or ``"none"`` (the model already
+            gives probabilities: exported YOLOv8). The old ``"sigmoid_centerness"``
+            (FCOS) is read as ``"sigmoid"`` with ``score_factor_mode="sqrt"``.
+        score_factor_mode: how the per-anchor ``score_factor`` tensor given to
+            ``postprocess`` (objectness, centerness, IoU quality) f joins the class
+            probability p: ``"sqrt"``: sqrt(p * f) (torchvision / detectron2 FCOS),
+            ``"before_threshold"``: p * f, then the threshold (YOLOv5, YOLOX),
+            ``"after_selection"``: threshold and top-k on p, p * f reported and used
+            by NMS (mmdet ATSS, GFL, FCOS). None: no factor.
+        score_factor_logits: the factor is a logit (sigmoid applied, as the class
+            logits) or, False, a probability used as given.
+        label_mode: ``"multi"``: every class that passes; ``"single"``: only each
+            anchor's best class (highest score, equal scores to the lower class).
+        class_agnostic: NMS over all classes of an image together (else per class).
+        classes: allow-list of class columns (the others are never reported); with
+            ``label_mode="single"`` the anchor's best class is chosen first, then
+            kept only if allowed (ultralytics' ``classes``). None: every column.
         background_class: column of the logits that is never reported, None when
             every column is a real class, or "first" / "last" (column 0 / C - 1).
         clip_boxes: clip decoded boxes to each image's (h, w).
         selection: ``"per_class"``: ``topk_candidates`` per (image, class) (SSD);
             ``"per_level"``: per (image, feature level) over all anchor x class pairs
-            (RetinaNet, FCOS; needs the anchors per level at call time).
-        box_coder: ``"box"`` (torchvision BoxCoder with ``box_weights``) or
-            ``"linear"`` (torchvision BoxLinearCoder, normalize_by_size=True).
+            (RetinaNet, FCOS, ATSS; needs the anchors per level at call time);
+            ``"per_image"``: per image over all anchor x class pairs (EfficientDet,
+            YOLO's ``max_nms``).
+        box_coder: ``"box"`` (torchvision BoxCoder with ``box_weights``),
+            ``"linear"`` (torchvision BoxLinearCoder, normalize_by_size=True) or
+            ``"none"``: ``locs`` are already boxes in ``box_format``, no anchors.
+        box_format: ``"xyxy"`` or ``"cxcywh"`` (centre, width, height): the layout of
+            ``locs`` with ``box_coder="none"``.
         inverted_boxes: boxes are x1 <= x2, y1 <= y2. A box (here: an anchor, which
             decodes into the box) that is not: ``"keep"`` it as given, with zero
             area, so it suppresses nothing (torchvision); ``"sort"`` its corners
@@ -129,6 +155,12 @@ class PostprocessConfig:
     inverted_boxes: str = "keep"
     selection: str = "per_class"
     box_coder: str = "box"
+    score_factor_mode: Optional[str] = None
+    score_factor_logits: bool = True
+    label_mode: str = "multi"
+    class_agnostic: bool = False
+    classes: Optional[Tuple[int, ...]] = None
+    box_format: str = "xyxy"
 
     def __post_init__(self) -> None:
         for name in ("score_thresh", "nms_thresh"):
@@ -151,22 +183,49 @@ class PostprocessConfig:
                 f"box_weights should be 4 finite positive floats, got {self.box_weights!r}"
             ) from None
         object.__setattr__(self, "box_weights", weights)
+        if self.score_activation == LEGACY_CENTERNESS:
+            if self.score_factor_mode not in (None, "sqrt"):
+                raise ValueError(
+                    f"score_activation {LEGACY_CENTERNESS!r} means score_factor_mode='sqrt', "
+                    f"got score_factor_mode={self.score_factor_mode!r}"
+                )
+            object.__setattr__(self, "score_activation", "sigmoid")
+            object.__setattr__(self, "score_factor_mode", "sqrt")
+        if self.classes is not None:
+            if isinstance(self.classes, (str, bytes)) or not hasattr(self.classes, "__iter__"):
+                raise ValueError(f"classes should be a sequence of ints >= 0, got {self.classes!r}")
+            object.__setattr__(
+                self, "classes", tuple(whole_scalar(c, "classes", 0) for c in self.classes)
+            )
         self.validate()
 
     def padded_detections(self, num_anchors: int, num_classes: int) -> int:
-        """K of the padded outputs of ``postprocess`` for logits [B, A, C]: an image
-        has at most C_fg * min(topk_candidates, A) candidates, so
-        K = min(detections_per_img, C_fg * min(topk_candidates, A)) with C_fg the
-        foreground classes. Mirrors padded_detections of csrc/common/select_params.h
-        (A and C may be symbolic sizes under torch.compile). With
-        ``selection="per_level"``: K = min(detections_per_img, C_fg * A)."""
-        foreground = num_classes - (0 if self.background_class is None else 1)
-        if self.selection == "per_level":
-            # Every (anchor, foreground class) pair can be a candidate of its level.
-            return min(self.detections_per_img, foreground * num_anchors)
-        return padded_detections(
-            self.detections_per_img, self.topk_candidates, num_anchors, foreground
-        )
+        """K of the padded outputs of ``postprocess`` for logits [B, A, C]: the most
+        detections an image can have. With C_sel the columns that can be reported
+        (``classes``, else every column but the background) and P = C_sel * A pairs
+        (``label_mode="single"``: A, one per anchor):
+
+        - per_class: min(detections_per_img, C_sel * min(topk_candidates, A)), and
+          at most A with ``"single"``; mirrors padded_detections of
+          csrc/common/select_params.h for SSD's fused op;
+        - per_level: min(detections_per_img, P);
+        - per_image: min(detections_per_img, topk_candidates, P).
+
+        A and C may be symbolic sizes under torch.compile."""
+        if self.classes is not None:
+            selectable = len(self.classes)
+        else:
+            selectable = num_classes - (0 if self.background_class is None else 1)
+        single = self.label_mode == "single"
+        if self.selection == "per_class":
+            padded = padded_detections(
+                self.detections_per_img, self.topk_candidates, num_anchors, selectable
+            )
+            return _sym_min(padded, num_anchors) if single else padded
+        pairs = num_anchors if single else selectable * num_anchors
+        if self.selection == "per_image":
+            pairs = _sym_min(pairs, self.topk_candidates)
+        return _sym_min(self.detections_per_img, pairs)
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
@@ -186,16 +245,52 @@ class PostprocessConfig:
             raise ValueError(
                 f"inverted_boxes should be one of {INVERTED_BOXES}, got {self.inverted_boxes!r}"
             )
-        for name, allowed in (("selection", SELECTIONS), ("box_coder", BOX_CODERS)):
+        for name, allowed in (
+            ("selection", SELECTIONS),
+            ("box_coder", BOX_CODERS),
+            ("label_mode", LABEL_MODES),
+            ("box_format", BOX_FORMATS),
+            ("score_factor_mode", (None,) + SCORE_FACTOR_MODES),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} should be one of {allowed}, got {getattr(self, name)!r}")
-        # The fused per-class op has only the softmax/sigmoid scores and the box coder.
-        if self.selection == "per_class" and self.score_activation == "sigmoid_centerness":
+        for name in ("score_factor_logits", "class_agnostic", "clip_boxes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} should be a bool, got {getattr(self, name)!r}")
+        if self.box_format != "xyxy" and self.box_coder != "none":
             raise ValueError(
-                "score_activation 'sigmoid_centerness' needs selection='per_level', got 'per_class'"
+                f"box_format is the layout of decoded boxes, for box_coder='none', got "
+                f"box_format={self.box_format!r} with box_coder={self.box_coder!r}"
             )
-        if self.selection == "per_class" and self.box_coder == "linear":
-            raise ValueError("box_coder 'linear' needs selection='per_level', got 'per_class'")
+        if self.classes is not None:
+            if not self.classes:
+                raise ValueError("classes should list at least one class column, got ()")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"classes should not repeat a column, got {self.classes}")
+            if isinstance(self.background_class, int) and self.background_class in self.classes:
+                raise ValueError(
+                    f"classes should not hold the background column {self.background_class}, "
+                    f"got {self.classes}"
+                )
+            if self.background_class == "first" and 0 in self.classes:
+                raise ValueError(
+                    f"classes should not hold the background column 0 ('first'), got {self.classes}"
+                )
+
+    @property
+    def uses_fused_per_class_op(self) -> bool:
+        """Whether ``postprocess`` runs SSD's fused per-class op (softmax or sigmoid,
+        the box coder, per-class NMS of every passing class); every other config runs
+        the family's ops (select_topk, decode, batched_nms_padded)."""
+        return (
+            self.selection == "per_class"
+            and self.score_activation in ("softmax", "sigmoid")
+            and self.score_factor_mode is None
+            and self.label_mode == "multi"
+            and not self.class_agnostic
+            and self.classes is None
+            and self.box_coder == "box"
+        )
 
     def resolve_background_class(self, num_classes: int) -> Optional[int]:
         """The background column for logits with ``num_classes`` columns (None: no background)."""
@@ -247,11 +342,19 @@ class PostprocessConfig:
             )
         return cls(
             **common,
-            score_activation="sigmoid_centerness",
+            score_activation="sigmoid",
+            score_factor_mode="sqrt",
             background_class=None,
             selection="per_level",
             box_coder="linear",
         )
+
+
+def _sym_min(a, b):
+    """min() of ints, or torch.sym_min of symbolic sizes (the fake kernels)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    return torch.sym_min(a, b)
 
 
 def padded_detections(detections_per_img, topk_candidates, num_anchors, foreground_classes):

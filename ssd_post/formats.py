@@ -24,12 +24,15 @@ class Detections:
         scores (Tensor[B, K]): float32, decreasing along K.
         labels (Tensor[B, K]): int64 class column of the logits.
         num_detections (Tensor[B]): int64, valid rows per image.
+        anchor_indices (Tensor[B, K], optional): int64 anchor row (index into A) of
+            each detection, -1 in padding rows.
     """
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
     num_detections: Tensor
+    anchor_indices: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.boxes.shape[0]

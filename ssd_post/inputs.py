@@ -96,10 +96,10 @@ def _image_sizes_tensor(image_sizes: ImageSizes, locs: Tensor, batch: int) -> Te
 def normalize_inputs(
     locs: Tensor,
     logits: Tensor,
-    anchors: Anchors,
-    image_sizes: ImageSizes,
+    anchors: Optional[Anchors],
+    image_sizes: Optional[ImageSizes],
     inverted_boxes: str = "keep",
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Checks the batch and brings anchors and image sizes to tensors.
 
     logits must be on the device of ``locs`` (a ValueError names both devices);
@@ -112,12 +112,26 @@ def normalize_inputs(
         locs (Tensor[B, A, 4]), logits (Tensor[B, A, C]), anchors (Tensor[A, 4] or
         Tensor[B, A, 4], float32, corners handled per ``inverted_boxes``, see
         :mod:`ssd_post.corners`) and image_sizes (Tensor[B, 2] (h, w): int64 on the
-        CPU for a list, else the given tensor).
+        CPU for a list, else the given tensor). A None anchors or image_sizes stays
+        None (decoded boxes need no anchors; boxes that are not clipped no sizes).
     """
     _check_float_tensor(locs, "locs", 3, "[B, A, 4]")
     _check_float_tensor(logits, "logits", 3, "[B, A, C]")
     check_same_device("locs", {"locs": locs, "logits": logits})
+    if locs.shape[2] != 4:
+        raise ValueError(
+            f"locs should have 4 box regressions in its last dim, got shape {list(locs.shape)}"
+        )
+    for dim, name in ((0, "batch size B"), (1, "number of anchors A")):
+        if locs.shape[dim] != logits.shape[dim]:
+            raise ValueError(
+                f"locs and logits should have the same {name}, got {locs.shape[dim]} and "
+                f"{logits.shape[dim]}"
+            )
     batch = logits.shape[0]
+    sizes = None if image_sizes is None else _image_sizes_tensor(image_sizes, locs, batch)
+    if anchors is None:
+        return locs, logits, None, sizes
     anchors = _anchors_tensor(anchors, locs, batch)
     if not anchors.is_floating_point():
         raise ValueError(f"anchors should be a floating point tensor, got {anchors.dtype}")
@@ -126,7 +140,7 @@ def normalize_inputs(
     anchors = handle_inverted_boxes(
         anchors.to(device=locs.device, dtype=torch.float32), inverted_boxes, "anchors"
     )
-    return locs, logits, anchors, _image_sizes_tensor(image_sizes, locs, batch)
+    return locs, logits, anchors, sizes
 
 
 def check_level_sizes(level_sizes: Optional[LevelSizes], num_anchors: int) -> List[int]:
@@ -154,26 +168,37 @@ def check_level_sizes(level_sizes: Optional[LevelSizes], num_anchors: int) -> Li
     return sizes
 
 
-def check_centerness(
-    centerness: Optional[Tensor], activation: str, batch: int, num_anchors: int
+def check_score_factor(
+    score_factor: Optional[Tensor],
+    centerness: Optional[Tensor],
+    factor_mode: Optional[str],
+    batch: int,
+    num_anchors: int,
 ) -> Optional[Tensor]:
-    """Centerness logits as Tensor[B, A, 1], or None when the activation has none."""
-    if activation != "sigmoid_centerness":
-        if centerness is not None:
+    """The per-anchor score factor as Tensor[B, A, 1], or None when the config has no
+    ``score_factor_mode``. ``centerness`` is its old name (FCOS); give one of them."""
+    name = "score_factor"
+    if centerness is not None:
+        if score_factor is not None:
+            raise ValueError("give score_factor or its old name centerness, not both")
+        score_factor, name = centerness, "centerness"
+    if factor_mode is None:
+        if score_factor is not None:
             raise ValueError(
-                "centerness is only used by score_activation='sigmoid_centerness', "
-                f"got {activation!r}"
+                f"{name} is only used with a config.score_factor_mode "
+                "('sqrt', 'before_threshold' or 'after_selection'), got None"
             )
         return None
-    if not isinstance(centerness, Tensor):
+    if not isinstance(score_factor, Tensor):
         raise ValueError(
-            f"centerness should be a Tensor [B, A] or [B, A, 1], got {type(centerness).__name__}"
+            f"{name} should be a Tensor [B, A] or [B, A, 1] for score_factor_mode="
+            f"{factor_mode!r}, got {type(score_factor).__name__}"
         )
-    if not centerness.is_floating_point():
-        raise ValueError(f"centerness should be a floating point tensor, got {centerness.dtype}")
-    if tuple(centerness.shape) not in ((batch, num_anchors), (batch, num_anchors, 1)):
+    if score_factor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} should be float32, float16 or bfloat16, got {score_factor.dtype}")
+    if tuple(score_factor.shape) not in ((batch, num_anchors), (batch, num_anchors, 1)):
         raise ValueError(
-            f"centerness should be [B, A] or [B, A, 1] = [{batch}, {num_anchors}(, 1)], "
-            f"got {tuple(centerness.shape)}"
+            f"{name} should be [B, A] or [B, A, 1] = [{batch}, {num_anchors}(, 1)], "
+            f"got {tuple(score_factor.shape)}"
         )
-    return centerness.reshape(batch, num_anchors, 1)
+    return score_factor.reshape(batch, num_anchors, 1)

@@ -15,20 +15,8 @@ from .config import PostprocessConfig
 from .formats import Detections
 from .linear_coder import LinearBoxCoder
 from .inputs import Anchors, ImageSizes, LevelSizes
-from .inputs import check_centerness, check_level_sizes, normalize_inputs
-
-
-def scores_from_logits(
-    logits: Tensor, activation: str, centerness: Optional[Tensor] = None
-) -> Tensor:
-    """Per-class scores (Tensor[..., C]) in float32; ``centerness`` (Tensor[..., 1])
-    only for ``"sigmoid_centerness"``."""
-    logits = logits.float()
-    if activation == "softmax":
-        return logits.softmax(-1)
-    if activation == "sigmoid_centerness":
-        return torch.sqrt(logits.sigmoid() * centerness.float().sigmoid())
-    return logits.sigmoid()
+from .family import cxcywh_to_xyxy
+from .inputs import check_level_sizes, check_score_factor, normalize_inputs
 
 
 def rank_order(scores: Tensor) -> Tensor:
@@ -39,144 +27,127 @@ def rank_order(scores: Tensor) -> Tensor:
 def postprocess_loop(
     locs: Tensor,
     logits: Tensor,
-    anchors: Anchors,
-    image_sizes: ImageSizes,
+    anchors: Optional[Anchors] = None,
+    image_sizes: Optional[ImageSizes] = None,
     config: Optional[PostprocessConfig] = None,
     *,
     level_sizes: Optional[LevelSizes] = None,
+    score_factor: Optional[Tensor] = None,
     centerness: Optional[Tensor] = None,
 ) -> Detections:
-    """Same contract as :func:`ssd_post.postprocess`, one image and one class (or one
-    feature level) at a time."""
+    """Same contract as :func:`ssd_post.postprocess`, one image at a time: the
+    candidates of ``select_topk_loop``, every box decoded (or converted) and clipped,
+    ``torchvision.ops.nms`` per class (per image when class-agnostic), the best
+    ``detections_per_img`` survivors."""
     config = config or PostprocessConfig()
     locs, logits, anchors, sizes = normalize_inputs(
         locs, logits, anchors, image_sizes, config.inverted_boxes
     )
     batch, num_anchors, num_classes = logits.shape
-    centerness = check_centerness(centerness, config.score_activation, batch, num_anchors)
+    factor = check_score_factor(
+        score_factor, centerness, config.score_factor_mode, batch, num_anchors
+    )
     if config.selection == "per_level":
         level_sizes = check_level_sizes(level_sizes, num_anchors)
-    coder = LinearBoxCoder() if config.box_coder == "linear" else BoxCoder(config.box_weights)
-    background = config.resolve_background_class(num_classes)
+    else:
+        level_sizes = [num_anchors]
     padded = config.padded_detections(num_anchors, num_classes)
     results = []
     for i in range(batch):
-        image_anchors = anchors if anchors.dim() == 2 else anchors[i]
-        boxes = coder.decode(locs[i], image_anchors)
+        boxes = _image_boxes(locs[i], None if anchors is None else anchors, i, config)
         if config.clip_boxes:
             height, width = (int(v) for v in sizes[i].tolist())
             boxes = clip_boxes(boxes, (height, width))
-        if config.selection == "per_level":
-            candidates = _per_level_candidates(
-                logits[i],
-                None if centerness is None else centerness[i],
-                level_sizes,
-                config,
-                background,
-            )
-        else:
-            candidates = _per_class_candidates(logits[i], config, background)
-        anchor_idxs, image_scores, image_labels = candidates
+        flat, image_scores, counts = select_topk_loop(
+            logits[i : i + 1],
+            None if factor is None else factor[i : i + 1],
+            level_sizes,
+            config.score_thresh,
+            config.topk_candidates,
+            config.resolve_background_class(num_classes),
+            config.score_activation,
+            config.score_factor_mode or "sqrt",
+            config.score_factor_logits,
+            config.label_mode == "single",
+            None if config.classes is None else list(config.classes),
+            config.selection == "per_class",
+        )
+        valid = flat[0] >= 0
+        flat, image_scores = flat[0][valid], image_scores[0][valid]
+        anchor_idxs, image_labels = flat // num_classes, flat % num_classes
         image_boxes = boxes[anchor_idxs]
-        keep = batched_nms_reference(image_boxes, image_scores, image_labels, config.nms_thresh)
+        groups = torch.zeros_like(image_labels) if config.class_agnostic else image_labels
+        keep = batched_nms_reference(image_boxes, image_scores, groups, config.nms_thresh)
         keep = keep[: config.detections_per_img]
         results.append(
-            {"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": image_labels[keep]}
+            {
+                "boxes": image_boxes[keep],
+                "scores": image_scores[keep],
+                "labels": image_labels[keep],
+                "anchor_indices": anchor_idxs[keep],
+            }
         )
-    out = Detections.from_list(results, padded)
     if batch == 0:
-        out = Detections(
+        return Detections(
             locs.new_zeros((0, padded, 4), dtype=torch.float32),
             locs.new_zeros((0, padded), dtype=torch.float32),
             locs.new_zeros((0, padded), dtype=torch.int64),
             locs.new_zeros((0,), dtype=torch.int64),
+            locs.new_zeros((0, padded), dtype=torch.int64),
         )
+    out = Detections.from_list(results, padded)
+    anchor_out = torch.full((batch, padded), -1, dtype=torch.int64)
+    for i, result in enumerate(results):
+        anchor_out[i, : len(result["anchor_indices"])] = result["anchor_indices"]
+    out.anchor_indices = anchor_out
     return out
 
 
-def _per_class_candidates(
-    logits: Tensor, config: PostprocessConfig, background: Optional[int]
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """SSD: per class, the ``topk_candidates`` best scores above the threshold.
-    Returns anchor index, score and label (Tensor[N] each) of the candidates."""
-    scores = scores_from_logits(logits, config.score_activation)
-    anchor_idxs, image_scores, image_labels = [], [], []
-    for label in range(logits.shape[1]):
-        if label == background:
-            continue
-        class_scores = scores[:, label]
-        candidates = torch.nonzero(class_scores > config.score_thresh).flatten()
-        candidates = candidates[rank_order(class_scores[candidates])[: config.topk_candidates]]
-        anchor_idxs.append(candidates)
-        image_scores.append(class_scores[candidates])
-        image_labels.append(torch.full((len(candidates),), label, dtype=torch.int64))
-    return _cat_candidates(anchor_idxs, image_scores, image_labels)
-
-
-def _per_level_candidates(
-    logits: Tensor,
-    centerness: Optional[Tensor],
-    level_sizes: List[int],
-    config: PostprocessConfig,
-    background: Optional[int],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """RetinaNet / FCOS: per feature level, the ``topk_candidates`` best scores above
-    the threshold over all anchor x class pairs (scores computed level by level, as
-    torchvision does). Returns anchor index, score and label (Tensor[N] each)."""
-    num_classes = logits.shape[1]
-    anchor_idxs, image_scores, image_labels = [], [], []
-    start = 0
-    for size in level_sizes:
-        level = slice(start, start + size)
-        scores = scores_from_logits(
-            logits[level],
-            config.score_activation,
-            None if centerness is None else centerness[level],
-        )
-        if background is not None:
-            scores[:, background] = 0.0  # never above a threshold >= 0
-        scores = scores.flatten()
-        candidates = torch.nonzero(scores > config.score_thresh).flatten()
-        candidates = candidates[rank_order(scores[candidates])[: config.topk_candidates]]
-        anchor_idxs.append(start + candidates // num_classes)
-        image_scores.append(scores[candidates])
-        image_labels.append(candidates % num_classes)
-        start += size
-    return _cat_candidates(anchor_idxs, image_scores, image_labels)
+def _image_boxes(
+    locs: Tensor, anchors: Optional[Tensor], image: int, config: PostprocessConfig
+) -> Tensor:
+    """Float32 xyxy boxes (Tensor[A, 4]) of one image's anchors, before clipping."""
+    if config.box_coder == "none":
+        boxes = cxcywh_to_xyxy(locs) if config.box_format == "cxcywh" else locs
+        return boxes.float()
+    image_anchors = anchors if anchors.dim() == 2 else anchors[image]
+    coder = LinearBoxCoder() if config.box_coder == "linear" else BoxCoder(config.box_weights)
+    return coder.decode(locs, image_anchors)
 
 
 def select_per_level_loop(
     logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig, level_sizes: List[int]
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The oracle of ``ssd_post::select_topk`` (``per_level.select_per_level``):
-    one (image, level) block at a time, scored whole as torchvision scores it.
+    """``select_topk_loop`` for ``config`` (per level), as flat candidate lists.
 
     Args:
-        logits (Tensor[B, A, C]), centerness (Tensor[B, A, 1] or None).
+        logits (Tensor[B, A, C]), centerness (Tensor[B, A, 1] or None: the score
+        factor of ``config.score_factor_mode``).
 
     Returns:
         image, anchor, label (Tensor[N] int64) and score (Tensor[N] float32), by
         image, then level, then rank (score descending, equal scores by anchor * C
         + class), at most ``topk_candidates`` per (image, level).
     """
-    background = config.resolve_background_class(logits.shape[2])
-    images, anchors, labels, scores = [], [], [], []
-    for i in range(logits.shape[0]):
-        anchor, score, label = _per_level_candidates(
-            logits[i],
-            None if centerness is None else centerness[i],
-            level_sizes,
-            config,
-            background,
-        )
-        images.append(torch.full_like(anchor, i))
-        anchors.append(anchor)
-        labels.append(label)
-        scores.append(score)
-    if not images:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty, empty, torch.zeros(0)
-    return torch.cat(images), torch.cat(anchors), torch.cat(labels), torch.cat(scores)
+    num_classes = logits.shape[2]
+    flat, scores, counts = select_topk_loop(
+        logits,
+        centerness,
+        level_sizes,
+        config.score_thresh,
+        config.topk_candidates,
+        config.resolve_background_class(num_classes),
+        config.score_activation,
+        config.score_factor_mode or "sqrt",
+        config.score_factor_logits,
+        config.label_mode == "single",
+        None if config.classes is None else list(config.classes),
+        config.selection == "per_class",
+    )
+    valid = flat >= 0
+    image = torch.arange(flat.shape[0])[:, None, None].expand_as(flat)[valid]
+    flat = flat[valid]
+    return image, flat // num_classes, flat % num_classes, scores[valid]
 
 
 def _block_scores(
@@ -320,18 +291,6 @@ def select_topk_loop(
     return flat_out, score_out, count_out
 
 
-def _cat_candidates(
-    anchor_idxs: List[Tensor], scores: List[Tensor], labels: List[Tensor]
-) -> Tuple[Tensor, Tensor, Tensor]:
-    if not anchor_idxs:
-        return (
-            torch.zeros(0, dtype=torch.int64),
-            torch.zeros(0),
-            torch.zeros(0, dtype=torch.int64),
-        )
-    return torch.cat(anchor_idxs), torch.cat(scores), torch.cat(labels)
-
-
 def batched_nms_reference(
     boxes: Tensor,
     scores: Tensor,
@@ -465,20 +424,27 @@ def _torchvision_per_level(
         "cls_logits": list(logits.split(split, 1)),
         "bbox_regression": list(locs.split(split, 1)),
     }
-    if config.score_activation == "sigmoid_centerness":
+    plain = (
+        config.score_activation == "sigmoid"
+        and config.label_mode == "multi"
+        and not config.class_agnostic
+        and config.classes is None
+    )
+    if plain and config.score_factor_mode == "sqrt" and config.score_factor_logits:
         if config.box_coder != "linear":
             raise ValueError("torchvision's FCOS postprocess decodes with the linear coder")
-        ctr = check_centerness(centerness, config.score_activation, batch, num_anchors)
+        ctr = check_score_factor(None, centerness, "sqrt", batch, num_anchors)
         head["bbox_ctrness"] = list(ctr.split(split, 1))
         owner = _torchvision_owner(config, det_utils.BoxLinearCoder(normalize_by_size=True))
         method = FCOS.postprocess_detections
-    elif config.score_activation == "sigmoid" and config.box_coder == "box":
+    elif plain and config.score_factor_mode is None and config.box_coder == "box":
         owner = _torchvision_owner(config, det_utils.BoxCoder(weights=config.box_weights))
         method = RetinaNet.postprocess_detections
     else:
         raise ValueError(
             "torchvision's per-level postprocesses are RetinaNet's (sigmoid, box coder) and "
-            f"FCOS's (sigmoid_centerness, linear coder), got {config.score_activation!r} with "
+            f"FCOS's (sigmoid with a sqrt centerness factor, linear coder), got "
+            f"{config.score_activation!r}, factor {config.score_factor_mode!r}, "
             f"box_coder={config.box_coder!r}"
         )
     per_image = [list(a.split(split)) for a in _per_image(anchors, batch)]

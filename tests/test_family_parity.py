@@ -152,7 +152,11 @@ def test_config_from_torchvision(model_outputs):
             (1.0,) * 4,
         )
     else:
-        assert (config.score_activation, config.box_coder) == ("sigmoid_centerness", "linear")
+        assert (config.score_activation, config.score_factor_mode, config.box_coder) == (
+            "sigmoid",
+            "sqrt",
+            "linear",
+        )
     assert config.background_class is None
 
 

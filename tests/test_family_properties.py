@@ -177,8 +177,19 @@ def test_background_names_resolve():
     [
         ({"selection": "per_anchor"}, "selection should be one of"),
         ({"box_coder": "delta"}, "box_coder should be one of"),
-        ({"score_activation": "sigmoid_centerness"}, "needs selection='per_level'"),
-        ({"box_coder": "linear"}, "needs selection='per_level'"),
+        ({"score_activation": "tanh"}, "score_activation should be one of"),
+        ({"score_factor_mode": "half"}, "score_factor_mode should be one of"),
+        ({"score_factor_logits": 1}, "score_factor_logits should be a bool"),
+        ({"label_mode": "best"}, "label_mode should be one of"),
+        ({"class_agnostic": "yes"}, "class_agnostic should be a bool"),
+        ({"classes": ()}, "classes should list at least one class column"),
+        ({"classes": (1, 1)}, "classes should not repeat a column"),
+        ({"classes": (0,)}, "classes should not hold the background column 0"),
+        (
+            {"box_format": "cxcywh"},
+            "box_format is the layout of decoded boxes, for box_coder='none'",
+        ),
+        ({"box_coder": "none", "box_format": "xywh"}, "box_format should be one of"),
     ],
 )
 def test_bad_config(fields, match):
@@ -205,7 +216,10 @@ def _inputs(batch=2, anchors_n=6, classes=3):
         ({"level_sizes": [7, -1]}, r"ints >= 0"),
         ({"level_sizes": torch.ones(2, 3, dtype=torch.int64)}, r"1d integer tensor, got 2D"),
         ({"level_sizes": "abc"}, r"list of ints"),
-        ({"level_sizes": [6], "centerness": torch.zeros(2, 6)}, r"centerness is only used by"),
+        (
+            {"level_sizes": [6], "centerness": torch.zeros(2, 6)},
+            r"centerness is only used with a config.score_factor_mode",
+        ),
     ],
 )
 def test_bad_per_level_arguments(kwargs, match):
@@ -219,18 +233,19 @@ def test_bad_per_level_arguments(kwargs, match):
 @pytest.mark.parametrize(
     "centerness, match",
     [
-        (None, r"centerness should be a Tensor"),
+        (None, r"score_factor should be a Tensor"),
         (
             torch.zeros(2, 5),
             r"centerness should be \[B, A\] or \[B, A, 1\] = \[2, 6\(, 1\)\], got \(2, 5\)",
         ),
         (torch.zeros(2, 6, 2), r"got \(2, 6, 2\)"),
-        (torch.zeros(2, 6, dtype=torch.int64), r"floating point"),
+        (torch.zeros(2, 6, dtype=torch.int64), r"float32, float16 or bfloat16"),
     ],
 )
 def test_bad_centerness(centerness, match):
     config = PostprocessConfig(
-        score_activation="sigmoid_centerness",
+        score_activation="sigmoid",
+        score_factor_mode="sqrt",
         selection="per_level",
         background_class=None,
         box_coder="linear",
@@ -246,7 +261,8 @@ def test_level_sizes_for_per_class_is_an_error():
 
 def test_level_sizes_tensor_and_centerness_2d_or_3d_agree():
     config = PostprocessConfig(
-        score_activation="sigmoid_centerness",
+        score_activation="sigmoid",
+        score_factor_mode="sqrt",
         selection="per_level",
         background_class=None,
         box_coder="linear",
@@ -308,4 +324,12 @@ def test_per_level_runs_on_the_device_of_its_inputs(device, activation):
     assert expected.num_detections.min() > 0
     assert_postprocess_match(
         (expected.boxes, expected.scores, expected.labels, expected.num_detections), fields
+    )
+
+
+def test_old_centerness_spelling_is_the_sqrt_factor():
+    old = PostprocessConfig(score_activation="sigmoid_centerness", selection="per_level")
+    assert (old.score_activation, old.score_factor_mode) == ("sigmoid", "sqrt")
+    assert old == PostprocessConfig(
+        score_activation="sigmoid", score_factor_mode="sqrt", selection="per_level"
     )

@@ -1,0 +1,207 @@
+"""The postprocess of the single-stage family, for every config that SSD's fused
+per-class op does not serve (``PostprocessConfig.uses_fused_per_class_op``).
+
+Three stages, each fixed-size and free of host synchronisation on CUDA:
+
+1. ``ssd_post::select_topk`` scores, thresholds and ranks the anchor x class pairs
+   of every (image, group) (group: feature level, image or class), as
+   [B, G, k] slots: torch's own score bits on the CPU (csrc/cpu/select_per_level.cpp).
+2. The boxes of the selected anchors are gathered and decoded by torch ops (the
+   box coders of torchvision, so the bits are theirs), or taken as given
+   (``box_coder="none"``, xyxy or cxcywh), then clipped.
+3. ``ssd_post::batched_nms_padded`` runs the greedy NMS of every image at once
+   (per class, or per image when class-agnostic) and keeps each image's best
+   ``padded_detections`` survivors.
+
+The oracle is ``reference.postprocess_loop``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .box_coder import BoxCoder, clip_boxes
+from .config import PostprocessConfig
+from .formats import Detections
+from .linear_coder import LinearBoxCoder
+
+
+def select_candidates(
+    logits: Tensor,
+    score_factor: Optional[Tensor],
+    config: PostprocessConfig,
+    level_sizes: List[int],
+    select_op=ops.select_topk_op,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Stage 1: ``select_op`` (the compiled op, or the tests' CUDA emulator) with the
+    arguments ``config`` gives it.
+
+    Args:
+        logits (Tensor[B, A, C]), score_factor (Tensor[B, A, 1] or None),
+        level_sizes: anchors per level ([A] for per_image and per_class).
+
+    Returns:
+        flat (Tensor[B, G, k] int64, anchor * C + class, -1 past the count),
+        scores (Tensor[B, G, k] float32) and counts (Tensor[B, G] int64).
+    """
+    return select_op(
+        logits,
+        score_factor,
+        level_sizes,
+        config.score_thresh,
+        config.topk_candidates,
+        config.resolve_background_class(logits.shape[2]),
+        config.score_activation,
+        config.score_factor_mode or "sqrt",
+        config.score_factor_logits,
+        config.label_mode == "single",
+        None if config.classes is None else list(config.classes),
+        config.selection == "per_class",
+    )
+
+
+def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """(cx, cy, w, h) -> (x1, y1, x2, y2) in the input's dtype, half sides first.
+
+    Args:
+        boxes (Tensor[..., 4]): centre, width, height.
+
+    Returns:
+        Tensor[..., 4]: corners.
+    """
+    centre, half = boxes[..., :2], boxes[..., 2:4] / 2
+    return torch.cat((centre - half, centre + half), dim=-1)
+
+
+def decode_selected(
+    locs: Tensor, anchors: Optional[Tensor], anchor: Tensor, config: PostprocessConfig
+) -> Tensor:
+    """Stage 2 before clipping: float32 xyxy boxes (Tensor[B, M, 4]) of the anchors
+    ``anchor`` (Tensor[B, M] int64, rows of ``locs``) of each image.
+
+    Args:
+        locs (Tensor[B, A, 4]): regressions, or boxes with ``box_coder="none"``.
+        anchors (Tensor[A, 4] or Tensor[B, A, 4] float32, or None with "none").
+    """
+    rows = anchor[..., None].expand(-1, -1, 4)
+    selected = locs.gather(1, rows)
+    if config.box_coder == "none":
+        # Converted in the input's dtype first, as a torch user converting the
+        # model's output would, then to float32 like every other decode.
+        boxes = cxcywh_to_xyxy(selected) if config.box_format == "cxcywh" else selected
+        return boxes.float()
+    if anchors.dim() == 2:
+        box_anchors = anchors[anchor]
+    else:
+        box_anchors = anchors.gather(1, rows)
+    coder = LinearBoxCoder() if config.box_coder == "linear" else BoxCoder(config.box_weights)
+    return coder.decode(selected, box_anchors)
+
+
+def _batched_nms_padded(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    iou_threshold: float,
+    max_kept: int,
+    class_agnostic: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Interim stand-in of ``ops.batched_nms_padded`` (indices [B, min(max_kept, M)],
+    counts [B]) through ``batched_nms``."""
+    batch, slots = scores.shape
+    image, slot = (labels >= 0).nonzero(as_tuple=True)
+    keys_per_image = 1 if class_agnostic else max(int(labels.max()) + 1, 1) if labels.numel() else 1
+    keys = image if class_agnostic else image * keys_per_image + labels[image, slot]
+    kept = ops.batched_nms(
+        boxes[image, slot],
+        scores[image, slot],
+        keys,
+        iou_threshold,
+        max_kept=max_kept,
+        keys_per_image=keys_per_image,
+    )
+    kept = kept[torch.sort(image[kept], stable=True).indices]
+    kept_image = image[kept]
+    counts = torch.bincount(kept_image, minlength=batch)
+    rank = torch.arange(len(kept)) - (counts.cumsum(0) - counts)[kept_image]
+    width = min(max_kept, slots)
+    indices = torch.full((batch, width), -1, dtype=torch.int64, device=boxes.device)
+    indices[kept_image, rank] = slot[kept]
+    return indices, counts
+
+
+def postprocess_family(
+    locs: Tensor,
+    logits: Tensor,
+    anchors: Optional[Tensor],
+    image_sizes: Optional[Tensor],
+    config: PostprocessConfig,
+    level_sizes: List[int],
+    score_factor: Optional[Tensor],
+    select_op=ops.select_topk_op,
+) -> Detections:
+    """Detections of a batch for any config (inputs already checked and normalised).
+
+    Args:
+        locs (Tensor[B, A, 4]), logits (Tensor[B, A, C]), anchors (Tensor[A, 4] or
+        Tensor[B, A, 4] float32, None with ``box_coder="none"``), image_sizes
+        (Tensor[B, 2] (h, w) on the device of locs, None when not clipping),
+        level_sizes (anchors per level summing to A; [A] for per_image and
+        per_class), score_factor (Tensor[B, A, 1] or None).
+
+    Returns:
+        Detections [B, K] with anchor_indices, K = ``config.padded_detections(A, C)``.
+    """
+    batch, num_anchors, num_classes = logits.shape
+    flat, scores, counts = select_candidates(logits, score_factor, config, level_sizes, select_op)
+    slots = flat.shape[1] * flat.shape[2]
+    valid = (torch.arange(flat.shape[2], device=flat.device) < counts[..., None]).reshape(
+        batch, slots
+    )
+    flat, scores = flat.reshape(batch, slots), scores.reshape(batch, slots)
+    anchor = torch.where(valid, torch.div(flat, num_classes, rounding_mode="floor"), 0)
+    labels = torch.where(valid, flat % num_classes, -1)
+    boxes = decode_selected(locs, anchors, anchor, config)
+    if config.clip_boxes:
+        hw = image_sizes.to(torch.float32)[:, None, :]
+        boxes = clip_boxes(boxes, (hw[..., 0:1], hw[..., 1:2]))
+    padded = config.padded_detections(num_anchors, num_classes)
+    kept, kept_counts = _batched_nms_padded(
+        boxes, scores, labels, config.nms_thresh, padded, config.class_agnostic
+    )
+    return gather_detections(boxes, scores, labels, anchor, kept, kept_counts, padded)
+
+
+def gather_detections(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    anchor: Tensor,
+    kept: Tensor,
+    counts: Tensor,
+    padded: int,
+) -> Detections:
+    """Detections [B, padded] from the NMS survivors ``kept`` (Tensor[B, K'] slot
+    indices, -1 past ``counts``) of the slots boxes [B, M, 4], scores, labels and
+    anchor [B, M]: zeros (-1 for anchor_indices) in padding rows; K' <= padded
+    columns are padded up to ``padded``."""
+    inside = kept >= 0
+    slot = kept.clamp(min=0)
+    out_boxes = torch.where(
+        inside[..., None], boxes.gather(1, slot[..., None].expand(-1, -1, 4)), 0
+    )
+    out_scores = torch.where(inside, scores.gather(1, slot), 0)
+    out_labels = torch.where(inside, labels.gather(1, slot), 0)
+    out_anchor = torch.where(inside, anchor.gather(1, slot), -1)
+    missing = padded - kept.shape[1]
+    if missing > 0:
+        pad = torch.nn.functional.pad
+        out_boxes = pad(out_boxes, (0, 0, 0, missing))
+        out_scores = pad(out_scores, (0, missing))
+        out_labels = pad(out_labels, (0, missing))
+        out_anchor = pad(out_anchor, (0, missing), value=-1)
+    return Detections(out_boxes, out_scores, out_labels, counts, out_anchor)
