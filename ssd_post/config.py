@@ -301,6 +301,16 @@ class PostprocessConfig:
         return self.background_class
 
     @classmethod
+    def from_preset(cls, name: str, **overrides) -> "PostprocessConfig":
+        """A named configuration of another toolkit's detector (``"mmdet_atss"``,
+        ``"mmdet_rtmdet"``, ``"efficientdet"``, ``"yolov5"``, ``"yolox"``,
+        ``"yolov8"``; ``ssd_post.presets`` cites the file each follows and the
+        tensors each expects), with ``overrides`` replacing fields."""
+        from .presets import from_preset
+
+        return from_preset(name, **overrides)
+
+    @classmethod
     def from_torchvision(cls, model) -> "PostprocessConfig":
         """Read the postprocess parameters off a torchvision ``SSD`` (``ssd300_vgg16``,
         ``ssdlite320_mobilenet_v3_large``), ``RetinaNet`` (``retinanet_resnet50_fpn``,

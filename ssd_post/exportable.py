@@ -64,12 +64,20 @@ class DetectorModule(nn.Module):
 
 
 def check_exportable_config(config: PostprocessConfig) -> None:
-    """Raises ValueError for a postprocess the exporters do not cover: the per-level
-    selection (RetinaNet, FCOS) runs data-dependent torch ops, not one op."""
-    if config.selection != "per_class":
+    """Raises ValueError for a postprocess the exporters do not cover: they lower
+    SSD's one fused op (``config.uses_fused_per_class_op``); the rest of the family
+    (per-level and per-image selection, score factors, single labels, class-agnostic
+    NMS, an allow-list, decoded boxes) runs select_topk and batched_nms_padded,
+    which have no ONNX or AOTInductor lowering yet."""
+    if not config.uses_fused_per_class_op:
         raise ValueError(
-            "export covers SSD's selection='per_class' (one ssd_post::postprocess op); "
-            f"selection={config.selection!r} (RetinaNet, FCOS) cannot be exported yet"
+            "export covers SSD's fused per-class op (selection='per_class', softmax or "
+            "sigmoid, box coder 'box', no score factor, multi-label, per-class NMS, no "
+            f"classes allow-list); this config (selection={config.selection!r}, "
+            f"score_activation={config.score_activation!r}, "
+            f"score_factor_mode={config.score_factor_mode!r}, label_mode={config.label_mode!r}, "
+            f"class_agnostic={config.class_agnostic}, box_coder={config.box_coder!r}) "
+            "cannot be exported yet"
         )
 
 

@@ -15,22 +15,10 @@ import torch
 from torch import Tensor
 
 from .config import real_scalar, unit_scalar, whole_scalar
+from .family import cxcywh_to_xyxy
 from .ops import batched_nms
 
 __all__ = ["non_max_suppression", "yolo_candidates", "cxcywh_to_xyxy"]
-
-
-def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """(cx, cy, w, h) -> (x1, y1, x2, y2) in the input's dtype, half sides first.
-
-    Args:
-        boxes (Tensor[..., 4]): centre, width, height.
-
-    Returns:
-        Tensor[..., 4]: corners.
-    """
-    centre, half = boxes[..., :2], boxes[..., 2:4] / 2
-    return torch.cat((centre - half, centre + half), dim=-1)
 
 
 def _check_arguments(

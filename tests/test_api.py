@@ -148,3 +148,37 @@ def test_coco_results_are_xywh_with_categories(tmp_path):
     assert json.loads(path.read_text()) == results
     with pytest.raises(ValueError, match="image_ids should have one id per image"):
         ssd_post.to_coco_results(det, [1, 2])
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(selection="per_level", score_activation="sigmoid"),
+        dict(selection="per_image"),
+        dict(score_activation="none"),
+        dict(score_factor_mode="before_threshold"),
+        dict(label_mode="single"),
+        dict(class_agnostic=True),
+        dict(classes=(1, 2)),
+        dict(box_coder="none"),
+        dict(box_coder="linear"),
+    ],
+)
+def test_exporters_refuse_what_only_the_family_ops_run(fields):
+    from ssd_post.exportable import PostprocessModule, check_exportable_config
+
+    config = ssd_post.PostprocessConfig(**fields)
+    assert not config.uses_fused_per_class_op
+    with pytest.raises(ValueError, match="cannot be exported yet"):
+        check_exportable_config(config)
+    with pytest.raises(ValueError, match="cannot be exported yet"):
+        PostprocessModule(torch.zeros(4, 4), config)
+
+
+def test_exporters_take_the_ssd_configs():
+    from ssd_post.exportable import check_exportable_config
+
+    for activation in ("softmax", "sigmoid"):
+        config = ssd_post.PostprocessConfig(score_activation=activation)
+        assert config.uses_fused_per_class_op
+        check_exportable_config(config)
