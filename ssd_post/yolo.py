@@ -2,23 +2,23 @@
 
     detections = ssd_post.non_max_suppression(prediction, conf_thres=0.25, iou_thres=0.7)
 
-Batched torch ops plus one compiled ``batched_nms`` call for the whole batch: no
-loop over images, no time limit, no coordinate-offset trick.
+The family pipeline (``family.postprocess_family``) with the config ultralytics'
+arguments describe (``yolo_config``): one select_topk and one batched_nms_padded
+call for the whole batch; no loop over images, no time limit, no coordinate-offset
+trick.
 """
 
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .config import real_scalar, unit_scalar, whole_scalar
-from .family import cxcywh_to_xyxy
-from .ops import batched_nms
+from .config import PostprocessConfig, real_scalar, unit_scalar, whole_scalar
+from .family import cxcywh_to_xyxy, postprocess_family
 
-__all__ = ["non_max_suppression", "yolo_candidates", "cxcywh_to_xyxy"]
+__all__ = ["non_max_suppression", "yolo_config", "cxcywh_to_xyxy"]
 
 
 def _check_arguments(
@@ -98,111 +98,34 @@ def _check_arguments(
     return prediction, conf_thres, iou_thres, classes, max_det, nc, channels - 4 - nc, max_nms
 
 
-def _cap_per_image(image: Tensor, score: Tensor, batch: int, max_nms: int) -> Optional[Tensor]:
-    """Mask of the candidates each image keeps under its cap of ``max_nms``: its
-    ``max_nms`` best scores, equal scores to the lower candidate index; None when no
-    image has more than ``max_nms``.
-
-    ``image`` (Tensor[K] int64, non-decreasing) and ``score`` (Tensor[K]) list the
-    candidates image after image. One ``kthvalue`` per image over a padded [B, M]
-    layout gives each image's max_nms-th best score; all scores above it are kept, and
-    of those equal to it only the first ones (in index order) that fill the cap.
-    """
-    counts = torch.bincount(image, minlength=batch)
-    widest = int(counts.max()) if len(image) else 0
-    if widest <= max_nms:
-        return None
-    starts = counts.cumsum(0) - counts
-    position = torch.arange(len(image), device=image.device) - starts[image]
-    padded = score.new_full((batch, widest), float("-inf"))
-    padded[image, position] = score
-    # The max_nms-th largest of each row (padding is -inf: rows shorter than the cap
-    # get -inf and keep everything).
-    cut = padded.kthvalue(widest - max_nms + 1, dim=1).values[image]
-    above = score > cut
-    at_cut = score == cut
-    room = max_nms - torch.zeros_like(counts).index_add_(0, image, above.long())
-    # Rank of each candidate among its image's candidates at the cut, in index order.
-    equal_before = at_cut.long().cumsum(0) - at_cut.long()
-    first_equal = equal_before[starts.clamp(max=max(len(image) - 1, 0))]
-    rank_at_cut = equal_before - first_equal[image]
-    return above | (at_cut & (rank_at_cut < room[image]))
-
-
-def _best_class(class_scores: Tensor, conf_thres: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The anchors whose best class probability is ``> conf_thres``, with that
-    probability and class (equal probabilities to the lower class).
-
-    One read of ``class_scores`` (Tensor[B, nc, N]): the maximum of each block of about
-    sqrt(nc) classes (Tensor[B, blocks, N]; as fast as one amax over all classes), then,
-    for the passing anchors only, the first block holding the maximum and the first
-    class of that block holding it. Gathering sqrt(nc) + sqrt(nc) values per anchor
-    instead of nc matters: each gathered value is a cache miss in this layout.
-
-    Returns:
-        (image, anchor, score, label): Tensor[K] each, image after image, by anchor.
-    """
-    nc = class_scores.shape[1]
-    width = math.isqrt(nc - 1) + 1  # ceil(sqrt(nc))
-    # A width that divides nc spares the copy that joins a short last block (80: 10).
-    divisor = next(d for d in range(width, nc + 1) if nc % d == 0)
-    if divisor <= 2 * width:
-        width = divisor
-    full = nc // width
-    blocks = [class_scores[:, : full * width].unflatten(1, (full, width)).amax(2)]
-    if full * width < nc:
-        blocks.append(class_scores[:, full * width :].amax(1, keepdim=True))
-    block_best = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]  # [B, blocks, N]
-    image, anchor = (block_best.amax(1) > conf_thres).nonzero(as_tuple=True)
-    # argmax: the first block (hence the lowest class) holding the maximum.
-    block = block_best.transpose(1, 2)[image, anchor].argmax(1)
-    # The classes of that block; past the last class (a short last block) repeat it,
-    # after its real column, so the first maximum stays the lowest class.
-    columns = (block[:, None] * width + torch.arange(width, device=block.device)).clamp(max=nc - 1)
-    values = class_scores.transpose(1, 2)[image[:, None], anchor[:, None], columns]
-    score, position = values.max(1)
-    label = columns.gather(1, position[:, None]).squeeze(1)
-    return image, anchor, score, label
-
-
-def yolo_candidates(
-    prediction: Tensor,
+def yolo_config(
     conf_thres: float,
-    nc: int,
-    multi_label: bool,
+    iou_thres: float,
     classes: Optional[Sequence[int]],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The (image, anchor, class) pairs that go to NMS before the ``max_nms`` cap.
-
-    Args:
-        prediction (Tensor[B, 4 + nc + nm, N]): YOLOv8 layout.
-        conf_thres (float): a pair passes when its probability is ``> conf_thres``.
-        nc (int): number of class columns.
-        multi_label (bool): every passing class of an anchor, else its best class only
-            (equal probabilities to the lower class).
-        classes (list of int, optional): labels to keep (after the best class is chosen).
-
-    Returns:
-        (image, anchor, label, score): Tensor[K] each (int64 x3, prediction's dtype),
-        image after image, then by anchor, then by class.
-    """
-    class_scores = prediction[:, 4 : 4 + nc]  # [B, nc, N], a view
-    if multi_label:
-        # One read of the scores; the transposed view makes nonzero list the pairs
-        # anchor-major inside each image.
-        image, anchor, label = (class_scores.transpose(1, 2) > conf_thres).nonzero(as_tuple=True)
-        score = class_scores[image, label, anchor]
-    else:
-        image, anchor, score, label = _best_class(class_scores, conf_thres)
-    if classes is not None:
-        allowed = torch.isin(label, torch.tensor(classes, dtype=label.dtype, device=label.device))
-        image, anchor, label, score = (
-            image[allowed],
-            anchor[allowed],
-            label[allowed],
-            score[allowed],
-        )
-    return image, anchor, label, score
+    agnostic: bool,
+    multi_label: bool,
+    max_det: int,
+    max_nms: int,
+) -> PostprocessConfig:
+    """The PostprocessConfig that ``non_max_suppression`` runs (arguments already
+    checked): class probabilities, decoded cxcywh boxes, one candidate list of at
+    most ``max_nms`` per image, no clipping (ultralytics clips when it scales the
+    boxes back to the image)."""
+    return PostprocessConfig(
+        score_thresh=conf_thres,
+        nms_thresh=iou_thres,
+        topk_candidates=max_nms,
+        detections_per_img=max_det,
+        score_activation="none",
+        background_class=None,
+        clip_boxes=False,
+        selection="per_image",
+        box_coder="none",
+        box_format="cxcywh",
+        label_mode="multi" if multi_label else "single",
+        class_agnostic=agnostic,
+        classes=None if classes is None else tuple(classes),
+    )
 
 
 def non_max_suppression(
@@ -294,31 +217,36 @@ def non_max_suppression(
         end2end,
         return_idxs,
     )
-    batch = prediction.shape[0]
-    image, anchor, label, score = yolo_candidates(prediction, conf_thres, nc, multi_label, classes)
-    capped = _cap_per_image(image, score, batch, max_nms)
-    if capped is not None:
-        image, anchor, label, score = image[capped], anchor[capped], label[capped], score[capped]
-
-    columns = prediction.transpose(1, 2)  # [B, N, 4 + nc + nm], a view
-    boxes = cxcywh_to_xyxy(columns[image, anchor, :4])  # [K, 4]
-    keys, keys_per_image = (image, 1) if agnostic else (image * nc + label, nc)
-    kept = batched_nms(
-        boxes, score, keys, iou_thres, max_kept=max_det, keys_per_image=keys_per_image
+    batch, _, num_anchors = prediction.shape
+    empty = prediction.new_zeros((0, 6 + nm))
+    if classes is not None:
+        # ultralytics compares labels with any given values: repeats and values past
+        # the last class match nothing more, so they are dropped here.
+        classes = sorted({c for c in classes if c < nc})
+        if not classes:
+            output = [empty] * batch
+            no_index = [torch.zeros(0, dtype=torch.int64, device=prediction.device)] * batch
+            return (output, no_index) if return_idxs else output
+    config = yolo_config(conf_thres, iou_thres, classes, agnostic, multi_label, max_det, max_nms)
+    # The ops score float32, float16 and bfloat16; float64 is scored in float32.
+    scored = prediction.float() if prediction.dtype == torch.float64 else prediction
+    # Views of the [B, 4 + nc + nm, N] layout as the family's [B, N, 4] and [B, N, nc].
+    det = postprocess_family(
+        scored[:, :4].mT, scored[:, 4 : 4 + nc].mT, None, None, config, [num_anchors], None
     )
-    # batched_nms orders the whole batch by score; regroup by image, order kept.
-    kept = kept[torch.sort(image[kept], stable=True).indices]
-    image, anchor = image[kept], anchor[kept]
+    kept = torch.arange(det.scores.shape[1], device=prediction.device) < det.num_detections[:, None]
+    image, slot = kept.nonzero(as_tuple=True)
+    anchor = det.anchor_indices[image, slot]
     rows = torch.cat(
         (
-            boxes[kept],
-            score[kept, None],
-            label[kept, None].to(prediction.dtype),
-            columns[image, anchor, 4 + nc :],
+            det.boxes[image, slot].to(prediction.dtype),
+            det.scores[image, slot, None].to(prediction.dtype),
+            det.labels[image, slot, None].to(prediction.dtype),
+            prediction[image, 4 + nc :, anchor],
         ),
         dim=1,
     )
-    counts = torch.bincount(image, minlength=batch).tolist()
+    counts = det.num_detections.tolist()
     output = list(rows.split(counts))
     if return_idxs:
         return output, list(anchor.split(counts))
