@@ -158,6 +158,21 @@ def postprocess_family(
     """
     batch, num_anchors, num_classes = logits.shape
     flat, scores, counts = select_candidates(logits, score_factor, config, level_sizes, select_op)
+    anchor, labels, scores = candidate_slots(flat, scores, counts, num_classes)
+    padded = config.padded_detections(num_anchors, num_classes)
+    return suppress_candidates(locs, anchors, image_sizes, config, anchor, labels, scores, padded)
+
+
+def candidate_slots(
+    flat: Tensor, scores: Tensor, counts: Tensor, num_classes: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The select_topk slots [B, G, k] as one row of M = G * k slots per image.
+
+    Returns:
+        anchor (Tensor[B, M] int64, 0 in empty slots), labels (Tensor[B, M] int64, -1
+        in empty slots) and scores (Tensor[B, M] float32).
+    """
+    batch = flat.shape[0]
     slots = flat.shape[1] * flat.shape[2]
     valid = (torch.arange(flat.shape[2], device=flat.device) < counts[..., None]).reshape(
         batch, slots
@@ -165,11 +180,30 @@ def postprocess_family(
     flat, scores = flat.reshape(batch, slots), scores.reshape(batch, slots)
     anchor = torch.where(valid, torch.div(flat, num_classes, rounding_mode="floor"), 0)
     labels = torch.where(valid, flat % num_classes, -1)
+    return anchor, labels, scores
+
+
+def suppress_candidates(
+    locs: Tensor,
+    anchors: Optional[Tensor],
+    image_sizes: Optional[Tensor],
+    config: PostprocessConfig,
+    anchor: Tensor,
+    labels: Tensor,
+    scores: Tensor,
+    padded: int,
+) -> Detections:
+    """Stages 2 and 3: the boxes of the candidate slots (anchor, labels, scores:
+    Tensor[B, M], labels -1 in empty slots), clipped, then NMS per image (per class
+    or class-agnostic) keeping each image's ``padded`` best survivors.
+
+    Returns:
+        Detections [B, padded] with anchor_indices.
+    """
     boxes = decode_selected(locs, anchors, anchor, config)
     if config.clip_boxes:
         hw = image_sizes.to(torch.float32)[:, None, :]
         boxes = clip_boxes(boxes, (hw[..., 0:1], hw[..., 1:2]))
-    padded = config.padded_detections(num_anchors, num_classes)
     kept, kept_counts = _batched_nms_padded(
         boxes, scores, labels, config.nms_thresh, padded, config.class_agnostic
     )

@@ -10,13 +10,22 @@ trick.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .config import PostprocessConfig, real_scalar, unit_scalar, whole_scalar
-from .family import cxcywh_to_xyxy, postprocess_family
+from .family import (
+    candidate_slots,
+    cxcywh_to_xyxy,
+    postprocess_family,
+    select_candidates,
+    suppress_candidates,
+)
+from .formats import Detections
 
 __all__ = ["non_max_suppression", "yolo_config", "cxcywh_to_xyxy"]
 
@@ -128,6 +137,69 @@ def yolo_config(
     )
 
 
+def _block_maxima(class_scores: Tensor) -> Tuple[Tensor, int]:
+    """The maximum of each block of about sqrt(nc) classes of ``class_scores``
+    (Tensor[B, nc, N]) as Tensor[B, blocks, N], and the block width: as fast as one
+    amax over all classes (one read), and what ``_best_labels`` needs to find each
+    anchor's best class with sqrt(nc) + sqrt(nc) gathers instead of nc (each gathered
+    value is a cache miss in this layout)."""
+    nc = class_scores.shape[1]
+    width = math.isqrt(nc - 1) + 1  # ceil(sqrt(nc))
+    # A width that divides nc spares the copy that joins a short last block (80: 10).
+    divisor = next(d for d in range(width, nc + 1) if nc % d == 0)
+    if divisor <= 2 * width:
+        width = divisor
+    full = nc // width
+    blocks = [class_scores[:, : full * width].unflatten(1, (full, width)).amax(2)]
+    if full * width < nc:
+        blocks.append(class_scores[:, full * width :].amax(1, keepdim=True))
+    return (torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]), width
+
+
+def _best_labels(
+    class_scores: Tensor, block_best: Tensor, width: int, image: Tensor, anchor: Tensor
+) -> Tensor:
+    """The best class (equal probabilities to the lower class) of the anchors
+    (image, anchor) (Tensor[K] int64 each): the first block holding the anchor's
+    maximum, then the first class of that block holding it."""
+    nc = class_scores.shape[1]
+    block = block_best.transpose(1, 2)[image, anchor].argmax(1)
+    # The classes of that block; past the last class (a short last block) repeat it,
+    # after its real column, so the first maximum stays the lowest class.
+    columns = (block[:, None] * width + torch.arange(width, device=block.device)).clamp(max=nc - 1)
+    values = class_scores.transpose(1, 2)[image[:, None], anchor[:, None], columns]
+    return columns.gather(1, values.argmax(1, keepdim=True)).squeeze(1)
+
+
+def _best_class_detections(
+    scored: Tensor, nc: int, config: PostprocessConfig, classes: Optional[List[int]]
+) -> Detections:
+    """The family pipeline for ``label_mode="single"`` on the [B, 4 + nc, N] layout
+    without copying the class scores into [B, N, nc]: each anchor's best probability
+    (one read, ``_block_maxima``) is the one score column select_topk ranks (the
+    threshold and the ``max_nms`` cap); the class is found for the anchors over the
+    threshold only. An anchor whose best class is not in ``classes`` gets score 0,
+    which no threshold >= 0 passes, before the cap (ultralytics filters, then caps).
+    """
+    batch, _, num_anchors = scored.shape
+    class_scores = scored[:, 4 : 4 + nc]  # [B, nc, N], a view
+    block_best, width = _block_maxima(class_scores)
+    best = block_best.amax(1)  # [B, N]: NaN if any class is NaN, which never passes
+    image, anchor = (best > config.score_thresh).nonzero(as_tuple=True)
+    label_map = torch.full_like(best, -1, dtype=torch.int64)
+    label_map[image, anchor] = _best_labels(class_scores, block_best, width, image, anchor)
+    if classes is not None:
+        allowed = torch.zeros(nc, dtype=torch.bool, device=scored.device)
+        allowed[classes] = True
+        best = torch.where(allowed[label_map.clamp(min=0)], best, 0)
+    one_column = dataclasses.replace(config, classes=None, label_mode="multi")
+    flat, scores, counts = select_candidates(best[..., None], None, one_column, [num_anchors])
+    anchor, labels, scores = candidate_slots(flat, scores, counts, 1)
+    labels = torch.where(labels >= 0, label_map.gather(1, anchor), -1)
+    padded = config.padded_detections(num_anchors, nc)
+    return suppress_candidates(scored[:, :4].mT, None, None, config, anchor, labels, scores, padded)
+
+
 def non_max_suppression(
     prediction: Union[Tensor, Sequence[Tensor]],
     conf_thres: float = 0.25,
@@ -230,10 +302,13 @@ def non_max_suppression(
     config = yolo_config(conf_thres, iou_thres, classes, agnostic, multi_label, max_det, max_nms)
     # The ops score float32, float16 and bfloat16; float64 is scored in float32.
     scored = prediction.float() if prediction.dtype == torch.float64 else prediction
-    # Views of the [B, 4 + nc + nm, N] layout as the family's [B, N, 4] and [B, N, nc].
-    det = postprocess_family(
-        scored[:, :4].mT, scored[:, 4 : 4 + nc].mT, None, None, config, [num_anchors], None
-    )
+    if multi_label:
+        # Views of the [B, 4 + nc + nm, N] layout as the family's [B, N, 4], [B, N, nc].
+        det = postprocess_family(
+            scored[:, :4].mT, scored[:, 4 : 4 + nc].mT, None, None, config, [num_anchors], None
+        )
+    else:
+        det = _best_class_detections(scored, nc, config, classes)
     kept = torch.arange(det.scores.shape[1], device=prediction.device) < det.num_detections[:, None]
     image, slot = kept.nonzero(as_tuple=True)
     anchor = det.anchor_indices[image, slot]
