@@ -292,6 +292,23 @@ class PostprocessConfig:
             and self.box_coder == "box"
         )
 
+    def select_topk_arguments(self, num_classes: int) -> tuple:
+        """The arguments of ``ssd_post::select_topk`` after ``level_sizes`` that this
+        config gives it for ``num_classes`` columns (score_thresh, topk_candidates,
+        background_class, score_activation, factor_mode, factor_logits, single_label,
+        classes, per_class): one mapping for the ops and the oracle."""
+        return (
+            self.score_thresh,
+            self.topk_candidates,
+            self.resolve_background_class(num_classes),
+            self.score_activation,
+            self.score_factor_mode or "sqrt",
+            self.score_factor_logits,
+            self.label_mode == "single",
+            None if self.classes is None else list(self.classes),
+            self.selection == "per_class",
+        )
+
     def resolve_background_class(self, num_classes: int) -> Optional[int]:
         """The background column for logits with ``num_classes`` columns (None: no background)."""
         if self.background_class == "first":

@@ -52,15 +52,7 @@ def select_candidates(
         logits,
         score_factor,
         level_sizes,
-        config.score_thresh,
-        config.topk_candidates,
-        config.resolve_background_class(logits.shape[2]),
-        config.score_activation,
-        config.score_factor_mode or "sqrt",
-        config.score_factor_logits,
-        config.label_mode == "single",
-        None if config.classes is None else list(config.classes),
-        config.selection == "per_class",
+        *config.select_topk_arguments(logits.shape[2]),
     )
 
 

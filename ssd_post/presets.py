@@ -113,10 +113,11 @@ def efficientdet() -> PostprocessConfig:
     )
 
 
-def _yolo(**fields) -> PostprocessConfig:
+def yolo_family_config(**fields) -> PostprocessConfig:
     """The fields every YOLO preset shares: probabilities given, decoded (cx, cy, w,
     h) boxes, no background column, no clipping (the toolkits clip when they scale
-    the boxes back to the image), one candidate list per image."""
+    the boxes back to the image), one candidate list per image, the best class of
+    each anchor unless ``fields`` say ``label_mode="multi"``."""
     return PostprocessConfig(
         score_activation="none",
         background_class=None,
@@ -124,8 +125,7 @@ def _yolo(**fields) -> PostprocessConfig:
         selection="per_image",
         box_coder="none",
         box_format="cxcywh",
-        label_mode="single",
-        **fields,
+        **{"label_mode": "single", **fields},
     )
 
 
@@ -136,7 +136,7 @@ def yolov5() -> PostprocessConfig:
     removes nothing more, as conf <= obj), the 30000 best (``max_nms``), NMS per
     class at IoU 0.45, 300 per image. ``label_mode="multi"`` is its
     ``multi_label=True`` (validation)."""
-    return _yolo(
+    return yolo_family_config(
         score_thresh=0.25,
         nms_thresh=0.45,
         topk_candidates=30000,
@@ -154,7 +154,7 @@ def yolox() -> PostprocessConfig:
     cap and no cap on the detections. YOLOX picks the best class by probability
     before multiplying; ssd_post by the product, which can only differ when two
     products round to the same float."""
-    return _yolo(
+    return yolo_family_config(
         score_thresh=at_least(0.01),
         nms_thresh=0.65,
         topk_candidates=NO_CAP,
@@ -169,7 +169,9 @@ def yolov8() -> PostprocessConfig:
     the predictor's defaults conf 0.25, iou 0.7): the anchor's best class if its
     probability > 0.25, the 30000 best (``max_nms``), NMS per class at IoU 0.7, 300
     per image. Validation is ``score_thresh=0.001, label_mode="multi"``."""
-    return _yolo(score_thresh=0.25, nms_thresh=0.7, topk_candidates=30000, detections_per_img=300)
+    return yolo_family_config(
+        score_thresh=0.25, nms_thresh=0.7, topk_candidates=30000, detections_per_img=300
+    )
 
 
 PRESETS: Dict[str, Callable[[], PostprocessConfig]] = {

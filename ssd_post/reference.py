@@ -62,15 +62,7 @@ def postprocess_loop(
             logits[i : i + 1],
             None if factor is None else factor[i : i + 1],
             level_sizes,
-            config.score_thresh,
-            config.topk_candidates,
-            config.resolve_background_class(num_classes),
-            config.score_activation,
-            config.score_factor_mode or "sqrt",
-            config.score_factor_logits,
-            config.label_mode == "single",
-            None if config.classes is None else list(config.classes),
-            config.selection == "per_class",
+            *config.select_topk_arguments(num_classes),
         )
         valid = flat[0] >= 0
         flat, image_scores = flat[0][valid], image_scores[0][valid]
@@ -134,15 +126,7 @@ def select_per_level_loop(
         logits,
         centerness,
         level_sizes,
-        config.score_thresh,
-        config.topk_candidates,
-        config.resolve_background_class(num_classes),
-        config.score_activation,
-        config.score_factor_mode or "sqrt",
-        config.score_factor_logits,
-        config.label_mode == "single",
-        None if config.classes is None else list(config.classes),
-        config.selection == "per_class",
+        *config.select_topk_arguments(num_classes),
     )
     valid = flat >= 0
     image = torch.arange(flat.shape[0])[:, None, None].expand_as(flat)[valid]

@@ -26,6 +26,7 @@ from .family import (
     suppress_candidates,
 )
 from .formats import Detections
+from .presets import yolo_family_config
 
 __all__ = ["non_max_suppression", "yolo_config", "cxcywh_to_xyxy"]
 
@@ -120,17 +121,11 @@ def yolo_config(
     checked): class probabilities, decoded cxcywh boxes, one candidate list of at
     most ``max_nms`` per image, no clipping (ultralytics clips when it scales the
     boxes back to the image)."""
-    return PostprocessConfig(
+    return yolo_family_config(
         score_thresh=conf_thres,
         nms_thresh=iou_thres,
         topk_candidates=max_nms,
         detections_per_img=max_det,
-        score_activation="none",
-        background_class=None,
-        clip_boxes=False,
-        selection="per_image",
-        box_coder="none",
-        box_format="cxcywh",
         label_mode="multi" if multi_label else "single",
         class_agnostic=agnostic,
         classes=None if classes is None else tuple(classes),
