@@ -27,6 +27,15 @@ TORCH_LIBRARY(ssd_post, m) {
       "float score_thresh, float nms_thresh, int topk_candidates, int detections_per_img, "
       "float[] box_weights, str score_activation, int? background_class, bool clip_boxes) "
       "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor num_detections)");
+  // The NMS stage of postprocess pipelines that keep their candidates padded:
+  // boxes [B, M, 4], scores [B, M], labels [B, M] (-1: an empty slot). Per image,
+  // greedy NMS among equal labels (any label with class_agnostic) in rank order
+  // (score descending, NaN first, then slot), stopped after max_kept survivors:
+  // indices [B, K] (survivor slots in rank order, -1 past the count) and counts
+  // [B], K = min(max_kept, M). Fixed-size outputs, no host synchronization.
+  m.def(
+      "batched_nms_padded(Tensor boxes, Tensor scores, Tensor labels, float iou_threshold, "
+      "int max_kept, bool class_agnostic=False) -> (Tensor indices, Tensor counts)");
   // The selection of the single-stage family: for every (image, group) the best
   // topk_candidates anchor x class pairs whose score is > score_thresh, ranked
   // (score descending, equal scores by flat index anchor * C + class), as flat

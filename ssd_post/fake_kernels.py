@@ -46,6 +46,18 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold, max_kept=None, keys_pe
     return boxes.new_empty((n,), dtype=torch.int64)
 
 
+def _batched_nms_padded_fake(boxes, scores, labels, iou_threshold, max_kept, class_agnostic=False):
+    torch._check(boxes.dim() == 3 and boxes.size(2) == 4, lambda: "boxes should be [B, M, 4]")
+    check_same_device("boxes", {"boxes": boxes, "scores": scores, "labels": labels})
+    batch, slots = boxes.shape[0], boxes.shape[1]
+    # padded_nms_capacity (csrc/common/checks.h); sym_min keeps a symbolic M symbolic.
+    k = torch.sym_min(max_kept, slots)
+    return (
+        boxes.new_empty((batch, k), dtype=torch.int64),
+        boxes.new_empty((batch,), dtype=torch.int64),
+    )
+
+
 def _postprocess_fake(
     locs,
     logits,
@@ -106,5 +118,6 @@ if extension_loaded():
         _decode_threshold_flatten_fake
     )
     torch.library.register_fake("ssd_post::batched_nms")(_batched_nms_fake)
+    torch.library.register_fake("ssd_post::batched_nms_padded")(_batched_nms_padded_fake)
     torch.library.register_fake("ssd_post::postprocess")(_postprocess_fake)
     torch.library.register_fake("ssd_post::select_topk")(_select_topk_fake)

@@ -19,6 +19,7 @@ from .corners import handle_inverted_boxes
 __all__ = [
     "decode_threshold_flatten_op",
     "batched_nms",
+    "batched_nms_padded",
     "postprocess_op",
     "has_cuda_kernels",
     "check_same_device",
@@ -197,6 +198,56 @@ def batched_nms(
     # The op checks iou_threshold's range, max_kept and keys_per_image (ValueError).
     return torch.ops.ssd_post.batched_nms(
         boxes, scores, idxs, iou_threshold, max_kept, keys_per_image
+    )
+
+
+def batched_nms_padded(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    iou_threshold: float,
+    max_kept: int,
+    class_agnostic: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Greedy NMS of each image's padded candidates, with fixed-size outputs.
+
+    Per image, independently: the non-empty slots ranked by decreasing score (NaN
+    above every number, as in ``torch.sort``; equal scores by lower slot), then
+    greedy NMS in that order among equal labels (any labels with
+    ``class_agnostic``), stopped after ``max_kept`` survivors. The same survivors as
+    :func:`batched_nms` with ``idxs = image * num_labels + label``, ``max_kept`` and
+    ``keys_per_image = num_labels`` on the non-empty slots. On CUDA it never waits
+    for the host, so a padded postprocess pipeline stays sync-free and exportable.
+    Scripts with ``torch.jit.script``.
+
+    Args:
+        boxes (Tensor[B, M, 4]): xyxy boxes, float32, float16 or bfloat16 (computed
+            in float32). Zero-area boxes suppress nothing.
+        scores (Tensor[B, M]): float32, float16 or bfloat16.
+        labels (Tensor[B, M] int64): the class of each slot; a negative label (-1)
+            marks an empty slot, which is ignored.
+        iou_threshold (float): in [0, 1]; a box whose IoU with a kept box of its
+            label is ``> iou_threshold`` is dropped.
+        max_kept (int): >= 1, the most survivors per image.
+        class_agnostic (bool): suppress across labels.
+
+    Returns:
+        indices (Tensor[B, K] int64): the survivors' slots in rank order, -1 past the
+        count, with K = min(max_kept, M); counts (Tensor[B] int64).
+    """
+    if not torch.jit.is_scripting():
+        for name, value in (("boxes", boxes), ("scores", scores), ("labels", labels)):
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{name} should be a Tensor, got {type(value).__name__}")
+        iou_threshold = unit_scalar(iou_threshold, "iou_threshold")
+        max_kept = whole_scalar(max_kept, "max_kept")
+        if not isinstance(class_agnostic, bool):
+            raise ValueError(f"class_agnostic should be a bool, got {class_agnostic}")
+        require_extension()
+    check_same_device("boxes", {"boxes": boxes, "scores": scores, "labels": labels})
+    # The op checks shapes, dtypes and the scalars' ranges (ValueError).
+    return torch.ops.ssd_post.batched_nms_padded(
+        boxes, scores, labels, iou_threshold, max_kept, class_agnostic
     )
 
 

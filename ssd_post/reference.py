@@ -317,6 +317,43 @@ def batched_nms_reference(
     return torch.tensor(truncated, dtype=torch.int64)
 
 
+def batched_nms_padded_loop(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    iou_threshold: float,
+    max_kept: int,
+    class_agnostic: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """The oracle of ``ssd_post.ops.batched_nms_padded``: one image at a time, its
+    non-empty slots (label >= 0) through ``batched_nms_reference`` (torchvision's
+    NMS per label, survivors by decreasing score, equal scores by slot), the first
+    ``max_kept`` survivors kept. That is ``torchvision.ops.batched_nms`` per image
+    without its accidents: no label offsets added to the coordinates (they round
+    float32 boxes) and a defined order for equal scores (tests/test_batched_nms_padded.py
+    compares with torchvision's own function where those cannot matter).
+
+    Args:
+        boxes (Tensor[B, M, 4]), scores (Tensor[B, M]), labels (Tensor[B, M] int64).
+
+    Returns:
+        indices (Tensor[B, min(max_kept, M)] int64, -1 past the count), counts
+        (Tensor[B] int64).
+    """
+    batch, slots = scores.shape
+    indices = torch.full((batch, min(max_kept, slots)), -1, dtype=torch.int64)
+    counts = torch.zeros(batch, dtype=torch.int64)
+    for image in range(batch):
+        filled = torch.nonzero(labels[image] >= 0).flatten()
+        groups = torch.zeros_like(filled) if class_agnostic else labels[image, filled]
+        keep = batched_nms_reference(
+            boxes[image, filled].float(), scores[image, filled].float(), groups, iou_threshold
+        )[:max_kept]
+        indices[image, : len(keep)] = filled[keep]
+        counts[image] = len(keep)
+    return indices, counts
+
+
 def torchvision_postprocess(
     locs: Tensor,
     logits: Tensor,

@@ -28,6 +28,7 @@ KERNEL_DEVICES = {
     "decode_threshold_flatten": ("cpu", "cuda"),
     "batched_nms": ("cpu", "cuda"),
     "select_topk": ("cpu", "cuda"),
+    "batched_nms_padded": ("cpu", "cuda"),
 }
 OPS = tuple(KERNEL_DEVICES)
 COMMON = dict(
@@ -49,6 +50,16 @@ def _opcheck_args(op: str, device: str):
         centerness = torch.randn(logits.shape[:2], generator=torch.Generator().manual_seed(2))
         # logits, centerness, level_sizes, score_thresh, topk_candidates, background_class
         return (logits, centerness.to(device), [40, 24], 0.3, 12, None), {}
+    if op == "batched_nms_padded":
+        generator = torch.Generator().manual_seed(3)
+        xy = torch.rand(2, 30, 2, generator=generator) * 50
+        boxes = torch.cat((xy, xy + 10), dim=2)
+        scores = torch.rand(2, 30, generator=generator)
+        labels = torch.randint(-1, 3, (2, 30), generator=generator)  # -1: empty slots
+        # boxes, scores, labels, iou_threshold, max_kept (below M), class_agnostic
+        return tuple(t.to(device) for t in (boxes, scores, labels)) + (0.5, 7), {
+            "class_agnostic": True
+        }
     generator = torch.Generator().manual_seed(1)
     xy = torch.rand(50, 2, generator=generator) * 50
     boxes = torch.cat((xy, xy + 10), dim=1)

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -235,6 +236,52 @@ inline void check_nms_limits(c10::optional<int64_t> max_kept,
                       "so it needs max_kept; got keys_per_image = ",
                       *keys_per_image, " and max_kept = None");
   }
+}
+
+// The shape of batched_nms_padded's inputs: B images of M slots each.
+struct PaddedNmsDims {
+  int64_t batch;  // B
+  int64_t slots;  // M
+};
+
+// Validates batched_nms_padded's arguments (every failure a ValueError in Python)
+// and returns B and M.
+inline PaddedNmsDims check_padded_nms_inputs(const at::Tensor& boxes, const at::Tensor& scores,
+                                             const at::Tensor& labels, double iou_threshold,
+                                             int64_t max_kept) {
+  TORCH_CHECK_VALUE(boxes.dim() == 3 && boxes.size(2) == 4,
+                    "boxes should be a 3d tensor [B, M, 4], got shape ", boxes.sizes());
+  const int64_t B = boxes.size(0), M = boxes.size(1);
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(0) == B && scores.size(1) == M,
+                    "scores should have shape [B, M] = [", B, ", ", M, "], got ", scores.sizes());
+  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == B && labels.size(1) == M,
+                    "labels should have shape [B, M] = [", B, ", ", M, "], got ", labels.sizes());
+  TORCH_CHECK_VALUE(is_supported_float(boxes.scalar_type()),
+                    "boxes should be float32, float16 or bfloat16, got ", boxes.scalar_type());
+  TORCH_CHECK_VALUE(is_supported_float(scores.scalar_type()),
+                    "scores should be float32, float16 or bfloat16, got ", scores.scalar_type());
+  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong,
+                    "labels should be int64 (-1 for an empty slot), got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(scores.device() == boxes.device(),
+                    "scores should be on the same device as boxes, got ", scores.device(),
+                    " and ", boxes.device());
+  TORCH_CHECK_VALUE(labels.device() == boxes.device(),
+                    "labels should be on the same device as boxes, got ", labels.device(),
+                    " and ", boxes.device());
+  // The rank keys hold a slot index next to 32 score bits (common/rank_keys.h).
+  TORCH_CHECK_VALUE(M < std::numeric_limits<int32_t>::max(),
+                    "boxes should have fewer than 2^31 - 1 slots per image, got ", M);
+  // The negated form also rejects NaN.
+  TORCH_CHECK_VALUE(iou_threshold >= 0.0 && iou_threshold <= 1.0,
+                    "iou_threshold should be in [0, 1], got ", iou_threshold);
+  TORCH_CHECK_VALUE(max_kept >= 1, "max_kept should be >= 1, got ", max_kept);
+  return {B, M};
+}
+
+// Survivor slots per image of batched_nms_padded (ssd_post/fake_kernels.py computes
+// the same for the traced shapes; opcheck holds the two equal).
+inline int64_t padded_nms_capacity(int64_t max_kept, int64_t slots) {
+  return std::min(max_kept, slots);
 }
 
 inline void check_postprocess_scalars(double nms_thresh, int64_t detections_per_img) {

@@ -10,6 +10,9 @@
 #pragma once
 
 #include <cstdint>
+#if !defined(__CUDA_ARCH__)
+#include <bit>
+#endif
 
 #include "macros.h"
 
@@ -38,5 +41,27 @@ SSD_HOST_DEVICE int64_t rank_key_index(uint64_t key, int64_t count, int index_bi
 SSD_HOST_DEVICE uint32_t rank_key_score_bits(uint64_t key, int index_bits) {
   return static_cast<uint32_t>(key >> index_bits);
 }
+
+// Scores of any sign, for ops that rank scores they did not threshold themselves
+// (batched_nms_padded): 32-bit keys that order like the NMS ops rank, NaN above
+// every number (torch.sort's descending order), -0.0 equal to 0.0. With them a rank
+// key needs kOrderedScoreBits + index_bits bits.
+constexpr int kOrderedScoreBits = 32;
+
+SSD_HOST_DEVICE uint32_t ordered_score_bits(float score) {
+  if (score != score) return 0xFFFFFFFFu;
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = __float_as_uint(score == 0.f ? 0.f : score);
+#else
+  const uint32_t bits = std::bit_cast<uint32_t>(score == 0.f ? 0.f : score);
+#endif
+  // IEEE bits order like the values once negatives are flipped and positives moved up.
+  return (bits >> 31) != 0 ? ~bits : bits | 0x80000000u;
+}
+
+// A rank key no ranked score makes: the smallest number maps to ~bits(-inf) > 0,
+// so a rank key of ordered_score_bits is never 0, and 0 can mark an empty slot,
+// which then sorts after every candidate.
+constexpr uint64_t kEmptyRankKey = 0;
 
 }  // namespace ssd_post

@@ -235,5 +235,40 @@ void nms_ranked_groups(Backend& backend, const float* ranked_boxes, const int64_
                  iou_threshold, max_kept, keep);
 }
 
+// batched_nms_padded on boxes [B, M, 4], scores [B, M] (float32) and labels [B, M]
+// (int64, negative: an empty slot), B, M > 0: each image's slots ranked by one
+// segmented sort of rank keys, then one block per image gathers them in rank order
+// and runs the greedy scan of the other NMS ops (labels kept apart unless
+// class_agnostic) until K survive, writing indices [B, K] and counts [B]. Every
+// buffer is sized by B * M: no host synchronization.
+template <class Backend>
+void nms_padded(Backend& backend, const float* boxes, const float* scores, const int64_t* labels,
+                int64_t B, int64_t M, double iou_threshold, int64_t K, bool class_agnostic,
+                int64_t* indices, int64_t* counts) {
+  const int64_t slots = B * M;
+  require(slots > 0 && slots < std::numeric_limits<int32_t>::max(),
+          "B * M should be in [1, 2^31 - 1), got " + std::to_string(slots));
+  require(B <= std::numeric_limits<int32_t>::max(),
+          "B should be below 2^31, got " + std::to_string(B));
+  const int index_bits = index_bits_for(M);
+  auto unsorted = backend.template buffer<uint64_t>(slots);
+  auto sorted = backend.template buffer<uint64_t>(slots);
+  auto segment_begin = backend.template buffer<int32_t>(B);
+  auto segment_end = backend.template buffer<int32_t>(B);
+  backend.launch(blocks_for(slots, kPaddedKeyThreads), kPaddedKeyThreads, 0,
+                 &padded_rank_keys_kernel, scores, labels, B, M, index_bits, unsorted.data(),
+                 segment_begin.data(), segment_end.data());
+  backend.sort_segments_descending(unsorted.data(), sorted.data(), slots, B,
+                                   segment_begin.data(), segment_end.data(),
+                                   kOrderedScoreBits + index_bits);
+  auto ranked_boxes = backend.template buffer<float4>(slots);
+  auto ranked_labels = backend.template buffer<int64_t>(slots);
+  auto keep = backend.template buffer<uint8_t>(slots);
+  backend.launch(static_cast<unsigned>(B), kNmsThreads, 0, &nms_padded_kernel,
+                 static_cast<const uint64_t*>(sorted.data()), boxes, labels, M, index_bits,
+                 iou_threshold, K, class_agnostic, ranked_boxes.data(), ranked_labels.data(),
+                 keep.data(), indices, counts);
+}
+
 }  // namespace gpu
 }  // namespace ssd_post

@@ -1,4 +1,4 @@
-// CUDA kernels of the three ssd_post ops.
+// CUDA kernels of the ssd_post ops.
 //
 // The host side of postprocess and decode_threshold_flatten is host_pipeline.h,
 // shared with the CUDA emulator of the tests; this file builds its inputs (with
@@ -9,7 +9,7 @@
 // a CUDA graph (with image_sizes on the device: CPU image sizes are copied over).
 // decode_threshold_flatten and batched_nms return data-dependent sizes and
 // synchronize for them (batched_nms's optional max_kept changes which rows it
-// keeps, not that).
+// keeps, not that); batched_nms_padded, select_per_level and postprocess do not.
 //
 // Scores are exp(x - max) * (1 / sum) in float32 with the device's expf and the
 // device's summation order, so they may differ from the CPU kernel (which uses
@@ -273,6 +273,30 @@ at::Tensor batched_nms_cuda(const at::Tensor& boxes_in, const at::Tensor& scores
   return ranked;
 }
 
+std::tuple<at::Tensor, at::Tensor> batched_nms_padded_cuda(const at::Tensor& boxes_in,
+                                                           const at::Tensor& scores_in,
+                                                           const at::Tensor& labels_in,
+                                                           double iou_threshold, int64_t max_kept,
+                                                           bool class_agnostic) {
+  const PaddedNmsDims dims =
+      check_padded_nms_inputs(boxes_in, scores_in, labels_in, iou_threshold, max_kept);
+  const c10::cuda::CUDAGuard device_guard(boxes_in.device());
+  const int64_t B = dims.batch, M = dims.slots;
+  const int64_t K = padded_nms_capacity(max_kept, M);
+  const at::TensorOptions long_options = labels_in.options();
+  if (B == 0 || M == 0) return {at::full({B, K}, -1, long_options), at::zeros({B}, long_options)};
+  const at::Tensor boxes = boxes_in.to(at::kFloat).contiguous();
+  const at::Tensor scores = scores_in.to(at::kFloat).contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor indices = at::empty({B, K}, long_options);
+  at::Tensor counts = at::empty({B}, long_options);
+  CudaBackend backend(boxes_in.device());
+  nms_padded(backend, boxes.data_ptr<float>(), scores.data_ptr<float>(),
+             labels.data_ptr<int64_t>(), B, M, iou_threshold, K, class_agnostic,
+             indices.data_ptr<int64_t>(), counts.data_ptr<int64_t>());
+  return {indices, counts};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ssd_post, CUDA, m) {
@@ -280,6 +304,7 @@ TORCH_LIBRARY_IMPL(ssd_post, CUDA, m) {
   m.impl("batched_nms", &batched_nms_cuda);
   m.impl("postprocess", &postprocess_cuda);
   m.impl("select_topk", &select_topk_cuda);
+  m.impl("batched_nms_padded", &batched_nms_padded_cuda);
 }
 
 }  // namespace gpu

@@ -329,3 +329,41 @@ def batched_nms(
     if keys_per_image is not None:
         return _first_per_image(ranked, idxs, max_kept, keys_per_image)
     return ranked
+
+
+def batched_nms_padded(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    iou_threshold: float,
+    max_kept: int,
+    class_agnostic: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """What ``torch.ops.ssd_post.batched_nms_padded`` returns on CUDA for boxes
+    [B, M, 4], scores [B, M] and labels [B, M] int64: indices [B, K] int64 (-1 past
+    the count) and counts [B], K = min(max_kept, M)."""
+    B, M = scores.shape
+    K = min(max_kept, M)
+    # Poison, so that a slot the kernels leave unwritten stands out.
+    indices = torch.full((B, K), -7, dtype=torch.int64)
+    counts = torch.full((B,), -7, dtype=torch.int64)
+    if B * M == 0:
+        return indices.fill_(-1), counts.zero_()  # the CUDA op launches nothing
+    # float32 contiguous, as batched_nms_padded_cuda (ops_cuda.cu) converts them.
+    boxes = boxes.detach().to("cpu", torch.float32).contiguous()
+    scores = scores.detach().to("cpu", torch.float32).contiguous()
+    labels = labels.detach().to("cpu", torch.int64).contiguous()
+    status = library().emulated_batched_nms_padded(
+        _ptr(boxes),
+        _ptr(scores),
+        _ptr(labels),
+        ctypes.c_int64(B),
+        ctypes.c_int64(M),
+        ctypes.c_double(iou_threshold),
+        ctypes.c_int64(K),
+        ctypes.c_int32(int(class_agnostic)),
+        _ptr(indices),
+        _ptr(counts),
+    )
+    _check(status, "batched_nms_padded")
+    return indices, counts

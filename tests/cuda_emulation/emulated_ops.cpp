@@ -156,4 +156,14 @@ int emulated_nms_ranked_groups(const float* ranked_boxes, const int64_t* group_b
   });
 }
 
+int emulated_batched_nms_padded(const float* boxes, const float* scores, const int64_t* labels,
+                                int64_t B, int64_t M, double iou_threshold, int64_t K,
+                                int32_t class_agnostic, int64_t* indices, int64_t* counts) {
+  return guarded([&] {
+    EmulatorBackend backend;
+    nms_padded(backend, boxes, scores, labels, B, M, iou_threshold, K, class_agnostic != 0,
+               indices, counts);
+  });
+}
+
 }  // extern "C"

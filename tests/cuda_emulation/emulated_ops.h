@@ -52,4 +52,11 @@ int emulated_nms_ranked_groups(const float* ranked_boxes, const int64_t* group_b
                                const int64_t* group_end, int64_t num_groups, double iou_threshold,
                                int64_t max_kept, uint8_t* keep);
 
+// batched_nms_padded on CUDA: boxes [B, M, 4], scores [B, M] float32, labels [B, M]
+// int64 (negative: an empty slot), B, M > 0; outputs indices [B, K] and counts [B],
+// K >= 1 (the op passes K = padded_nms_capacity(max_kept, M), common/checks.h).
+int emulated_batched_nms_padded(const float* boxes, const float* scores, const int64_t* labels,
+                                int64_t B, int64_t M, double iou_threshold, int64_t K,
+                                int32_t class_agnostic, int64_t* indices, int64_t* counts);
+
 }  // extern "C"

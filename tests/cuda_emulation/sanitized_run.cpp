@@ -183,6 +183,61 @@ void check_nms(std::mt19937& rng, int64_t n, int64_t groups, double iou_threshol
   }
 }
 
+// batched_nms_padded on exactly-sized buffers: counts in [0, K], each image's
+// survivors distinct non-empty slots in rank order (score descending, slot
+// ascending on ties), its best non-empty slot first, -1 after the count.
+void check_nms_padded(std::mt19937& rng, int64_t B, int64_t M, int64_t labels_per_image,
+                      double iou_threshold, int64_t max_kept, bool class_agnostic) {
+  const Problem p{B, M, labels_per_image, 0, -1, 0.0, iou_threshold, 0, max_kept,
+                  false, false, false};
+  const int64_t K = std::min(max_kept, M);
+  std::uniform_real_distribution<float> uniform(0.f, 1.f);
+  std::vector<float> boxes(B * M * 4), scores(B * M);
+  std::vector<int64_t> labels(B * M), indices(B * K, -7), counts(B, -7);
+  for (int64_t i = 0; i < B * M; ++i) {
+    const float x = 60.f * uniform(rng), y = 60.f * uniform(rng);
+    boxes[4 * i + 0] = x;
+    boxes[4 * i + 1] = y;
+    boxes[4 * i + 2] = x + 30.f * uniform(rng);
+    boxes[4 * i + 3] = y + 30.f * uniform(rng);
+    scores[i] = std::round(8.f * uniform(rng)) / 8.f;  // ties
+    const float draw = uniform(rng);
+    labels[i] = draw < 0.2f ? -1 : static_cast<int64_t>(draw * labels_per_image) % labels_per_image;
+  }
+  expect(emulated_batched_nms_padded(boxes.data(), scores.data(), labels.data(), B, M,
+                                     iou_threshold, K, class_agnostic, indices.data(),
+                                     counts.data()) == 0,
+         "batched_nms_padded ran", p);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = counts[b];
+    expect(n >= 0 && n <= K, "count in [0, K]", p);
+    int64_t best = -1;
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t i = b * M + m;
+      if (labels[i] >= 0 && (best < 0 || scores[i] > scores[b * M + best])) best = m;
+    }
+    expect((n == 0) == (best < 0), "no survivor only in an empty image", p);
+    std::vector<bool> seen(M, false);
+    for (int64_t r = 0; r < K; ++r) {
+      const int64_t slot = indices[b * K + r];
+      if (r >= n) {
+        expect(slot == -1, "-1 after the count", p);
+        continue;
+      }
+      expect(slot >= 0 && slot < M && !seen[slot] && labels[b * M + slot] >= 0,
+             "a distinct non-empty slot", p);
+      if (slot < 0 || slot >= M) continue;
+      seen[slot] = true;
+      if (r == 0) expect(slot == best, "the best slot first", p);
+      if (r > 0 && indices[b * K + r - 1] >= 0 && indices[b * K + r - 1] < M) {
+        const int64_t prev = indices[b * K + r - 1];
+        const float s = scores[b * M + slot], prev_s = scores[b * M + prev];
+        expect(prev_s > s || (prev_s == s && prev < slot), "survivors ranked", p);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // select_per_level on exactly-sized buffers: every count within its level's pairs
@@ -262,6 +317,11 @@ int main() {
   check_nms(rng, 300, 1, 0.5, 70);
   check_nms(rng, 2000, 37, 0.3, 3);
   check_nms(rng, 500, 500, 0.0, 1);
+  check_nms_padded(rng, 3, 200, 4, 0.5, 50, false);  // several chunks per image
+  check_nms_padded(rng, 2, 70, 1, 0.0, 1000, true);   // K = M
+  check_nms_padded(rng, 1, 1, 1, 0.5, 1, false);
+  check_nms_padded(rng, 4, 130, 3, 0.7, 1, false);
+  std::printf("batched_nms_padded done\n");
   if (failures > 0) {
     std::printf("%d checks failed\n", failures);
     return 1;
