@@ -94,38 +94,6 @@ def decode_selected(
     return coder.decode(selected, box_anchors)
 
 
-def _batched_nms_padded(
-    boxes: Tensor,
-    scores: Tensor,
-    labels: Tensor,
-    iou_threshold: float,
-    max_kept: int,
-    class_agnostic: bool,
-) -> Tuple[Tensor, Tensor]:
-    """Interim stand-in of ``ops.batched_nms_padded`` (indices [B, min(max_kept, M)],
-    counts [B]) through ``batched_nms``."""
-    batch, slots = scores.shape
-    image, slot = (labels >= 0).nonzero(as_tuple=True)
-    keys_per_image = 1 if class_agnostic else max(int(labels.max()) + 1, 1) if labels.numel() else 1
-    keys = image if class_agnostic else image * keys_per_image + labels[image, slot]
-    kept = ops.batched_nms(
-        boxes[image, slot],
-        scores[image, slot],
-        keys,
-        iou_threshold,
-        max_kept=max_kept,
-        keys_per_image=keys_per_image,
-    )
-    kept = kept[torch.sort(image[kept], stable=True).indices]
-    kept_image = image[kept]
-    counts = torch.bincount(kept_image, minlength=batch)
-    rank = torch.arange(len(kept)) - (counts.cumsum(0) - counts)[kept_image]
-    width = min(max_kept, slots)
-    indices = torch.full((batch, width), -1, dtype=torch.int64, device=boxes.device)
-    indices[kept_image, rank] = slot[kept]
-    return indices, counts
-
-
 def postprocess_family(
     locs: Tensor,
     logits: Tensor,
@@ -196,9 +164,12 @@ def suppress_candidates(
     if config.clip_boxes:
         hw = image_sizes.to(torch.float32)[:, None, :]
         boxes = clip_boxes(boxes, (hw[..., 0:1], hw[..., 1:2]))
-    kept, kept_counts = _batched_nms_padded(
-        boxes, scores, labels, config.nms_thresh, padded, config.class_agnostic
+    # padded is 0 when no column can be reported (A = 0, or only a background
+    # column): the op needs max_kept >= 1, and no slot holds a candidate then.
+    kept, kept_counts = ops.batched_nms_padded(
+        boxes, scores, labels, config.nms_thresh, max(padded, 1), config.class_agnostic
     )
+    kept = kept[:, :padded]
     return gather_detections(boxes, scores, labels, anchor, kept, kept_counts, padded)
 
 
