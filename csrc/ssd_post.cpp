@@ -22,11 +22,14 @@ TORCH_LIBRARY(ssd_post, m) {
   m.def(
       "batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, "
       "int? max_kept=None, int? keys_per_image=None) -> Tensor");
+  // anchor_indices [B, K] int64: the anchor row (index into A) of each detection,
+  // -1 past num_detections, for gathering per-anchor data (masks, keypoints).
   m.def(
       "postprocess(Tensor locs, Tensor logits, Tensor anchors, Tensor image_sizes, "
       "float score_thresh, float nms_thresh, int topk_candidates, int detections_per_img, "
       "float[] box_weights, str score_activation, int? background_class, bool clip_boxes) "
-      "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor num_detections)");
+      "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor num_detections, "
+      "Tensor anchor_indices)");
   // The selection of the single-stage family: for every (image, group) the best
   // topk_candidates anchor x class pairs whose score is > score_thresh, ranked
   // (score descending, equal scores by flat index anchor * C + class), as flat

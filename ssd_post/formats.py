@@ -24,19 +24,24 @@ class Detections:
         scores (Tensor[B, K]): float32, decreasing along K.
         labels (Tensor[B, K]): int64 class column of the logits.
         num_detections (Tensor[B]): int64, valid rows per image.
+        anchor_indices (Tensor[B, K], optional): int64 anchor row (index into A) of
+            each detection, -1 in padding rows.
     """
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
     num_detections: Tensor
+    anchor_indices: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
 
     def to(self, device) -> "Detections":
+        anchors = self.anchor_indices
         return Detections(
-            *(t.to(device) for t in (self.boxes, self.scores, self.labels, self.num_detections))
+            *(t.to(device) for t in (self.boxes, self.scores, self.labels, self.num_detections)),
+            anchor_indices=None if anchors is None else anchors.to(device),
         )
 
     def to_list(self) -> List[Dict[str, Tensor]]:

@@ -115,7 +115,7 @@ def postprocess(
         raise ValueError(
             "level_sizes is only used by selection='per_level', got selection='per_class'"
         )
-    boxes, scores, labels, counts = ops.postprocess_op(
+    boxes, scores, labels, counts, anchor_indices = ops.postprocess_op(
         locs,
         logits,
         anchors,
@@ -129,7 +129,7 @@ def postprocess(
         config.resolve_background_class(num_classes),
         config.clip_boxes,
     )
-    return Detections(boxes, scores, labels, counts)
+    return Detections(boxes, scores, labels, counts, anchor_indices)
 
 
 def patch_torchvision_ssd(model: torch.nn.Module) -> torch.nn.Module:

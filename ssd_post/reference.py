@@ -81,16 +81,26 @@ def postprocess_loop(
         keep = batched_nms_reference(image_boxes, image_scores, image_labels, config.nms_thresh)
         keep = keep[: config.detections_per_img]
         results.append(
-            {"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": image_labels[keep]}
+            {
+                "boxes": image_boxes[keep],
+                "scores": image_scores[keep],
+                "labels": image_labels[keep],
+                "anchor_indices": anchor_idxs[keep],
+            }
         )
-    out = Detections.from_list(results, padded)
     if batch == 0:
-        out = Detections(
+        return Detections(
             locs.new_zeros((0, padded, 4), dtype=torch.float32),
             locs.new_zeros((0, padded), dtype=torch.float32),
             locs.new_zeros((0, padded), dtype=torch.int64),
             locs.new_zeros((0,), dtype=torch.int64),
+            locs.new_zeros((0, padded), dtype=torch.int64),
         )
+    out = Detections.from_list(results, padded)
+    anchor_out = torch.full((batch, padded), -1, dtype=torch.int64)
+    for i, result in enumerate(results):
+        anchor_out[i, : len(result["anchor_indices"])] = result["anchor_indices"]
+    out.anchor_indices = anchor_out
     return out
 
 

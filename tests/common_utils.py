@@ -47,11 +47,14 @@ def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> tor
 def assert_same_detections(
     actual: ssd_post.Detections, expected: ssd_post.Detections, box_atol: float = 0.0
 ) -> None:
-    """Counts, labels, scores and (by default) boxes to the bit."""
+    """Counts, labels, scores and (by default) boxes to the bit; anchor indices
+    exactly where both sides have them."""
     torch.testing.assert_close(actual.num_detections, expected.num_detections, rtol=0, atol=0)
     torch.testing.assert_close(actual.labels, expected.labels, rtol=0, atol=0)
     torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=0)
     torch.testing.assert_close(actual.boxes, expected.boxes, rtol=0, atol=box_atol)
+    if actual.anchor_indices is not None and expected.anchor_indices is not None:
+        torch.testing.assert_close(actual.anchor_indices, expected.anchor_indices, rtol=0, atol=0)
 
 
 def assert_same_detections_up_to_ties(
