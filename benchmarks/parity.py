@@ -32,22 +32,29 @@ class ParityResult:
 
 
 def _differing(got: Detections, want: Detections) -> torch.Tensor:
-    """[B, K] bool: slots (filled on either side) whose label, score or box differs."""
+    """[B, K] bool: slots (filled on either side) whose label, score or box differs, or
+    anchor index where both sides have them."""
     slots = torch.arange(want.boxes.shape[1])
     filled = slots[None, :] < torch.maximum(got.num_detections, want.num_detections)[:, None]
     label_diff = got.labels != want.labels
+    if got.anchor_indices is not None and want.anchor_indices is not None:
+        label_diff = label_diff | (got.anchor_indices != want.anchor_indices)
     score_diff = ~torch.isclose(got.scores, want.scores, rtol=SCORE_RTOL, atol=0.0)
     box_diff = ((got.boxes - want.boxes).abs() > BOX_ATOL).any(-1)
     return (label_diff | score_diff | box_diff) & filled
 
 
 def _canonical_ties(det: Detections) -> Detections:
-    """The same detections, each run of equal consecutive scores ordered by (label, box)."""
+    """The same detections, each run of equal consecutive scores ordered by (label, box,
+    anchor index)."""
     boxes, scores, labels = det.boxes.clone(), det.scores.clone(), det.labels.clone()
+    anchors = None if det.anchor_indices is None else det.anchor_indices.clone()
     for i in range(boxes.shape[0]):
         n = int(det.num_detections[i])
         order = torch.arange(n)
-        for column in range(3, -1, -1):  # least significant key first, all sorts stable
+        if anchors is not None:  # least significant key first, all sorts stable
+            order = order[torch.sort(det.anchor_indices[i, order], stable=True).indices]
+        for column in range(3, -1, -1):
             order = order[torch.sort(det.boxes[i, order, column], stable=True).indices]
         order = order[torch.sort(det.labels[i, order], stable=True).indices]
         # Runs of equal scores keep their place: only the order inside a run changes.
@@ -64,7 +71,9 @@ def _canonical_ties(det: Detections) -> Detections:
             det.scores[i, order],
             det.labels[i, order],
         )
-    return Detections(boxes, scores, labels, det.num_detections)
+        if anchors is not None:
+            anchors[i, :n] = det.anchor_indices[i, order]
+    return Detections(boxes, scores, labels, det.num_detections, anchors)
 
 
 def compare(got: Detections, want: Detections) -> ParityResult:

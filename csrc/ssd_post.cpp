@@ -22,11 +22,14 @@ TORCH_LIBRARY(ssd_post, m) {
   m.def(
       "batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold, "
       "int? max_kept=None, int? keys_per_image=None) -> Tensor");
+  // anchor_indices [B, K] int64: the anchor row (index into A) of each detection,
+  // -1 past num_detections, for gathering per-anchor data (masks, keypoints).
   m.def(
       "postprocess(Tensor locs, Tensor logits, Tensor anchors, Tensor image_sizes, "
       "float score_thresh, float nms_thresh, int topk_candidates, int detections_per_img, "
       "float[] box_weights, str score_activation, int? background_class, bool clip_boxes) "
-      "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor num_detections)");
+      "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor num_detections, "
+      "Tensor anchor_indices)");
   // The NMS stage of postprocess pipelines that keep their candidates padded:
   // boxes [B, M, 4], scores [B, M], labels [B, M] (-1: an empty slot). Per image,
   // greedy NMS among equal labels (any label with class_agnostic) in rank order

@@ -8,7 +8,7 @@ which a C++ program does by loading ``library_path()`` (see examples/aoti_cpp).
 
     path = ssd_post.aoti.export_package(model, "tiny.pt2", example_images)
     runner = ssd_post.aoti.load_package(path)      # in another process
-    boxes, scores, labels, num_detections = runner(images)
+    boxes, scores, labels, num_detections, anchor_indices = runner(images)
 
 Importing :mod:`ssd_post` does not import this module.
 """
@@ -100,7 +100,8 @@ def export_package(model: nn.Module, path: str, example_images: Tensor, max_batc
 
     Returns:
         ``path``. The package maps images [B, 3, H, W] to boxes [B, K, 4] float32,
-        scores [B, K], labels [B, K] int64 and num_detections [B] int64.
+        scores [B, K], labels [B, K] int64, num_detections [B] int64 and
+        anchor_indices [B, K] int64 (-1 in padding rows).
     """
     check_detector(model)
     return export_module(DetectorModule(model), (example_images,), path, max_batch)
@@ -126,8 +127,10 @@ def export_postprocess_package(
 class PackageRunner:
     """A loaded package: ``runner(*inputs)`` returns the module's outputs as a tuple
     (for a detector or postprocess package: boxes [B, K, 4], scores [B, K], labels
-    [B, K], num_detections [B]), each input checked first against what the package
-    was compiled for (dtype, every dim but the batch, batch range)."""
+    [B, K], num_detections [B], anchor_indices [B, K], which
+    ``ssd_post.exportable.detections_from_outputs`` turns into Detections), each
+    input checked first against what the package was compiled for (dtype, every dim
+    but the batch, batch range)."""
 
     def __init__(self, compiled, path: str) -> None:
         metadata = compiled.get_metadata()

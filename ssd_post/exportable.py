@@ -1,10 +1,10 @@
 """Modules that wrap a detector or the postprocess alone for the exporters
 (ONNX in :mod:`ssd_post.onnx`, AOTInductor in :mod:`ssd_post.aoti`): tensors in,
-the four padded detection tensors out, nothing data-dependent in the signature."""
+the five padded detection tensors out, nothing data-dependent in the signature."""
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -14,18 +14,30 @@ from .formats import Detections
 from .postprocess import postprocess
 
 
-def _as_tuple(det: Detections) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return det.boxes, det.scores, det.labels, det.num_detections
+def _as_tuple(det: Detections) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    assert det.anchor_indices is not None  # the per-class op always returns them
+    return det.boxes, det.scores, det.labels, det.num_detections, det.anchor_indices
+
+
+def detections_from_outputs(outputs: Sequence[Tensor]) -> Detections:
+    """Detections from the outputs of an exported graph or package: boxes, scores,
+    labels, num_detections and, when there is a fifth, anchor_indices (integer
+    outputs made int64: a runtime may hand back int32)."""
+    if len(outputs) not in (4, 5):
+        raise ValueError(f"an exported postprocess has 4 or 5 outputs, got {len(outputs)}")
+    boxes, scores, labels, counts = outputs[:4]
+    anchors = outputs[4].long() if len(outputs) == 5 else None
+    return Detections(boxes, scores, labels.long(), counts.long(), anchors)
 
 
 class PostprocessModule(nn.Module):
     """Head outputs -> padded detections, the postprocess alone as an exportable module.
 
     ``forward(locs [B, A, 4], logits [B, A, C], image_sizes [B, 2] int64 (h, w))``
-    returns boxes [B, K, 4] float32, scores [B, K] float32, labels [B, K] int64 and
-    num_detections [B] int64, K = ``config.padded_detections(A, C)`` as for
-    :func:`ssd_post.postprocess`, in eager, in the ONNX graph and in an AOTInductor
-    package alike.
+    returns boxes [B, K, 4] float32, scores [B, K] float32, labels [B, K] int64,
+    num_detections [B] int64 and anchor_indices [B, K] int64 (-1 in padding rows),
+    K = ``config.padded_detections(A, C)`` as for :func:`ssd_post.postprocess`, in
+    eager, in the ONNX graph and in an AOTInductor package alike.
     """
 
     def __init__(self, anchors: Tensor, config: PostprocessConfig) -> None:
@@ -36,7 +48,7 @@ class PostprocessModule(nn.Module):
 
     def forward(
         self, locs: Tensor, logits: Tensor, image_sizes: Tensor
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return _as_tuple(postprocess(locs, logits, self.anchors, image_sizes, self.config))
 
 
@@ -57,7 +69,7 @@ class DetectorModule(nn.Module):
             persistent=False,
         )
 
-    def forward(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         locs, logits = self.detector(images)
         sizes = self.image_size.expand(images.shape[0], 2)
         return _as_tuple(postprocess(locs, logits, self.anchors, sizes, self.config))

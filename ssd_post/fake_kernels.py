@@ -83,6 +83,7 @@ def _postprocess_fake(
         locs.new_empty((batch, k), dtype=torch.float32),
         locs.new_empty((batch, k), dtype=torch.int64),
         locs.new_empty((batch,), dtype=torch.int64),
+        locs.new_empty((batch, k), dtype=torch.int64),
     )
 
 

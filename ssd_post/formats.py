@@ -38,8 +38,10 @@ class Detections:
         return self.boxes.shape[0]
 
     def to(self, device) -> "Detections":
+        anchors = self.anchor_indices
         return Detections(
-            *(t.to(device) for t in (self.boxes, self.scores, self.labels, self.num_detections))
+            *(t.to(device) for t in (self.boxes, self.scores, self.labels, self.num_detections)),
+            anchor_indices=None if anchors is None else anchors.to(device),
         )
 
     def to_list(self) -> List[Dict[str, Tensor]]:

@@ -8,6 +8,7 @@ has a fake kernel); :func:`translation_table` lowers it to standard ONNX ops:
     TopK of min(topk_candidates, A) per (image, class)            # [B, C, k]
     NonMaxSuppression, one "batch" per (image, class)             # strict > on score and IoU
     ScatterND of the survivors' scores into [B, C * k], TopK per image of K    # [B, K]
+    GatherElements of the first TopK's indices: each detection's anchor       # [B, K]
 
 with K = ``config.padded_detections(A, C)``, the op's own padded size (A and C are
 fixed at export, only the batch is dynamic). This reproduces torchvision's selection
@@ -32,6 +33,7 @@ from .box_coder import BOX_SCALE_CLAMP
 from .config import PostprocessConfig
 from .formats import Detections
 from .exportable import DetectorModule, PostprocessModule, check_detector  # noqa: F401  (public here too)
+from .exportable import detections_from_outputs
 
 __all__ = [
     "SUPPORTED_OPSETS",
@@ -138,7 +140,8 @@ def _lowering():
         resolved background column (an int) or None.
 
         Returns values [B, C, k] (background and sub-threshold entries are <= score_thresh),
-        their boxes [B, C * k, 4], and k, C, B as [1] int64 tensors.
+        their anchor indices [B, C, k], their boxes [B, C * k, 4], and k, C, B as [1]
+        int64 tensors.
         """
         logits = op.Cast(logits, to=FLOAT)
         scores = (
@@ -163,7 +166,7 @@ def _lowering():
         values, indices = op.TopK(scores, k, axis=-1, largest=1, sorted=1)  # [B, C, k]
         flat = op.Reshape(indices, op.Concat(batch, ints(-1, 1), axis=0))  # [B, C*k, 1]
         cand_boxes = op.GatherND(boxes, flat, batch_dims=1)  # [B, C*k, 4]
-        return values, cand_boxes, k, num_classes, batch
+        return values, indices, cand_boxes, k, num_classes, batch
 
     def lower_postprocess(
         locs,
@@ -194,7 +197,7 @@ def _lowering():
         # The op's (and its fake kernel's) padded size: the graph declares exactly it.
         anchor_count = _static_dim(logits, 1, "the number of anchors A")
         padded = config.padded_detections(anchor_count, classes)
-        values, cand_boxes, k, num_classes, batch = candidates(
+        values, indices, cand_boxes, k, num_classes, batch = candidates(
             locs, logits, anchors, image_sizes, config, config.resolve_background_class(classes)
         )
         # One NMS "batch" per (image, class): ONNX NMS shares boxes across classes,
@@ -232,11 +235,16 @@ def _lowering():
             cand_boxes, op.Unsqueeze(det_index, ints(-1)), batch_dims=1
         )  # [B, K, 4]
         labels = op.Div(det_index, k)
+        # The anchor of each detection: the first TopK's index at (class, rank).
+        anchor_indices = op.GatherElements(
+            op.Reshape(indices, op.Concat(batch, ints(width), axis=0)), det_index, axis=1
+        )  # [B, K]
         det_boxes = op.Where(op.Unsqueeze(valid, ints(-1)), det_boxes, floats(0.0))
         det_scores = op.Where(valid, det_scores, floats(0.0))
         labels = op.Where(valid, labels, op.Constant(value_int=0))
+        anchor_indices = op.Where(valid, anchor_indices, op.Constant(value_int=-1))
         counts = op.ReduceSum(op.Cast(valid, to=INT64), ints(1), keepdims=0)
-        return det_boxes, det_scores, labels, counts
+        return det_boxes, det_scores, labels, counts, anchor_indices
 
     def lower_decode_threshold_flatten(
         locs,
@@ -262,7 +270,7 @@ def _lowering():
         )
         classes = _static_dim(logits, 2, "the number of classes C")
         check_expressible(config, classes)
-        values, cand_boxes, k, num_classes, batch = candidates(
+        values, _, cand_boxes, k, num_classes, batch = candidates(
             locs, logits, anchors, image_sizes, config, config.resolve_background_class(classes)
         )
         # NonZero walks [B, C, k] in row-major order: keys increasing, each by rank.
@@ -316,7 +324,7 @@ def _check_opset(opset: int) -> None:
         raise ValueError(f"opset should be one of {list(SUPPORTED_OPSETS)}, got {opset!r}")
 
 
-DETECTION_OUTPUTS = ("boxes", "scores", "labels", "num_detections")
+DETECTION_OUTPUTS = ("boxes", "scores", "labels", "num_detections", "anchor_indices")
 
 
 def export_module(
@@ -364,8 +372,9 @@ def export(model: nn.Module, path: str, example_images: Tensor, opset: int = DEF
 
     Returns:
         ``path``. The graph has input ``images`` and outputs boxes [B, K, 4], scores [B, K],
-        labels [B, K] int64, num_detections [B] int64, K =
-        ``model.postprocess_config.padded_detections(A, C)`` as in eager.
+        labels [B, K] int64, num_detections [B] int64 and anchor_indices [B, K] int64 (-1
+        in padding rows), K = ``model.postprocess_config.padded_detections(A, C)`` as in
+        eager.
     """
     module = DetectorModule(model)
     check_expressible(model.postprocess_config, model.num_classes)
@@ -444,11 +453,11 @@ def load_runner(
 ) -> Callable[..., Detections]:
     """:func:`load_session` for a file written by :func:`export` or
     :func:`export_postprocess`: Detections out (boxes [B, K, 4], scores [B, K],
-    labels [B, K] int64, num_detections [B] int64)."""
+    labels [B, K] int64, num_detections [B] int64, anchor_indices [B, K] int64; None
+    from a file exported before graphs had that fifth output)."""
     session = load_session(path, runtime, threads)
 
     def run(*inputs: Tensor) -> Detections:
-        boxes, scores, labels, counts = session(*inputs)
-        return Detections(boxes, scores, labels.long(), counts.long())
+        return detections_from_outputs(session(*inputs))
 
     return run

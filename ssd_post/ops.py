@@ -292,8 +292,14 @@ def postprocess_op(
     score_activation: str,
     background_class: Optional[int],
     clip_boxes: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Direct call of ``torch.ops.ssd_post.postprocess`` (tensors already normalised)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Direct call of ``torch.ops.ssd_post.postprocess`` (tensors already normalised).
+
+    Returns:
+        boxes (Tensor[B, K, 4] float32), scores (Tensor[B, K] float32), labels
+        (Tensor[B, K] int64), num_detections (Tensor[B] int64) and anchor_indices
+        (Tensor[B, K] int64, the anchor row of each detection, -1 in padding rows).
+    """
     require_extension()
     return torch.ops.ssd_post.postprocess(
         locs,

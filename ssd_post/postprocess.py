@@ -148,7 +148,7 @@ def postprocess(
         )
     if sizes is None:  # not clipping: the op's sizes are not read
         sizes = torch.zeros((batch, 2), dtype=torch.int64)
-    boxes, scores, labels, counts = ops.postprocess_op(
+    boxes, scores, labels, counts, anchor_indices = ops.postprocess_op(
         locs,
         logits,
         anchors,
@@ -162,7 +162,7 @@ def postprocess(
         config.resolve_background_class(num_classes),
         config.clip_boxes,
     )
-    return Detections(boxes, scores, labels, counts)
+    return Detections(boxes, scores, labels, counts, anchor_indices)
 
 
 def patch_torchvision_ssd(model: torch.nn.Module) -> torch.nn.Module:

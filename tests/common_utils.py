@@ -47,8 +47,8 @@ def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> tor
 def assert_same_detections(
     actual: ssd_post.Detections, expected: ssd_post.Detections, box_atol: float = 0.0
 ) -> None:
-    """Counts, labels, scores, anchor indices (when both give them) and (by default)
-    boxes to the bit."""
+    """Counts, labels, scores and (by default) boxes to the bit; anchor indices
+    exactly where both sides have them."""
     torch.testing.assert_close(actual.num_detections, expected.num_detections, rtol=0, atol=0)
     torch.testing.assert_close(actual.labels, expected.labels, rtol=0, atol=0)
     torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=0)

@@ -71,13 +71,20 @@ def run_flatten(inputs, config, device):
 NEAR_TIE = 1e-6
 
 
-def assert_ranked_rows_match(cpu_scores, gpu_scores, cpu_labels, gpu_labels, cpu_boxes, gpu_boxes):
+def assert_ranked_rows_match(
+    cpu_scores, gpu_scores, cpu_labels, gpu_labels, cpu_boxes, gpu_boxes, cpu_ids=None, gpu_ids=None
+):
     """Rows ranked by score: scores close position by position, labels and boxes
     equal position by position, except inside runs of near-equal scores, where
     each CUDA row must match a distinct CPU row of the run. Runs of bit-equal scores
-    (exact ties) are compared position by position, so tie-breaking is checked."""
+    (exact ties) are compared position by position, so tie-breaking is checked.
+    ``cpu_ids`` / ``gpu_ids`` (anchor indices, optional) must match like labels."""
     torch.testing.assert_close(gpu_scores, cpu_scores, **SCORE_TOL)
     cs, gs = cpu_scores.tolist(), gpu_scores.tolist()
+    if cpu_ids is not None:
+        # A row's identity is its (label, anchor) pair.
+        cpu_labels = torch.stack((cpu_labels, cpu_ids), dim=-1)
+        gpu_labels = torch.stack((gpu_labels, gpu_ids), dim=-1)
     cl, gl = cpu_labels.tolist(), gpu_labels.tolist()
     n, start = len(cs), 0
     for end in range(1, n + 1):
@@ -105,9 +112,18 @@ def assert_ranked_rows_match(cpu_scores, gpu_scores, cpu_labels, gpu_labels, cpu
 
 
 def assert_postprocess_match(cpu, gpu):
-    boxes_c, scores_c, labels_c, counts_c = cpu
-    boxes_g, scores_g, labels_g, counts_g = (t.cpu() for t in gpu)
+    """The outputs of postprocess (boxes, scores, labels, counts and, on both sides or
+    neither, anchor indices): counts exactly, rows as ranked rows (label and anchor
+    index exact), padding zero (anchor index -1)."""
+    if len(cpu) != len(gpu) or len(cpu) not in (4, 5):
+        raise ValueError(f"expected 4 or 5 outputs on both sides, got {len(cpu)} and {len(gpu)}")
+    boxes_c, scores_c, labels_c, counts_c = cpu[:4]
+    boxes_g, scores_g, labels_g, counts_g = (t.cpu() for t in gpu[:4])
+    anchors_c = cpu[4] if len(cpu) == 5 else None
+    anchors_g = gpu[4].cpu() if len(gpu) == 5 else None
     assert boxes_g.shape == boxes_c.shape and labels_g.dtype == torch.int64
+    if anchors_g is not None:
+        assert anchors_g.shape == anchors_c.shape and anchors_g.dtype == torch.int64
     torch.testing.assert_close(counts_g, counts_c, rtol=0, atol=0)
     for image, n in enumerate(counts_c.tolist()):
         assert_ranked_rows_match(
@@ -117,11 +133,15 @@ def assert_postprocess_match(cpu, gpu):
             labels_g[image, :n],
             boxes_c[image, :n],
             boxes_g[image, :n],
+            None if anchors_c is None else anchors_c[image, :n],
+            None if anchors_g is None else anchors_g[image, :n],
         )
-        # Padding is zero.
+        # Padding is zero, its anchor index -1.
         assert not (
             boxes_g[image, n:].any() or scores_g[image, n:].any() or labels_g[image, n:].any()
         )
+        if anchors_g is not None:
+            assert bool((anchors_g[image, n:] == -1).all())
 
 
 def assert_flatten_match(cpu, gpu):

@@ -48,9 +48,10 @@ def _eager(images: torch.Tensor):
 
 
 def _assert_same_detections(actual, expected, exact: bool) -> None:
-    boxes, scores, labels, counts = actual
-    e_boxes, e_scores, e_labels, e_counts = expected
+    boxes, scores, labels, counts, anchors = actual
+    e_boxes, e_scores, e_labels, e_counts, e_anchors = expected
     assert torch.equal(counts, e_counts) and torch.equal(labels, e_labels)
+    assert torch.equal(anchors, e_anchors)
     if exact:
         assert torch.equal(scores, e_scores) and torch.equal(boxes, e_boxes)
     else:
@@ -114,9 +115,8 @@ def test_postprocess_package_is_bit_exact(tmp_path):
     for batch in (1, 3):
         args = inputs(batch)
         det = ssd_post.postprocess(args[0], args[1], anchors, args[2], config)
-        _assert_same_detections(
-            runner(*args), (det.boxes, det.scores, det.labels, det.num_detections), exact=True
-        )
+        expected = (det.boxes, det.scores, det.labels, det.num_detections, det.anchor_indices)
+        _assert_same_detections(runner(*args), expected, exact=True)
 
 
 def test_package_refuses_inputs_it_was_not_compiled_for(tiny_package):
@@ -162,17 +162,19 @@ def _parse_cpp_output(text: str, batch: int, k: int):
     scores = torch.zeros(batch, k)
     labels = torch.zeros(batch, k, dtype=torch.int64)
     counts = torch.zeros(batch, dtype=torch.int64)
+    anchors = torch.full((batch, k), -1, dtype=torch.int64)
     lines = iter(text.splitlines())
     for line in lines:
         _, image, n = line.split()
         image, n = int(image), int(n)
         counts[image] = n
         for row in range(n):
-            label, score, *box = next(lines).split()
+            label, score, *box, anchor = next(lines).split()
             labels[image, row] = int(label)
             scores[image, row] = float(score)  # %.9g: the float32 round-trips
             boxes[image, row] = torch.tensor([float(v) for v in box])
-    return boxes, scores, labels, counts
+            anchors[image, row] = int(anchor)
+    return boxes, scores, labels, counts, anchors
 
 
 @pytest.mark.skipif(

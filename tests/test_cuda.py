@@ -298,8 +298,15 @@ def test_empty_inputs(kernels):
         out = kernels.postprocess(make_inputs(batch, anchors, 4), config)
         k = config.padded_detections(anchors, 4)  # 0 without anchors
         assert k == (5 if anchors else 0)
-        assert [tuple(t.shape) for t in out] == [(batch, k, 4), (batch, k), (batch, k), (batch,)]
-        assert not any(t.any() for t in out)
+        assert [tuple(t.shape) for t in out] == [
+            (batch, k, 4),
+            (batch, k),
+            (batch, k),
+            (batch,),
+            (batch, k),
+        ]
+        assert not any(t.any() for t in out[:4])
+        assert bool((out[4] == -1).all())
         flat = kernels.flatten(make_inputs(batch, anchors, 4), config)
         assert [tuple(t.shape) for t in flat] == [(0, 4), (0,), (0,)]
     nothing_passes = PostprocessConfig(score_thresh=1.0)

@@ -64,7 +64,7 @@ def ssdlite320_onnx(tmp_path_factory) -> str:
 
 
 def _outputs(det: ssd_post.Detections):
-    return det.boxes, det.scores, det.labels, det.num_detections
+    return det.boxes, det.scores, det.labels, det.num_detections, det.anchor_indices
 
 
 def _assert_same_shapes(got: ssd_post.Detections, want: ssd_post.Detections) -> None:

@@ -197,7 +197,8 @@ def test_fractional_image_sizes_are_truncated_like_torchvision_int():
     )
     assert float(got.boxes[1, :, 2].max()) == 60.0  # clipped to the truncated width
     emulated = cuda_emulation.postprocess(locs, logits, anchors, fractional, config)
-    assert_postprocess_match((got.boxes, got.scores, got.labels, got.num_detections), emulated)
+    fields = (got.boxes, got.scores, got.labels, got.num_detections, got.anchor_indices)
+    assert_postprocess_match(fields, emulated)
 
 
 @pytest.mark.parametrize("bad", [0.5, 0.0, -3.0, float("nan"), float("inf")])

@@ -26,7 +26,7 @@ def _script(fn):
 
 def ssd_postprocess_op(
     locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # The recipe of docs/torchscript.md: the op itself, with torchvision SSD's
     # settings spelled out (PostprocessConfig() in eager).
     return torch.ops.ssd_post.postprocess(
@@ -45,9 +45,15 @@ def test_a_scripted_function_calling_the_op_equals_postprocess():
     expected = ssd_post.postprocess(locs, logits, anchors, sizes, PostprocessConfig())
     got = scripted(locs, logits, anchors, sizes)
     assert int(expected.num_detections.sum()) > 0
-    for g, e in zip(
-        got, (expected.boxes, expected.scores, expected.labels, expected.num_detections)
-    ):
+    want = (
+        expected.boxes,
+        expected.scores,
+        expected.labels,
+        expected.num_detections,
+        expected.anchor_indices,
+    )
+    assert len(got) == len(want)
+    for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 

@@ -140,11 +140,12 @@ def _build_aoti_backend(detector: nn.Module, folder: str, max_batch: int):
         image_sizes: Sequence[Tuple[int, int]],
         config,
     ) -> "ssd_post.Detections":  # noqa: F821
-        from ssd_post import Detections
+        from ssd_post.exportable import detections_from_outputs
 
-        boxes, scores, labels, counts = postprocess(
-            locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64)
+        return detections_from_outputs(
+            postprocess(
+                locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64)
+            )
         )
-        return Detections(boxes, scores, labels, counts)
 
     return RuntimeDetector(detector, network), postprocess_fn

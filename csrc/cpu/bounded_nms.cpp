@@ -65,6 +65,7 @@ bool BoundedNms::run(int64_t b, const DecodeParams& params, const PostprocessOut
       std::copy_n(box, 4, out.boxes + 4 * slot);
       out.scores[slot] = items[i].score;
       out.labels[slot] = label;
+      out.anchors[slot] = items[i].anchor;
     }
   }
   // Out of candidates: enough only if none were cut away.
@@ -78,6 +79,7 @@ bool BoundedNms::undo(int64_t b, int64_t count, const PostprocessOutputs& out) {
   std::fill_n(out.boxes + 4 * b * out.K, 4 * count, 0.f);
   std::fill_n(out.scores + b * out.K, count, 0.f);
   std::fill_n(out.labels + b * out.K, count, 0);
+  std::fill_n(out.anchors + b * out.K, count, -1);
   candidates_.clear();
   return false;
 }

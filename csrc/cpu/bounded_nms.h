@@ -38,10 +38,11 @@ struct ImageCandidate {
 
 // The padded outputs of postprocess.
 struct PostprocessOutputs {
-  float* boxes;     // [B, K, 4]
-  float* scores;    // [B, K]
-  int64_t* labels;  // [B, K]
-  int64_t* counts;  // [B]
+  float* boxes;      // [B, K, 4]
+  float* scores;     // [B, K]
+  int64_t* labels;   // [B, K]
+  int64_t* anchors;  // [B, K]: the anchor row of each detection, -1 in padding rows
+  int64_t* counts;   // [B]
   int64_t K;
 };
 

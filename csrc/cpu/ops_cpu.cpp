@@ -120,7 +120,7 @@ void postprocess_split_anchors(const at::Tensor& logits, const SelectParams& par
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
     const at::Tensor& locs, const at::Tensor& logits_in, const at::Tensor& anchors,
     const at::Tensor& image_sizes, double score_thresh, double nms_thresh,
     int64_t topk_candidates, int64_t detections_per_img, at::ArrayRef<double> box_weights,
@@ -141,9 +141,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
   at::Tensor out_scores = at::zeros({B, K}, locs.options().dtype(at::kFloat));
   at::Tensor out_labels = at::zeros({B, K}, locs.options().dtype(at::kLong));
   at::Tensor out_count = at::zeros({B}, locs.options().dtype(at::kLong));
-  if (B == 0 || dims.anchors == 0) return {out_boxes, out_scores, out_labels, out_count};
+  // -1 marks the rows past num_detections, which no image fills.
+  at::Tensor out_anchors = at::full({B, K}, -1, locs.options().dtype(at::kLong));
+  if (B == 0 || dims.anchors == 0) {
+    return {out_boxes, out_scores, out_labels, out_count, out_anchors};
+  }
   const PostprocessOutputs out{out_boxes.data_ptr<float>(), out_scores.data_ptr<float>(),
-                               out_labels.data_ptr<int64_t>(), out_count.data_ptr<int64_t>(), K};
+                               out_labels.data_ptr<int64_t>(), out_anchors.data_ptr<int64_t>(),
+                               out_count.data_ptr<int64_t>(), K};
   const int64_t most =
       padded_detections(std::numeric_limits<int64_t>::max(), params.topk_candidates,
                         dims.anchors, dims.classes, params.background_class);
@@ -154,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cpu(
   } else {
     postprocess_split_anchors(logits, params, in, nms_thresh, cap, out);
   }
-  return {out_boxes, out_scores, out_labels, out_count};
+  return {out_boxes, out_scores, out_labels, out_count, out_anchors};
 }
 
 // A box of batched_nms with its rank: score key descending (NaN above every

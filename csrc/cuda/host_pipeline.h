@@ -177,12 +177,13 @@ void flatten_candidates(Backend& backend, const RankedCandidates<Backend>& ranke
                  ranked.anchor_bits, decode, out.boxes, out.scores, out.keys);
 }
 
-// Pointers to the outputs of postprocess, [B, K, 4], [B, K], [B, K], [B].
+// Pointers to the outputs of postprocess, [B, K, 4], [B, K], [B, K], [B], [B, K].
 struct DetectionOutputs {
   float* boxes;
   float* scores;
   int64_t* labels;
   int64_t* counts;
+  int64_t* anchor_indices;     // the anchor row of each detection, -1 in padding rows
   int64_t detections_per_img;  // K >= 1, already padded_detections()
 };
 
@@ -215,9 +216,9 @@ void postprocess_ranked(Backend& backend, const RankedCandidates<Backend>& ranke
   const int64_t K = out.detections_per_img;
   backend.launch(blocks_for(B * K, kElementwiseThreads), kElementwiseThreads, 0,
                  &write_detections_kernel, sorted_survivors.data(), survivor_begin.data(),
-                 survivor_end.data(), B, K, C, ranked.capacity, slot_bits,
-                 static_cast<const float4*>(boxes.data()), out.boxes, out.scores, out.labels,
-                 out.counts);
+                 survivor_end.data(), B, K, C, ranked.capacity, slot_bits, ranked.keys.data(),
+                 ranked.anchors, ranked.anchor_bits, static_cast<const float4*>(boxes.data()),
+                 out.boxes, out.scores, out.labels, out.counts, out.anchor_indices);
 }
 
 // The NMS of batched_nms: ranked_boxes [N, 4] grouped into runs

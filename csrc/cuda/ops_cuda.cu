@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_threshold_flatten_cuda(
   return {boxes, scores, keys};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cuda(
     const at::Tensor& locs, const at::Tensor& logits, const at::Tensor& anchors,
     const at::Tensor& image_sizes, double score_thresh, double nms_thresh,
     int64_t topk_candidates, int64_t detections_per_img, at::ArrayRef<double> box_weights,
@@ -106,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cuda(
   const at::TensorOptions long_options = locs.options().dtype(at::kLong);
   if (!has_slots(dims) || K == 0) {
     return {at::zeros({B, K, 4}, float_options), at::zeros({B, K}, float_options),
-            at::zeros({B, K}, long_options), at::zeros({B}, long_options)};
+            at::zeros({B, K}, long_options), at::zeros({B}, long_options),
+            at::full({B, K}, -1, long_options)};
   }
   const DecodeInputs in = make_decode_inputs(locs, anchors, image_sizes, box_weights, clip_boxes);
   CudaBackend backend(locs.device());
@@ -115,11 +116,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> postprocess_cuda(
   at::Tensor out_scores = at::empty({B, K}, float_options);
   at::Tensor out_labels = at::empty({B, K}, long_options);
   at::Tensor out_counts = at::empty({B}, long_options);
+  at::Tensor out_anchors = at::empty({B, K}, long_options);
   postprocess_ranked(backend, ranked, in.params, nms_thresh,
                      DetectionOutputs{out_boxes.data_ptr<float>(), out_scores.data_ptr<float>(),
                                       out_labels.data_ptr<int64_t>(),
-                                      out_counts.data_ptr<int64_t>(), K});
-  return {out_boxes, out_scores, out_labels, out_counts};
+                                      out_counts.data_ptr<int64_t>(),
+                                      out_anchors.data_ptr<int64_t>(), K});
+  return {out_boxes, out_scores, out_labels, out_counts, out_anchors};
 }
 
 template <typename scalar_t>

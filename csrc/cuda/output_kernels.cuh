@@ -103,13 +103,17 @@ __global__ void __launch_bounds__(kCollectThreads) collect_survivors_kernel(
   }
 }
 
-// One thread per output row (image, r): the r-th best survivor, or zeros.
+// One thread per output row (image, r): the r-th best survivor, or zeros (anchor
+// -1). The survivor's anchor is read back from its stage-1 rank key (ranked_keys,
+// the same slot as its decoded box), which encodes it over num_anchors.
 __global__ void __launch_bounds__(kElementwiseThreads) write_detections_kernel(
     const uint64_t* __restrict__ sorted_survivors, const int32_t* __restrict__ survivor_begin,
     const int32_t* __restrict__ survivor_end, int64_t batch, int64_t detections_per_img,
-    int64_t num_classes, int64_t capacity, int slot_bits, const float4* __restrict__ boxes,
+    int64_t num_classes, int64_t capacity, int slot_bits, const uint64_t* __restrict__ ranked_keys,
+    int64_t num_anchors, int anchor_bits, const float4* __restrict__ boxes,
     float* __restrict__ out_boxes, float* __restrict__ out_scores,
-    int64_t* __restrict__ out_labels, int64_t* __restrict__ out_counts) {
+    int64_t* __restrict__ out_labels, int64_t* __restrict__ out_counts,
+    int64_t* __restrict__ out_anchors) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= batch * detections_per_img) return;
   const int64_t image = row / detections_per_img;
@@ -121,13 +125,16 @@ __global__ void __launch_bounds__(kElementwiseThreads) write_detections_kernel(
   float4 box = make_float4(0.f, 0.f, 0.f, 0.f);
   float score = 0.f;
   int64_t label = 0;
+  int64_t anchor = -1;
   if (r < n) {
     const uint64_t key = sorted_survivors[survivor_begin[image] + r];
     const int64_t image_slots = num_classes * capacity;
     const int64_t local_slot = rank_key_index(key, image_slots, slot_bits);
-    box = boxes[image * image_slots + local_slot];
+    const int64_t slot = image * image_slots + local_slot;
+    box = boxes[slot];
     score = __uint_as_float(rank_key_score_bits(key, slot_bits));
     label = local_slot / capacity;
+    anchor = rank_key_index(ranked_keys[slot], num_anchors, anchor_bits);
   }
   out_boxes[4 * row + 0] = box.x;
   out_boxes[4 * row + 1] = box.y;
@@ -135,6 +142,7 @@ __global__ void __launch_bounds__(kElementwiseThreads) write_detections_kernel(
   out_boxes[4 * row + 3] = box.w;
   out_scores[row] = score;
   out_labels[row] = label;
+  out_anchors[row] = anchor;
 }
 
 }  // namespace gpu

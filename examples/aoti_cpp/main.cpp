@@ -6,7 +6,8 @@
 //   ssd_post_aoti <package.pt2> <ssd_post op library> <images.f32> <B> <C> <H> <W>
 //
 // Output: one line "image <i> <n>" per image, then n lines
-// "<label> <score> <x1> <y1> <x2> <y2>" with round-trip float precision.
+// "<label> <score> <x1> <y1> <x2> <y2> <anchor>" with round-trip float precision
+// (anchor: the anchor row the detection came from, for gathering per-anchor data).
 #include <dlfcn.h>
 
 #include <cstdio>
@@ -61,18 +62,22 @@ int main(int argc, char** argv) {
   try {
     torch::inductor::AOTIModelPackageLoader loader(package);
     const std::vector<at::Tensor> out = loader.run({images});
-    // boxes [B, K, 4], scores [B, K], labels [B, K], num_detections [B]
+    // boxes [B, K, 4], scores [B, K], labels [B, K], num_detections [B],
+    // anchor_indices [B, K]
     const at::Tensor boxes = out.at(0).contiguous(), scores = out.at(1).contiguous();
     const at::Tensor labels = out.at(2).to(at::kLong).contiguous();
     const at::Tensor counts = out.at(3).to(at::kLong).contiguous();
+    const at::Tensor anchors = out.at(4).to(at::kLong).contiguous();
     for (int64_t b = 0; b < counts.size(0); ++b) {
       const int64_t n = counts.data_ptr<int64_t>()[b];
       std::printf("image %lld %lld\n", static_cast<long long>(b), static_cast<long long>(n));
       for (int64_t k = 0; k < n; ++k) {
         const float* box = boxes.data_ptr<float>() + (b * boxes.size(1) + k) * 4;
-        std::printf("%lld %.9g %.9g %.9g %.9g %.9g\n",
-                    static_cast<long long>(labels.data_ptr<int64_t>()[b * labels.size(1) + k]),
-                    scores.data_ptr<float>()[b * scores.size(1) + k], box[0], box[1], box[2], box[3]);
+        const int64_t row = b * labels.size(1) + k;
+        std::printf("%lld %.9g %.9g %.9g %.9g %.9g %lld\n",
+                    static_cast<long long>(labels.data_ptr<int64_t>()[row]),
+                    scores.data_ptr<float>()[row], box[0], box[1], box[2], box[3],
+                    static_cast<long long>(anchors.data_ptr<int64_t>()[row]));
       }
     }
   } catch (const std::exception& error) {

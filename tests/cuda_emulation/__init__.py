@@ -156,9 +156,10 @@ def _check(status: int, op: str) -> None:
 
 def postprocess(
     locs: Tensor, logits: Tensor, anchors: Tensor, image_sizes: Tensor, config: PostprocessConfig
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """What ``torch.ops.ssd_post.postprocess`` returns on CUDA: boxes [B, K, 4],
-    scores [B, K], labels [B, K], counts [B], K = config.padded_detections(A, C)."""
+    scores [B, K], labels [B, K], counts [B], anchor indices [B, K] (-1 in padding),
+    K = config.padded_detections(A, C)."""
     B, A, C = logits.shape
     K = config.padded_detections(A, C)
     out = (
@@ -166,9 +167,12 @@ def postprocess(
         torch.zeros(B, K),
         torch.zeros(B, K, dtype=torch.int64),
         torch.zeros(B, dtype=torch.int64),
+        torch.full((B, K), -1, dtype=torch.int64),
     )
     if B * C * min(config.topk_candidates, A) * K == 0:
-        return out  # the CUDA op returns zeros without a launch
+        return out  # the CUDA op returns zeros (anchors -1) without a launch
+    # The kernel must write every anchor slot: a value it leaves shows up as -7.
+    out[4].fill_(-7)
     tensors, inputs = _prepare(locs, logits, anchors, image_sizes, config)
     status = library().emulated_postprocess(
         ctypes.byref(inputs),

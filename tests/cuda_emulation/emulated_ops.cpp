@@ -120,13 +120,13 @@ int emulated_decode_threshold_flatten(const EmulatedInputs* inputs, float* boxes
 
 int emulated_postprocess(const EmulatedInputs* inputs, double nms_thresh,
                          int64_t detections_per_img, float* out_boxes, float* out_scores,
-                         int64_t* out_labels, int64_t* out_counts) {
+                         int64_t* out_labels, int64_t* out_counts, int64_t* out_anchors) {
   return guarded([&] {
     EmulatorBackend backend;
     const auto ranked = select(backend, *inputs);
     postprocess_ranked(backend, ranked, decode_params(*inputs), nms_thresh,
                        DetectionOutputs{out_boxes, out_scores, out_labels, out_counts,
-                                        detections_per_img});
+                                        out_anchors, detections_per_img});
   });
 }
 

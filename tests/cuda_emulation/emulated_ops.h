@@ -30,11 +30,12 @@ struct EmulatedInputs {
 int emulated_decode_threshold_flatten(const EmulatedInputs* inputs, float* boxes, float* scores,
                                       int64_t* keys, int64_t* num_out);
 
-// postprocess on CUDA: outputs [B, K, 4], [B, K], [B, K], [B], K >= 1 rows per image
-// (the op passes K = padded_detections(), common/select_params.h).
+// postprocess on CUDA: outputs [B, K, 4], [B, K], [B, K], [B] and anchor indices
+// [B, K], K >= 1 rows per image (the op passes K = padded_detections(),
+// common/select_params.h).
 int emulated_postprocess(const EmulatedInputs* inputs, double nms_thresh,
                          int64_t detections_per_img, float* out_boxes, float* out_scores,
-                         int64_t* out_labels, int64_t* out_counts);
+                         int64_t* out_labels, int64_t* out_counts, int64_t* out_anchors);
 
 // select_per_level on CUDA: logits [B, A, C] and centerness [B, A] (or nullptr)
 // float32; level_sizes [L] (1 <= L <= kMaxLevels, summing to A); outputs flat and

@@ -96,10 +96,10 @@ EmulatedInputs emulated_inputs(const Problem& p, const Inputs& in) {
 void check_postprocess(const Problem& p, const Inputs& in) {
   const int64_t K = p.detections_per_img;
   std::vector<float> boxes(p.B * K * 4, -1.f), scores(p.B * K, -1.f);
-  std::vector<int64_t> labels(p.B * K, -1), counts(p.B, -1);
+  std::vector<int64_t> labels(p.B * K, -1), counts(p.B, -1), anchors(p.B * K, -2);
   const EmulatedInputs inputs = emulated_inputs(p, in);
   const int status = emulated_postprocess(&inputs, p.nms_thresh, K, boxes.data(), scores.data(),
-                                          labels.data(), counts.data());
+                                          labels.data(), counts.data(), anchors.data());
   expect(status == 0, "postprocess returned an error", p);
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t n = counts[b];
@@ -108,6 +108,7 @@ void check_postprocess(const Problem& p, const Inputs& in) {
       const int64_t row = b * K + r;
       if (r >= n) {
         expect(scores[row] == 0.f && labels[row] == 0, "padding is zero", p);
+        expect(anchors[row] == -1, "padded anchor indices are -1", p);
         for (int k = 0; k < 4; ++k) expect(boxes[4 * row + k] == 0.f, "padded boxes are zero", p);
         continue;
       }
@@ -116,6 +117,7 @@ void check_postprocess(const Problem& p, const Inputs& in) {
       expect(r == 0 || scores[row] <= scores[row - 1], "scores non-increasing", p);
       expect(labels[row] >= 0 && labels[row] < p.C && labels[row] != p.background_class,
              "label is a foreground class", p);
+      expect(anchors[row] >= 0 && anchors[row] < p.A, "anchor index in [0, A)", p);
     }
   }
 }
