@@ -36,14 +36,9 @@ def _cpu_op(logits, centerness, level_sizes, score_thresh, topk, background):
 
 
 def _emulated_op(logits, centerness, level_sizes, score_thresh, topk, background):
-    config = PostprocessConfig(
-        score_thresh=score_thresh,
-        topk_candidates=topk,
-        selection="per_level",
-        score_activation="sigmoid",
-        background_class=background,
+    return cuda_emulation.select_topk(
+        logits, centerness, level_sizes, score_thresh, topk, background
     )
-    return cuda_emulation.select_per_level(logits, centerness, level_sizes, config)
 
 
 @pytest.fixture(
@@ -186,8 +181,7 @@ def test_larger_levels_keep_their_ranking(select_op):
 
 def test_outputs_are_padded_past_each_count():
     logits, _ = _logits(2, 20, 3, seed=2, scale=0.5)
-    config = _config(score_thresh=0.6, topk_candidates=40)
-    flat, scores, counts = cuda_emulation.select_per_level(logits, None, [12, 8], config)
+    flat, scores, counts = cuda_emulation.select_topk(logits, None, [12, 8], 0.6, 40, None)
     assert flat.shape == scores.shape == (2, 2, 36) and counts.shape == (2, 2)
     k = torch.arange(36)
     past = k >= counts[..., None]
@@ -200,8 +194,7 @@ def test_fake_kernel_shapes_equal_the_kernels():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     logits, _ = _logits(2, 20, 3, seed=2)
-    config = _config(topk_candidates=40)
-    real = cuda_emulation.select_per_level(logits, None, [12, 8], config)
+    real = cuda_emulation.select_topk(logits, None, [12, 8], 0.05, 40, None)
     with FakeTensorMode() as mode:
         fake = torch.ops.ssd_post.select_topk(
             mode.from_tensor(logits), None, [12, 8], 0.05, 40, None

@@ -110,48 +110,105 @@ RankedCandidates<Backend> select_ranked(Backend& backend, const scalar_t* logits
   return out;
 }
 
-// Pointers to the outputs of select_per_level: flat [B, L, k] int64, scores
-// [B, L, k] float32 and counts [B, L] int64, k = level_capacity().
-struct LevelOutputs {
+// select_topk's scoring for its kernels: the op's ScoreRule with the threshold as
+// float32, the logit bounds of common/score_bounds.h and the background column.
+inline TopkScoring make_topk_scoring(const ScoreRule& rule, double score_thresh,
+                                     int64_t background_class) {
+  return {rule.activation,
+          rule.factor_mode,
+          rule.factor_logits,
+          rule.single_label,
+          rule.per_class,
+          static_cast<float>(score_thresh),
+          make_pair_bounds(rule.activation, rule.factor_mode, rule.factor_logits, score_thresh),
+          background_class};
+}
+
+// The inputs of select_topk on the device: logits [B, A, C] (contiguous), the
+// per-anchor factor [B, A] float32 (nullptr without one) and the allow-list as one
+// flag per column [C] uint8 (class_allowed_mask; nullptr: every column).
+template <typename scalar_t>
+struct TopkInputs {
+  const scalar_t* logits;
+  const float* factor;
+  const uint8_t* allowed;
+  int64_t batch, anchors, classes;
+};
+
+// Pointers to the outputs of select_topk: flat [B, G, k] int64, scores [B, G, k]
+// float32 and counts [B, G] int64, G = select_groups(), k = select_capacity().
+struct TopkOutputs {
   int64_t* flat;
   float* scores;
   int64_t* counts;
 };
 
-// Per-level selection (RetinaNet, FCOS): sigmoid scores (with centerness: FCOS's)
-// of logits [B, A, C] (and centerness [B, A] float32, or nullptr), threshold,
-// and the `capacity` best anchor x class pairs of every (image, level), ranked
-// (score descending, flat index ascending), written to `out`. No host sync.
+// select_topk (RetinaNet, FCOS, ATSS, YOLO, EfficientDet, SSD-like per class): the
+// scores of `rule` (activation, factor, single label, allow-list), the threshold,
+// and the best `k` items of every (image, group), ranked (selection score
+// descending, flat index ascending), written to `out`. Every buffer is sized by
+// the shapes; no host sync.
 template <typename scalar_t, class Backend>
-void select_level_ranked(Backend& backend, const scalar_t* logits, const float* centerness,
-                         int64_t B, int64_t A, int64_t C, const LevelTable& levels,
-                         const SelectParams& params, const LevelOutputs& out) {
-  const int64_t index_count = largest_level_pairs(levels, C);
-  const int64_t capacity = level_capacity(levels, C, params.topk_candidates);
-  const int64_t segments = B * levels.count;
+void select_topk_ranked(Backend& backend, const TopkInputs<scalar_t>& in,
+                        const LevelTable& levels, const ScoreRule& rule, double score_thresh,
+                        int64_t topk_candidates, int64_t background_class,
+                        const TopkOutputs& out) {
+  const int64_t B = in.batch, A = in.anchors, C = in.classes;
+  const TopkScoring scoring = make_topk_scoring(rule, score_thresh, background_class);
+  const int64_t capacity = select_capacity(levels, C, topk_candidates, rule);
+  const int64_t segments = B * select_groups(levels, C, rule);
+  // Items of the largest segment: the index range of its rank keys.
+  const int64_t index_count =
+      rule.per_class ? A : largest_level_pairs(levels, rule.single_label ? 1 : C);
   // slots <= B * A * C = logits.numel(), so the product itself cannot overflow.
   const int64_t slots = segments * capacity;
   if (slots == 0) return;
   require(slots <= std::numeric_limits<int32_t>::max(),
-          "B * levels * min(topk_candidates, largest level's A_l * C) should be below 2^31, got " +
-              std::to_string(slots));
+          "B * groups * select_capacity() should be below 2^31, got " + std::to_string(slots));
   const int index_bits = index_bits_for(index_count);
   auto counts = backend.template buffer<int32_t>(segments);
   auto unsorted = backend.template buffer<uint64_t>(slots);
   auto sorted = backend.template buffer<uint64_t>(slots);
   auto segment_begin = backend.template buffer<int32_t>(segments);
   auto segment_end = backend.template buffer<int32_t>(segments);
-  backend.launch(static_cast<unsigned>(segments), kSelectThreads, 0,
-                 &select_level_candidates_kernel<scalar_t>, logits, centerness, A, C, levels,
-                 params, capacity, index_count, index_bits, unsorted.data(), segment_begin.data(),
-                 segment_end.data(), counts.data());
+
+  const int64_t rows = B * A;
+  const unsigned row_blocks = blocks_for(rows, kRowStatsThreads / kWarpSize);
+  const bool softmax = rule.activation == Activation::kSoftmax;
+  auto row_max = backend.template buffer<float>(softmax ? rows : 0);
+  auto row_inv_sum = backend.template buffer<float>(softmax ? rows : 0);
+  const float* max_ptr = softmax ? static_cast<const float*>(row_max.data()) : nullptr;
+  const float* inv_sum_ptr = softmax ? static_cast<const float*>(row_inv_sum.data()) : nullptr;
+  if (softmax) {
+    backend.launch(row_blocks, kRowStatsThreads, 0, &softmax_row_stats_kernel<scalar_t>,
+                   in.logits, rows, static_cast<int>(C), row_max.data(), row_inv_sum.data());
+  }
+  auto best_key = backend.template buffer<uint32_t>(rule.single_label ? rows : 0);
+  auto best_class = backend.template buffer<int32_t>(rule.single_label ? rows : 0);
+  const uint32_t* best_key_ptr = rule.single_label ? best_key.data() : nullptr;
+  const int32_t* best_class_ptr = rule.single_label ? best_class.data() : nullptr;
+  if (rule.single_label) {
+    backend.launch(row_blocks, kRowStatsThreads, 0, &best_label_kernel<scalar_t>, in.logits,
+                   max_ptr, inv_sum_ptr, in.factor, in.allowed, rows, static_cast<int>(C),
+                   scoring, best_key.data(), best_class.data());
+  }
+  require(segments <= std::numeric_limits<int32_t>::max(),
+          "B * groups should be below 2^31, got " + std::to_string(segments));
+  const bool cache_keys = index_count <= kMaxCachedAnchors;
+  const size_t cache_bytes = cache_keys ? static_cast<size_t>(index_count) * sizeof(uint32_t) : 0;
+  backend.launch(static_cast<unsigned>(segments), kSelectThreads, cache_bytes,
+                 &select_topk_candidates_kernel<scalar_t>, in.logits, max_ptr, inv_sum_ptr,
+                 in.factor, best_key_ptr, best_class_ptr, in.allowed, A, C, levels, scoring,
+                 capacity, index_count, index_bits, cache_keys, unsorted.data(),
+                 segment_begin.data(), segment_end.data(), counts.data());
   backend.sort_segments_descending(unsorted.data(), sorted.data(), slots, segments,
                                    segment_begin.data(), segment_end.data(),
                                    kScoreKeyBits + index_bits);
   backend.launch(blocks_for(slots, kElementwiseThreads), kElementwiseThreads, 0,
-                 &emit_level_candidates_kernel, static_cast<const uint64_t*>(sorted.data()),
-                 static_cast<const int32_t*>(counts.data()), slots, capacity, levels, C,
-                 index_count, index_bits, out.flat, out.scores, out.counts);
+                 &emit_topk_candidates_kernel, static_cast<const uint64_t*>(sorted.data()),
+                 static_cast<const int32_t*>(counts.data()), slots, capacity, levels, A, C,
+                 scoring, best_class_ptr, in.factor, index_count, index_bits, out.flat,
+                 out.scores, out.counts);
 }
 
 // Pointers to the outputs of decode_threshold_flatten, [N, 4], [N], [N].

@@ -25,6 +25,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "../common/checks.h"
 #include "../common/op_inputs.h"
@@ -126,16 +127,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> postproce
 }
 
 template <typename scalar_t>
-void select_level_typed(CudaBackend& backend, const at::Tensor& logits,
-                        const c10::optional<at::Tensor>& centerness, const LevelTable& levels,
-                        const SelectParams& params, const LevelOutputs& out) {
-  const float* ctr = centerness.has_value() ? centerness->data_ptr<float>() : nullptr;
-  select_level_ranked(backend, logits.data_ptr<scalar_t>(), ctr, logits.size(0), logits.size(1),
-                      logits.size(2), levels, params, out);
+void select_topk_typed(CudaBackend& backend, const at::Tensor& logits, const float* factor,
+                       const uint8_t* allowed, const LevelTable& levels, const ScoreRule& rule,
+                       double score_thresh, int64_t topk_candidates, int64_t background_class,
+                       const TopkOutputs& out) {
+  const TopkInputs<scalar_t> in{logits.data_ptr<scalar_t>(), factor, allowed,
+                                logits.size(0), logits.size(1), logits.size(2)};
+  select_topk_ranked(backend, in, levels, rule, score_thresh, topk_candidates, background_class,
+                     out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk_cuda(
-    const at::Tensor& logits_in, const c10::optional<at::Tensor>& centerness_in,
+    const at::Tensor& logits_in, const c10::optional<at::Tensor>& score_factor,
     at::IntArrayRef level_sizes, double score_thresh, int64_t topk_candidates,
     c10::optional<int64_t> background_class, c10::string_view score_activation,
     c10::string_view factor_mode, bool factor_logits, bool single_label,
@@ -143,41 +146,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk_cuda(
   LevelTable levels;
   ScoreRule rule;
   const BatchDims dims = check_select_inputs(
-      logits_in, centerness_in, level_sizes, score_thresh, topk_candidates, background_class,
+      logits_in, score_factor, level_sizes, score_thresh, topk_candidates, background_class,
       std::string(score_activation), std::string(factor_mode), factor_logits, single_label,
       classes, per_class, &levels, &rule);
-  TORCH_CHECK(rule.activation == Activation::kSigmoid &&
-                  (rule.factor_mode == FactorMode::kNone ||
-                   (rule.factor_mode == FactorMode::kSqrt && rule.factor_logits)) &&
-                  !rule.single_label && !rule.per_class && !classes.has_value(),
-              "select_topk: this scoring is not implemented on CUDA yet");
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
+  const int64_t B = dims.batch, A = dims.anchors, C = dims.classes;
   const at::Tensor logits = logits_in.contiguous();
-  c10::optional<at::Tensor> centerness;
-  if (centerness_in.has_value()) {
-    // float32, as the CPU path computes its sigmoid (B x A values: a small copy).
-    centerness = centerness_in->to(at::kFloat).reshape({dims.batch, dims.anchors}).contiguous();
+  at::Tensor factor;
+  if (score_factor.has_value()) {
+    // float32, as the CPU path computes with it (B x A values: a small copy).
+    factor = score_factor->to(at::kFloat).reshape({B, A}).contiguous();
   }
-  const SelectParams params = make_level_select_params(
-      score_thresh, topk_candidates, centerness.has_value(), background_class.value_or(-1));
-  const int64_t capacity = level_capacity(levels, dims.classes, topk_candidates);
+  at::Tensor allowed;
+  if (classes.has_value()) {
+    const std::vector<uint8_t> mask = class_allowed_mask(classes, C);
+    at::Tensor host = at::empty({C}, at::TensorOptions().dtype(at::kByte));
+    std::copy(mask.begin(), mask.end(), host.data_ptr<uint8_t>());
+    // non_blocking: from pageable memory the copy is staged before it returns, so
+    // the host tensor may go, and no stream synchronization is needed.
+    allowed = host.to(logits.device(), at::kByte, /*non_blocking=*/true);
+  }
+  const int64_t groups = select_groups(levels, C, rule);
+  const int64_t capacity = select_capacity(levels, C, topk_candidates, rule);
   const at::TensorOptions options = logits.options();
-  at::Tensor flat = at::empty({dims.batch, levels.count, capacity}, options.dtype(at::kLong));
-  at::Tensor scores = at::empty({dims.batch, levels.count, capacity}, options.dtype(at::kFloat));
-  at::Tensor counts = at::zeros({dims.batch, levels.count}, options.dtype(at::kLong));
+  at::Tensor flat = at::empty({B, groups, capacity}, options.dtype(at::kLong));
+  at::Tensor scores = at::empty({B, groups, capacity}, options.dtype(at::kFloat));
+  at::Tensor counts = at::zeros({B, groups}, options.dtype(at::kLong));
   if (flat.numel() == 0) return {flat, scores, counts};
   CudaBackend backend(logits.device());
-  const LevelOutputs out{flat.data_ptr<int64_t>(), scores.data_ptr<float>(),
-                         counts.data_ptr<int64_t>()};
+  const float* factor_ptr = factor.defined() ? factor.data_ptr<float>() : nullptr;
+  const uint8_t* allowed_ptr = allowed.defined() ? allowed.data_ptr<uint8_t>() : nullptr;
+  const TopkOutputs out{flat.data_ptr<int64_t>(), scores.data_ptr<float>(),
+                        counts.data_ptr<int64_t>()};
+  const int64_t background = background_class.value_or(-1);
   switch (logits.scalar_type()) {
     case at::kFloat:
-      select_level_typed<float>(backend, logits, centerness, levels, params, out);
+      select_topk_typed<float>(backend, logits, factor_ptr, allowed_ptr, levels, rule,
+                               score_thresh, topk_candidates, background, out);
       break;
     case at::kHalf:
-      select_level_typed<at::Half>(backend, logits, centerness, levels, params, out);
+      select_topk_typed<at::Half>(backend, logits, factor_ptr, allowed_ptr, levels, rule,
+                                  score_thresh, topk_candidates, background, out);
       break;
     case at::kBFloat16:
-      select_level_typed<at::BFloat16>(backend, logits, centerness, levels, params, out);
+      select_topk_typed<at::BFloat16>(backend, logits, factor_ptr, allowed_ptr, levels, rule,
+                                      score_thresh, topk_candidates, background, out);
       break;
     default:
       TORCH_CHECK(false, "logits should be float32, float16 or bfloat16, got ",

@@ -7,6 +7,7 @@
 
 #include "decode.cuh"
 #include "kernel_support.cuh"
+#include "select_kernels.cuh"
 #include "../common/rank_keys.h"
 #include "../common/select_params.h"
 
@@ -38,13 +39,18 @@ __global__ void __launch_bounds__(kElementwiseThreads) emit_candidates_kernel(
   keys[out] = segment;
 }
 
-// One thread per slot of the per-level selection: the ranked pairs of segment
-// (image, level) as flat indices anchor * C + class over the image's anchors and
-// their scores, at [segment, rank]; slots past the segment's count get -1 and 0.
-__global__ void __launch_bounds__(kElementwiseThreads) emit_level_candidates_kernel(
+// One thread per slot of select_topk: the ranked items of segment (image, group)
+// (select_topk_candidates_kernel) as flat indices anchor * C + class over the
+// image's anchors and their reported scores, at [segment, rank]; slots past the
+// segment's count get -1 and 0. best_class [B * A] is read with single_label per
+// level; factor [B * A] with "after_selection", whose pairs were ranked on the
+// class probability and report it times the factor.
+__global__ void __launch_bounds__(kElementwiseThreads) emit_topk_candidates_kernel(
     const uint64_t* __restrict__ sorted_keys, const int32_t* __restrict__ counts,
-    int64_t slots, int64_t capacity, LevelTable levels, int64_t num_classes, int64_t index_count,
-    int index_bits, int64_t* __restrict__ flat, float* __restrict__ scores,
+    int64_t slots, int64_t capacity, LevelTable levels, int64_t num_anchors, int64_t num_classes,
+    TopkScoring scoring, const int32_t* __restrict__ best_class,
+    const float* __restrict__ factor, int64_t index_count, int index_bits,
+    int64_t* __restrict__ flat, float* __restrict__ scores,
     int64_t* __restrict__ segment_counts) {
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (slot >= slots) return;
@@ -58,9 +64,29 @@ __global__ void __launch_bounds__(kElementwiseThreads) emit_level_candidates_ker
     return;
   }
   const uint64_t key = sorted_keys[slot];
-  const int level = static_cast<int>(segment % levels.count);
-  flat[slot] = levels.start[level] * num_classes + rank_key_index(key, index_count, index_bits);
-  scores[slot] = __uint_as_float(rank_key_score_bits(key, index_bits));
+  const int64_t groups = scoring.per_class ? num_classes : levels.count;
+  const int64_t image = segment / groups;
+  const int64_t group = segment % groups;
+  const int64_t item = rank_key_index(key, index_count, index_bits);
+  int64_t anchor, cls;
+  if (scoring.per_class) {
+    anchor = item;
+    cls = group;
+  } else if (scoring.single_label) {
+    anchor = levels.start[group] + item;
+    cls = best_class[image * num_anchors + anchor];
+  } else {
+    const int64_t pair = levels.start[group] * num_classes + item;
+    anchor = pair / num_classes;
+    cls = pair - anchor * num_classes;
+  }
+  flat[slot] = anchor * num_classes + cls;
+  float score = __uint_as_float(rank_key_score_bits(key, index_bits));
+  if (scoring.factor_mode == FactorMode::kAfterSelection) {
+    const float f = factor_probability(factor[image * num_anchors + anchor], scoring.factor_logits);
+    score = reported_score(scoring.factor_mode, score, f);
+  }
+  scores[slot] = score;
 }
 
 using CollectScan = cub::BlockScan<int, kCollectThreads>;

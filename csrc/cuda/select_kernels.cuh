@@ -1,8 +1,10 @@
 // Stage 1 kernels: per-row softmax statistics, then one block per (image, class)
 // that thresholds its column of the logits and keeps the `capacity` best
-// candidates with an exact in-block radix select; the per-level variant (RetinaNet,
-// FCOS) runs the same select over the anchor x class pairs of one (image, level). Device code only (see
-// kernel_support.cuh); select.cu launches them and ranks the result.
+// candidates with an exact in-block radix select; select_topk (the single-stage
+// family) runs the same select over the segments of its ScoreRule: the anchor x
+// class pairs (or, single_label, the anchors) of one (image, level), or one (image,
+// class) column. Device code only (see kernel_support.cuh); host_pipeline.h
+// launches them and ranks the result.
 #pragma once
 
 #include <cstdint>
@@ -71,65 +73,150 @@ __global__ void __launch_bounds__(kRowStatsThreads)
   }
 }
 
-// Score key of one (anchor, class) of a column: the bits of the probability when
-// it passes the threshold, else 0. Passing probabilities are > score_thresh >= 0,
-// so their keys are nonzero and order like the probabilities.
-template <typename scalar_t>
-struct ColumnScorer {
-  const scalar_t* column;    // &logits[image, 0, class]
-  int64_t stride;            // C
-  const float* row_max;      // [A] of this image (softmax only)
-  const float* row_inv_sum;  // [A] of this image (softmax only)
-  bool softmax;
+// The scoring of select_topk, by value to its kernels (make_topk_scoring in
+// host_pipeline.h builds it from the op's ScoreRule).
+struct TopkScoring {
+  Activation activation;
+  FactorMode factor_mode;  // kNone: no factor tensor
+  bool factor_logits;      // the factor is a logit (sigmoid_f32 applied)
+  bool single_label;       // only each anchor's best class
+  bool per_class;          // segments (image, class) over all anchors, else (image, level)
   float score_thresh;
-  float bound;
-
-  __device__ __forceinline__ uint32_t key(int64_t anchor) const {
-    const float x = static_cast<float>(column[anchor * stride]);
-    float prob;
-    if (softmax) {
-      const float shift = row_max[anchor];
-      // The pruning bound saves the exp; a NaN max (invalid row) fails it too.
-      if (!(__fsub_rn(x, shift) > bound)) return 0u;
-      prob = softmax_prob(x, shift, row_inv_sum[anchor]);
-    } else {
-      if (!(x > bound)) return 0u;  // also drops NaN
-      prob = sigmoid_f32(x);
-    }
-    return prob > score_thresh ? __float_as_uint(prob) : 0u;
-  }
-};
-
-// Score key of one anchor x class pair of a feature level (per-level selection):
-// sigmoid, or FCOS's sqrt(sigmoid(x) * sigmoid(centerness)), in torch's op order;
-// the background column (if any) never passes. `bound` prunes by logit: a class
-// or centerness logit at or below it cannot give a passing score.
-template <typename scalar_t>
-struct PairScorer {
-  const scalar_t* logits;      // &logits[image, first anchor of the level, 0]
-  const float* centerness;     // &centerness[image, first anchor of the level], or nullptr
-  int64_t num_classes;
+  PairBounds bounds;         // logit bounds that rule a pair out before any exp
   int64_t background_class;  // -1: none
-  float score_thresh;
-  float bound;
+};
 
-  __device__ __forceinline__ uint32_t key(int64_t pair) const {
-    // 32-bit division (inline; the 64-bit one is a called routine): a level's
-    // pairs are below 2^32 (check_level_inputs).
-    const int64_t anchor =
-        static_cast<uint32_t>(pair) / static_cast<uint32_t>(num_classes);
-    if (pair - anchor * num_classes == background_class) return 0u;
-    const float x = static_cast<float>(logits[pair]);
-    if (!(x > bound)) return 0u;  // also drops NaN
-    float prob = sigmoid_f32(x);
-    if (centerness != nullptr) {
-      const float c = centerness[anchor];
-      if (!(c > bound)) return 0u;
-      prob = centerness_score(prob, sigmoid_f32(c));
-    }
-    return prob > score_thresh ? __float_as_uint(prob) : 0u;
+// Score key of one (anchor, class) pair of select_topk: the bits of its selection
+// score when that is > score_thresh, else 0 (passing scores are > score_thresh >= 0,
+// so their keys are nonzero and order like the scores). `shift` and `inv_sum`: the
+// anchor's softmax row max and 1 / sum (softmax only); `factor`: its raw factor
+// (read only by the factor modes that join it before the threshold).
+__device__ __forceinline__ uint32_t topk_pair_key(const TopkScoring& s, float x, float shift,
+                                                  float inv_sum, float factor) {
+  float p = x;  // "none": the logits are the probabilities
+  if (s.activation == Activation::kSoftmax) {
+    // The bound saves the exp; a NaN row max (an invalid row) fails it too.
+    if (!(__fsub_rn(x, shift) > s.bounds.class_logit.value)) return 0u;
+    p = softmax_prob(x, shift, inv_sum);
+  } else if (s.activation == Activation::kSigmoid) {
+    if (!(x > s.bounds.class_logit.value)) return 0u;  // also drops NaN
+    p = sigmoid_f32(x);
+  }
+  float score = p;
+  if (s.factor_mode == FactorMode::kSqrt || s.factor_mode == FactorMode::kBeforeThreshold) {
+    // Also drops a NaN factor, whose score would be NaN.
+    if (!(factor > s.bounds.factor_logit.value)) return 0u;
+    score = selection_score(s.factor_mode, p, factor_probability(factor, s.factor_logits));
+  }
+  return score > s.score_thresh ? __float_as_uint(score) : 0u;
+}
+
+// The rows of logits that a select_topk kernel scores, from some anchor on: the
+// logits [n, C], and per anchor the softmax statistics and the factor [n] (nullptr
+// when not used).
+template <typename scalar_t>
+struct TopkRows {
+  const scalar_t* logits;
+  const float* row_max;      // softmax only
+  const float* row_inv_sum;  // softmax only
+  const float* factor;       // with a factor tensor
+  int64_t num_classes;
+
+  __device__ __forceinline__ uint32_t key(const TopkScoring& s, int64_t anchor,
+                                          int64_t cls) const {
+    const float x = static_cast<float>(logits[anchor * num_classes + cls]);
+    const bool softmax = row_max != nullptr;
+    return topk_pair_key(s, x, softmax ? row_max[anchor] : 0.f,
+                         softmax ? row_inv_sum[anchor] : 0.f,
+                         factor != nullptr ? factor[anchor] : 0.f);
   }
 };
+
+// single_label: one warp per anchor (row of logits [rows, C]) finds the best
+// eligible column, the highest selection score (equal scores: the lower column)
+// among the columns other than the background. Only a passing column can matter:
+// when the best column passes, no failing one competes with it, and when it fails,
+// none passes. So the best of the passing keys is taken; a row with none, or
+// whose best column is not in the allow-list, gets key 0. NaN never passes.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowStatsThreads)
+    best_label_kernel(const scalar_t* __restrict__ logits, const float* __restrict__ row_max,
+                      const float* __restrict__ row_inv_sum, const float* __restrict__ factor,
+                      const uint8_t* __restrict__ allowed, int64_t rows, int num_classes,
+                      TopkScoring scoring, uint32_t* __restrict__ best_key,
+                      int32_t* __restrict__ best_class) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row =
+      static_cast<int64_t>(blockIdx.x) * (kRowStatsThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  // Uniform per warp, so the shuffles below always see all 32 lanes.
+  if (row >= rows) return;
+  const TopkRows<scalar_t> in{logits + row * num_classes,
+                              row_max == nullptr ? nullptr : row_max + row,
+                              row_inv_sum == nullptr ? nullptr : row_inv_sum + row,
+                              factor == nullptr ? nullptr : factor + row, num_classes};
+  uint32_t key = 0u;
+  int cls = num_classes;
+  // A lane's columns rise, so a strictly greater key is the only one that wins.
+  for (int c = lane; c < num_classes; c += kWarpSize) {
+    if (c == scoring.background_class) continue;
+    const uint32_t k = in.key(scoring, 0, c);
+    if (k > key) {
+      key = k;
+      cls = c;
+    }
+  }
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const uint32_t other_key = __shfl_xor_sync(kFullWarp, key, offset);
+    const int other_class = __shfl_xor_sync(kFullWarp, cls, offset);
+    if (other_key > key || (other_key == key && other_class < cls)) {
+      key = other_key;
+      cls = other_class;
+    }
+  }
+  if (lane == 0) {
+    const bool kept = key != 0u && (allowed == nullptr || allowed[cls] != 0);
+    best_key[row] = kept ? key : 0u;
+    best_class[row] = kept ? cls : -1;
+  }
+}
+
+// Score key of item i of one select_topk segment: per level, the level's anchor x
+// class pairs i = anchor_in_level * C + class (single_label: its anchors); per
+// class, the image's anchors for that column.
+template <typename scalar_t>
+struct TopkScorer {
+  TopkRows<scalar_t> rows;     // from the segment's first anchor
+  const uint32_t* best_key;    // single_label: from the first anchor, else nullptr
+  const int32_t* best_class;   // single_label: from the first anchor
+  const uint8_t* allowed;      // [C], nullptr: every column
+  int64_t column;              // per_class: the segment's class; -1: a level
+  TopkScoring scoring;
+
+  __device__ __forceinline__ uint32_t key(int64_t item) const {
+    if (column >= 0) {  // the segment's own column is foreground and allowed
+      if (best_key != nullptr) return best_class[item] == column ? best_key[item] : 0u;
+      return rows.key(scoring, item, column);
+    }
+    if (best_key != nullptr) return best_key[item];
+    // 32-bit division (inline; the 64-bit one is a called routine): a level's
+    // pairs are below 2^32 (check_select_inputs).
+    const int64_t num_classes = rows.num_classes;
+    const int64_t anchor = static_cast<uint32_t>(item) / static_cast<uint32_t>(num_classes);
+    const int64_t cls = item - anchor * num_classes;
+    if (cls == scoring.background_class || (allowed != nullptr && allowed[cls] == 0)) return 0u;
+    return rows.key(scoring, anchor, cls);
+  }
+};
+
+// The SSD postprocess's stage 1 as a select_topk scoring of one (image, class)
+// column: the activation's probability alone, pruned by the bound of its
+// SelectParams (make_pair_bounds' class bound without a factor).
+__device__ __forceinline__ TopkScoring column_scoring(const SelectParams& params) {
+  const ScoreBound none{-std::numeric_limits<float>::infinity()};
+  return {params.activation, FactorMode::kNone, /*factor_logits=*/false,
+          /*single_label=*/false, /*per_class=*/true, params.score_thresh,
+          PairBounds{params.bound, none}, params.background_class};
+}
 
 using SelectScan = cub::BlockScan<int, kSelectThreads>;
 
@@ -281,13 +368,15 @@ __global__ void __launch_bounds__(kSelectThreads) select_candidates_kernel(
   int64_t count = 0;
   if (cls != params.background_class) {
     const bool softmax = params.activation == Activation::kSoftmax;
-    const ColumnScorer<scalar_t> scorer{logits + image * A * num_classes + cls,
-                                        num_classes,
-                                        softmax ? row_max + image * A : nullptr,
-                                        softmax ? row_inv_sum + image * A : nullptr,
-                                        softmax,
-                                        params.score_thresh,
-                                        params.bound.value};
+    const TopkScorer<scalar_t> scorer{
+        TopkRows<scalar_t>{logits + image * A * num_classes,
+                           softmax ? row_max + image * A : nullptr,
+                           softmax ? row_inv_sum + image * A : nullptr, nullptr, num_classes},
+        nullptr,
+        nullptr,
+        nullptr,
+        cls,
+        column_scoring(params)};
     count = select_segment_keys(shared, scorer, A, capacity, A, anchor_bits, cache_keys,
                                 slot_keys + first_slot);
   }
@@ -298,23 +387,33 @@ __global__ void __launch_bounds__(kSelectThreads) select_candidates_kernel(
   }
 }
 
-// Per-level selection (RetinaNet, FCOS): one block per segment (image, level) over
-// the level's anchor x class pairs, flattened as p = anchor_in_level * C + class
-// (contiguous in the logits). Writes the segment's best `capacity` pairs as rank
-// keys over p (equal scores: lower p first, as torchvision's flattened top-k).
+// select_topk: one block per segment (image, group), group = level, or with
+// per_class the class. A level's items are its anchor x class pairs, flattened as
+// p = anchor_in_level * C + class (contiguous in the logits; with single_label its
+// anchors); a class's items are the image's anchors. Writes the segment's best
+// `capacity` items as rank keys over the item (equal scores: lower item first,
+// i.e. lower flat index anchor * C + class), and its count and slot range for the
+// segmented sort. row_max / row_inv_sum (softmax), factor and best_key /
+// best_class (single_label) are [B * A] or nullptr; allowed is [C] or nullptr.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kSelectThreads) select_level_candidates_kernel(
-    const scalar_t* __restrict__ logits, const float* __restrict__ centerness,
-    int64_t num_anchors, int64_t num_classes, LevelTable levels, SelectParams params,
-    int64_t capacity, int64_t index_count, int index_bits, uint64_t* __restrict__ slot_keys,
+__global__ void __launch_bounds__(kSelectThreads) select_topk_candidates_kernel(
+    const scalar_t* __restrict__ logits, const float* __restrict__ row_max,
+    const float* __restrict__ row_inv_sum, const float* __restrict__ factor,
+    const uint32_t* __restrict__ best_key, const int32_t* __restrict__ best_class,
+    const uint8_t* __restrict__ allowed, int64_t num_anchors, int64_t num_classes,
+    LevelTable levels, TopkScoring scoring, int64_t capacity, int64_t index_count,
+    int index_bits, bool cache_keys, uint64_t* __restrict__ slot_keys,
     int32_t* __restrict__ segment_begin, int32_t* __restrict__ segment_end,
     int32_t* __restrict__ counts) {
   __shared__ SelectShared shared;
   const int64_t segment = blockIdx.x;
-  const int64_t image = segment / levels.count;
-  const int level = static_cast<int>(segment % levels.count);
-  // Unrolled over the table, so that it is read with constant indices (a dynamic
-  // index would copy the parameter struct to local memory).
+  const int64_t groups = scoring.per_class ? num_classes : levels.count;
+  const int64_t image = segment / groups;
+  const int64_t group = segment % groups;
+  // per_class has one level, [0, A). Unrolled over the table, so that it is read
+  // with constant indices (a dynamic index would copy the parameter struct to
+  // local memory).
+  const int level = scoring.per_class ? 0 : static_cast<int>(group);
   int64_t first_anchor = 0, end_anchor = 0;
 #pragma unroll
   for (int l = 0; l < kMaxLevels; ++l) {
@@ -323,18 +422,28 @@ __global__ void __launch_bounds__(kSelectThreads) select_level_candidates_kernel
       end_anchor = levels.start[l + 1];
     }
   }
-  const int64_t pairs = (end_anchor - first_anchor) * num_classes;
+  const int64_t column = scoring.per_class ? group : -1;
+  // Uniform per block: a skipped class reaches none of the select's barriers.
+  const bool skipped = scoring.per_class && (group == scoring.background_class ||
+                                             (allowed != nullptr && allowed[group] == 0));
+  const int64_t per_anchor = scoring.per_class || scoring.single_label ? 1 : num_classes;
+  const int64_t items = (end_anchor - first_anchor) * per_anchor;
   const int64_t first_slot = segment * capacity;
-  const int64_t anchor_offset = image * num_anchors + first_anchor;
-  const PairScorer<scalar_t> scorer{logits + anchor_offset * num_classes,
-                                    centerness == nullptr ? nullptr : centerness + anchor_offset,
-                                    num_classes,
-                                    params.background_class,
-                                    params.score_thresh,
-                                    params.bound.value};
-  const int64_t count = select_segment_keys(shared, scorer, pairs, capacity, index_count,
-                                            index_bits, /*cache_keys=*/false,
-                                            slot_keys + first_slot);
+  const int64_t offset = image * num_anchors + first_anchor;
+  const bool softmax = row_max != nullptr;
+  const TopkScorer<scalar_t> scorer{
+      TopkRows<scalar_t>{logits + offset * num_classes, softmax ? row_max + offset : nullptr,
+                         softmax ? row_inv_sum + offset : nullptr,
+                         factor != nullptr ? factor + offset : nullptr, num_classes},
+      best_key != nullptr ? best_key + offset : nullptr,
+      best_key != nullptr ? best_class + offset : nullptr,
+      allowed,
+      column,
+      scoring};
+  const int64_t count =
+      skipped ? 0
+              : select_segment_keys(shared, scorer, items, capacity, index_count, index_bits,
+                                    cache_keys, slot_keys + first_slot);
   if (threadIdx.x == 0) {
     counts[segment] = static_cast<int32_t>(count);
     segment_begin[segment] = static_cast<int32_t>(first_slot);

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -205,44 +205,99 @@ def decode_threshold_flatten(
     return boxes[:n], scores[:n], keys[:n]
 
 
-def select_per_level(
-    logits: Tensor, centerness, level_sizes, config: PostprocessConfig
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """What ``torch.ops.ssd_post.select_per_level`` returns on CUDA: flat and scores
-    [B, L, k], counts [B, L] (k = ssd_post.ops.select_capacity)."""
-    from ssd_post.ops import select_capacity as level_capacity
+class EmulatedSelectInputs(ctypes.Structure):
+    """The C struct of emulated_ops.h for select_topk, field for field."""
 
+    _fields_ = [
+        ("logits", ctypes.c_void_p),
+        ("score_factor", ctypes.c_void_p),
+        ("allowed", ctypes.c_void_p),
+        ("level_sizes", ctypes.c_void_p),
+        ("B", ctypes.c_int64),
+        ("A", ctypes.c_int64),
+        ("C", ctypes.c_int64),
+        ("background_class", ctypes.c_int64),
+        ("topk_candidates", ctypes.c_int64),
+        ("score_thresh", ctypes.c_double),
+        ("num_levels", ctypes.c_int32),
+        ("activation", ctypes.c_int32),
+        ("factor_mode", ctypes.c_int32),
+        ("factor_logits", ctypes.c_int32),
+        ("single_label", ctypes.c_int32),
+        ("per_class", ctypes.c_int32),
+    ]
+
+
+# The numbers of common/score_bounds.h's Activation and FactorMode.
+_ACTIVATIONS = {"softmax": 0, "sigmoid": 1, "none": 2}
+_FACTOR_MODES = {"sqrt": 1, "before_threshold": 2, "after_selection": 3}
+
+
+def select_topk(
+    logits: Tensor,
+    score_factor: Optional[Tensor],
+    level_sizes: List[int],
+    score_thresh: float,
+    topk_candidates: int,
+    background_class: Optional[int],
+    score_activation: str = "sigmoid",
+    factor_mode: str = "sqrt",
+    factor_logits: bool = True,
+    single_label: bool = False,
+    classes: Optional[List[int]] = None,
+    per_class: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """What ``torch.ops.ssd_post.select_topk`` returns on CUDA, with the arguments of
+    ``ssd_post.ops.select_topk_op`` (valid ones: the op checks them, this does not):
+    flat and scores [B, G, k], counts [B, G] (G groups, k = ops.select_capacity)."""
+    from ssd_post.ops import select_capacity
+
+    if score_activation not in _ACTIVATIONS or factor_mode not in _FACTOR_MODES:
+        raise ValueError(
+            f"unknown score_activation {score_activation!r} or factor_mode {factor_mode!r}"
+        )
     B, A, C = logits.shape
     sizes = torch.tensor([int(n) for n in level_sizes], dtype=torch.int64)
-    k = level_capacity(sizes.tolist(), C, config.topk_candidates)
-    flat = torch.full((B, sizes.numel(), k), -7, dtype=torch.int64)
-    scores = torch.full((B, sizes.numel(), k), -7.0)
-    counts = torch.full((B, sizes.numel()), -7, dtype=torch.int64)
+    groups = C if per_class else sizes.numel()
+    k = select_capacity(sizes.tolist(), C, topk_candidates, single_label, per_class)
+    # Poison: every slot must be written by the kernels.
+    flat = torch.full((B, groups, k), -7, dtype=torch.int64)
+    scores = torch.full((B, groups, k), -7.0)
+    counts = torch.full((B, groups), -7, dtype=torch.int64)
     if flat.numel() == 0:
         return flat, scores, counts.zero_()
     x = logits.detach().to("cpu", torch.float32).contiguous()
-    ctr = (
+    factor = (
         None
-        if centerness is None
-        else centerness.detach().to("cpu", torch.float32).reshape(B, A).contiguous()
+        if score_factor is None
+        else score_factor.detach().to("cpu", torch.float32).reshape(B, A).contiguous()
     )
-    background = config.resolve_background_class(C)
-    status = library().emulated_select_per_level(
-        _ptr(x),
-        None if ctr is None else _ptr(ctr),
-        ctypes.c_int64(B),
-        ctypes.c_int64(A),
-        ctypes.c_int64(C),
-        _ptr(sizes),
-        ctypes.c_int32(sizes.numel()),
-        ctypes.c_double(config.score_thresh),
-        ctypes.c_int64(config.topk_candidates),
-        ctypes.c_int64(-1 if background is None else background),
-        _ptr(flat),
-        _ptr(scores),
-        _ptr(counts),
+    allowed = None
+    if classes is not None:  # class_allowed_mask (csrc/common/checks.h)
+        allowed = torch.zeros(C, dtype=torch.uint8)
+        allowed[[int(c) for c in classes]] = 1
+    inputs = EmulatedSelectInputs(
+        x.data_ptr(),
+        None if factor is None else factor.data_ptr(),
+        None if allowed is None else allowed.data_ptr(),
+        sizes.data_ptr(),
+        B,
+        A,
+        C,
+        -1 if background_class is None else int(background_class),
+        int(topk_candidates),
+        float(score_thresh),
+        sizes.numel(),
+        _ACTIVATIONS[score_activation],
+        0 if factor is None else _FACTOR_MODES[factor_mode],
+        int(bool(factor_logits)),
+        int(bool(single_label)),
+        int(bool(per_class)),
     )
-    _check(status, "select_per_level")
+    status = library().emulated_select_topk(
+        ctypes.byref(inputs), _ptr(flat), _ptr(scores), _ptr(counts)
+    )
+    _check(status, "select_topk")
     return flat, scores, counts
 
 

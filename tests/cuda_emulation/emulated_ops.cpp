@@ -130,19 +130,20 @@ int emulated_postprocess(const EmulatedInputs* inputs, double nms_thresh,
   });
 }
 
-int emulated_select_per_level(const float* logits, const float* centerness, int64_t B, int64_t A,
-                              int64_t C, const int64_t* level_sizes, int32_t num_levels,
-                              double score_thresh, int64_t topk_candidates,
-                              int64_t background_class, int64_t* flat, float* scores,
-                              int64_t* counts) {
+int emulated_select_topk(const EmulatedSelectInputs* inputs, int64_t* flat, float* scores,
+                         int64_t* counts) {
   return guarded([&] {
+    const EmulatedSelectInputs& p = *inputs;
     EmulatorBackend backend;
-    // The same parameter builders as select_per_level_cuda (ops_cuda.cu).
-    const LevelTable levels = make_level_table(level_sizes, num_levels);
-    const SelectParams params = make_level_select_params(score_thresh, topk_candidates,
-                                                         centerness != nullptr, background_class);
-    select_level_ranked(backend, logits, centerness, B, A, C, levels, params,
-                        LevelOutputs{flat, scores, counts});
+    // The same builders as select_topk_cuda (ops_cuda.cu), where check_select_inputs
+    // makes the level table and the rule.
+    const LevelTable levels = make_level_table(p.level_sizes, p.num_levels);
+    const ScoreRule rule{static_cast<Activation>(p.activation),
+                         static_cast<FactorMode>(p.factor_mode), p.factor_logits != 0,
+                         p.single_label != 0, p.per_class != 0};
+    const TopkInputs<float> in{p.logits, p.score_factor, p.allowed, p.B, p.A, p.C};
+    select_topk_ranked(backend, in, levels, rule, p.score_thresh, p.topk_candidates,
+                       p.background_class, TopkOutputs{flat, scores, counts});
   });
 }
 

@@ -37,14 +37,30 @@ int emulated_postprocess(const EmulatedInputs* inputs, double nms_thresh,
                          int64_t detections_per_img, float* out_boxes, float* out_scores,
                          int64_t* out_labels, int64_t* out_counts, int64_t* out_anchors);
 
-// select_per_level on CUDA: logits [B, A, C] and centerness [B, A] (or nullptr)
-// float32; level_sizes [L] (1 <= L <= kMaxLevels, summing to A); outputs flat and
-// scores [B, L, k] and counts [B, L], k = level_capacity() (> 0).
-int emulated_select_per_level(const float* logits, const float* centerness, int64_t B, int64_t A,
-                              int64_t C, const int64_t* level_sizes, int32_t num_levels,
-                              double score_thresh, int64_t topk_candidates,
-                              int64_t background_class, int64_t* flat, float* scores,
-                              int64_t* counts);
+// The inputs and settings of select_topk, float32 and contiguous; the enums as
+// common/score_bounds.h numbers them (activation: 0 softmax, 1 sigmoid, 2 none;
+// factor_mode: 0 no factor, 1 sqrt, 2 before_threshold, 3 after_selection).
+struct EmulatedSelectInputs {
+  const float* logits;         // [B, A, C]
+  const float* score_factor;   // [B, A], or nullptr (then factor_mode is 0)
+  const uint8_t* allowed;      // [C] class_allowed_mask, or nullptr: every column
+  const int64_t* level_sizes;  // [num_levels], 1 <= num_levels <= kMaxLevels, summing to A
+  int64_t B, A, C;
+  int64_t background_class;  // -1: none
+  int64_t topk_candidates;
+  double score_thresh;
+  int32_t num_levels;
+  int32_t activation;
+  int32_t factor_mode;
+  int32_t factor_logits;
+  int32_t single_label;
+  int32_t per_class;  // then num_levels is 1
+};
+
+// select_topk on CUDA: outputs flat and scores [B, G, k] and counts [B, G],
+// G = select_groups(), k = select_capacity() (B * G * k > 0).
+int emulated_select_topk(const EmulatedSelectInputs* inputs, int64_t* flat, float* scores,
+                         int64_t* counts);
 
 // The NMS kernel of batched_nms: ranked_boxes [N, 4] grouped into runs
 // [group_begin[g], group_end[g]), each in rank order; keep[i] = 1 for survivors,

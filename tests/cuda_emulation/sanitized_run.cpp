@@ -16,6 +16,15 @@
 
 #include "emulated_ops.h"
 
+// The shared score rules (common/), for the check that two bounds agree.
+#include "../common/score_bounds.h"
+
+using ssd_post::Activation;
+using ssd_post::FactorMode;
+using ssd_post::make_level_score_bound;
+using ssd_post::make_pair_bounds;
+using ssd_post::PairBounds;
+
 namespace {
 
 struct Problem {
@@ -242,35 +251,79 @@ void check_nms_padded(std::mt19937& rng, int64_t B, int64_t M, int64_t labels_pe
 
 }  // namespace
 
-// select_per_level on exactly-sized buffers: every count within its level's pairs
-// and the capacity, each segment ranked by score (flat index ascending on ties),
-// flat indices inside their level, scores above the threshold, padding after.
-void check_select_per_level(std::mt19937& rng, int64_t B, int64_t C,
-                            const std::vector<int64_t>& level_sizes, bool centerness,
-                            int64_t topk, double score_thresh) {
-  const Problem p{B, 0, C, 1, -1, score_thresh, 0.5, topk, 1, false, false, false};
+// One select_topk problem: the level layout and the rule (emulated_ops.h numbers).
+struct TopkProblem {
+  int64_t B, C;
+  std::vector<int64_t> level_sizes;
+  int activation, factor_mode;  // factor_mode 0: no factor tensor
+  bool factor_logits, single_label, per_class;
+  std::vector<int64_t> classes;  // the allow-list; empty: none
+  int64_t background_class, topk;
+  double score_thresh;
+};
+
+// select_topk on exactly-sized buffers: every count within its group's items and
+// the capacity, flat indices inside the group (its level, or its class) on an
+// allowed foreground column, at most one class per anchor with single_label,
+// padding after the count; each group ranked by score (flat index ascending on
+// ties) above the threshold, except "after_selection", whose reported scores
+// are not the ones it ranks by.
+void check_select_topk(std::mt19937& rng, const TopkProblem& t) {
+  const Problem p{t.B, 0, t.C, t.activation, t.background_class, t.score_thresh, 0.5, t.topk,
+                  1, false, false, false};
   int64_t A = 0, largest = 0;
-  for (int64_t n : level_sizes) {
+  for (int64_t n : t.level_sizes) {
     A += n;
-    largest = std::max(largest, n * C);
+    largest = std::max(largest, n);
   }
-  const int64_t L = static_cast<int64_t>(level_sizes.size());
-  const int64_t k = std::min(topk, largest);
+  const int64_t L = static_cast<int64_t>(t.level_sizes.size());
+  const int64_t G = t.per_class ? t.C : L;
+  const int64_t k = t.per_class ? std::min(t.topk, A)
+                                : std::min(t.topk, largest * (t.single_label ? 1 : t.C));
   std::normal_distribution<float> normal(0.f, 2.f);
-  std::vector<float> logits(B * A * C), ctr(centerness ? B * A : 0);
-  for (float& v : logits) v = std::round(normal(rng) * 4.f) / 4.f;  // a grid: many exact ties
-  for (float& v : ctr) v = normal(rng);
-  std::vector<int64_t> flat(B * L * k), counts(B * L);
-  std::vector<float> scores(B * L * k);
-  expect(emulated_select_per_level(logits.data(), centerness ? ctr.data() : nullptr, B, A, C,
-                                   level_sizes.data(), static_cast<int32_t>(L), score_thresh, topk,
-                                   -1, flat.data(), scores.data(), counts.data()) == 0,
-         "select_per_level ran", p);
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t first_anchor = 0;
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t seg = b * L + l, n = counts[seg];
-      expect(n >= 0 && n <= std::min(k, level_sizes[l] * C), "count within bounds", p);
+  std::uniform_real_distribution<float> uniform(0.f, 1.f);
+  std::vector<float> logits(t.B * A * t.C), factor(t.factor_mode != 0 ? t.B * A : 0);
+  // "none": probabilities on a grid; else logits on a grid: many exact ties.
+  for (float& v : logits) {
+    v = t.activation == 2 ? std::round(uniform(rng) * 16.f) / 16.f
+                          : std::round(normal(rng) * 4.f) / 4.f;
+  }
+  for (float& v : factor) v = t.factor_logits ? normal(rng) : uniform(rng);
+  std::vector<uint8_t> allowed(t.C, 0);
+  for (int64_t c : t.classes) allowed[c] = 1;
+  const EmulatedSelectInputs inputs{logits.data(),
+                                    factor.empty() ? nullptr : factor.data(),
+                                    t.classes.empty() ? nullptr : allowed.data(),
+                                    t.level_sizes.data(),
+                                    t.B,
+                                    A,
+                                    t.C,
+                                    t.background_class,
+                                    t.topk,
+                                    t.score_thresh,
+                                    static_cast<int32_t>(L),
+                                    t.activation,
+                                    t.factor_mode,
+                                    t.factor_logits,
+                                    t.single_label,
+                                    t.per_class};
+  std::vector<int64_t> flat(t.B * G * k), counts(t.B * G);
+  std::vector<float> scores(t.B * G * k);
+  expect(emulated_select_topk(&inputs, flat.data(), scores.data(), counts.data()) == 0,
+         "select_topk ran", p);
+  const bool ranked_by_report = t.factor_mode != 3;
+  int64_t selected = 0;
+  for (int64_t b = 0; b < t.B; ++b) {
+    std::vector<int> labels_of_anchor(A, 0);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t level = t.per_class ? 0 : g;
+      int64_t first_anchor = 0;
+      for (int64_t l = 0; l < level; ++l) first_anchor += t.level_sizes[l];
+      const int64_t anchors = t.per_class ? A : t.level_sizes[level];
+      const int64_t items = anchors * (t.per_class || t.single_label ? 1 : t.C);
+      const int64_t seg = b * G + g, n = counts[seg];
+      expect(n >= 0 && n <= std::min(k, items), "count within bounds", p);
+      selected += n;
       for (int64_t r = 0; r < k; ++r) {
         const int64_t f = flat[seg * k + r];
         const float s = scores[seg * k + r];
@@ -278,15 +331,43 @@ void check_select_per_level(std::mt19937& rng, int64_t B, int64_t C,
           expect(f == -1 && s == 0.f, "padding after the count", p);
           continue;
         }
-        expect(f >= first_anchor * C && f < (first_anchor + level_sizes[l]) * C,
-               "flat index inside its level", p);
-        expect(s > static_cast<float>(score_thresh), "score above the threshold", p);
-        if (r > 0) {
-          const float prev = scores[seg * k + r - 1];
-          expect(prev > s || (prev == s && flat[seg * k + r - 1] < f), "ranked", p);
+        const int64_t anchor = f / t.C, cls = f % t.C;
+        expect(anchor >= first_anchor && anchor < first_anchor + anchors,
+               "flat index inside its group", p);
+        expect(cls != t.background_class, "a foreground column", p);
+        expect(t.classes.empty() || allowed[cls] != 0, "an allowed column", p);
+        expect(!t.per_class || cls == g, "the group's own class", p);
+        if (anchor >= first_anchor && anchor < first_anchor + anchors) {
+          ++labels_of_anchor[anchor];
+          expect(!t.single_label || labels_of_anchor[anchor] == 1, "one label per anchor", p);
+        }
+        if (ranked_by_report) {
+          expect(s > static_cast<float>(t.score_thresh), "score above the threshold", p);
+          if (r > 0) {
+            const float prev = scores[seg * k + r - 1];
+            expect(prev > s || (prev == s && flat[seg * k + r - 1] < f), "ranked", p);
+          }
         }
       }
-      first_anchor += level_sizes[l];
+    }
+  }
+  expect(selected > 0, "the problem selects something", p);
+}
+
+// The one logit bound: select_topk's (make_pair_bounds) equals the per-level one
+// of the CPU kernel (make_level_score_bound) for sigmoid with or without a sqrt
+// factor.
+void check_bounds_agree() {
+  const Problem p{1, 1, 1, 1, -1, 0.0, 0.5, 1, 1, false, false, false};
+  for (const double t : {0.0, 1e-31, 1e-6, 0.05, 0.3, 0.5, 0.9, 0.989, 0.99, 0.999, 1.0}) {
+    for (const bool sqrt_factor : {false, true}) {
+      const PairBounds bounds =
+          make_pair_bounds(Activation::kSigmoid,
+                           sqrt_factor ? FactorMode::kSqrt : FactorMode::kNone, true, t);
+      const float level = make_level_score_bound(t, sqrt_factor).value;
+      expect(bounds.class_logit.value == level, "class bound equals the level bound", p);
+      expect(!sqrt_factor || bounds.factor_logit.value == level,
+             "factor bound equals the level bound", p);
     }
   }
 }
@@ -311,10 +392,22 @@ int main() {
     std::printf("B=%lld A=%lld C=%lld done\n", static_cast<long long>(p.B),
                 static_cast<long long>(p.A), static_cast<long long>(p.C));
   }
-  check_select_per_level(rng, 2, 7, {300, 80, 20}, false, 100, 0.05);  // radix select
-  check_select_per_level(rng, 1, 3, {40, 0, 9}, true, 1000, 0.2);     // every pair, empty level
-  check_select_per_level(rng, 3, 5, {64, 16}, false, 1, 0.0);          // one slot per level
-  std::printf("select_per_level done\n");
+  // B, C, levels, activation, factor mode, factor logits, single label, per class,
+  // classes, background, topk, score_thresh
+  const TopkProblem topk_problems[] = {
+      {2, 7, {300, 80, 20}, 1, 0, true, false, false, {}, -1, 100, 0.05},  // radix select
+      {1, 3, {40, 0, 9}, 1, 1, true, false, false, {}, -1, 1000, 0.2},    // every pair, empty level
+      {3, 5, {64, 16}, 1, 0, true, false, false, {}, -1, 1, 0.0},         // one slot per level
+      {2, 6, {120, 30}, 0, 2, true, true, false, {}, 0, 50, 0.01},        // softmax, YOLOX-like
+      {2, 9, {200}, 2, 2, false, true, false, {1, 4, 8}, -1, 40, 0.25},    // none, allow-list
+      {2, 4, {90, 40, 11}, 1, 3, true, false, false, {}, 3, 30, 0.3},     // after_selection
+      {2, 6, {150}, 0, 0, true, false, true, {}, 0, 20, 0.05},            // SSD-like per class
+      {1, 5, {10300}, 2, 1, false, true, true, {0, 2, 3}, -1, 300, 0.5},  // keys not cached
+      {2, 40, {70, 33}, 1, 2, true, true, false, {}, -1, 25, 0.1},        // C > one warp
+  };
+  for (const TopkProblem& t : topk_problems) check_select_topk(rng, t);
+  check_bounds_agree();
+  std::printf("select_topk done\n");
   check_nms(rng, 1, 1, 0.5, 0);
   check_nms(rng, 300, 1, 0.5, 70);
   check_nms(rng, 2000, 37, 0.3, 3);
