@@ -4,8 +4,9 @@ per-class op does not serve (``PostprocessConfig.uses_fused_per_class_op``).
 Three stages, each fixed-size and free of host synchronisation on CUDA:
 
 1. ``ssd_post::select_topk`` scores, thresholds and ranks the anchor x class pairs
-   of every (image, group) (group: feature level, image or class), as
-   [B, G, k] slots: torch's own score bits on the CPU (csrc/cpu/select_per_level.cpp).
+   of every (image, group) (group: feature level, image or class), as [B, G, k]
+   slots: torch's own score bits on the CPU (csrc/cpu/select_per_level.cpp), the
+   device's on CUDA.
 2. The boxes of the selected anchors are gathered and decoded by torch ops (the
    box coders of torchvision, so the bits are theirs), or taken as given
    (``box_coder="none"``, xyxy or cxcywh), then clipped.
@@ -54,6 +55,35 @@ def select_candidates(
         level_sizes,
         *config.select_topk_arguments(logits.shape[2]),
     )
+
+
+def flatten_slots(
+    flat: Tensor, scores: Tensor, counts: Tensor, num_classes: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The filled slots of select_topk's outputs (flat, scores [B, G, k], counts
+    [B, G]) as flat candidate lists in (image, group, rank) order.
+
+    Returns:
+        image, anchor, label (Tensor[N] int64) and score (Tensor[N] float32).
+    """
+    valid = torch.arange(flat.shape[-1], device=flat.device) < counts[..., None]
+    image = torch.arange(flat.shape[0], device=flat.device)[:, None, None].expand_as(flat)[valid]
+    flat, scores = flat[valid], scores[valid]
+    return image, torch.div(flat, num_classes, rounding_mode="floor"), flat % num_classes, scores
+
+
+def select_flat(
+    logits: Tensor,
+    score_factor: Optional[Tensor],
+    config: PostprocessConfig,
+    level_sizes: List[int],
+    select_op=ops.select_topk_op,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Stage 1 as flat candidate lists (image, anchor, label, score: Tensor[N] each,
+    by image, group, rank): for tests and debugging; ``reference.select_flat_loop``
+    is its oracle."""
+    outputs = select_candidates(logits, score_factor, config, level_sizes, select_op)
+    return flatten_slots(*outputs, logits.shape[2])
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from .config import PostprocessConfig
 from .formats import Detections
 from .linear_coder import LinearBoxCoder
 from .inputs import Anchors, ImageSizes, LevelSizes
-from .family import cxcywh_to_xyxy
+from .family import cxcywh_to_xyxy, flatten_slots
 from .inputs import check_level_sizes, check_score_factor, normalize_inputs
 
 
@@ -107,31 +107,28 @@ def _image_boxes(
     return coder.decode(locs, image_anchors)
 
 
-def select_per_level_loop(
-    logits: Tensor, centerness: Optional[Tensor], config: PostprocessConfig, level_sizes: List[int]
+def select_flat_loop(
+    logits: Tensor,
+    score_factor: Optional[Tensor],
+    config: PostprocessConfig,
+    level_sizes: List[int],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``select_topk_loop`` for ``config`` (per level), as flat candidate lists.
+    """``select_topk_loop`` for ``config`` as flat candidate lists: the oracle of
+    ``family.select_flat``.
 
     Args:
-        logits (Tensor[B, A, C]), centerness (Tensor[B, A, 1] or None: the score
-        factor of ``config.score_factor_mode``).
+        logits (Tensor[B, A, C]), score_factor (Tensor[B, A, 1] or None: the factor of
+        ``config.score_factor_mode``), level_sizes ([A] unless per level).
 
     Returns:
         image, anchor, label (Tensor[N] int64) and score (Tensor[N] float32), by
-        image, then level, then rank (score descending, equal scores by anchor * C
-        + class), at most ``topk_candidates`` per (image, level).
+        image, then group, then rank (score descending, equal scores by anchor * C
+        + class), at most ``topk_candidates`` per group.
     """
-    num_classes = logits.shape[2]
-    flat, scores, counts = select_topk_loop(
-        logits,
-        centerness,
-        level_sizes,
-        *config.select_topk_arguments(num_classes),
+    outputs = select_topk_loop(
+        logits, score_factor, level_sizes, *config.select_topk_arguments(logits.shape[2])
     )
-    valid = flat >= 0
-    image = torch.arange(flat.shape[0])[:, None, None].expand_as(flat)[valid]
-    flat = flat[valid]
-    return image, flat // num_classes, flat % num_classes, scores[valid]
+    return flatten_slots(*outputs, logits.shape[2])
 
 
 def _block_scores(

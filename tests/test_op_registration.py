@@ -20,8 +20,7 @@ def _inputs(batch=2, anchors_n=64, classes=5, seed=0):
     return locs, logits, anchors, sizes
 
 
-# The devices with a kernel of each op. select_per_level has only its CUDA kernel so
-# far (the CPU path is ssd_post/per_level.py): add "cpu" here with a CPU kernel;
+# The devices with a kernel of each op;
 # test_kernels_are_registered_where_listed keeps this table true.
 KERNEL_DEVICES = {
     "postprocess": ("cpu", "cuda"),

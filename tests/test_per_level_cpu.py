@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import ssd_post
 from ssd_post import PostprocessConfig, ops, reference
-from ssd_post.per_level import select_per_level
+from ssd_post.family import select_flat as select_per_level
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ import torch
 import ssd_post
 from benchmarks.family import same_up_to_ties
 from ssd_post import PostprocessConfig, ops, reference
-from ssd_post.per_level import select_per_level
+from ssd_post.family import select_flat as select_per_level
 
 CONFIGS = {
     "retinanet": PostprocessConfig(
@@ -78,7 +78,7 @@ for threads in [int(t) for t in sys.argv[1].split(",")]:
             locs, logits, anchors, sizes, levels, ctr = inputs(model, scenario)
             case = f"{model} {scenario} threads={threads}"
             got = select_per_level(logits, ctr, config, levels)
-            want = reference.select_per_level_loop(logits, ctr, config, levels)
+            want = reference.select_flat_loop(logits, ctr, config, levels)
             if not all(torch.equal(g, w) for g, w in zip(got, want)):
                 failures.append(f"{case}: selection differs from the oracle")
             kw = dict(level_sizes=levels, centerness=ctr)
@@ -221,7 +221,7 @@ def test_pairs_near_the_threshold_are_kept_exactly(problem):
     # (csrc/common/score_bounds.h kBoundMargin) flipped to cut 1% too much.
     logits, centerness, config, level_sizes = problem
     got = select_per_level(logits, centerness, config, level_sizes)
-    want = reference.select_per_level_loop(logits, centerness, config, level_sizes)
+    want = reference.select_flat_loop(logits, centerness, config, level_sizes)
     score = want[3]
     assert bool(((score > config.score_thresh) & (score < config.score_thresh * 1.01)).any()), (
         "the problem should have passing scores within 1% of the threshold"

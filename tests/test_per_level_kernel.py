@@ -1,5 +1,5 @@
 """The per-level selection op ``ssd_post::select_topk`` equals the oracle
-(``reference.select_per_level_loop``, torch ops on whole blocks): its CPU kernel to
+(``reference.select_flat_loop``, torch ops on whole blocks): its CPU kernel to
 the bit; its CUDA kernel (on a GPU where there is one, and everywhere through the
 CUDA emulator, tests/cuda_emulation) with the same pairs in the same rank order per
 (image, level) and scores within float rounding (the device's expf against torch's
@@ -14,31 +14,21 @@ from hypothesis import strategies as st
 
 import cuda_emulation
 from cuda_parity import assert_ranked_rows_match
-from ssd_post import PostprocessConfig, ops, per_level, reference
+from ssd_post import PostprocessConfig, family, ops, reference
 
 pytestmark = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs a C++ compiler")
 
 
-def _device_op(logits, centerness, level_sizes, score_thresh, topk, background):
+def _device_op(logits, factor, level_sizes, *arguments):
     out = ops.select_topk_op(
-        logits.cuda(),
-        None if centerness is None else centerness.cuda(),
-        level_sizes,
-        score_thresh,
-        topk,
-        background,
+        logits.cuda(), None if factor is None else factor.cuda(), level_sizes, *arguments
     )
     return tuple(t.cpu() for t in out)
 
 
-def _cpu_op(logits, centerness, level_sizes, score_thresh, topk, background):
-    return ops.select_topk_op(logits, centerness, level_sizes, score_thresh, topk, background)
-
-
-def _emulated_op(logits, centerness, level_sizes, score_thresh, topk, background):
-    return cuda_emulation.select_topk(
-        logits, centerness, level_sizes, score_thresh, topk, background
-    )
+# The op's signature: (logits, factor, level_sizes, *select_topk_arguments).
+_cpu_op = ops.select_topk_op
+_emulated_op = cuda_emulation.select_topk
 
 
 @pytest.fixture(
@@ -89,8 +79,8 @@ def _groups(image, anchor, label, score, level_sizes, batch, num_classes):
 
 def assert_same_selection(select_op, logits, centerness, config, level_sizes):
     batch, _, num_classes = logits.shape
-    expected = reference.select_per_level_loop(logits, centerness, config, level_sizes)
-    got = per_level.select_with_kernel(select_op, logits, centerness, config, level_sizes)
+    expected = reference.select_flat_loop(logits, centerness, config, level_sizes)
+    got = family.select_flat(logits, centerness, config, level_sizes, select_op)
     if select_op is _cpu_op:  # torch's own sigmoid bits, the oracle's order
         for name, want_t, got_t in zip(("image", "anchor", "label", "score"), expected, got):
             assert torch.equal(got_t, want_t), f"{name} differs from the oracle"
@@ -242,7 +232,7 @@ def level_problems(draw):
 def test_kernel_matches_cpu_path_on_random_problems(select_op, problem):
     logits, ctr, config, levels = problem
     batch, _, num_classes = logits.shape
-    expected = reference.select_per_level_loop(logits, ctr, config, levels)
+    expected = reference.select_flat_loop(logits, ctr, config, levels)
     if expected[0].numel() == 0:
         flat, _, counts = select_op(
             logits,
