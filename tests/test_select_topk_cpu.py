@@ -186,7 +186,7 @@ def near_threshold_problems(draw):
     activation = draw(st.sampled_from(ACTIVATIONS))
     mode = draw(st.sampled_from(FACTOR_MODES))
     factor_logits = draw(st.booleans())
-    thresh = draw(st.sampled_from([0.001, 0.01, 0.05, 0.2, 0.5, 0.8, 0.95]))
+    thresh = draw(st.sampled_from([0.001, 0.01, 0.05, 0.2, 0.5, 0.8, 0.95, 0.995]))
     grouping = draw(st.sampled_from(["per_level", "per_image", "per_class"]))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     batch, classes = draw(st.integers(1, 2)), 6
@@ -219,7 +219,9 @@ def near_threshold_problems(draw):
             rows[hits] = _class_inputs(activation, torch.ones(near, dtype=torch.float64), classes)
             values = carried.float()
             if factor_logits:
-                values = torch.tensor([_logit(float(p)) for p in carried], dtype=torch.float32)
+                values = torch.tensor(
+                    [_logit(min(float(p), 1 - 1e-9)) for p in carried], dtype=torch.float32
+                )
             for i, step in zip(range(0, near, 4), steps):
                 values[i] = _next_float(values[i], step)
             factor[b, hits] = values
