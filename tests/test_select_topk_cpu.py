@@ -295,6 +295,26 @@ def test_blocks_across_the_grain_at_several_thread_counts(threads, activation, m
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_blocks_across_the_grain_are_scored_whole_on_the_calling_thread(threads, dtype):
+    # Not float32: every block is scored whole, as the oracle does; those past the
+    # grain on the calling thread, where torch splits the sigmoid as the oracle's call.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(threads)
+        level_sizes, classes = [1203, 77], 31
+        logits = (torch.randn(2, 1280, classes, generator=gen) - 1.0).to(dtype)
+        factor = torch.randn(2, 1280, 1, generator=gen).to(dtype)
+        for activation, mode in [("sigmoid", "sqrt"), ("softmax", "before_threshold")]:
+            rule = _rule(activation, mode, True, False, None, False)
+            _select(logits, factor, level_sizes, 0.05, 1000, None, **rule)
+            _select(logits, factor, [1280], 0.05, 1000, None, **rule)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_per_class_is_ssd_like_with_a_background_column():
     # per_class over the image's one level: softmax, background column 0, as SSD.
     gen = torch.Generator().manual_seed(3)

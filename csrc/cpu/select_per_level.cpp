@@ -367,12 +367,15 @@ struct Scored {
   const float* report;
 };
 
+// p_is_scratch: p is this thread's buffer, which "sqrt" may overwrite (one pass
+// less over a dense block).
 Scored score_pairs(const ScoreRule& rule, const float* p, int64_t rows, int64_t width,
-                   const float* f, BlockScratch& s) {
+                   const float* f, BlockScratch& s, bool p_is_scratch) {
   if (rule.factor_mode == FactorMode::kNone) return {p, p};
   const int64_t n = rows * width;
-  s.select.resize(static_cast<size_t>(n));
-  float* select = s.select.data();
+  const bool in_place = p_is_scratch && rule.factor_mode == FactorMode::kSqrt;
+  if (!in_place) s.select.resize(static_cast<size_t>(n));
+  float* select = in_place ? const_cast<float*>(p) : s.select.data();
   if (rule.factor_mode == FactorMode::kSqrt) {
     // torch's sqrt(p * f): the product (centerness_score's), then torch's sqrt.
     for (int64_t r = 0; r < rows; ++r) {
@@ -586,8 +589,17 @@ bool select_block_gathered_sigmoid(const BlockInputs& in, const Block& block, Bl
     }
     pair_factor = s.pair_factors.data();
   }
-  const Scored scored = score_pairs(in.rule, s.probs.data(), n, 1, pair_factor, s);
+  const Scored scored = score_pairs(in.rule, s.probs.data(), n, 1, pair_factor, s, true);
   s.pairs.clear();
+  if (!in.rule.single_label) {  // the positions hold allowed foreground columns only
+    for (int64_t i = 0; i < n; ++i) {
+      if (scored.select[i] > in.score_thresh) {
+        s.pairs.push_back({scored.select[i], scored.report[i], s.positions[i]});
+      }
+    }
+    finish_block(in, block, s);
+    return true;
+  }
   for (int64_t i = 0; i < n;) {
     const int64_t a = s.positions[i] / C;
     int64_t end = i + 1;
@@ -646,13 +658,17 @@ void select_block_rows(const BlockInputs& in, const Block& block, BlockScratch& 
       at::Tensor out = s.staged_probs.narrow(0, 0, rows);
       at::softmax_out(out, s.staged.narrow(0, 0, rows), /*dim=*/1);
       probs = s.staged_probs.data_ptr<float>();
+    } else if (rows == end - begin) {
+      probs = x + begin * C;  // every row of [begin, end): read in place
     } else {
-      // "none" prunes no row: the rows are [begin, end), contiguous.
-      probs = x + begin * C;
+      s.probs.resize(static_cast<size_t>(rows * C));
+      for (int64_t r = 0; r < rows; ++r) std::copy_n(x + s.rows[r] * C, C, s.probs.data() + r * C);
+      probs = s.probs.data();
     }
     if (factor != nullptr) factor_probabilities(in, factor, A_l, s.rows.data(), rows, s);
-    const Scored scored =
-        score_pairs(in.rule, probs, rows, C, factor == nullptr ? nullptr : s.factors.data(), s);
+    const Scored scored = score_pairs(in.rule, probs, rows, C,
+                                      factor == nullptr ? nullptr : s.factors.data(), s,
+                                      probs != x + begin * C);
     offer_rows(in, s.rows.data(), 0, rows, C, scored, s);
   }
   finish_block(in, block, s);
@@ -679,7 +695,7 @@ void select_block_chunked(const BlockInputs& in, const Block& block, BlockScratc
     }
     f = s.factors.data();
   }
-  const Scored scored = score_pairs(in.rule, s.probs.data(), A_l, C, f, s);
+  const Scored scored = score_pairs(in.rule, s.probs.data(), A_l, C, f, s, true);
   s.pairs.clear();
   offer_rows(in, nullptr, 0, A_l, C, scored, s);
   finish_block(in, block, s);
