@@ -1,17 +1,27 @@
-// CPU kernel of ssd_post::select_per_level (RetinaNet, FCOS): for every (image,
-// level) block of anchor x class pairs, the scores torchvision computes, the
-// threshold, and the best topk_candidates pairs ranked (score descending, equal
-// scores by flat index anchor * C + class), in the layout of the CUDA kernel.
+// CPU kernel of ssd_post::select_topk (RetinaNet, FCOS, ATSS, YOLO, SSD-like per
+// class): for every block (an (image, level) of anchor x class pairs; per_image
+// and per_class: the image's one level) the scores the oracle
+// (reference.select_topk_loop) computes for the ScoreRule, the eligible columns
+// (background out; single_label: each row's best; the allow-list), the threshold,
+// and the best topk_candidates pairs of each group (the level, or per_class the
+// class) ranked by selection score, equal scores by flat index anchor * C + class.
 //
-// The scores must be torch's own bits. torchvision calls torch.sigmoid on a whole
-// (image, level) block, and torch's CPU loop rounds its vectorised body and its
-// scalar tail differently (Sleef exp against std::exp): the bits of a score depend
-// on where it sits in the block, on the grain size, on the thread split and on the
-// CPU capability. A block is therefore scored in one of two ways:
+// Softmax scores come from torch's softmax on copies of the rows that may pass
+// (row_bound.h's test, as the SSD op's scan): its bits do not depend on where a row
+// sits. "none" uses the values as given. A factor joins the class probability by
+// score_bounds.h's selection_score / reported_score, and make_pair_bounds rules
+// pairs out before any exp.
+//
+// Sigmoid scores (of the classes or of a factor given as logits) must be torch's
+// own bits. The oracle calls torch.sigmoid on a whole block, and torch's CPU loop
+// rounds its vectorised body and its scalar tail differently (Sleef exp against
+// std::exp): the bits of a score depend on where it sits in the block, on the grain
+// size, on the thread split and on the CPU capability. A block is therefore scored
+// in one of two ways:
 //   - gathered: the pairs that can pass (a logit bound prunes the others) go
 //     through ATen's sigmoid, those of the loop's vectorised body in one call on a
 //     gathered copy, those of a scalar tail in calls too short for a vector;
-//   - whole block: at::sigmoid of the whole block, as torchvision does.
+//   - whole block: at::sigmoid of the whole block, as the oracle does.
 // The gathered path rests on a model of torch's loop (LoopLayout) and on torch's
 // sqrt being the same wherever an element sits; a one-time self-check per thread
 // count (the capability is fixed per process) compares both with at::sigmoid and
