@@ -271,6 +271,28 @@ bool ranks_before(const Pair& x, const Pair& y) {
   return x.score > y.score || (x.score == y.score && x.flat < y.flat);
 }
 
+// The passing pairs of a block. Its slots only grow, so that the hot loops append
+// without a branch or a call per pair: write the next slot, then advance by the test.
+struct PairBuffer {
+  std::vector<Pair> slots;
+  int64_t size = 0;
+
+  void clear() { size = 0; }
+  // Room for n more pairs past size; returns the first free slot.
+  Pair* room(int64_t n) {
+    if (size + n > static_cast<int64_t>(slots.size())) {
+      slots.resize(static_cast<size_t>(std::max<int64_t>(2 * slots.size(), size + n)));
+    }
+    return slots.data() + size;
+  }
+  void push(const Pair& pair) {
+    *room(1) = pair;
+    ++size;
+  }
+  Pair* begin() { return slots.data(); }
+  Pair* end() { return slots.data() + size; }
+};
+
 // What the kernel reads of the inputs, validated and laid out by the op.
 struct BlockInputs {
   at::Tensor logits;  // [B, A, C], as given (any float dtype and strides)
@@ -320,7 +342,8 @@ struct BlockScratch {
   std::vector<int32_t> passing;
   std::vector<float> row_max, row_bound, probs, factors, pair_factors, select, report;
   std::vector<double> best;
-  std::vector<Pair> pairs, sorted;
+  PairBuffer pairs;
+  std::vector<Pair> sorted;
   std::vector<int64_t> class_begin;
   at::Tensor staged, staged_probs;  // [kSoftmaxRows, C] float32
 };
@@ -348,14 +371,14 @@ void finish_block(const BlockInputs& in, const Block& block, BlockScratch& s) {
   const int64_t C = in.logits.size(2);
   const int64_t flat_offset = in.levels->start[block.level] * C;
   if (!in.rule.per_class) {
-    write_best(s.pairs.data(), s.pairs.data() + s.pairs.size(), in,
+    write_best(s.pairs.begin(), s.pairs.end(), in,
                block.image * in.groups + block.level, flat_offset);
     return;
   }
   s.class_begin.assign(static_cast<size_t>(C + 1), 0);
   for (const Pair& p : s.pairs) ++s.class_begin[p.flat % C + 1];
   for (int64_t c = 0; c < C; ++c) s.class_begin[c + 1] += s.class_begin[c];
-  s.sorted.resize(s.pairs.size());
+  s.sorted.resize(static_cast<size_t>(s.pairs.size));
   std::vector<int64_t>& fill = s.anchors;  // free at this point
   fill.assign(s.class_begin.begin(), s.class_begin.end() - 1);
   for (const Pair& p : s.pairs) s.sorted[fill[p.flat % C]++] = p;
@@ -413,7 +436,7 @@ Scored score_pairs(const ScoreRule& rule, const float* p, int64_t rows, int64_t 
 // allowed foreground column above the threshold.
 template <typename ColumnOf>
 void offer_row(const BlockInputs& in, int64_t a, int64_t C, int64_t n, ColumnOf column_of,
-               const float* select, const float* report, std::vector<Pair>& pairs) {
+               const float* select, const float* report, PairBuffer& pairs) {
   if (in.rule.single_label) {
     int64_t best = -1;
     for (int64_t i = 0; i < n; ++i) {
@@ -423,14 +446,14 @@ void offer_row(const BlockInputs& in, int64_t a, int64_t C, int64_t n, ColumnOf 
     if (best < 0) return;
     const int64_t c = column_of(best);
     if (in.allowed[c] && select[best] > in.score_thresh) {
-      pairs.push_back({select[best], report[best], a * C + c});
+      pairs.push({select[best], report[best], a * C + c});
     }
     return;
   }
   for (int64_t i = 0; i < n; ++i) {
     const int64_t c = column_of(i);
     if (select[i] > in.score_thresh && c != in.background && in.allowed[c]) {
-      pairs.push_back({select[i], report[i], a * C + c});
+      pairs.push({select[i], report[i], a * C + c});
     }
   }
 }
@@ -444,11 +467,13 @@ void offer_rows(const BlockInputs& in, const int64_t* anchors, int64_t first, in
       const int64_t a = anchors == nullptr ? first + r : anchors[r];
       const float* select = scored.select + r * C;
       const float* report = scored.report + r * C;
+      Pair* out = s.pairs.room(C);
+      int64_t kept = 0;
       for (int64_t c = 0; c < C; ++c) {
-        if (select[c] > in.score_thresh && c != in.background) {
-          s.pairs.push_back({select[c], report[c], a * C + c});
-        }
+        out[kept] = {select[c], report[c], a * C + c};
+        kept += (select[c] > in.score_thresh) & (c != in.background);
       }
+      s.pairs.size += kept;
     }
     return;
   }
@@ -602,11 +627,13 @@ bool select_block_gathered_sigmoid(const BlockInputs& in, const Block& block, Bl
   const Scored scored = score_pairs(in.rule, s.probs.data(), n, 1, pair_factor, s, true);
   s.pairs.clear();
   if (!in.rule.single_label) {  // the positions hold allowed foreground columns only
+    Pair* out = s.pairs.room(n);
+    int64_t kept = 0;
     for (int64_t i = 0; i < n; ++i) {
-      if (scored.select[i] > in.score_thresh) {
-        s.pairs.push_back({scored.select[i], scored.report[i], s.positions[i]});
-      }
+      out[kept] = {scored.select[i], scored.report[i], s.positions[i]};
+      kept += scored.select[i] > in.score_thresh;
     }
+    s.pairs.size += kept;
     finish_block(in, block, s);
     return true;
   }
