@@ -585,10 +585,13 @@ bool select_block_gathered_sigmoid(const BlockInputs& in, const Block& block, Bl
   }
   const int64_t rows = static_cast<int64_t>(s.rows.size());
   // No top-k bound with a background column or an allow-list, which a row's max
-  // could hold, nor per class, whose top-k is per column.
+  // could hold, nor per class, whose top-k is per column, nor with a joined factor
+  // given as probabilities (it may exceed 1).
+  const bool joined = in.rule.factor_mode == FactorMode::kSqrt ||
+                      in.rule.factor_mode == FactorMode::kBeforeThreshold;
   const bool topk_bound = in.background < 0 && in.all_allowed && !in.rule.per_class && A_l > k &&
-                          rows > k;
-  if (topk_bound) topk_row_bounds(cut, in.rule.factor_mode, bound, k, s);
+                          rows > k && !(joined && factor != nullptr && !in.rule.factor_logits);
+  if (topk_bound) topk_row_bounds(joined ? factor : nullptr, in.rule.factor_mode, bound, k, s);
   s.positions.clear();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t a = s.rows[r];
