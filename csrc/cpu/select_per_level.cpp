@@ -1,17 +1,27 @@
-// CPU kernel of ssd_post::select_per_level (RetinaNet, FCOS): for every (image,
-// level) block of anchor x class pairs, the scores torchvision computes, the
-// threshold, and the best topk_candidates pairs ranked (score descending, equal
-// scores by flat index anchor * C + class), in the layout of the CUDA kernel.
+// CPU kernel of ssd_post::select_topk (RetinaNet, FCOS, ATSS, YOLO, SSD-like per
+// class): for every block (an (image, level) of anchor x class pairs; per_image
+// and per_class: the image's one level) the scores the oracle
+// (reference.select_topk_loop) computes for the ScoreRule, the eligible columns
+// (background out; single_label: each row's best; the allow-list), the threshold,
+// and the best topk_candidates pairs of each group (the level, or per_class the
+// class) ranked by selection score, equal scores by flat index anchor * C + class.
 //
-// The scores must be torch's own bits. torchvision calls torch.sigmoid on a whole
-// (image, level) block, and torch's CPU loop rounds its vectorised body and its
-// scalar tail differently (Sleef exp against std::exp): the bits of a score depend
-// on where it sits in the block, on the grain size, on the thread split and on the
-// CPU capability. A block is therefore scored in one of two ways:
+// Softmax scores come from torch's softmax on copies of the rows that may pass
+// (row_bound.h's test, as the SSD op's scan): its bits do not depend on where a row
+// sits. "none" uses the values as given. A factor joins the class probability by
+// score_bounds.h's selection_score / reported_score, and make_pair_bounds rules
+// pairs out before any exp.
+//
+// Sigmoid scores (of the classes or of a factor given as logits) must be torch's
+// own bits. The oracle calls torch.sigmoid on a whole block, and torch's CPU loop
+// rounds its vectorised body and its scalar tail differently (Sleef exp against
+// std::exp): the bits of a score depend on where it sits in the block, on the grain
+// size, on the thread split and on the CPU capability. A block is therefore scored
+// in one of two ways:
 //   - gathered: the pairs that can pass (a logit bound prunes the others) go
 //     through ATen's sigmoid, those of the loop's vectorised body in one call on a
 //     gathered copy, those of a scalar tail in calls too short for a vector;
-//   - whole block: at::sigmoid of the whole block, as torchvision does.
+//   - whole block: at::sigmoid of the whole block, as the oracle does.
 // The gathered path rests on a model of torch's loop (LoopLayout) and on torch's
 // sqrt being the same wherever an element sits; a one-time self-check per thread
 // count (the capability is fixed per process) compares both with at::sigmoid and
@@ -38,6 +48,7 @@
 
 #include "../common/checks.h"
 #include "../common/select_params.h"
+#include "row_bound.h"
 #include "select_per_level.h"
 #include "vector_kernels.h"
 
@@ -247,88 +258,255 @@ int64_t verified_step(int threads) {
 }
 
 // ---------------------------------------------------------------------------
-// Selection of one (image, level) block.
+// Selection of one block: an (image, level) of anchor x class pairs, or with
+// per_class the image's one level.
 
 struct Pair {
-  float score;
-  int64_t flat;  // anchor_in_level * C + class
+  float score;   // the selection score, by which pairs are ranked
+  float report;  // the score reported (score_bounds.h reported_score)
+  int64_t flat;  // anchor_in_block * C + class
 };
 
 bool ranks_before(const Pair& x, const Pair& y) {
   return x.score > y.score || (x.score == y.score && x.flat < y.flat);
 }
 
+// The passing pairs of a block. Its slots only grow, so that the hot loops append
+// without a branch or a call per pair: write the next slot, then advance by the test.
+struct PairBuffer {
+  std::vector<Pair> slots;
+  int64_t size = 0;
+
+  void clear() { size = 0; }
+  // Room for n more pairs past size; returns the first free slot.
+  Pair* room(int64_t n) {
+    if (size + n > static_cast<int64_t>(slots.size())) {
+      slots.resize(static_cast<size_t>(std::max<int64_t>(2 * slots.size(), size + n)));
+    }
+    return slots.data() + size;
+  }
+  void push(const Pair& pair) {
+    *room(1) = pair;
+    ++size;
+  }
+  Pair* begin() { return slots.data(); }
+  Pair* end() { return slots.data() + size; }
+};
+
 // What the kernel reads of the inputs, validated and laid out by the op.
-struct LevelInputs {
-  at::Tensor logits;      // [B, A, C], as given (any float dtype and strides)
-  at::Tensor centerness;  // [B, A, 1] as given, or undefined
+struct BlockInputs {
+  at::Tensor logits;  // [B, A, C], as given (any float dtype and strides)
+  at::Tensor factor;  // [B, A] (a view of the tensor given), or undefined
   const LevelTable* levels;
-  SelectParams params;
-  int64_t capacity;  // slots per (image, level)
-  // Float32 blocks laid out as torch's loop sees them (each image's [A, C]
-  // contiguous) and that layout verified: blocks are scored on the worker threads,
-  // whole (chunk by chunk, as torch's loop splits them) or gathered.
+  ScoreRule rule;
+  float score_thresh;  // compared as float32, as torch compares a tensor to a Python float
+  int64_t background;  // -1: every column is a class
+  int64_t topk;        // topk_candidates, >= 1
+  PairBounds bounds;
+  std::vector<uint8_t> allowed;  // [C]: 1 where a column may be reported (class_allowed_mask)
+  bool all_allowed;
+  int64_t groups;    // per image: C (per_class) or the levels
+  int64_t capacity;  // slots per (image, group)
+  // Some score is a sigmoid (the class activation, or a factor given as logits),
+  // whose bits depend on where torch's loop meets it.
+  bool uses_sigmoid;
+  // Float32 blocks laid out as torch's loop sees them (each image's rows
+  // contiguous) and, for a sigmoid, that layout verified: blocks are scored on
+  // the worker threads, gathered or whole (chunk by chunk, as torch splits them).
   bool layout_known;
-  // And a logit bound to prune with: the gathered path.
+  // And pairs can be ruled out before they are scored (softmax and "none" always
+  // go this way: their bits do not depend on where a row sits).
   bool gather;
   LoopLayout layout;
   const float* logits_data;  // when layout_known
   int64_t image_stride;
-  const float* centerness_data;  // when layout_known and centerness given
-  int64_t centerness_image_stride;
+  const float* factor_data;  // when layout_known and a factor given
+  int64_t factor_image_stride;
+  int64_t* flat_out;  // [B, groups, capacity]
+  float* score_out;   // [B, groups, capacity]
+  int64_t* count_out;  // [B, groups]
 };
 
-// Where one block's ranked pairs go: slots [capacity], a count.
-struct BlockOutput {
-  int64_t* flat;
-  float* scores;
-  int64_t* count;
-  int64_t flat_offset;  // first anchor of the level * C
+struct Block {
+  int64_t image;
+  int level;
 };
 
-// Ranks `pairs` (all passing) and writes the best `capacity` of them.
-void write_best(std::vector<Pair>& pairs, int64_t capacity, const BlockOutput& out) {
-  const int64_t n = std::min<int64_t>(static_cast<int64_t>(pairs.size()), capacity);
-  if (static_cast<int64_t>(pairs.size()) > n) {
-    std::nth_element(pairs.begin(), pairs.begin() + n, pairs.end(), ranks_before);
-  }
-  std::sort(pairs.begin(), pairs.begin() + n, ranks_before);
+// Rows of softmax probabilities computed per call of torch's softmax.
+constexpr int64_t kSoftmaxRows = 256;
+
+// Per-thread buffers, reused from block to block.
+struct BlockScratch {
+  SigmoidScratch sigmoid;
+  std::vector<int64_t> rows, positions, anchors;
+  std::vector<int32_t> passing;
+  std::vector<float> row_max, row_bound, probs, factors, pair_factors, select, report;
+  std::vector<double> best;
+  PairBuffer pairs;
+  std::vector<Pair> sorted;
+  std::vector<int64_t> class_begin;
+  at::Tensor staged, staged_probs;  // [kSoftmaxRows, C] float32
+};
+
+// Writes the best `capacity` of the pairs [begin, end) (all passing), ranked, to
+// segment `segment` (image * groups + group).
+void write_best(Pair* begin, Pair* end, const BlockInputs& in, int64_t segment,
+                int64_t flat_offset) {
+  const int64_t size = end - begin;
+  const int64_t n = std::min<int64_t>(size, in.capacity);
+  if (size > n) std::nth_element(begin, begin + n, end, ranks_before);
+  std::sort(begin, begin + n, ranks_before);
+  int64_t* flat = in.flat_out + segment * in.capacity;
+  float* scores = in.score_out + segment * in.capacity;
   for (int64_t i = 0; i < n; ++i) {
-    out.flat[i] = out.flat_offset + pairs[i].flat;
-    out.scores[i] = pairs[i].score;
+    flat[i] = flat_offset + begin[i].flat;
+    scores[i] = begin[i].report;
   }
-  *out.count = n;
+  in.count_out[segment] = n;
+}
+
+// Ranks the block's passing pairs (s.pairs) into its groups: the level, or per
+// class (a counting sort by class first).
+void finish_block(const BlockInputs& in, const Block& block, BlockScratch& s) {
+  const int64_t C = in.logits.size(2);
+  const int64_t flat_offset = in.levels->start[block.level] * C;
+  if (!in.rule.per_class) {
+    write_best(s.pairs.begin(), s.pairs.end(), in,
+               block.image * in.groups + block.level, flat_offset);
+    return;
+  }
+  s.class_begin.assign(static_cast<size_t>(C + 1), 0);
+  for (const Pair& p : s.pairs) ++s.class_begin[p.flat % C + 1];
+  for (int64_t c = 0; c < C; ++c) s.class_begin[c + 1] += s.class_begin[c];
+  s.sorted.resize(static_cast<size_t>(s.pairs.size));
+  std::vector<int64_t>& fill = s.anchors;  // free at this point
+  fill.assign(s.class_begin.begin(), s.class_begin.end() - 1);
+  for (const Pair& p : s.pairs) s.sorted[fill[p.flat % C]++] = p;
+  for (int64_t c = 0; c < C; ++c) {
+    if (s.class_begin[c + 1] == s.class_begin[c]) continue;
+    write_best(s.sorted.data() + s.class_begin[c], s.sorted.data() + s.class_begin[c + 1], in,
+               block.image * in.groups + c, flat_offset);
+  }
+}
+
+// The selection and reported scores of a pair (score_bounds.h selection_score and
+// reported_score), for `rows` x `width` class probabilities p and one factor
+// probability per row f (nullptr: no factor): p itself without a factor. The
+// square root of "sqrt" is torch's (sqrt_like_torch): torch's vectorised float sqrt
+// is not always the correctly rounded std::sqrt that centerness_score uses on the
+// host, and the scores must be the oracle's bits.
+struct Scored {
+  const float* select;
+  const float* report;
+};
+
+// p_is_scratch: p is this thread's buffer, which "sqrt" may overwrite (one pass
+// less over a dense block).
+Scored score_pairs(const ScoreRule& rule, const float* p, int64_t rows, int64_t width,
+                   const float* f, BlockScratch& s, bool p_is_scratch) {
+  if (rule.factor_mode == FactorMode::kNone) return {p, p};
+  const int64_t n = rows * width;
+  const bool in_place = p_is_scratch && rule.factor_mode == FactorMode::kSqrt;
+  if (!in_place) s.select.resize(static_cast<size_t>(n));
+  float* select = in_place ? const_cast<float*>(p) : s.select.data();
+  if (rule.factor_mode == FactorMode::kSqrt) {
+    // torch's sqrt(p * f): the product (centerness_score's), then torch's sqrt.
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < width; ++c) select[r * width + c] = mul_rn(p[r * width + c], f[r]);
+    }
+    sqrt_like_torch(select, n);
+    return {select, select};
+  }
+  s.report.resize(static_cast<size_t>(n));
+  float* report = s.report.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < width; ++c) {
+      const int64_t i = r * width + c;
+      select[i] = selection_score(rule.factor_mode, p[i], f[r]);
+      report[i] = reported_score(rule.factor_mode, p[i], f[r]);
+    }
+  }
+  return {select, report};
+}
+
+// Offers the scored columns of one row (anchor `a` of the block): entries [0, n),
+// column column_of(i) (increasing), scores select[i] / report[i]. single_label: only
+// the row's best non-background column (highest score, equal scores to the lower
+// column, NaN ignored), then the allow-list and the threshold; else each
+// allowed foreground column above the threshold.
+template <typename ColumnOf>
+void offer_row(const BlockInputs& in, int64_t a, int64_t C, int64_t n, ColumnOf column_of,
+               const float* select, const float* report, PairBuffer& pairs) {
+  if (in.rule.single_label) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (column_of(i) == in.background || std::isnan(select[i])) continue;
+      if (best < 0 || select[i] > select[best]) best = i;
+    }
+    if (best < 0) return;
+    const int64_t c = column_of(best);
+    if (in.allowed[c] && select[best] > in.score_thresh) {
+      pairs.push({select[best], report[best], a * C + c});
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = column_of(i);
+    if (select[i] > in.score_thresh && c != in.background && in.allowed[c]) {
+      pairs.push({select[i], report[i], a * C + c});
+    }
+  }
+}
+
+// Offers `n` whole rows of the block, anchors[r] (nullptr: anchors first..first+n),
+// their scores row-major [n, C].
+void offer_rows(const BlockInputs& in, const int64_t* anchors, int64_t first, int64_t n,
+                int64_t C, const Scored& scored, BlockScratch& s) {
+  if (!in.rule.single_label && in.all_allowed) {  // one compare per pair: dense blocks
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t a = anchors == nullptr ? first + r : anchors[r];
+      const float* select = scored.select + r * C;
+      const float* report = scored.report + r * C;
+      Pair* out = s.pairs.room(C);
+      int64_t kept = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        out[kept] = {select[c], report[c], a * C + c};
+        kept += (select[c] > in.score_thresh) & (c != in.background);
+      }
+      s.pairs.size += kept;
+    }
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    offer_row(in, anchors == nullptr ? first + r : anchors[r], C, C,
+              [](int64_t i) { return i; }, scored.select + r * C, scored.report + r * C, s.pairs);
+  }
 }
 
 double sigmoid_double(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
-// Per-thread buffers.
-struct BlockScratch {
-  SigmoidScratch sigmoid;
-  std::vector<int64_t> rows, positions, anchors;
-  std::vector<float> row_max, row_bound, scores, centerness_scores;
-  std::vector<double> best;
-  std::vector<Pair> pairs;
-};
-
 // A class logit at or below row_bound[r] (for rows[r], whose max logit is
 // row_max[r]) cannot give a pair that both passes the threshold and is among the
-// block's `k` best scores.
+// block's `k` best selection scores (sigmoid class scores, one level).
 //
 // The k rows with the best score of their best class give k pairs scoring at
 // least about s_k, the k-th best of those row scores, so a pair of the top k
-// scores at least that much. Plain sigmoid: s = sigmoid(x); with centerness
-// (FCOS) s = sqrt(sigmoid(x) * sigmoid(ctr)), which needs sigmoid(x) >= s_k^2 /
-// sigmoid(ctr). s_k is lowered by a relative 1e-5, far more than the ULPs by which
-// torch's float scores differ from the exact ones, so pairs tied with the k-th
-// score are never cut: sigmoid saturates at exactly 1.0 from about x = 17, so
-// such ties can have far lower logits than the k-th row's. Dense blocks then
-// score a few pairs per row at most, instead of every pair. NaN logits are left
-// out of a row's max: the max of the rest is a real pair of that row.
-void topk_row_bounds(const float* centerness, float bound, int64_t k, BlockScratch& s) {
+// scores at least that much (with single_label too: each of those rows gives its
+// best pair). With s = the selection score of p = sigmoid(x) and the row's
+// factor f = sigmoid(factor logit): s = p, s = p * f (needs p >= s_k / f) or
+// s = sqrt(p * f) (needs p >= s_k^2 / f). s_k is lowered by a relative 1e-5, far
+// more than the ULPs by which torch's float scores differ from the exact ones, so
+// pairs tied with the k-th score are never cut: sigmoid saturates at exactly 1.0
+// from about x = 17, so such ties can have far lower logits than the k-th row's.
+// Dense blocks then score a few pairs per row at most, instead of every pair. NaN
+// logits are left out of a row's max: the max of the rest is a real pair of that
+// row. `factor`: the block's factor logits when the mode joins them, else nullptr.
+void topk_row_bounds(const float* factor, FactorMode mode, float bound, int64_t k,
+                     BlockScratch& s) {
   const int64_t n = static_cast<int64_t>(s.rows.size());
+  const bool sqrt_mode = mode == FactorMode::kSqrt;
   double kth;
-  if (centerness == nullptr) {  // sigmoid is monotone: the k-th best row max is enough
+  if (factor == nullptr) {  // sigmoid is monotone: the k-th best row max is enough
     s.best.assign(s.row_max.begin(), s.row_max.end());
     std::nth_element(s.best.begin(), s.best.begin() + (k - 1), s.best.end(),
                      std::greater<double>());
@@ -336,7 +514,8 @@ void topk_row_bounds(const float* centerness, float bound, int64_t k, BlockScrat
   } else {
     s.best.resize(static_cast<size_t>(n));
     for (int64_t r = 0; r < n; ++r) {
-      s.best[r] = std::sqrt(sigmoid_double(s.row_max[r]) * sigmoid_double(centerness[s.rows[r]]));
+      const double product = sigmoid_double(s.row_max[r]) * sigmoid_double(factor[s.rows[r]]);
+      s.best[r] = sqrt_mode ? std::sqrt(product) : product;
     }
     std::nth_element(s.best.begin(), s.best.begin() + (k - 1), s.best.end(),
                      std::greater<double>());
@@ -346,9 +525,9 @@ void topk_row_bounds(const float* centerness, float bound, int64_t k, BlockScrat
   s.row_bound.resize(static_cast<size_t>(n));
   for (int64_t r = 0; r < n; ++r) {
     double p = needed;
-    if (centerness != nullptr) {
-      const double c = sigmoid_double(centerness[s.rows[r]]);
-      p = c > 0 ? std::min(needed * needed / c, 1.0) : 1.0;
+    if (factor != nullptr) {
+      const double f = sigmoid_double(factor[s.rows[r]]);
+      p = f > 0 ? std::min((sqrt_mode ? needed * needed : needed) / f, 1.0) : 1.0;
     }
     // p = 0: -inf (no pruning); p = 1: inf (no pair of the row can reach it).
     const float logit = static_cast<float>(std::log(p) - std::log1p(-p));
@@ -356,28 +535,48 @@ void topk_row_bounds(const float* centerness, float bound, int64_t k, BlockScrat
   }
 }
 
-// Scores, thresholds and ranks one block through the gathered path. Returns false,
-// having written nothing, when the block is better scored whole (most of its
-// pairs may pass).
-bool select_block_gathered(const LevelInputs& in, int64_t image, int level, BlockScratch& s,
-                           const BlockOutput& out) {
+// The factor logits of a block that the bounds may cut (a joined factor given as
+// logits with a finite bound), else nullptr.
+const float* factor_to_cut(const BlockInputs& in, const float* factor) {
+  const bool finite = in.bounds.factor_logit.value > -std::numeric_limits<float>::infinity();
+  return finite && in.rule.factor_logits ? factor : nullptr;
+}
+
+// The factor probabilities of the block's anchors[0, n) (increasing) into
+// s.factors: torch's sigmoid of the block's [A_l] factor slice, or as given.
+void factor_probabilities(const BlockInputs& in, const float* factor, int64_t A_l,
+                          const int64_t* anchors, int64_t n, BlockScratch& s) {
+  s.factors.resize(static_cast<size_t>(std::max<int64_t>(n, 1)));
+  if (in.rule.factor_logits) {
+    sigmoid_at(factor, A_l, anchors, n, in.layout, s.factors.data(), s.sigmoid);
+  } else {
+    for (int64_t i = 0; i < n; ++i) s.factors[i] = factor[anchors[i]];
+  }
+}
+
+// Sigmoid scores through the gathered path: only the pairs that may pass are
+// scored. Returns false, having written nothing, when the block is better scored
+// whole (most of its pairs may pass).
+bool select_block_gathered_sigmoid(const BlockInputs& in, const Block& block, BlockScratch& s) {
   const int64_t C = in.logits.size(2);
-  const int64_t first = in.levels->start[level];
-  const int64_t A_l = in.levels->start[level + 1] - first;
-  const float* x = in.logits_data + image * in.image_stride + first * C;
-  const float* ctr = in.centerness_data == nullptr
-                         ? nullptr
-                         : in.centerness_data + image * in.centerness_image_stride + first;
-  const float bound = in.params.bound.value;
-  const int64_t background = in.params.background_class;
-  const int64_t k = in.params.topk_candidates;
+  const int64_t first = in.levels->start[block.level];
+  const int64_t A_l = in.levels->start[block.level + 1] - first;
+  const float* x = in.logits_data + block.image * in.image_stride + first * C;
+  const float* factor = in.factor_data == nullptr ? nullptr
+                                                  : in.factor_data +
+                                                        block.image * in.factor_image_stride +
+                                                        first;
+  const float* cut = factor_to_cut(in, factor);
+  const float bound = in.bounds.class_logit.value;
+  const float factor_bound = in.bounds.factor_logit.value;
+  const int64_t k = in.topk;
   s.rows.clear();
   s.row_max.clear();
   // One max per row tells which rows may hold a passing pair; on a trained head this
   // pass, which reads every logit, is all that most rows cost.
   const auto max_ignoring_nan = vector_kernels().max_ignoring_nan;
   for (int64_t a = 0; a < A_l; ++a) {
-    if (ctr != nullptr && !(ctr[a] > bound)) continue;
+    if (cut != nullptr && !(cut[a] > factor_bound)) continue;
     const float row_max = max_ignoring_nan(x + a * C, C);
     if (row_max > bound) {
       s.rows.push_back(a);
@@ -385,108 +584,198 @@ bool select_block_gathered(const LevelInputs& in, int64_t image, int level, Bloc
     }
   }
   const int64_t rows = static_cast<int64_t>(s.rows.size());
-  // No top-k bound with a background column, which a row's max could hold.
-  const bool topk_bound = background < 0 && A_l > k && rows > k;
-  if (topk_bound) topk_row_bounds(ctr, bound, k, s);
+  // No top-k bound with a background column or an allow-list, which a row's max
+  // could hold, nor per class, whose top-k is per column, nor with a joined factor
+  // given as probabilities (it may exceed 1).
+  const bool joined = in.rule.factor_mode == FactorMode::kSqrt ||
+                      in.rule.factor_mode == FactorMode::kBeforeThreshold;
+  const bool topk_bound = in.background < 0 && in.all_allowed && !in.rule.per_class && A_l > k &&
+                          rows > k && !(joined && factor != nullptr && !in.rule.factor_logits);
+  if (topk_bound) topk_row_bounds(joined ? factor : nullptr, in.rule.factor_mode, bound, k, s);
   s.positions.clear();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t a = s.rows[r];
     const float row_bound = topk_bound ? s.row_bound[r] : bound;
     if (!(s.row_max[r] > row_bound)) continue;
     const float* row = x + a * C;
+    // single_label needs every column that may be the row's best, allowed or not.
     for (int64_t c = 0; c < C; ++c) {
-      if (row[c] > row_bound && c != background) s.positions.push_back(a * C + c);
+      if (row[c] > row_bound && c != in.background && (in.rule.single_label || in.allowed[c])) {
+        s.positions.push_back(a * C + c);
+      }
     }
   }
   const int64_t n = static_cast<int64_t>(s.positions.size());
   // Scoring a gathered pair costs several times a pair of a whole-block sigmoid.
   if (n * 8 > A_l * C) return false;
-  s.scores.resize(static_cast<size_t>(n));
-  sigmoid_at(x, A_l * C, s.positions.data(), n, in.layout, s.scores.data(), s.sigmoid);
-  if (ctr != nullptr) {
-    // torch's sqrt(sigmoid(x) * sigmoid(ctr)): the centerness sigmoid over the
-    // level's [A_l, 1] block, at the anchors of the pairs (positions increase).
+  s.probs.resize(static_cast<size_t>(std::max<int64_t>(n, 1)));
+  sigmoid_at(x, A_l * C, s.positions.data(), n, in.layout, s.probs.data(), s.sigmoid);
+  const float* pair_factor = nullptr;
+  if (factor != nullptr) {
+    // The factor of each pair's anchor (positions increase, so anchors do).
     s.anchors.clear();
     for (const int64_t p : s.positions) {
       if (s.anchors.empty() || s.anchors.back() != p / C) s.anchors.push_back(p / C);
     }
-    s.centerness_scores.resize(s.anchors.size());
-    sigmoid_at(ctr, A_l, s.anchors.data(), static_cast<int64_t>(s.anchors.size()), in.layout,
-               s.centerness_scores.data(), s.sigmoid);
+    factor_probabilities(in, factor, A_l, s.anchors.data(),
+                         static_cast<int64_t>(s.anchors.size()), s);
+    s.pair_factors.resize(static_cast<size_t>(std::max<int64_t>(n, 1)));
     size_t j = 0;
     for (int64_t i = 0; i < n; ++i) {
       while (s.anchors[j] != s.positions[i] / C) ++j;
-      s.scores[i] *= s.centerness_scores[j];  // IEEE: the same in torch's vector loop
+      s.pair_factors[i] = s.factors[j];
     }
-    sqrt_like_torch(s.scores.data(), n);
+    pair_factor = s.pair_factors.data();
   }
+  const Scored scored = score_pairs(in.rule, s.probs.data(), n, 1, pair_factor, s, true);
   s.pairs.clear();
-  for (int64_t i = 0; i < n; ++i) {
-    if (s.scores[i] > in.params.score_thresh) s.pairs.push_back({s.scores[i], s.positions[i]});
+  if (!in.rule.single_label) {  // the positions hold allowed foreground columns only
+    Pair* out = s.pairs.room(n);
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      out[kept] = {scored.select[i], scored.report[i], s.positions[i]};
+      kept += scored.select[i] > in.score_thresh;
+    }
+    s.pairs.size += kept;
+    finish_block(in, block, s);
+    return true;
   }
-  write_best(s.pairs, in.capacity, out);
+  for (int64_t i = 0; i < n;) {
+    const int64_t a = s.positions[i] / C;
+    int64_t end = i + 1;
+    while (end < n && s.positions[end] / C == a) ++end;
+    const int64_t* positions = s.positions.data() + i;
+    offer_row(in, a, C, end - i, [&](int64_t j) { return positions[j] - a * C; },
+              scored.select + i, scored.report + i, s.pairs);
+    i = end;
+  }
+  finish_block(in, block, s);
   return true;
 }
 
-// Thresholds and ranks the whole block's scores p [A_l * C].
-void select_from_scores(const LevelInputs& in, const float* p, int64_t A_l, int64_t C,
-                        BlockScratch& s, const BlockOutput& out) {
-  const float thresh = in.params.score_thresh;
-  const int64_t background = in.params.background_class;
+// Softmax and "none" scores through the gathered path: the rows that may pass
+// (softmax: row_bound.h's test on the class bound, as the SSD op's scan), their
+// probabilities from torch's softmax on a copy of those rows (its bits do not
+// depend on where a row sits), then every column of each.
+void select_block_rows(const BlockInputs& in, const Block& block, BlockScratch& s) {
+  const int64_t C = in.logits.size(2);
+  const int64_t first = in.levels->start[block.level];
+  const int64_t A_l = in.levels->start[block.level + 1] - first;
+  const float* x = in.logits_data + block.image * in.image_stride + first * C;
+  const float* factor = in.factor_data == nullptr ? nullptr
+                                                  : in.factor_data +
+                                                        block.image * in.factor_image_stride +
+                                                        first;
+  const float* cut = factor_to_cut(in, factor);
+  const float factor_bound = in.bounds.factor_logit.value;
+  const bool softmax = in.rule.activation == Activation::kSoftmax;
   s.pairs.clear();
-  for (int64_t a = 0; a < A_l; ++a) {
-    for (int64_t c = 0; c < C; ++c) {
-      const float score = p[a * C + c];
-      if (score > thresh && c != background) s.pairs.push_back({score, a * C + c});
-    }
+  if (softmax && !s.staged.defined()) {
+    s.staged = at::empty({kSoftmaxRows, C}, at::kFloat);
+    s.staged_probs = at::empty({kSoftmaxRows, C}, at::kFloat);
   }
-  write_best(s.pairs, in.capacity, out);
+  s.passing.resize(static_cast<size_t>(kSoftmaxRows));
+  for (int64_t begin = 0; begin < A_l; begin += kSoftmaxRows) {
+    const int64_t end = std::min(A_l, begin + kSoftmaxRows);
+    int64_t n = 0;
+    if (softmax) {
+      n = float_rows_may_pass(x, C, in.background, in.bounds.class_logit.value,
+                              /*use_denominator=*/false, begin, end, s.passing.data());
+    } else {
+      for (int64_t a = begin; a < end; ++a) s.passing[n++] = static_cast<int32_t>(a);
+    }
+    s.rows.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t a = s.passing[i];
+      if (cut == nullptr || cut[a] > factor_bound) s.rows.push_back(a);
+    }
+    const int64_t rows = static_cast<int64_t>(s.rows.size());
+    if (rows == 0) continue;
+    const float* probs;
+    if (softmax) {
+      float* staged = s.staged.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r) std::copy_n(x + s.rows[r] * C, C, staged + r * C);
+      at::Tensor out = s.staged_probs.narrow(0, 0, rows);
+      at::softmax_out(out, s.staged.narrow(0, 0, rows), /*dim=*/1);
+      probs = s.staged_probs.data_ptr<float>();
+    } else if (rows == end - begin) {
+      probs = x + begin * C;  // every row of [begin, end): read in place
+    } else {
+      s.probs.resize(static_cast<size_t>(rows * C));
+      for (int64_t r = 0; r < rows; ++r) std::copy_n(x + s.rows[r] * C, C, s.probs.data() + r * C);
+      probs = s.probs.data();
+    }
+    if (factor != nullptr) factor_probabilities(in, factor, A_l, s.rows.data(), rows, s);
+    const Scored scored = score_pairs(in.rule, probs, rows, C,
+                                      factor == nullptr ? nullptr : s.factors.data(), s,
+                                      probs != x + begin * C);
+    offer_rows(in, s.rows.data(), 0, rows, C, scored, s);
+  }
+  finish_block(in, block, s);
 }
 
-// Scores one block whole on this thread, torch's bits (the layout is verified),
-// then thresholds and ranks.
-void select_block_chunked(const LevelInputs& in, int64_t image, int level, BlockScratch& s,
-                          const BlockOutput& out) {
+// Sigmoid scores of a whole block on this thread, torch's bits (the layout is
+// verified), then the threshold and the ranking.
+void select_block_chunked(const BlockInputs& in, const Block& block, BlockScratch& s) {
   const int64_t C = in.logits.size(2);
-  const int64_t first = in.levels->start[level];
-  const int64_t A_l = in.levels->start[level + 1] - first;
+  const int64_t first = in.levels->start[block.level];
+  const int64_t A_l = in.levels->start[block.level + 1] - first;
   const int64_t numel = A_l * C;
-  s.scores.resize(static_cast<size_t>(numel));
-  sigmoid_chunked(in.logits_data + image * in.image_stride + first * C, numel, in.layout,
-                  s.scores.data());
-  if (in.centerness_data != nullptr) {
-    s.centerness_scores.resize(static_cast<size_t>(A_l));
-    sigmoid_chunked(in.centerness_data + image * in.centerness_image_stride + first, A_l,
-                    in.layout, s.centerness_scores.data());
-    for (int64_t a = 0; a < A_l; ++a) {
-      for (int64_t c = 0; c < C; ++c) s.scores[a * C + c] *= s.centerness_scores[a];
+  s.probs.resize(static_cast<size_t>(numel));
+  sigmoid_chunked(in.logits_data + block.image * in.image_stride + first * C, numel, in.layout,
+                  s.probs.data());
+  const float* f = nullptr;
+  if (in.factor_data != nullptr) {
+    const float* factor = in.factor_data + block.image * in.factor_image_stride + first;
+    s.factors.resize(static_cast<size_t>(A_l));
+    if (in.rule.factor_logits) {
+      sigmoid_chunked(factor, A_l, in.layout, s.factors.data());
+    } else {
+      std::copy_n(factor, A_l, s.factors.data());
     }
-    sqrt_like_torch(s.scores.data(), numel);
+    f = s.factors.data();
   }
-  select_from_scores(in, s.scores.data(), A_l, C, s, out);
+  const Scored scored = score_pairs(in.rule, s.probs.data(), A_l, C, f, s, true);
+  s.pairs.clear();
+  offer_rows(in, nullptr, 0, A_l, C, scored, s);
+  finish_block(in, block, s);
 }
 
-// Scores one block whole with torch's own ops on exactly the block torchvision
-// scores (the tensors as given, converted to float32 as the oracle does), then
-// thresholds and ranks. For blocks whose layout is not known or not verified:
-// run on the calling thread when the block is at or past the grain, where
-// torch's sigmoid splits it over threads as torchvision's call does.
-void select_block_whole(const LevelInputs& in, int64_t image, int level, BlockScratch& s,
-                        const BlockOutput& out) {
+// Scores one block whole with torch's own ops on exactly the tensors the oracle
+// scores (reference._block_scores: the slices as given, converted to float32),
+// then thresholds and ranks. For blocks whose layout is not known or not
+// verified: run on the calling thread when a sigmoid'd tensor is at or past the
+// grain, where torch's sigmoid splits it over threads as the oracle's call does.
+void select_block_whole(const BlockInputs& in, const Block& block, BlockScratch& s) {
   const int64_t C = in.logits.size(2);
-  const int64_t first = in.levels->start[level];
-  const int64_t A_l = in.levels->start[level + 1] - first;
-  at::Tensor scores = at::sigmoid(in.logits[image].narrow(0, first, A_l).to(at::kFloat));
-  if (in.centerness.defined()) {
-    const at::Tensor ctr = in.centerness[image].narrow(0, first, A_l).to(at::kFloat);
-    scores = at::sqrt(scores * at::sigmoid(ctr));
+  const int64_t first = in.levels->start[block.level];
+  const int64_t A_l = in.levels->start[block.level + 1] - first;
+  const at::Tensor logits = in.logits[block.image].narrow(0, first, A_l).to(at::kFloat);
+  at::Tensor probs = logits;
+  if (in.rule.activation == Activation::kSoftmax) probs = at::softmax(logits, -1);
+  if (in.rule.activation == Activation::kSigmoid) probs = at::sigmoid(logits);
+  at::Tensor select = probs, report = probs;
+  if (in.factor.defined()) {
+    at::Tensor factor = in.factor[block.image].narrow(0, first, A_l).to(at::kFloat);
+    if (in.rule.factor_logits) factor = at::sigmoid(factor);
+    const at::Tensor product = probs * factor.unsqueeze(1);
+    if (in.rule.factor_mode == FactorMode::kSqrt) {
+      select = report = at::sqrt(product);
+    } else if (in.rule.factor_mode == FactorMode::kBeforeThreshold) {
+      select = report = product;
+    } else {
+      report = product;
+    }
   }
-  scores = scores.contiguous();
-  select_from_scores(in, scores.data_ptr<float>(), A_l, C, s, out);
+  select = select.contiguous();
+  report = report.contiguous();
+  s.pairs.clear();
+  offer_rows(in, nullptr, 0, A_l, C, {select.data_ptr<float>(), report.data_ptr<float>()}, s);
+  finish_block(in, block, s);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk_cpu(
-    const at::Tensor& logits, const c10::optional<at::Tensor>& centerness,
+    const at::Tensor& logits, const c10::optional<at::Tensor>& score_factor,
     at::IntArrayRef level_sizes, double score_thresh, int64_t topk_candidates,
     c10::optional<int64_t> background_class, c10::string_view score_activation,
     c10::string_view factor_mode, bool factor_logits, bool single_label,
@@ -494,51 +783,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk_cpu(
   LevelTable levels;
   ScoreRule rule;
   const BatchDims dims = check_select_inputs(
-      logits, centerness, level_sizes, score_thresh, topk_candidates, background_class,
+      logits, score_factor, level_sizes, score_thresh, topk_candidates, background_class,
       std::string(score_activation), std::string(factor_mode), factor_logits, single_label,
       classes, per_class, &levels, &rule);
-  TORCH_CHECK(rule.activation == Activation::kSigmoid &&
-                  (rule.factor_mode == FactorMode::kNone ||
-                   (rule.factor_mode == FactorMode::kSqrt && rule.factor_logits)) &&
-                  !rule.single_label && !rule.per_class && !classes.has_value(),
-              "select_topk: this scoring is not implemented on the CPU yet");
   const int64_t B = dims.batch, A = dims.anchors, C = dims.classes;
-  const int64_t capacity = level_capacity(levels, C, topk_candidates);
+  const int64_t groups = select_groups(levels, C, rule);
+  const int64_t capacity = select_capacity(levels, C, topk_candidates, rule);
   const at::TensorOptions options = logits.options();
-  at::Tensor flat = at::full({B, levels.count, capacity}, -1, options.dtype(at::kLong));
-  at::Tensor scores = at::zeros({B, levels.count, capacity}, options.dtype(at::kFloat));
-  at::Tensor counts = at::zeros({B, levels.count}, options.dtype(at::kLong));
+  at::Tensor flat = at::full({B, groups, capacity}, -1, options.dtype(at::kLong));
+  at::Tensor scores = at::zeros({B, groups, capacity}, options.dtype(at::kFloat));
+  at::Tensor counts = at::zeros({B, groups}, options.dtype(at::kLong));
   if (flat.numel() == 0) return {flat, scores, counts};
 
-  LevelInputs in;
+  BlockInputs in;
   in.logits = logits;
-  if (centerness.has_value()) in.centerness = centerness->reshape({B, A, 1});
+  if (score_factor.has_value()) in.factor = score_factor->reshape({B, A});
   in.levels = &levels;
-  in.params = make_level_select_params(score_thresh, topk_candidates, centerness.has_value(),
-                                       background_class.value_or(-1));
+  in.rule = rule;
+  in.score_thresh = static_cast<float>(score_thresh);
+  in.background = background_class.value_or(-1);
+  in.topk = topk_candidates;
+  in.bounds = make_pair_bounds(rule.activation, rule.factor_mode, rule.factor_logits,
+                               score_thresh);
+  in.allowed = class_allowed_mask(classes, C);
+  in.all_allowed = !classes.has_value();
+  in.groups = groups;
   in.capacity = capacity;
+  in.uses_sigmoid = rule.activation == Activation::kSigmoid ||
+                    (in.factor.defined() && rule.factor_logits);
   const int threads = calling_threads();
-  in.layout = {threads, verified_step(threads)};
+  in.layout = {threads, in.uses_sigmoid ? verified_step(threads) : 0};
   // The loop layout modelled is that of a contiguous block (all images share strides).
-  const bool blocks_contiguous = logits[0].is_contiguous() &&
-                                 (!in.centerness.defined() || in.centerness[0].is_contiguous());
+  const bool blocks_contiguous =
+      logits[0].is_contiguous() && (!in.factor.defined() || in.factor[0].is_contiguous());
   const bool float32 = logits.scalar_type() == at::kFloat &&
-                       (!in.centerness.defined() || in.centerness.scalar_type() == at::kFloat);
-  in.layout_known = in.layout.step > 0 && blocks_contiguous && float32;
-  in.gather = in.layout_known && in.params.bound.value > -std::numeric_limits<float>::infinity();
+                       (!in.factor.defined() || in.factor.scalar_type() == at::kFloat);
+  in.layout_known = blocks_contiguous && float32 && (!in.uses_sigmoid || in.layout.step > 0);
+  const bool sigmoid = rule.activation == Activation::kSigmoid;
+  in.gather = in.layout_known &&
+              (!sigmoid || in.bounds.class_logit.value > -std::numeric_limits<float>::infinity());
   if (in.layout_known) {
     in.logits_data = logits.data_ptr<float>();
     in.image_stride = logits.stride(0);
-    in.centerness_data = in.centerness.defined() ? in.centerness.data_ptr<float>() : nullptr;
-    in.centerness_image_stride = in.centerness.defined() ? in.centerness.stride(0) : 0;
+    in.factor_data = in.factor.defined() ? in.factor.data_ptr<float>() : nullptr;
+    in.factor_image_stride = in.factor.defined() ? in.factor.stride(0) : 0;
+  } else {
+    in.logits_data = nullptr;
+    in.image_stride = 0;
+    in.factor_data = nullptr;
+    in.factor_image_stride = 0;
   }
+  in.flat_out = flat.data_ptr<int64_t>();
+  in.score_out = scores.data_ptr<float>();
+  in.count_out = counts.data_ptr<int64_t>();
 
-  // The (image, level) blocks, largest first, taken one at a time by each thread:
-  // level sizes differ by a factor of 4 or more, so fixed shares would not balance.
-  struct Block {
-    int64_t image;
-    int level;
-  };
+  // The blocks, largest first, taken one at a time by each thread: level sizes
+  // differ by a factor of 4 or more, so fixed shares would not balance.
   std::vector<Block> blocks;
   for (int l = 0; l < levels.count; ++l) {
     if (levels.start[l + 1] == levels.start[l]) continue;
@@ -548,33 +848,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk_cpu(
     return levels.start[x.level + 1] - levels.start[x.level] >
            levels.start[y.level + 1] - levels.start[y.level];
   });
-  int64_t* flat_data = flat.data_ptr<int64_t>();
-  float* score_data = scores.data_ptr<float>();
-  int64_t* count_data = counts.data_ptr<int64_t>();
-  auto output_of = [&](const Block& block) {
-    const int64_t segment = block.image * levels.count + block.level;
-    return BlockOutput{flat_data + segment * capacity, score_data + segment * capacity,
-                       count_data + segment, levels.start[block.level] * C};
-  };
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
-  // Whole blocks of unknown layout at or past the grain run afterwards on this
-  // thread, where torch's sigmoid splits them over threads as torchvision's call does.
+  // Whole blocks of unknown layout whose sigmoid'd tensor is at or past the grain
+  // run afterwards on this thread, where torch's sigmoid splits them over threads
+  // as the oracle's call does.
+  auto runs_here = [&](const Block& block) {
+    const int64_t A_l = levels.start[block.level + 1] - levels.start[block.level];
+    const int64_t numel = sigmoid ? A_l * C : A_l;
+    return in.uses_sigmoid && threads > 1 && numel >= kGrainSize;
+  };
   std::vector<uint8_t> deferred(static_cast<size_t>(num_blocks), 0);
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(threads, num_blocks);
+  // A small input is scored on this thread: waking workers would cost more.
+  const int64_t workers = B * A * C < kGrainSize ? 1 : std::min<int64_t>(threads, num_blocks);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     BlockScratch scratch;
     for (int64_t i = next.fetch_add(1); i < num_blocks; i = next.fetch_add(1)) {
       const Block& block = blocks[i];
-      if (in.gather && select_block_gathered(in, block.image, block.level, scratch,
-                                             output_of(block))) {
-        continue;
+      if (in.gather) {
+        if (!sigmoid) {
+          select_block_rows(in, block, scratch);
+          continue;
+        }
+        if (select_block_gathered_sigmoid(in, block, scratch)) continue;
       }
-      const int64_t numel = (levels.start[block.level + 1] - levels.start[block.level]) * C;
       if (in.layout_known) {
-        select_block_chunked(in, block.image, block.level, scratch, output_of(block));
-      } else if (numel < kGrainSize || threads == 1) {
-        select_block_whole(in, block.image, block.level, scratch, output_of(block));
+        select_block_chunked(in, block, scratch);
+      } else if (!runs_here(block)) {
+        select_block_whole(in, block, scratch);
       } else {
         deferred[i] = 1;
       }
@@ -582,8 +883,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk_cpu(
   });
   BlockScratch scratch;
   for (int64_t i = 0; i < num_blocks; ++i) {
-    if (deferred[i]) select_block_whole(in, blocks[i].image, blocks[i].level, scratch,
-                                        output_of(blocks[i]));
+    if (deferred[i]) select_block_whole(in, blocks[i], scratch);
   }
   return {flat, scores, counts};
 }
