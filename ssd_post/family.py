@@ -163,6 +163,13 @@ def candidate_slots(
         in empty slots) and scores (Tensor[B, M] float32).
     """
     batch = flat.shape[0]
+    if flat.device.type == "cpu" and flat.numel() and not torch.compiler.is_compiling():
+        # Past the fullest group's count every slot is empty: on the CPU in eager
+        # mode they are dropped, sparing their decode and NMS (a trained model fills
+        # a few of its topk_candidates slots). On CUDA (no host sync) and under
+        # torch.compile (fixed shapes) every slot stays; the answer is the same.
+        width = int(counts.max())
+        flat, scores = flat[..., :width], scores[..., :width]
     slots = flat.shape[1] * flat.shape[2]
     valid = (torch.arange(flat.shape[2], device=flat.device) < counts[..., None]).reshape(
         batch, slots
@@ -183,12 +190,31 @@ def suppress_candidates(
     scores: Tensor,
     padded: int,
 ) -> Detections:
+    """Stages 2 and 3 (``nms_slots``) as Detections [B, padded] with anchor_indices."""
+    boxes, kept, counts = nms_slots(
+        locs, anchors, image_sizes, config, anchor, labels, scores, padded
+    )
+    return gather_detections(boxes, scores, labels, anchor, kept, counts, padded)
+
+
+def nms_slots(
+    locs: Tensor,
+    anchors: Optional[Tensor],
+    image_sizes: Optional[Tensor],
+    config: PostprocessConfig,
+    anchor: Tensor,
+    labels: Tensor,
+    scores: Tensor,
+    padded: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Stages 2 and 3: the boxes of the candidate slots (anchor, labels, scores:
     Tensor[B, M], labels -1 in empty slots), clipped, then NMS per image (per class
     or class-agnostic) keeping each image's ``padded`` best survivors.
 
     Returns:
-        Detections [B, padded] with anchor_indices.
+        boxes (Tensor[B, M, 4] float32), kept (Tensor[B, min(padded, M)] int64: the
+        survivors' slots by decreasing score, -1 past the count) and counts
+        (Tensor[B] int64).
     """
     boxes = decode_selected(locs, anchors, anchor, config)
     if config.clip_boxes:
@@ -196,11 +222,10 @@ def suppress_candidates(
         boxes = clip_boxes(boxes, (hw[..., 0:1], hw[..., 1:2]))
     # padded is 0 when no column can be reported (A = 0, or only a background
     # column): the op needs max_kept >= 1, and no slot holds a candidate then.
-    kept, kept_counts = ops.batched_nms_padded(
+    kept, counts = ops.batched_nms_padded(
         boxes, scores, labels, config.nms_thresh, max(padded, 1), config.class_agnostic
     )
-    kept = kept[:, :padded]
-    return gather_detections(boxes, scores, labels, anchor, kept, kept_counts, padded)
+    return boxes, kept[:, :padded], counts
 
 
 def gather_detections(

@@ -18,14 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import PostprocessConfig, real_scalar, unit_scalar, whole_scalar
-from .family import (
-    candidate_slots,
-    cxcywh_to_xyxy,
-    postprocess_family,
-    select_candidates,
-    suppress_candidates,
-)
-from .formats import Detections
+from .family import candidate_slots, cxcywh_to_xyxy, nms_slots, select_candidates
 from .presets import yolo_family_config
 
 __all__ = ["non_max_suppression", "yolo_config", "cxcywh_to_xyxy"]
@@ -166,11 +159,12 @@ def _best_labels(
     return columns.gather(1, values.argmax(1, keepdim=True)).squeeze(1)
 
 
-def _best_class_detections(
+def _best_class_slots(
     scored: Tensor, nc: int, config: PostprocessConfig, classes: Optional[List[int]]
-) -> Detections:
-    """The family pipeline for ``label_mode="single"`` on the [B, 4 + nc, N] layout
-    without copying the class scores into [B, N, nc]: each anchor's best probability
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The candidate slots (anchor, labels, scores: Tensor[B, M], labels -1 in empty
+    slots) of ``label_mode="single"`` on the [B, 4 + nc, N] layout, without copying
+    the class scores into [B, N, nc]: each anchor's best probability
     (one read, ``_block_maxima``) is the one score column select_topk ranks (the
     threshold and the ``max_nms`` cap); the class is found for the anchors over the
     threshold only. An anchor whose best class is not in ``classes`` gets score 0,
@@ -180,19 +174,40 @@ def _best_class_detections(
     class_scores = scored[:, 4 : 4 + nc]  # [B, nc, N], a view
     block_best, width = _block_maxima(class_scores)
     best = block_best.amax(1)  # [B, N]: NaN if any class is NaN, which never passes
-    image, anchor = (best > config.score_thresh).nonzero(as_tuple=True)
-    label_map = torch.full_like(best, -1, dtype=torch.int64)
-    label_map[image, anchor] = _best_labels(class_scores, block_best, width, image, anchor)
+    passing = best > config.score_thresh
     if classes is not None:
+        image, anchor = passing.nonzero(as_tuple=True)
         allowed = torch.zeros(nc, dtype=torch.bool, device=scored.device)
         allowed[classes] = True
-        best = torch.where(allowed[label_map.clamp(min=0)], best, 0)
-    one_column = dataclasses.replace(config, classes=None, label_mode="multi")
-    flat, scores, counts = select_candidates(best[..., None], None, one_column, [num_anchors])
-    anchor, labels, scores = candidate_slots(flat, scores, counts, 1)
-    labels = torch.where(labels >= 0, label_map.gather(1, anchor), -1)
-    padded = config.padded_detections(num_anchors, nc)
-    return suppress_candidates(scored[:, :4].mT, None, None, config, anchor, labels, scores, padded)
+        refused = ~allowed[_best_labels(class_scores, block_best, width, image, anchor)]
+        best[image[refused], anchor[refused]] = 0  # best is amax's own output
+        passing[image[refused], anchor[refused]] = False
+    per_image = passing.sum(1)
+    most = int(per_image.max()) if passing.numel() else 0
+    if most > config.topk_candidates:
+        # The max_nms cap binds: select_topk keeps each image's best max_nms.
+        one_column = dataclasses.replace(config, classes=None, label_mode="multi")
+        flat, scores, counts = select_candidates(best[..., None], None, one_column, [num_anchors])
+        anchor, labels, scores = candidate_slots(flat, scores, counts, 1)
+        image, slot = (labels >= 0).nonzero(as_tuple=True)
+        anchor_of = anchor[image, slot]
+    else:
+        # Every passing anchor is a candidate: `most` slots per image in anchor order
+        # (batched_nms_padded ranks them itself; equal scores by lower slot, i.e.
+        # lower anchor, the order select_topk would give).
+        image, anchor_of = passing.nonzero(as_tuple=True)
+        slot = (
+            torch.arange(image.numel(), device=image.device)
+            - (per_image.cumsum(0) - per_image)[image]
+        )
+        anchor = torch.zeros((batch, most), dtype=torch.int64, device=image.device)
+        anchor[image, slot] = anchor_of
+        scores = torch.zeros((batch, most), dtype=torch.float32, device=image.device)
+        scores[image, slot] = best[image, anchor_of].float()
+        labels = torch.full((batch, most), -1, dtype=torch.int64, device=image.device)
+    # The class of the candidates only (labels -1 in empty slots).
+    labels[image, slot] = _best_labels(class_scores, block_best, width, image, anchor_of)
+    return anchor, labels, scores
 
 
 def non_max_suppression(
@@ -298,26 +313,33 @@ def non_max_suppression(
     # The ops score float32, float16 and bfloat16; float64 is scored in float32.
     scored = prediction.float() if prediction.dtype == torch.float64 else prediction
     if multi_label:
-        # Views of the [B, 4 + nc + nm, N] layout as the family's [B, N, 4], [B, N, nc].
-        det = postprocess_family(
-            scored[:, :4].mT, scored[:, 4 : 4 + nc].mT, None, None, config, [num_anchors], None
+        # Views of the [B, 4 + nc + nm, N] layout as the family's [B, N, nc].
+        flat, scores, counts = select_candidates(
+            scored[:, 4 : 4 + nc].mT, None, config, [num_anchors]
         )
+        anchor, labels, scores = candidate_slots(flat, scores, counts, nc)
     else:
-        det = _best_class_detections(scored, nc, config, classes)
-    kept = torch.arange(det.scores.shape[1], device=prediction.device) < det.num_detections[:, None]
-    image, slot = kept.nonzero(as_tuple=True)
-    anchor = det.anchor_indices[image, slot]
+        anchor, labels, scores = _best_class_slots(scored, nc, config, classes)
+    padded = config.padded_detections(num_anchors, nc)
+    boxes, kept, counts = nms_slots(
+        scored[:, :4].mT, None, None, config, anchor, labels, scores, padded
+    )
+    # The survivors, image after image, by decreasing score.
+    image, rank = (kept >= 0).nonzero(as_tuple=True)
+    slot = kept[image, rank]
+    anchor = anchor[image, slot]
+    dtype = prediction.dtype
     rows = torch.cat(
         (
-            det.boxes[image, slot].to(prediction.dtype),
-            det.scores[image, slot, None].to(prediction.dtype),
-            det.labels[image, slot, None].to(prediction.dtype),
+            boxes[image, slot].to(dtype),
+            scores[image, slot, None].to(dtype),
+            labels[image, slot, None].to(dtype),
             prediction[image, 4 + nc :, anchor],
         ),
         dim=1,
     )
-    counts = det.num_detections.tolist()
-    output = list(rows.split(counts))
+    sizes = counts.tolist()
+    output = list(rows.split(sizes))
     if return_idxs:
-        return output, list(anchor.split(counts))
+        return output, list(anchor.split(sizes))
     return output

@@ -669,6 +669,10 @@ void select_block_rows(const BlockInputs& in, const Block& block, BlockScratch& 
   const float* cut = factor_to_cut(in, factor);
   const float factor_bound = in.bounds.factor_logit.value;
   const bool softmax = in.rule.activation == Activation::kSoftmax;
+  const bool p_is_selection_score =
+      in.rule.activation == Activation::kNone &&
+      (in.rule.factor_mode == FactorMode::kNone ||
+       in.rule.factor_mode == FactorMode::kAfterSelection);
   s.pairs.clear();
   if (softmax && !s.staged.defined()) {
     s.staged = at::empty({kSoftmaxRows, C}, at::kFloat);
@@ -681,6 +685,19 @@ void select_block_rows(const BlockInputs& in, const Block& block, BlockScratch& 
     if (softmax) {
       n = float_rows_may_pass(x, C, in.background, in.bounds.class_logit.value,
                               /*use_denominator=*/false, begin, end, s.passing.data());
+    } else if (p_is_selection_score) {
+      // "none" ranked on p itself: a row gives a pair only if one of its values is
+      // > score_thresh, the very test applied when it is scored, so the others
+      // are skipped unscored (a YOLO head's rows are almost all far below it).
+      for (int64_t a = begin; a < end; ++a) {
+        const float* row = x + a * C;
+        for (int64_t c = 0; c < C; ++c) {
+          if (row[c] > in.score_thresh && c != in.background) {
+            s.passing[n++] = static_cast<int32_t>(a);
+            break;
+          }
+        }
+      }
     } else {
       for (int64_t a = begin; a < end; ++a) s.passing[n++] = static_cast<int32_t>(a);
     }
