@@ -10,7 +10,7 @@ import ssd_post
 from ssd_post import PostprocessConfig, reference
 from ssd_post.presets import at_least, preset_names
 
-from common_utils import assert_same_detections
+from common_utils import assert_same_detections, needs_cuda
 
 BATCH, LEVELS, CLASSES = 2, [48, 12, 4], 5
 ANCHORS = sum(LEVELS)
@@ -101,3 +101,28 @@ def test_presets_take_overrides_and_refuse_unknown_names():
         PostprocessConfig.from_preset("yolov8", conf=0.1)
     with pytest.raises(ValueError, match="score_thresh"):
         PostprocessConfig.from_preset("yolov8", score_thresh=2.0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_postprocess_does_not_synchronize_on_cuda(name):
+    """Every preset's pipeline (select_topk, decode, batched_nms_padded) on CUDA
+    never waits for the host, and gives the CPU oracle's detections (scores within
+    the device's rounding)."""
+    config, args, kwargs = _inputs(name, torch.Generator().manual_seed(len(name)))
+    locs, logits, anchors, sizes, _ = args
+
+    def cuda(t):
+        return None if t is None else t.cuda()
+
+    sizes_t = None if sizes is None else torch.tensor(sizes).cuda()
+    kw = {k: (cuda(v) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        det = ssd_post.postprocess(cuda(locs), cuda(logits), cuda(anchors), sizes_t, config, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = reference.postprocess_loop(*args, **kwargs)
+    assert det.num_detections.cpu().tolist() == expected.num_detections.tolist()
+    torch.testing.assert_close(det.scores.cpu(), expected.scores, rtol=1e-5, atol=1e-6)
