@@ -150,7 +150,10 @@ def postprocess_family(
     flat, scores, counts = select_candidates(logits, score_factor, config, level_sizes, select_op)
     anchor, labels, scores = candidate_slots(flat, scores, counts, num_classes)
     padded = config.padded_detections(num_anchors, num_classes)
-    return suppress_candidates(locs, anchors, image_sizes, config, anchor, labels, scores, padded)
+    boxes, kept, counts = nms_slots(
+        locs, anchors, image_sizes, config, anchor, labels, scores, padded
+    )
+    return gather_detections(boxes, scores, labels, anchor, kept, counts, padded)
 
 
 def candidate_slots(
@@ -178,23 +181,6 @@ def candidate_slots(
     anchor = torch.where(valid, torch.div(flat, num_classes, rounding_mode="floor"), 0)
     labels = torch.where(valid, flat % num_classes, -1)
     return anchor, labels, scores
-
-
-def suppress_candidates(
-    locs: Tensor,
-    anchors: Optional[Tensor],
-    image_sizes: Optional[Tensor],
-    config: PostprocessConfig,
-    anchor: Tensor,
-    labels: Tensor,
-    scores: Tensor,
-    padded: int,
-) -> Detections:
-    """Stages 2 and 3 (``nms_slots``) as Detections [B, padded] with anchor_indices."""
-    boxes, kept, counts = nms_slots(
-        locs, anchors, image_sizes, config, anchor, labels, scores, padded
-    )
-    return gather_detections(boxes, scores, labels, anchor, kept, counts, padded)
 
 
 def nms_slots(
