@@ -32,7 +32,7 @@ run: install
 	$(PY) evaluate.py
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (multi-process DDP, the 500-image evaluation,
 # the benchmark harness): about a minute.

@@ -39,6 +39,10 @@ TORCH_LIBRARY(ssd_post, m) {
   m.def(
       "batched_nms_padded(Tensor boxes, Tensor scores, Tensor labels, float iou_threshold, "
       "int max_kept, bool class_agnostic=False) -> (Tensor indices, Tensor counts)");
+  // Each anchor's best class of class-major scores [B, C, N] (YOLOv8's layout), in
+  // one read: best [B, N] float32 (NaN when a score of the anchor is NaN, as
+  // torch.max) and label [B, N] int64 (equal scores: the lower class).
+  m.def("best_class(Tensor scores) -> (Tensor best, Tensor label)");
   // The selection of the single-stage family: for every (image, group) the best
   // topk_candidates anchor x class pairs whose score is > score_thresh, ranked
   // (score descending, equal scores by flat index anchor * C + class), as flat

@@ -46,6 +46,15 @@ def _batched_nms_fake(boxes, scores, idxs, iou_threshold, max_kept=None, keys_pe
     return boxes.new_empty((n,), dtype=torch.int64)
 
 
+def _best_class_fake(scores):
+    torch._check(scores.dim() == 3, lambda: "scores should be [B, C, N]")
+    batch, anchors = scores.shape[0], scores.shape[2]
+    return (
+        scores.new_empty((batch, anchors), dtype=torch.float32),
+        scores.new_empty((batch, anchors), dtype=torch.int64),
+    )
+
+
 def _batched_nms_padded_fake(boxes, scores, labels, iou_threshold, max_kept, class_agnostic=False):
     torch._check(boxes.dim() == 3 and boxes.size(2) == 4, lambda: "boxes should be [B, M, 4]")
     check_same_device("boxes", {"boxes": boxes, "scores": scores, "labels": labels})
@@ -120,5 +129,6 @@ if extension_loaded():
     )
     torch.library.register_fake("ssd_post::batched_nms")(_batched_nms_fake)
     torch.library.register_fake("ssd_post::batched_nms_padded")(_batched_nms_padded_fake)
+    torch.library.register_fake("ssd_post::best_class")(_best_class_fake)
     torch.library.register_fake("ssd_post::postprocess")(_postprocess_fake)
     torch.library.register_fake("ssd_post::select_topk")(_select_topk_fake)

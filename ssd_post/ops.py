@@ -20,6 +20,7 @@ __all__ = [
     "decode_threshold_flatten_op",
     "batched_nms",
     "batched_nms_padded",
+    "best_class",
     "postprocess_op",
     "has_cuda_kernels",
     "check_same_device",
@@ -249,6 +250,26 @@ def batched_nms_padded(
     return torch.ops.ssd_post.batched_nms_padded(
         boxes, scores, labels, iou_threshold, max_kept, class_agnostic
     )
+
+
+def best_class(scores: Tensor) -> Tuple[Tensor, Tensor]:
+    """Each anchor's best class of class-major scores, in one read of them.
+
+    YOLOv8 / YOLO11 give ``[B, 4 + nc + nm, N]``: ``prediction[:, 4:4 + nc]`` is such
+    a tensor (a view; it is not copied when its anchors are contiguous).
+
+    Args:
+        scores (Tensor[B, C, N]): float32, float16 or bfloat16, C >= 1.
+
+    Returns:
+        best (Tensor[B, N] float32): the largest score of each anchor, NaN when any of
+        its scores is NaN (as ``scores.max(1)``), and label (Tensor[B, N] int64): its
+        class, the lower one at equal scores.
+    """
+    if not isinstance(scores, Tensor):
+        raise ValueError(f"scores should be a Tensor, got {type(scores).__name__}")
+    require_extension()
+    return torch.ops.ssd_post.best_class(scores)
 
 
 def decode_threshold_flatten_op(

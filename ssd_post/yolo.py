@@ -11,7 +11,6 @@ trick.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from .config import PostprocessConfig, real_scalar, unit_scalar, whole_scalar
 from .family import candidate_slots, cxcywh_to_xyxy, nms_slots, select_candidates
+from .ops import best_class
 from .presets import yolo_family_config
 
 __all__ = ["non_max_suppression", "yolo_config", "cxcywh_to_xyxy"]
@@ -125,69 +125,31 @@ def yolo_config(
     )
 
 
-def _block_maxima(class_scores: Tensor) -> Tuple[Tensor, int]:
-    """The maximum of each block of about sqrt(nc) classes of ``class_scores``
-    (Tensor[B, nc, N]) as Tensor[B, blocks, N], and the block width: as fast as one
-    amax over all classes (one read), and what ``_best_labels`` needs to find each
-    anchor's best class with sqrt(nc) + sqrt(nc) gathers instead of nc (each gathered
-    value is a cache miss in this layout)."""
-    nc = class_scores.shape[1]
-    width = math.isqrt(nc - 1) + 1  # ceil(sqrt(nc))
-    # A width that divides nc spares the copy that joins a short last block (80: 10).
-    divisor = next(d for d in range(width, nc + 1) if nc % d == 0)
-    if divisor <= 2 * width:
-        width = divisor
-    full = nc // width
-    blocks = [class_scores[:, : full * width].unflatten(1, (full, width)).amax(2)]
-    if full * width < nc:
-        blocks.append(class_scores[:, full * width :].amax(1, keepdim=True))
-    return (torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]), width
-
-
-def _best_labels(
-    class_scores: Tensor, block_best: Tensor, width: int, image: Tensor, anchor: Tensor
-) -> Tensor:
-    """The best class (equal probabilities to the lower class) of the anchors
-    (image, anchor) (Tensor[K] int64 each): the first block holding the anchor's
-    maximum, then the first class of that block holding it."""
-    nc = class_scores.shape[1]
-    block = block_best.transpose(1, 2)[image, anchor].argmax(1)
-    # The classes of that block; past the last class (a short last block) repeat it,
-    # after its real column, so the first maximum stays the lowest class.
-    columns = (block[:, None] * width + torch.arange(width, device=block.device)).clamp(max=nc - 1)
-    values = class_scores.transpose(1, 2)[image[:, None], anchor[:, None], columns]
-    return columns.gather(1, values.argmax(1, keepdim=True)).squeeze(1)
-
-
 def _best_class_slots(
     scored: Tensor, nc: int, config: PostprocessConfig, classes: Optional[List[int]]
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The candidate slots (anchor, labels, scores: Tensor[B, M], labels -1 in empty
     slots) of ``label_mode="single"`` on the [B, 4 + nc, N] layout, without copying
-    the class scores into [B, N, nc]: each anchor's best probability
-    (one read, ``_block_maxima``) is the one score column select_topk ranks (the
-    threshold and the ``max_nms`` cap); the class is found for the anchors over the
-    threshold only. An anchor whose best class is not in ``classes`` gets score 0,
-    which no threshold >= 0 passes, before the cap (ultralytics filters, then caps).
+    the class scores into [B, N, nc]: ``ops.best_class`` gives each anchor's best
+    probability and class in one read; the probability is thresholded and capped at
+    ``max_nms`` (select_topk, when the cap binds). An anchor whose best class is not
+    in ``classes`` is dropped before the cap (ultralytics filters, then caps).
     """
     batch, _, num_anchors = scored.shape
-    class_scores = scored[:, 4 : 4 + nc]  # [B, nc, N], a view
-    block_best, width = _block_maxima(class_scores)
-    best = block_best.amax(1)  # [B, N]: NaN if any class is NaN, which never passes
+    best, label = best_class(scored[:, 4 : 4 + nc])  # [B, N] each; NaN never passes
     passing = best > config.score_thresh
     if classes is not None:
-        image, anchor = passing.nonzero(as_tuple=True)
         allowed = torch.zeros(nc, dtype=torch.bool, device=scored.device)
         allowed[classes] = True
-        refused = ~allowed[_best_labels(class_scores, block_best, width, image, anchor)]
-        best[image[refused], anchor[refused]] = 0  # best is amax's own output
-        passing[image[refused], anchor[refused]] = False
+        passing &= allowed[label]
     per_image = passing.sum(1)
     most = int(per_image.max()) if passing.numel() else 0
     if most > config.topk_candidates:
-        # The max_nms cap binds: select_topk keeps each image's best max_nms.
+        # The max_nms cap binds: select_topk keeps each image's best max_nms; an
+        # anchor that is not a candidate scores 0, which no threshold >= 0 passes.
         one_column = dataclasses.replace(config, classes=None, label_mode="multi")
-        flat, scores, counts = select_candidates(best[..., None], None, one_column, [num_anchors])
+        ranked = torch.where(passing, best, 0)[..., None]
+        flat, scores, counts = select_candidates(ranked, None, one_column, [num_anchors])
         anchor, labels, scores = candidate_slots(flat, scores, counts, 1)
         image, slot = (labels >= 0).nonzero(as_tuple=True)
         anchor_of = anchor[image, slot]
@@ -203,10 +165,9 @@ def _best_class_slots(
         anchor = torch.zeros((batch, most), dtype=torch.int64, device=image.device)
         anchor[image, slot] = anchor_of
         scores = torch.zeros((batch, most), dtype=torch.float32, device=image.device)
-        scores[image, slot] = best[image, anchor_of].float()
+        scores[image, slot] = best[image, anchor_of]
         labels = torch.full((batch, most), -1, dtype=torch.int64, device=image.device)
-    # The class of the candidates only (labels -1 in empty slots).
-    labels[image, slot] = _best_labels(class_scores, block_best, width, image, anchor_of)
+    labels[image, slot] = label[image, anchor_of]
     return anchor, labels, scores
 
 

@@ -28,6 +28,7 @@ KERNEL_DEVICES = {
     "batched_nms": ("cpu", "cuda"),
     "select_topk": ("cpu", "cuda"),
     "batched_nms_padded": ("cpu", "cuda"),
+    "best_class": ("cpu", "cuda"),
 }
 OPS = tuple(KERNEL_DEVICES)
 COMMON = dict(
@@ -59,6 +60,10 @@ def _opcheck_args(op: str, device: str):
         return tuple(t.to(device) for t in (boxes, scores, labels)) + (0.5, 7), {
             "class_agnostic": True
         }
+    if op == "best_class":
+        # YOLOv8's class-score slice [B, nc, N] of a [B, 4 + nc, N] output (a view).
+        prediction = torch.rand(2, 4 + 7, 37, generator=torch.Generator().manual_seed(4))
+        return (prediction.to(device)[:, 4:],), {}
     generator = torch.Generator().manual_seed(1)
     xy = torch.rand(50, 2, generator=generator) * 50
     boxes = torch.cat((xy, xy + 10), dim=1)

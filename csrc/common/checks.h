@@ -295,4 +295,14 @@ inline BoxWeights to_box_weights(at::ArrayRef<double> w) {
           static_cast<float>(w[3])};
 }
 
+// best_class's input: class scores [B, C, N] (C >= 1), class-major as YOLOv8's
+// output slices them.
+inline void check_best_class_input(const at::Tensor& scores) {
+  TORCH_CHECK_VALUE(scores.dim() == 3 && scores.size(1) >= 1,
+                    "scores should be a 3d tensor [B, C, N] with C >= 1, got shape ",
+                    scores.sizes());
+  TORCH_CHECK_VALUE(is_supported_float(scores.scalar_type()),
+                    "scores should be float32, float16 or bfloat16, got ", scores.scalar_type());
+}
+
 }  // namespace ssd_post

@@ -8,6 +8,8 @@
 // torchvision's separate ops, FMA or not.
 #include "vector_kernels.h"
 
+#include "../common/best_class.h"
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/llvmMathExtras.h>
@@ -260,6 +262,50 @@ float max_ignoring_nan(const float* x, int64_t n) {
   return m;
 }
 
+// Anchors per tile of best_class: its running best, class and NaN mask stay in L1
+// while each class row streams through a tile's contiguous stretch.
+constexpr int64_t kBestClassTile = 1024;
+
+void best_class(const float* scores, int64_t class_stride, int64_t C, int64_t n, float* best,
+                int64_t* label) {
+  const Vec nan_value(std::numeric_limits<float>::quiet_NaN());
+  alignas(64) float top[kBestClassTile];
+  alignas(64) float top_class[kBestClassTile];  // exact: class indices are far below 2^24
+  alignas(64) float any_nan[kBestClassTile];    // all-ones lanes where a score was NaN
+  const int64_t vectors_end = n - n % kWidth;
+  for (int64_t start = 0; start < vectors_end; start += kBestClassTile) {
+    const int64_t t = std::min(kBestClassTile, vectors_end - start);
+    const float* row = scores + start;
+    for (int64_t i = 0; i < t; i += kWidth) {
+      const Vec v = Vec::loadu(row + i);
+      v.store(top + i);
+      Vec(0.0f).store(top_class + i);
+      (v != v).store(any_nan + i);
+    }
+    // The comparisons of best_class_of, class after class, a vector of anchors at a time.
+    for (int64_t c = 1; c < C; ++c) {
+      row = scores + c * class_stride + start;
+      const Vec class_value(static_cast<float>(c));
+      for (int64_t i = 0; i < t; i += kWidth) {
+        const Vec v = Vec::loadu(row + i);
+        const Vec current = Vec::loadu(top + i);
+        const Vec greater = v > current;  // strict, and false where either is NaN
+        Vec::blendv(current, v, greater).store(top + i);
+        Vec::blendv(Vec::loadu(top_class + i), class_value, greater).store(top_class + i);
+        (Vec::loadu(any_nan + i) | (v != v)).store(any_nan + i);
+      }
+    }
+    for (int64_t i = 0; i < t; i += kWidth) {
+      Vec::blendv(Vec::loadu(top + i), nan_value, Vec::loadu(any_nan + i)).store(best + start + i);
+    }
+    for (int64_t i = 0; i < t; ++i) label[start + i] = static_cast<int64_t>(top_class[i]);
+  }
+  for (int64_t a = vectors_end; a < n; ++a) {
+    const float* column = scores + a;
+    best_class_of([&](int64_t c) { return column[c * class_stride]; }, C, best + a, label + a);
+  }
+}
+
 bool any_suppresses(const BoxColumns& kept, int64_t count, const float* box, float thresh,
                     bool any_nan) {
   return any_nan ? kept_suppress<ExactOrder>(kept, count, box, thresh)
@@ -271,8 +317,8 @@ bool any_suppresses(const BoxColumns& kept, int64_t count, const float* box, flo
 VectorKernels kernels() {
 #define SSD_POST_STRINGIFY2(x) #x
 #define SSD_POST_STRINGIFY(x) SSD_POST_STRINGIFY2(x)
-  return VectorKernels{rows_may_pass,  columns_above,    greedy_nms,
-                       any_suppresses, max_ignoring_nan,
+  return VectorKernels{rows_may_pass,    columns_above, greedy_nms,
+                       any_suppresses,   max_ignoring_nan, best_class,
                        SSD_POST_STRINGIFY(SSD_POST_VECTOR_VARIANT)};
 #undef SSD_POST_STRINGIFY
 #undef SSD_POST_STRINGIFY2

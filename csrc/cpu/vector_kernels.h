@@ -49,6 +49,11 @@ struct VectorKernels {
   // The largest non-NaN value of x[0, n) (-inf if none): some x[c] > bound exactly
   // when it is > bound, and a NaN never passes (select_per_level's row test).
   float (*max_ignoring_nan)(const float* x, int64_t n);
+  // best_class (common/best_class.h) of anchors [0, n) of one image's class-major
+  // scores: column c of anchor a at scores[c * class_stride + a]; a vector of
+  // anchors at a time, the same comparisons as best_class_of.
+  void (*best_class)(const float* scores, int64_t class_stride, int64_t C, int64_t n,
+                     float* best, int64_t* label);
   // Which variant this is ("baseline" or "avx2"), for tests and benchmarks.
   const char* name;
 };

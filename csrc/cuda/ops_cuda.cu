@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/best_class.h"
 #include "../common/checks.h"
 #include "../common/op_inputs.h"
 #include "cuda_backend.cuh"
@@ -289,6 +290,44 @@ at::Tensor batched_nms_cuda(const at::Tensor& boxes_in, const at::Tensor& scores
   return ranked;
 }
 
+// One thread per (image, anchor): consecutive threads read consecutive anchors of
+// a class row, so every class row is read coalesced, once.
+template <typename scalar_t>
+__global__ void best_class_kernel(const scalar_t* __restrict__ scores, int64_t image_stride,
+                                  int64_t class_stride, int64_t C, int64_t N, int64_t total,
+                                  float* __restrict__ best, int64_t* __restrict__ label) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int64_t b = i / N, a = i % N;
+  const scalar_t* column = scores + b * image_stride + a;
+  best_class_of([&](int64_t c) { return static_cast<float>(column[c * class_stride]); }, C,
+                best + i, label + i);
+}
+
+std::tuple<at::Tensor, at::Tensor> best_class_cuda(const at::Tensor& scores_in) {
+  check_best_class_input(scores_in);
+  const c10::cuda::CUDAGuard device_guard(scores_in.device());
+  at::Tensor scores = scores_in;
+  if (scores.size(2) > 1 && scores.stride(2) != 1) scores = scores.contiguous();
+  const int64_t B = scores.size(0), C = scores.size(1), N = scores.size(2);
+  at::Tensor best = at::empty({B, N}, scores.options().dtype(at::kFloat));
+  at::Tensor label = at::empty({B, N}, scores.options().dtype(at::kLong));
+  const int64_t total = B * N;
+  if (total == 0) return {best, label};
+  constexpr int kThreads = 256;
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(scores.device().index());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "best_class",
+                                  [&] {
+                                    best_class_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+                                        scores.data_ptr<scalar_t>(), scores.stride(0),
+                                        scores.stride(1), C, N, total, best.data_ptr<float>(),
+                                        label.data_ptr<int64_t>());
+                                  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {best, label};
+}
+
 std::tuple<at::Tensor, at::Tensor> batched_nms_padded_cuda(const at::Tensor& boxes_in,
                                                            const at::Tensor& scores_in,
                                                            const at::Tensor& labels_in,
@@ -321,6 +360,7 @@ TORCH_LIBRARY_IMPL(ssd_post, CUDA, m) {
   m.impl("postprocess", &postprocess_cuda);
   m.impl("select_topk", &select_topk_cuda);
   m.impl("batched_nms_padded", &batched_nms_padded_cuda);
+  m.impl("best_class", &best_class_cuda);
 }
 
 }  // namespace gpu
