@@ -535,6 +535,25 @@ void topk_row_bounds(const float* factor, FactorMode mode, float bound, int64_t 
   }
 }
 
+// One (image, level) block of the float32 inputs (layout_known): its columns, its
+// anchors, and where its logits and factors (nullptr without a factor) start.
+struct BlockData {
+  int64_t C;
+  int64_t A_l;
+  const float* x;
+  const float* factor;
+};
+
+BlockData block_data(const BlockInputs& in, const Block& block) {
+  const int64_t C = in.logits.size(2);
+  const int64_t first = in.levels->start[block.level];
+  const float* factor =
+      in.factor_data == nullptr ? nullptr
+                                : in.factor_data + block.image * in.factor_image_stride + first;
+  return {C, in.levels->start[block.level + 1] - first,
+          in.logits_data + block.image * in.image_stride + first * C, factor};
+}
+
 // The factor logits of a block that the bounds may cut (a joined factor given as
 // logits with a finite bound), else nullptr.
 const float* factor_to_cut(const BlockInputs& in, const float* factor) {
@@ -558,14 +577,7 @@ void factor_probabilities(const BlockInputs& in, const float* factor, int64_t A_
 // scored. Returns false, having written nothing, when the block is better scored
 // whole (most of its pairs may pass).
 bool select_block_gathered_sigmoid(const BlockInputs& in, const Block& block, BlockScratch& s) {
-  const int64_t C = in.logits.size(2);
-  const int64_t first = in.levels->start[block.level];
-  const int64_t A_l = in.levels->start[block.level + 1] - first;
-  const float* x = in.logits_data + block.image * in.image_stride + first * C;
-  const float* factor = in.factor_data == nullptr ? nullptr
-                                                  : in.factor_data +
-                                                        block.image * in.factor_image_stride +
-                                                        first;
+  const auto [C, A_l, x, factor] = block_data(in, block);
   const float* cut = factor_to_cut(in, factor);
   const float bound = in.bounds.class_logit.value;
   const float factor_bound = in.bounds.factor_logit.value;
@@ -658,14 +670,7 @@ bool select_block_gathered_sigmoid(const BlockInputs& in, const Block& block, Bl
 // probabilities from torch's softmax on a copy of those rows (its bits do not
 // depend on where a row sits), then every column of each.
 void select_block_rows(const BlockInputs& in, const Block& block, BlockScratch& s) {
-  const int64_t C = in.logits.size(2);
-  const int64_t first = in.levels->start[block.level];
-  const int64_t A_l = in.levels->start[block.level + 1] - first;
-  const float* x = in.logits_data + block.image * in.image_stride + first * C;
-  const float* factor = in.factor_data == nullptr ? nullptr
-                                                  : in.factor_data +
-                                                        block.image * in.factor_image_stride +
-                                                        first;
+  const auto [C, A_l, x, factor] = block_data(in, block);
   const float* cut = factor_to_cut(in, factor);
   const float factor_bound = in.bounds.factor_logit.value;
   const bool softmax = in.rule.activation == Activation::kSoftmax;
@@ -734,16 +739,12 @@ void select_block_rows(const BlockInputs& in, const Block& block, BlockScratch& 
 // Sigmoid scores of a whole block on this thread, torch's bits (the layout is
 // verified), then the threshold and the ranking.
 void select_block_chunked(const BlockInputs& in, const Block& block, BlockScratch& s) {
-  const int64_t C = in.logits.size(2);
-  const int64_t first = in.levels->start[block.level];
-  const int64_t A_l = in.levels->start[block.level + 1] - first;
+  const auto [C, A_l, x, factor] = block_data(in, block);
   const int64_t numel = A_l * C;
   s.probs.resize(static_cast<size_t>(numel));
-  sigmoid_chunked(in.logits_data + block.image * in.image_stride + first * C, numel, in.layout,
-                  s.probs.data());
+  sigmoid_chunked(x, numel, in.layout, s.probs.data());
   const float* f = nullptr;
-  if (in.factor_data != nullptr) {
-    const float* factor = in.factor_data + block.image * in.factor_image_stride + first;
+  if (factor != nullptr) {
     s.factors.resize(static_cast<size_t>(A_l));
     if (in.rule.factor_logits) {
       sigmoid_chunked(factor, A_l, in.layout, s.factors.data());
