@@ -37,6 +37,21 @@ def cpu_and_cuda():
     return ("cpu", pytest.param("cuda", marks=CUDA_MARKS))
 
 
+def cuda_kernel_param(name: str = "device"):
+    """A parameter value ``name`` that runs only with a CUDA device and the CUDA build
+    (the real kernels, next to their emulated twin in the kernel tests)."""
+    return pytest.param(
+        name,
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(
+                not (torch.cuda.is_available() and ssd_post.ops.has_cuda_kernels()),
+                reason="needs a CUDA device and the CUDA build",
+            ),
+        ],
+    )
+
+
 def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> torch.Tensor:
     """n valid xyxy boxes inside [0, size]^2 (Tensor[n, 4])."""
     xy = torch.rand(n, 2, generator=generator) * size * 0.8

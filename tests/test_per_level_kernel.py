@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cuda_emulation
+from common_utils import cuda_kernel_param
 from cuda_parity import assert_ranked_rows_match
 from ssd_post import PostprocessConfig, family, ops, reference
 
@@ -33,16 +34,7 @@ _emulated_op = cuda_emulation.select_topk
 
 @pytest.fixture(
     params=[
-        pytest.param(
-            "device",
-            marks=[
-                pytest.mark.cuda,
-                pytest.mark.skipif(
-                    not (torch.cuda.is_available() and ops.has_cuda_kernels()),
-                    reason="needs a CUDA device and the CUDA build",
-                ),
-            ],
-        ),
+        cuda_kernel_param(),
         "emulated",
         "cpu",
     ]

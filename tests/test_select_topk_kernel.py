@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import cuda_emulation
+from common_utils import cuda_kernel_param
 from ssd_post import ops, reference
 
 pytestmark = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs a C++ compiler")
@@ -112,16 +113,7 @@ def _oracle(logits, factor, level_sizes, thresh, topk, rule: Rule):
 
 @pytest.fixture(
     params=[
-        pytest.param(
-            "device",
-            marks=[
-                pytest.mark.cuda,
-                pytest.mark.skipif(
-                    not (torch.cuda.is_available() and ops.has_cuda_kernels()),
-                    reason="needs a CUDA device and the CUDA build",
-                ),
-            ],
-        ),
+        cuda_kernel_param(),
         "emulated",
     ]
 )
@@ -456,6 +448,12 @@ def topk_problems(draw):
     return logits, factor, levels, thresh, topk, rule
 
 
+def _check_random_problem(select_op, problem):
+    logits, factor, levels, thresh, topk, rule = problem
+    got = select_op(logits, factor, levels, thresh, topk, rule)
+    assert_matches_oracle(got, logits, factor, levels, thresh, topk, rule)
+
+
 @settings(
     max_examples=20,
     deadline=None,
@@ -465,9 +463,7 @@ def topk_problems(draw):
 )
 @given(problem=topk_problems())
 def test_kernel_matches_the_oracle_on_random_problems(select_op, problem):
-    logits, factor, levels, thresh, topk, rule = problem
-    got = select_op(logits, factor, levels, thresh, topk, rule)
-    assert_matches_oracle(got, logits, factor, levels, thresh, topk, rule)
+    _check_random_problem(select_op, problem)
 
 
 @pytest.mark.slow  # 300 emulated problems
@@ -480,6 +476,4 @@ def test_kernel_matches_the_oracle_on_random_problems(select_op, problem):
 )
 @given(problem=topk_problems())
 def test_kernel_matches_the_oracle_on_many_random_problems(select_op, problem):
-    logits, factor, levels, thresh, topk, rule = problem
-    got = select_op(logits, factor, levels, thresh, topk, rule)
-    assert_matches_oracle(got, logits, factor, levels, thresh, topk, rule)
+    _check_random_problem(select_op, problem)
