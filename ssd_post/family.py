@@ -58,15 +58,15 @@ def select_candidates(
 
 
 def flatten_slots(
-    flat: Tensor, scores: Tensor, counts: Tensor, num_classes: int
+    flat: Tensor, scores: Tensor, num_classes: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The filled slots of select_topk's outputs (flat, scores [B, G, k], counts
-    [B, G]) as flat candidate lists in (image, group, rank) order.
+    """The filled slots of select_topk's flat and scores ([B, G, k]) as flat
+    candidate lists in (image, group, rank) order.
 
     Returns:
         image, anchor, label (Tensor[N] int64) and score (Tensor[N] float32).
     """
-    valid = torch.arange(flat.shape[-1], device=flat.device) < counts[..., None]
+    valid = flat >= 0  # select_topk writes -1 past each group's count
     image = torch.arange(flat.shape[0], device=flat.device)[:, None, None].expand_as(flat)[valid]
     flat, scores = flat[valid], scores[valid]
     return image, torch.div(flat, num_classes, rounding_mode="floor"), flat % num_classes, scores
@@ -82,8 +82,8 @@ def select_flat(
     """Stage 1 as flat candidate lists (image, anchor, label, score: Tensor[N] each,
     by image, group, rank): for tests and debugging; ``reference.select_flat_loop``
     is its oracle."""
-    outputs = select_candidates(logits, score_factor, config, level_sizes, select_op)
-    return flatten_slots(*outputs, logits.shape[2])
+    flat, scores, _ = select_candidates(logits, score_factor, config, level_sizes, select_op)
+    return flatten_slots(flat, scores, logits.shape[2])
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
@@ -174,10 +174,8 @@ def candidate_slots(
         width = int(counts.max())
         flat, scores = flat[..., :width], scores[..., :width]
     slots = flat.shape[1] * flat.shape[2]
-    valid = (torch.arange(flat.shape[2], device=flat.device) < counts[..., None]).reshape(
-        batch, slots
-    )
     flat, scores = flat.reshape(batch, slots), scores.reshape(batch, slots)
+    valid = flat >= 0  # select_topk writes -1 past each group's count
     anchor = torch.where(valid, torch.div(flat, num_classes, rounding_mode="floor"), 0)
     labels = torch.where(valid, flat % num_classes, -1)
     return anchor, labels, scores

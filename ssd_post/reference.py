@@ -125,10 +125,10 @@ def select_flat_loop(
         image, then group, then rank (score descending, equal scores by anchor * C
         + class), at most ``topk_candidates`` per group.
     """
-    outputs = select_topk_loop(
+    flat, scores, _ = select_topk_loop(
         logits, score_factor, level_sizes, *config.select_topk_arguments(logits.shape[2])
     )
-    return flatten_slots(*outputs, logits.shape[2])
+    return flatten_slots(flat, scores, logits.shape[2])
 
 
 def _block_scores(
