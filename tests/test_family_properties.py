@@ -333,3 +333,46 @@ def test_old_centerness_spelling_is_the_sqrt_factor():
     assert old == PostprocessConfig(
         score_activation="sigmoid", score_factor_mode="sqrt", selection="per_level"
     )
+
+
+def test_anchor_and_size_arguments_follow_the_config():
+    locs, logits, boxes, sizes = _inputs()
+    decoded = PostprocessConfig(box_coder="none", background_class=None, score_activation="sigmoid")
+    with pytest.raises(ValueError, match="anchors should be None with box_coder='none'"):
+        ssd_post.postprocess(locs, logits, boxes, sizes, decoded)
+    with pytest.raises(ValueError, match="anchors should be given for box_coder='box', got None"):
+        ssd_post.postprocess(locs, logits, None, sizes, PostprocessConfig())
+    with pytest.raises(ValueError, match="image_sizes should be given when config.clip_boxes"):
+        ssd_post.postprocess(locs, logits, boxes, None, PostprocessConfig())
+    # Not clipping: no sizes needed, on the fused op and the family alike.
+    not_clipping = PostprocessConfig(
+        box_coder="none", background_class=None, score_activation="sigmoid", clip_boxes=False
+    )
+    for config in (PostprocessConfig(clip_boxes=False), not_clipping):
+        anchors = None if config.box_coder == "none" else boxes
+        out = ssd_post.postprocess(locs, logits, anchors, None, config)
+        assert out.num_detections.shape == (2,)
+
+
+def test_score_factor_and_its_old_name_are_not_both_given():
+    config = PostprocessConfig(
+        score_activation="sigmoid",
+        score_factor_mode="sqrt",
+        selection="per_level",
+        background_class=None,
+    )
+    factor = torch.zeros(2, 6)
+    with pytest.raises(ValueError, match="give score_factor or its old name centerness, not both"):
+        ssd_post.postprocess(
+            *_inputs(), config, level_sizes=[6], score_factor=factor, centerness=factor
+        )
+
+
+def test_decode_threshold_flatten_is_the_ssd_first_stage_only():
+    with pytest.raises(ValueError, match="decode_threshold_flatten is SSD's per-class first stage"):
+        ssd_post.decode_threshold_flatten(
+            *_inputs(), PostprocessConfig(score_activation="sigmoid", label_mode="single")
+        )
+    locs, logits, boxes, _ = _inputs()
+    with pytest.raises(ValueError, match="image_sizes should be given to decode_threshold_flatten"):
+        ssd_post.decode_threshold_flatten(locs, logits, boxes, None)
