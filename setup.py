@@ -209,7 +209,9 @@ def _build_command(build_extension_base):
 def _extension(with_cuda: bool, cpu_only_reason: str, nvcc):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cpp_sources = ["csrc/ssd_post.cpp"] + _sources("csrc/cpu/*.cpp")
+    cpp_sources = (
+        ["csrc/ssd_post.cpp"] + _sources("csrc/cpu/*.cpp") + _sources("csrc/composite/*.cpp")
+    )
     # Replaced by the flags of the compiler in use (BuildWithVectorVariants).
     cxx_flags, link_flags = host_flags("unix")
     macros = [("SSD_POST_HAVE_AVX2_KERNELS", "1")] if WITH_AVX2_VARIANT else []

@@ -48,6 +48,9 @@ def machine_info() -> Dict:
     """What a benchmark's numbers depend on besides the code (stored with them)."""
     return {
         "cpu": _cpu_name(),
+        # torch's SIMD level (DEFAULT / AVX2 / AVX512): one read of the logits, the
+        # baseline of most ratios, runs torch's own kernels at this level.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -64,6 +67,33 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def bar_plot(
+    groups: List[str], series: Dict[str, List[float]], ylabel: str, title: str, path: str
+) -> str:
+    """Grouped bars on a log scale: one group per entry of ``groups``, one bar per
+    series (name -> a value per group). Writes the PNG at ``path``, returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(groups))], values, width, label=name)
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(groups))])
+    ax.set_xticklabels(groups)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_json(path: str, result: Dict) -> None:

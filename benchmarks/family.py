@@ -27,7 +27,7 @@ import ssd_post
 from ssd_post import PostprocessConfig
 from ssd_post.reference import torchvision_postprocess
 
-from .common import RESULTS_DIR, load_average, machine_info
+from .common import RESULTS_DIR, bar_plot, load_average, machine_info
 from .timing import time_calls
 
 METHODS = ("torchvision", "ssd_post", "read")
@@ -157,31 +157,13 @@ RUNNERS = {"torchvision": run_torchvision, "ssd_post": run_ssd_post, "read": run
 
 def plot(rows: List[Dict], path: str) -> str:
     """ms per call of each method, one group of bars per (model, scenario), log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(METHODS)
-    for i, method in enumerate(METHODS):
-        ax.bar(
-            [x + i * width for x in range(len(rows))],
-            [1e3 * r[f"{method}_s"] for r in rows],
-            width,
-            label=method,
-        )
-    ax.set_xticks([x + width for x in range(len(rows))])
-    ax.set_xticklabels([f"{r['model']}\n{r['scenario']}" for r in rows])
-    ax.set_yscale("log")
-    ax.set_ylabel(f"ms per call, B = {rows[0]['batch']}")
-    ax.set_title("RetinaNet / FCOS postprocess, 800x800")
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return bar_plot(
+        [f"{r['model']}\n{r['scenario']}" for r in rows],
+        {method: [1e3 * r[f"{method}_s"] for r in rows] for method in METHODS},
+        f"ms per call, B = {rows[0]['batch']}",
+        "RetinaNet / FCOS postprocess, 800x800",
+        path,
+    )
 
 
 def main(argv: List[str] = None) -> Dict:

@@ -43,6 +43,30 @@ TORCH_LIBRARY(ssd_post, m) {
   // one read: best [B, N] float32 (NaN when a score of the anchor is NaN, as
   // torch.max) and label [B, N] int64 (equal scores: the lower class).
   m.def("best_class(Tensor scores) -> (Tensor best, Tensor label)");
+  // The fused pass of best-class selection (YOLO's prediction regime) from the
+  // same scores [B, C, N], in one read: per image, the anchors whose best class
+  // (best_class's rule) scores > score_thresh and is in `classes` (when given); of
+  // more than max_candidates, the max_candidates best (score descending, equal
+  // scores by lower anchor). Slots [B, M] in anchor order, M the most candidates
+  // an image keeps (data-dependent, at most min(N, max_candidates): the cost is
+  // bounded by what passes): anchor int64 (-1 past the count), score float32 (0
+  // past it), label int64 (-1 past it), count [B] int64, and with boxes [B, 4, N]
+  // (the same layout: YOLOv8's prediction[:, :4]) each candidate's box [B, M, 4]
+  // float32 as x1, y1, x2, y2 (box_format "xyxy" as given, "cxcywh" converted in
+  // the boxes' dtype), zeros past the count; without boxes an empty [B, 0, 4].
+  // CUDA reads M back to the host: one synchronisation.
+  m.def(
+      "best_class_candidates(Tensor scores, float score_thresh, int max_candidates, "
+      "int[]? classes=None, Tensor? boxes=None, str box_format=\"xyxy\") -> (Tensor anchor, "
+      "Tensor score, Tensor label, Tensor count, Tensor boxes)");
+  // The same op as a composition of best_class and ATen ops: the kernel of every
+  // device but the CPU (composite/best_class_candidates.cpp), callable on the CPU
+  // so that the tests hold it equal to the CPU kernel.
+  m.def(
+      "_best_class_candidates_composite(Tensor scores, float score_thresh, "
+      "int max_candidates, int[]? classes=None, Tensor? boxes=None, "
+      "str box_format=\"xyxy\") -> (Tensor anchor, Tensor score, Tensor label, "
+      "Tensor count, Tensor boxes)");
   // The selection of the single-stage family: for every (image, group) the best
   // topk_candidates anchor x class pairs whose score is > score_thresh, ranked
   // (score descending, equal scores by flat index anchor * C + class), as flat

@@ -37,6 +37,8 @@ def real_scalar(value, name: str) -> float:
     """``value`` as a Python float: any real number that converts exactly (int,
     float, numpy scalar, 0-d tensor); bools and anything else are refused with a
     ValueError naming ``name``. NaN passes here: range checks refuse it."""
+    if type(value) is float or type(value) is int:  # the common cases first (not a bool)
+        return float(value)
     if isinstance(value, torch.Tensor):  # only 0-d and real
         if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(
@@ -67,6 +69,8 @@ def unit_scalar(value, name: str) -> float:
 def whole_scalar(value, name: str, minimum: int = 1) -> int:
     """``value`` as a Python int >= ``minimum``: ints, numpy integers and 0-d
     integer tensors; bools and floats are refused with a ValueError naming ``name``."""
+    if type(value) is int and value >= minimum:  # the common case first (not a bool)
+        return value
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         raise ValueError(f"{name} should be an int >= {minimum}, got {value!r}")
     if isinstance(value, torch.Tensor):

@@ -55,6 +55,21 @@ def _best_class_fake(scores):
     )
 
 
+def _best_class_candidates_fake(
+    scores, score_thresh, max_candidates, classes=None, boxes=None, box_format="xyxy"
+):
+    torch._check(scores.dim() == 3, lambda: "scores should be [B, C, N]")
+    # The width is the most candidates an image keeps: known once the op has run.
+    batch, width = scores.shape[0], torch.library.get_ctx().new_dynamic_size()
+    return (
+        scores.new_empty((batch, width), dtype=torch.int64),
+        scores.new_empty((batch, width), dtype=torch.float32),
+        scores.new_empty((batch, width), dtype=torch.int64),
+        scores.new_empty((batch,), dtype=torch.int64),
+        scores.new_empty((batch, width if boxes is not None else 0, 4), dtype=torch.float32),
+    )
+
+
 def _batched_nms_padded_fake(boxes, scores, labels, iou_threshold, max_kept, class_agnostic=False):
     torch._check(boxes.dim() == 3 and boxes.size(2) == 4, lambda: "boxes should be [B, M, 4]")
     check_same_device("boxes", {"boxes": boxes, "scores": scores, "labels": labels})
@@ -130,5 +145,9 @@ if extension_loaded():
     torch.library.register_fake("ssd_post::batched_nms")(_batched_nms_fake)
     torch.library.register_fake("ssd_post::batched_nms_padded")(_batched_nms_padded_fake)
     torch.library.register_fake("ssd_post::best_class")(_best_class_fake)
+    torch.library.register_fake("ssd_post::best_class_candidates")(_best_class_candidates_fake)
+    torch.library.register_fake("ssd_post::_best_class_candidates_composite")(
+        _best_class_candidates_fake
+    )
     torch.library.register_fake("ssd_post::postprocess")(_postprocess_fake)
     torch.library.register_fake("ssd_post::select_topk")(_select_topk_fake)

@@ -7,7 +7,7 @@ torch.export) are in ``fake_kernels.py``.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ __all__ = [
     "batched_nms",
     "batched_nms_padded",
     "best_class",
+    "best_class_candidates",
     "postprocess_op",
     "has_cuda_kernels",
     "check_same_device",
@@ -270,6 +271,65 @@ def best_class(scores: Tensor) -> Tuple[Tensor, Tensor]:
         raise ValueError(f"scores should be a Tensor, got {type(scores).__name__}")
     require_extension()
     return torch.ops.ssd_post.best_class(scores)
+
+
+def best_class_candidates(
+    scores: Tensor,
+    score_thresh: float,
+    max_candidates: int,
+    classes: Optional[Sequence[int]] = None,
+    boxes: Optional[Tensor] = None,
+    box_format: str = "xyxy",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The anchors whose best class passes ``score_thresh`` and their boxes, in one
+    read of the class-major scores (YOLO's prediction regime: one label per anchor).
+
+    Per image: each anchor's best class (as ``best_class``: equal scores to the lower
+    class, an anchor with a NaN score never passes) is a candidate when its score is
+    ``> score_thresh`` and, given ``classes``, the class is one of them; of more than
+    ``max_candidates`` candidates, the ``max_candidates`` best are kept (score
+    descending, equal scores by lower anchor: YOLO's ``max_nms`` cap).
+
+    Args:
+        scores (Tensor[B, C, N]): float32, float16 or bfloat16 (compared in float32),
+            C >= 1; ``prediction[:, 4:4 + nc]`` of YOLOv8's output is not copied.
+        score_thresh (float): a number.
+        max_candidates (int): >= 1.
+        classes (sequence of int, optional): the class columns that may be reported.
+        boxes (Tensor[B, 4, N], optional): each anchor's box in the layout of scores
+            (``prediction[:, :4]``), float32, float16 or bfloat16.
+        box_format (str): ``"xyxy"`` (taken as given) or ``"cxcywh"`` (converted as
+            ``family.cxcywh_to_xyxy`` converts it, in the boxes' dtype).
+
+    Returns:
+        M slots per image in anchor order, M the most candidates an image keeps
+        (data-dependent, at most ``min(N, max_candidates)``, so the outputs are as
+        large as what passes; on CUDA, reading M is one host synchronisation):
+        anchor (Tensor[B, M] int64, -1 past the count), score (Tensor[B, M] float32,
+        0 past it), label (Tensor[B, M] int64, -1 past it), count (Tensor[B] int64)
+        and the candidates' boxes (Tensor[B, M, 4] float32 x1, y1, x2, y2, zeros past
+        the count; Tensor[B, 0, 4] without ``boxes``).
+    """
+    if not torch.compiler.is_compiling():
+        if not isinstance(scores, Tensor):
+            raise ValueError(f"scores should be a Tensor, got {type(scores).__name__}")
+        if isinstance(score_thresh, bool) or not isinstance(score_thresh, (int, float)):
+            raise ValueError(f"score_thresh should be a number, got {score_thresh!r}")
+        max_candidates = whole_scalar(max_candidates, "max_candidates")
+        if boxes is not None:
+            if not isinstance(boxes, Tensor):
+                raise ValueError(f"boxes should be a Tensor, got {type(boxes).__name__}")
+            check_same_device("scores", {"scores": scores, "boxes": boxes})
+        require_extension()
+    # The op checks the shapes, dtypes, threshold, cap, classes and format (ValueError).
+    return torch.ops.ssd_post.best_class_candidates(
+        scores,
+        float(score_thresh),
+        max_candidates,
+        None if classes is None else [int(c) for c in classes],
+        boxes,
+        box_format,
+    )
 
 
 def decode_threshold_flatten_op(

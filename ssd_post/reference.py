@@ -3,6 +3,7 @@ of the benchmarks. It states the semantics of ssd_post in plain torch ops."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
@@ -469,6 +470,63 @@ def _torchvision_per_level(
     return Detections.from_list(
         method(owner, head, per_image, _shapes(sizes)), config.detections_per_img
     )
+
+
+def best_class_candidates_loop(
+    scores: Tensor,
+    score_thresh: float,
+    max_candidates: int,
+    classes: Optional[List[int]] = None,
+    boxes: Optional[Tensor] = None,
+    box_format: str = "xyxy",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The oracle of ``ops.best_class_candidates``, one anchor at a time in Python
+    floats: an anchor with a NaN score is skipped; its best class is the first
+    maximum; it is a candidate when that score is ``> score_thresh`` rounded to
+    float32 and the class is allowed; more than ``max_candidates`` are cut to the
+    best by (score descending, anchor ascending), then put back in anchor order.
+    The slots are as many as the fullest image keeps.
+
+    Args:
+        scores (Tensor[B, C, N]), boxes (Tensor[B, 4, N] or None): converted with
+        ``cxcywh_to_xyxy`` in their dtype when ``box_format="cxcywh"``.
+
+    Returns:
+        anchor, score, label (Tensor[B, M]; -1, 0 and -1 past the count), count
+        (Tensor[B] int64) and boxes (Tensor[B, M, 4] float32, zeros past the count;
+        [B, 0, 4] without boxes).
+    """
+    batch, _, num_anchors = scores.shape
+    width = min(num_anchors, max_candidates)
+    thresh = torch.tensor(score_thresh, dtype=torch.float32).item()
+    kept = []
+    for image in scores.float().cpu():
+        found = []
+        for a, column in enumerate(image.T.tolist()):
+            if any(math.isnan(v) for v in column):
+                continue
+            best = max(column)
+            cls = column.index(best)
+            if best > thresh and (classes is None or cls in classes):
+                found.append((a, best, cls))
+        if len(found) > width:
+            found = sorted(sorted(found, key=lambda f: (-f[1], f[0]))[:width])
+        kept.append(found)
+    width = max((len(found) for found in kept), default=0)
+    anchor = torch.full((batch, width), -1, dtype=torch.int64)
+    score = torch.zeros((batch, width), dtype=torch.float32)
+    label = torch.full((batch, width), -1, dtype=torch.int64)
+    count = torch.zeros(batch, dtype=torch.int64)
+    out_boxes = torch.zeros((batch, width if boxes is not None else 0, 4), dtype=torch.float32)
+    for b, found in enumerate(kept):
+        count[b] = len(found)
+        for k, (a, best, cls) in enumerate(found):
+            anchor[b, k], score[b, k], label[b, k] = a, best, cls
+            if boxes is not None:
+                box = boxes[b, :, a].cpu()
+                box = cxcywh_to_xyxy(box) if box_format == "cxcywh" else box
+                out_boxes[b, k] = box.float()
+    return anchor, score, label, count, out_boxes
 
 
 def yolo_nms_loop(

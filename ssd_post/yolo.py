@@ -3,22 +3,29 @@
     detections = ssd_post.non_max_suppression(prediction, conf_thres=0.25, iou_thres=0.7)
 
 The family pipeline (``family.postprocess_family``) with the config ultralytics'
-arguments describe (``yolo_config``): one select_topk and one batched_nms_padded
-call for the whole batch; no loop over images, no time limit, no coordinate-offset
-trick.
+arguments describe (``yolo_config``): the candidates of the whole batch in one op
+(``best_class_candidates`` for the best class, ``select_topk`` with
+``multi_label``), then one ``batched_nms_padded``; no loop over images, no time
+limit, no coordinate-offset trick.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .config import PostprocessConfig, real_scalar, unit_scalar, whole_scalar
-from .family import candidate_slots, cxcywh_to_xyxy, nms_slots, select_candidates
-from .ops import best_class
+from .family import (
+    candidate_slots,
+    cxcywh_to_xyxy,
+    decode_selected,
+    select_candidates,
+    suppress_slots,
+)
+from .ops import best_class_candidates
 from .presets import yolo_family_config
 
 __all__ = ["non_max_suppression", "yolo_config", "cxcywh_to_xyxy"]
@@ -114,6 +121,29 @@ def yolo_config(
     checked): class probabilities, decoded cxcywh boxes, one candidate list of at
     most ``max_nms`` per image, no clipping (ultralytics clips when it scales the
     boxes back to the image)."""
+    return _cached_yolo_config(
+        conf_thres,
+        iou_thres,
+        None if classes is None else tuple(classes),
+        agnostic,
+        multi_label,
+        max_det,
+        max_nms,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_yolo_config(
+    conf_thres: float,
+    iou_thres: float,
+    classes: Optional[Tuple[int, ...]],
+    agnostic: bool,
+    multi_label: bool,
+    max_det: int,
+    max_nms: int,
+) -> PostprocessConfig:
+    # A frozen dataclass, built and validated once per set of arguments: a video
+    # loop calls non_max_suppression with the same ones every frame.
     return yolo_family_config(
         score_thresh=conf_thres,
         nms_thresh=iou_thres,
@@ -121,54 +151,29 @@ def yolo_config(
         detections_per_img=max_det,
         label_mode="multi" if multi_label else "single",
         class_agnostic=agnostic,
-        classes=None if classes is None else tuple(classes),
+        classes=classes,
     )
 
 
 def _best_class_slots(
     scored: Tensor, nc: int, config: PostprocessConfig, classes: Optional[List[int]]
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The candidate slots (anchor, labels, scores: Tensor[B, M], labels -1 in empty
-    slots) of ``label_mode="single"`` on the [B, 4 + nc, N] layout, without copying
-    the class scores into [B, N, nc]: ``ops.best_class`` gives each anchor's best
-    probability and class in one read; the probability is thresholded and capped at
-    ``max_nms`` (select_topk, when the cap binds). An anchor whose best class is not
-    in ``classes`` is dropped before the cap (ultralytics filters, then caps).
-    """
-    batch, _, num_anchors = scored.shape
-    best, label = best_class(scored[:, 4 : 4 + nc])  # [B, N] each; NaN never passes
-    passing = best > config.score_thresh
-    if classes is not None:
-        allowed = torch.zeros(nc, dtype=torch.bool, device=scored.device)
-        allowed[classes] = True
-        passing &= allowed[label]
-    per_image = passing.sum(1)
-    most = int(per_image.max()) if passing.numel() else 0
-    if most > config.topk_candidates:
-        # The max_nms cap binds: select_topk keeps each image's best max_nms; an
-        # anchor that is not a candidate scores 0, which no threshold >= 0 passes.
-        one_column = dataclasses.replace(config, classes=None, label_mode="multi")
-        ranked = torch.where(passing, best, 0)[..., None]
-        flat, scores, counts = select_candidates(ranked, None, one_column, [num_anchors])
-        anchor, labels, scores = candidate_slots(flat, scores, counts, 1)
-        image, slot = (labels >= 0).nonzero(as_tuple=True)
-        anchor_of = anchor[image, slot]
-    else:
-        # Every passing anchor is a candidate: `most` slots per image in anchor order
-        # (batched_nms_padded ranks them itself; equal scores by lower slot, i.e.
-        # lower anchor, the order select_topk would give).
-        image, anchor_of = passing.nonzero(as_tuple=True)
-        slot = (
-            torch.arange(image.numel(), device=image.device)
-            - (per_image.cumsum(0) - per_image)[image]
-        )
-        anchor = torch.zeros((batch, most), dtype=torch.int64, device=image.device)
-        anchor[image, slot] = anchor_of
-        scores = torch.zeros((batch, most), dtype=torch.float32, device=image.device)
-        scores[image, slot] = best[image, anchor_of]
-        labels = torch.full((batch, most), -1, dtype=torch.int64, device=image.device)
-    labels[image, slot] = label[image, anchor_of]
-    return anchor, labels, scores
+    slots; boxes Tensor[B, M, 4] xyxy float32) of ``label_mode="single"`` on the
+    [B, 4 + nc, N] layout, in one read of the class scores
+    (``ops.best_class_candidates``): each anchor's best class, thresholded, dropped
+    when not in ``classes`` (ultralytics filters, then caps), capped at ``max_nms``
+    per image, in anchor order (``batched_nms_padded`` ranks them itself; equal
+    scores by lower slot, i.e. lower anchor, as the cap does), with its box."""
+    anchor, scores, labels, _, boxes = best_class_candidates(
+        scored[:, 4 : 4 + nc],
+        config.score_thresh,
+        config.topk_candidates,
+        classes,
+        boxes=scored[:, :4],
+        box_format=config.box_format,
+    )
+    return anchor, labels, scores, boxes
 
 
 def non_max_suppression(
@@ -261,13 +266,12 @@ def non_max_suppression(
         return_idxs,
     )
     batch, _, num_anchors = prediction.shape
-    empty = prediction.new_zeros((0, 6 + nm))
     if classes is not None:
         # ultralytics compares labels with any given values: repeats and values past
         # the last class match nothing more, so they are dropped here.
         classes = sorted({c for c in classes if c < nc})
         if not classes:
-            output = [empty] * batch
+            output = [prediction.new_zeros((0, 6 + nm))] * batch
             no_index = [torch.zeros(0, dtype=torch.int64, device=prediction.device)] * batch
             return (output, no_index) if return_idxs else output
     config = yolo_config(conf_thres, iou_thres, classes, agnostic, multi_label, max_det, max_nms)
@@ -279,26 +283,22 @@ def non_max_suppression(
             scored[:, 4 : 4 + nc].mT, None, config, [num_anchors]
         )
         anchor, labels, scores = candidate_slots(flat, scores, counts, nc)
+        boxes = decode_selected(scored[:, :4].mT, None, anchor, config)
     else:
-        anchor, labels, scores = _best_class_slots(scored, nc, config, classes)
+        anchor, labels, scores, boxes = _best_class_slots(scored, nc, config, classes)
     padded = config.padded_detections(num_anchors, nc)
-    boxes, kept, counts = nms_slots(
-        scored[:, :4].mT, None, None, config, anchor, labels, scores, padded
-    )
-    # The survivors, image after image, by decreasing score.
+    kept, counts = suppress_slots(boxes, scores, labels, config, padded)
+    # The survivors by decreasing score, image after image: x1, y1, x2, y2, conf and
+    # class of every slot as one [B, M, 6] tensor, indexed at the kept slots, then
+    # split per image (a fixed number of ops whatever B).
     image, rank = (kept >= 0).nonzero(as_tuple=True)
     slot = kept[image, rank]
-    anchor = anchor[image, slot]
-    dtype = prediction.dtype
-    rows = torch.cat(
-        (
-            boxes[image, slot].to(dtype),
-            scores[image, slot, None].to(dtype),
-            labels[image, slot, None].to(dtype),
-            prediction[image, 4 + nc :, anchor],
-        ),
-        dim=1,
-    )
+    slots = torch.cat((boxes, scores[..., None], labels[..., None].float()), dim=2)
+    rows = slots[image, slot].to(prediction.dtype)
+    if nm or return_idxs:
+        anchor = anchor[image, slot]
+    if nm:
+        rows = torch.cat((rows, prediction[image, 4 + nc :, anchor]), dim=1)
     sizes = counts.tolist()
     output = list(rows.split(sizes))
     if return_idxs:

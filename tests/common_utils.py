@@ -93,3 +93,19 @@ def assert_same_detections_up_to_ties(
 
     for image in range(actual.num_detections.shape[0]):
         assert rows(actual, image) == rows(expected, image), f"image {image} differs beyond ties"
+
+
+def draw_class_major_scores(data, batch: int, classes: int, anchors: int) -> torch.Tensor:
+    """Hypothesis scores [batch, classes, anchors] on a grid of 1/8 (exact ties between
+    classes and anchors), with one NaN, inf or -inf half of the time. ``data`` is
+    hypothesis' ``st.data()``."""
+    from hypothesis import strategies as st
+
+    n = batch * classes * anchors
+    grid = st.integers(0, 8).map(lambda k: k / 8.0)
+    values = data.draw(st.lists(grid, min_size=n, max_size=n))
+    scores = torch.tensor(values, dtype=torch.float32).reshape(batch, classes, anchors)
+    if n and data.draw(st.booleans()):
+        special = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+        scores.view(-1)[data.draw(st.integers(0, n - 1))] = special
+    return scores

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ssd_post import ops
 
-from common_utils import cpu_and_cuda
+from common_utils import cpu_and_cuda, draw_class_major_scores
 
 
 def _expected(scores: torch.Tensor):
@@ -33,10 +33,6 @@ def _assert_matches(scores: torch.Tensor) -> None:
     assert torch.equal(label.cpu()[rows], want_label[rows])
 
 
-# Scores on a grid of 1/8: many exact ties between classes.
-_score = st.integers(0, 8).map(lambda k: k / 8.0)
-
-
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(
     batch=st.integers(0, 3),
@@ -45,13 +41,7 @@ _score = st.integers(0, 8).map(lambda k: k / 8.0)
     data=st.data(),
 )
 def test_matches_torch_max(batch, classes, anchors, data):
-    n = batch * classes * anchors
-    values = data.draw(st.lists(_score, min_size=n, max_size=n))
-    scores = torch.tensor(values, dtype=torch.float32).reshape(batch, classes, anchors)
-    if n and data.draw(st.booleans()):
-        special = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
-        scores.view(-1)[data.draw(st.integers(0, n - 1))] = special
-    _assert_matches(scores)
+    _assert_matches(draw_class_major_scores(data, batch, classes, anchors))
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -29,7 +29,12 @@ KERNEL_DEVICES = {
     "select_topk": ("cpu", "cuda"),
     "batched_nms_padded": ("cpu", "cuda"),
     "best_class": ("cpu", "cuda"),
+    "best_class_candidates": ("cpu", "cuda"),
+    "_best_class_candidates_composite": ("cpu", "cuda"),
 }
+# Ops whose every device but the CPU runs one composition of other ops
+# (csrc/composite/): registered for CompositeExplicitAutograd, not per device.
+COMPOSITE = {"best_class_candidates": "CPU", "_best_class_candidates_composite": None}
 OPS = tuple(KERNEL_DEVICES)
 COMMON = dict(
     box_weights=[10.0, 10.0, 5.0, 5.0],
@@ -64,6 +69,15 @@ def _opcheck_args(op: str, device: str):
         # YOLOv8's class-score slice [B, nc, N] of a [B, 4 + nc, N] output (a view).
         prediction = torch.rand(2, 4 + 7, 37, generator=torch.Generator().manual_seed(4))
         return (prediction.to(device)[:, 4:],), {}
+    if op in ("best_class_candidates", "_best_class_candidates_composite"):
+        prediction = torch.rand(2, 4 + 7, 37, generator=torch.Generator().manual_seed(4))
+        # scores, score_thresh, max_candidates (binding for one image), classes, boxes
+        prediction = prediction.to(device)
+        return (prediction[:, 4:], 0.6, 9), {
+            "classes": [0, 2, 3, 6],
+            "boxes": prediction[:, :4],
+            "box_format": "cxcywh",
+        }
     generator = torch.Generator().manual_seed(1)
     xy = torch.rand(50, 2, generator=generator) * 50
     boxes = torch.cat((xy, xy + 10), dim=1)
@@ -102,6 +116,11 @@ def test_kernels_are_registered_where_listed(op):
     def has(key: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"ssd_post::{op}", key)
 
+    if op in COMPOSITE:
+        assert has("CompositeExplicitAutograd")
+        assert has("CPU") is (COMPOSITE[op] == "CPU")
+        assert not has("CUDA")
+        return
     assert has("CPU") is ("cpu" in KERNEL_DEVICES[op])
     assert has("CUDA") is (ssd_post.has_cuda_kernels() and "cuda" in KERNEL_DEVICES[op])
 

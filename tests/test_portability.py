@@ -30,7 +30,8 @@ def test_cpu_vector_kernels_follow_torch_capability():
 
 # Runs in a fresh interpreter, since the variant is chosen once per process: the
 # postprocess of SSD-shaped inputs that exercise every vector loop (softmax row
-# bound, per-column compare, NMS with NaN and inverted boxes) against the loop
+# bound, per-column compare, NMS with NaN and inverted boxes, best-class
+# candidates) against the loop
 # oracle and torchvision computed in the same process (torch's own softmax and exp
 # also follow ATEN_CPU_CAPABILITY, so each variant is checked under its own torch).
 VARIANT_RUN = textwrap.dedent("""
@@ -65,6 +66,12 @@ VARIANT_RUN = textwrap.dedent("""
     kept = ssd_post.batched_nms(boxes, scores, idxs, 0.5)
     assert torch.equal(kept, torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
     assert found > 0 and 0 < kept.numel() < 4000, (found, kept.numel())
+    scores = torch.rand(3, 13, 2100) ** 4  # YOLO's best-class candidates, capped
+    scores[1, 3, 7] = float("nan")
+    for cap in (50, 3000):
+        got = ops.best_class_candidates(scores, 0.5, cap)
+        want = reference.best_class_candidates_loop(scores, 0.5, cap)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
     print(ops.cpu_vector_kernels())
 """)
 
@@ -102,8 +109,9 @@ def _cross_compile_command(source: str) -> list:
 
 
 AARCH64_SOURCES = ["csrc/ssd_post.cpp"] + sorted(
-    os.path.join("csrc", "cpu", name)
-    for name in os.listdir(os.path.join(REPO, "csrc", "cpu"))
+    os.path.join("csrc", folder, name)
+    for folder in ("cpu", "composite")
+    for name in os.listdir(os.path.join(REPO, "csrc", folder))
     if name.endswith(".cpp")
 )
 
@@ -126,7 +134,7 @@ def test_no_x86_intrinsics_outside_atens_vector_types():
     # The portable sources may use only at::vec; an x86 header or builtin would
     # break aarch64 and MSVC builds (the aarch64 check above may be skipped).
     offenders = []
-    for folder in ("common", "cpu"):
+    for folder in ("common", "cpu", "composite"):
         for name in os.listdir(os.path.join(REPO, "csrc", folder)):
             text = open(os.path.join(REPO, "csrc", folder, name)).read()
             for marker in (

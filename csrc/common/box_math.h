@@ -26,6 +26,20 @@ SSD_HOST_DEVICE float exp_f32(float x) {
 #endif
 }
 
+// (cx, cy, w, h) -> (x1, y1, x2, y2) as family.cxcywh_to_xyxy computes it with
+// torch ops in the boxes' dtype T: half sides first, then centre -/+ half, each
+// op in float and rounded back to T (as torch's CPU kernels compute float16 and
+// bfloat16; a no-op for float), the corners returned as float32.
+template <typename T>
+SSD_HOST_DEVICE void cxcywh_to_xyxy(const T box[4], float out[4]) {
+  for (int i = 0; i < 2; ++i) {
+    const float centre = static_cast<float>(box[i]);
+    const float half = static_cast<float>(static_cast<T>(static_cast<float>(box[i + 2]) / 2.0f));
+    out[i] = static_cast<float>(static_cast<T>(centre - half));
+    out[i + 2] = static_cast<float>(static_cast<T>(centre + half));
+  }
+}
+
 // Clamp that lets NaN through, as torch.clamp does.
 SSD_HOST_DEVICE float clamp_keep_nan(float x, float lo, float hi) {
   if (x != x) return x;

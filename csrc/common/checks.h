@@ -117,6 +117,19 @@ inline BatchDims check_decode_inputs(const at::Tensor& locs, const at::Tensor& l
   return {B, A, C};
 }
 
+// An allow-list of class columns: each in [0, C) and not the background column.
+inline void check_class_list(c10::OptionalIntArrayRef classes, int64_t C,
+                             c10::optional<int64_t> background_class) {
+  if (!classes.has_value()) return;
+  for (const int64_t c : *classes) {
+    TORCH_CHECK_VALUE(c >= 0 && c < C, "classes should be columns in [0, C) with C = ", C,
+                      ", got ", *classes);
+    TORCH_CHECK_VALUE(!background_class.has_value() || c != *background_class,
+                      "classes should not hold the background column ", *background_class,
+                      ", got ", *classes);
+  }
+}
+
 // Validates select_topk's arguments and returns B, A, C; `levels` receives the
 // anchor range of each level and `rule` the scoring and grouping.
 inline BatchDims check_select_inputs(const at::Tensor& logits,
@@ -169,15 +182,7 @@ inline BatchDims check_select_inputs(const at::Tensor& logits,
                       "factor_mode should be 'sqrt', 'before_threshold' or 'after_selection', "
                       "got '", factor_mode, "'");
   }
-  if (classes.has_value()) {
-    for (const int64_t c : *classes) {
-      TORCH_CHECK_VALUE(c >= 0 && c < C, "classes should be columns in [0, C) with C = ", C,
-                        ", got ", *classes);
-      TORCH_CHECK_VALUE(!background_class.has_value() || c != *background_class,
-                        "classes should not hold the background column ", *background_class,
-                        ", got ", *classes);
-    }
-  }
+  check_class_list(classes, C, background_class);
   *rule = {parse_activation(score_activation, /*allow_none=*/true),
            score_factor.has_value() ? mode : FactorMode::kNone, factor_logits, single_label,
            per_class};
@@ -303,6 +308,32 @@ inline void check_best_class_input(const at::Tensor& scores) {
                     scores.sizes());
   TORCH_CHECK_VALUE(is_supported_float(scores.scalar_type()),
                     "scores should be float32, float16 or bfloat16, got ", scores.scalar_type());
+}
+
+// best_class_candidates' arguments: the scores as best_class's, a threshold that
+// is a number (a NaN one would keep nothing, silently), a cap >= 1 and an
+// allow-list of columns.
+// Returns whether box_format is "cxcywh" (else "xyxy").
+inline bool check_best_class_candidates_inputs(const at::Tensor& scores, double score_thresh,
+                                               int64_t max_candidates,
+                                               c10::OptionalIntArrayRef classes,
+                                               const c10::optional<at::Tensor>& boxes,
+                                               c10::string_view box_format) {
+  check_best_class_input(scores);
+  TORCH_CHECK_VALUE(!std::isnan(score_thresh), "score_thresh should be a number, got nan");
+  TORCH_CHECK_VALUE(max_candidates >= 1, "max_candidates should be >= 1, got ", max_candidates);
+  check_class_list(classes, scores.size(1), c10::nullopt);
+  TORCH_CHECK_VALUE(box_format == "xyxy" || box_format == "cxcywh",
+                    "box_format should be 'xyxy' or 'cxcywh', got '", box_format, "'");
+  if (boxes.has_value()) {
+    check_float_tensor(*boxes, "boxes");
+    check_same_device(*boxes, scores, "boxes", "scores");
+    TORCH_CHECK_VALUE(boxes->dim() == 3 && boxes->size(0) == scores.size(0) &&
+                          boxes->size(1) == 4 && boxes->size(2) == scores.size(2),
+                      "boxes should be [B, 4, N] = [", scores.size(0), ", 4, ", scores.size(2),
+                      "] like scores, got ", boxes->sizes());
+  }
+  return box_format == "cxcywh";
 }
 
 }  // namespace ssd_post

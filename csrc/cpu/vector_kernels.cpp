@@ -306,6 +306,60 @@ void best_class(const float* scores, int64_t class_stride, int64_t C, int64_t n,
   }
 }
 
+// Anchors per tile of best_class_above: the tile's C class rows (C * 2 KiB) stay
+// in L2 between the max pass and the class search of the anchors that pass.
+constexpr int64_t kAboveTile = 512;
+
+int64_t best_class_above(const float* scores, int64_t class_stride, int64_t C, int64_t n,
+                         float thresh, const uint8_t* allowed, int64_t first_anchor,
+                         ClassCandidate* out) {
+  int64_t count = 0;
+  // best_class_of on the anchor's column: the one rule for the class, and the
+  // score reported (the max pass only decides which anchors look).
+  const auto emit = [&](int64_t a) {
+    const float* column = scores + a;
+    float best;
+    int64_t label;
+    best_class_of([&](int64_t c) { return column[c * class_stride]; }, C, &best, &label);
+    if (best > thresh && (allowed == nullptr || allowed[label])) {
+      out[count++] = {first_anchor + a, best, label};
+    }
+  };
+  alignas(64) float top[kAboveTile];
+  const Vec limit(thresh);
+  const int64_t vectors_end = n - n % kWidth;
+  for (int64_t start = 0; start < vectors_end; start += kAboveTile) {
+    const int64_t t = std::min(kAboveTile, vectors_end - start);
+    const float* row = scores + start;
+    for (int64_t i = 0; i < t; i += kWidth) Vec::loadu(row + i).store(top + i);
+    // The max of each anchor, one instruction a vector (FastOrder): exact where no
+    // score is NaN; an anchor with a NaN may pass or fail this filter, and emit's
+    // best_class_of, which is NaN then, rejects it. Two class rows per sweep.
+    int64_t c = 1;
+    for (; c + 1 < C; c += 2) {
+      const float* first = scores + c * class_stride + start;
+      const float* second = first + class_stride;
+      for (int64_t i = 0; i < t; i += kWidth) {
+        const Vec pair = FastOrder::max(Vec::loadu(first + i), Vec::loadu(second + i));
+        FastOrder::max(Vec::loadu(top + i), pair).store(top + i);
+      }
+    }
+    if (c < C) {
+      row = scores + c * class_stride + start;
+      for (int64_t i = 0; i < t; i += kWidth) {
+        FastOrder::max(Vec::loadu(top + i), Vec::loadu(row + i)).store(top + i);
+      }
+    }
+    for (int64_t i = 0; i < t; i += kWidth) {
+      for (uint32_t mask = lane_mask(Vec::loadu(top + i) > limit); mask != 0; mask &= mask - 1) {
+        emit(start + i + lowest_bit(mask));
+      }
+    }
+  }
+  for (int64_t a = vectors_end; a < n; ++a) emit(a);
+  return count;
+}
+
 bool any_suppresses(const BoxColumns& kept, int64_t count, const float* box, float thresh,
                     bool any_nan) {
   return any_nan ? kept_suppress<ExactOrder>(kept, count, box, thresh)
@@ -319,6 +373,7 @@ VectorKernels kernels() {
 #define SSD_POST_STRINGIFY(x) SSD_POST_STRINGIFY2(x)
   return VectorKernels{rows_may_pass,    columns_above, greedy_nms,
                        any_suppresses,   max_ignoring_nan, best_class,
+                       best_class_above,
                        SSD_POST_STRINGIFY(SSD_POST_VECTOR_VARIANT)};
 #undef SSD_POST_STRINGIFY
 #undef SSD_POST_STRINGIFY2

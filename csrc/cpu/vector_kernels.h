@@ -29,6 +29,13 @@ struct BoxColumns {
 // 4 for NEON); vector_kernels.cpp checks its vector fits.
 constexpr int64_t kVectorPad = 16;
 
+// An anchor whose best class passes (best_class_candidates).
+struct ClassCandidate {
+  int64_t anchor;
+  float score;
+  int64_t label;
+};
+
 struct VectorKernels {
   // See float_rows_may_pass in row_bound.h.
   int64_t (*rows_may_pass)(const float* rows, int64_t C, int64_t background, float bound,
@@ -54,6 +61,14 @@ struct VectorKernels {
   // anchors at a time, the same comparisons as best_class_of.
   void (*best_class)(const float* scores, int64_t class_stride, int64_t C, int64_t n,
                      float* best, int64_t* label);
+  // The anchors of [0, n) (same layout as best_class) whose best class scores
+  // > thresh (NaN never) and is allowed (allowed[label] != 0; every class when
+  // allowed is null), in anchor order: out[i] = {first_anchor + a, best, label}.
+  // Returns how many were written (at most n). Reads the scores once, at the cost
+  // of a max: only the anchors that pass look for their class.
+  int64_t (*best_class_above)(const float* scores, int64_t class_stride, int64_t C, int64_t n,
+                              float thresh, const uint8_t* allowed, int64_t first_anchor,
+                              ClassCandidate* out);
   // Which variant this is ("baseline" or "avx2"), for tests and benchmarks.
   const char* name;
 };
