@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ._extension import library_path, require_extension
 from .config import PostprocessConfig
-from .exportable import DetectorModule, PostprocessModule, check_detector
+from .exportable import (
+    DetectorModule,
+    PostprocessModule,
+    batch_dynamic_shapes,
+    check_detector,
+)
 
 __all__ = [
     "export_module",
@@ -73,7 +78,9 @@ def export_module(
     )
     module = module.eval()
     with torch.no_grad():
-        program = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
+        program = torch.export.export(
+            module, args, dynamic_shapes=batch_dynamic_shapes(module, args, batch)
+        )
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return str(
             torch._inductor.aoti_compile_and_package(
@@ -93,7 +100,8 @@ def export_package(model: nn.Module, path: str, example_images: Tensor, max_batc
     """Compiles a SingleStageDetector with its postprocess into an AOTInductor package.
 
     Args:
-        model: a SingleStageDetector whose postprocess is :func:`ssd_post.postprocess`.
+        model: a SingleStageDetector whose postprocess is :func:`ssd_post.postprocess`
+            (any config: SSD's per-class op or the family's per-level / per-image ones).
         path: the ``.pt2`` file to write.
         example_images (Tensor[B, 3, H, W]): resized, normalised images; H, W are fixed.
         max_batch: the largest batch the package accepts (the batch is dynamic).
@@ -108,20 +116,35 @@ def export_package(model: nn.Module, path: str, example_images: Tensor, max_batc
 
 
 def export_postprocess_package(
-    anchors: Tensor,
+    anchors: Optional[Tensor],
     config: PostprocessConfig,
     path: str,
     example_locs: Tensor,
     example_logits: Tensor,
-    example_image_sizes: Tensor,
+    example_image_sizes: Optional[Tensor] = None,
     max_batch: int = 64,
+    *,
+    level_sizes: Optional[Sequence[int]] = None,
+    example_score_factor: Optional[Tensor] = None,
 ) -> str:
-    """The postprocess alone (locs [B, A, 4], logits [B, A, C], image_sizes [B, 2]
-    int64 in; anchors [A, 4] baked in) as an AOTInductor package."""
-    module = PostprocessModule(anchors, config)
-    return export_module(
-        module, (example_locs, example_logits, example_image_sizes), path, max_batch
-    )
+    """The postprocess alone, any config, as an AOTInductor package: anchors [A, 4]
+    (None with ``box_coder="none"``) and ``level_sizes`` baked in; the inputs are
+    ``exportable.postprocess_input_names``: locs [B, A, 4], logits [B, A, C],
+    image_sizes [B, 2] int64 (when the config clips, or SSD's op), score_factor
+    [B, A(, 1)] (when an example is given). The outputs equal eager
+    :func:`ssd_post.postprocess` bit for bit."""
+    module = PostprocessModule(anchors, config, level_sizes, example_score_factor is not None)
+    given = {
+        "locs": example_locs,
+        "logits": example_logits,
+        "image_sizes": example_image_sizes,
+        "score_factor": example_score_factor,
+    }
+    missing = [name for name in module.input_names if given[name] is None]
+    if missing:
+        raise ValueError(f"this config's postprocess takes {module.input_names}; give {missing}")
+    args = tuple(given[name] for name in module.input_names)
+    return export_module(module, args, path, max_batch)
 
 
 class PackageRunner:

@@ -32,7 +32,13 @@ from torch import Tensor, nn
 from .box_coder import BOX_SCALE_CLAMP
 from .config import PostprocessConfig
 from .formats import Detections
-from .exportable import DetectorModule, PostprocessModule, check_detector  # noqa: F401  (public here too)
+from .exportable import (  # noqa: F401  (public here too)
+    DetectorModule,
+    PostprocessModule,
+    batch_dynamic_shapes,
+    check_detector,
+    check_onnx_config,
+)
 from .exportable import detections_from_outputs
 
 __all__ = [
@@ -73,6 +79,7 @@ def require(module: str, purpose: str):
 def check_expressible(config: PostprocessConfig, num_classes: int) -> None:
     """Raises ValueError when the ONNX lowering cannot express ``config`` for logits
     with ``num_classes`` columns (``background_class`` may be a name: it is resolved)."""
+    check_onnx_config(config)
     if config.score_activation not in ("softmax", "sigmoid"):
         raise ValueError(
             f"the ONNX lowering covers SSD's softmax and sigmoid activations, "
@@ -341,7 +348,7 @@ def export_module(
     require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
     batch = torch.export.Dim("batch", min=1)
-    dynamic = tuple({0: batch} for _ in args)
+    dynamic = batch_dynamic_shapes(module, args, batch)
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         # Every input shares the one batch Dim; torch warns that the name is used once.

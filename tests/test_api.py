@@ -164,21 +164,22 @@ def test_coco_results_are_xywh_with_categories(tmp_path):
         dict(box_coder="linear"),
     ],
 )
-def test_exporters_refuse_what_only_the_family_ops_run(fields):
-    from ssd_post.exportable import PostprocessModule, check_exportable_config
+def test_onnx_refuses_what_only_the_family_ops_run(fields):
+    from ssd_post.exportable import check_onnx_config
+    from ssd_post.onnx import check_expressible
 
     config = ssd_post.PostprocessConfig(**fields)
     assert not config.uses_fused_per_class_op
-    with pytest.raises(ValueError, match="cannot be exported yet"):
-        check_exportable_config(config)
-    with pytest.raises(ValueError, match="cannot be exported yet"):
-        PostprocessModule(torch.zeros(4, 4), config)
+    with pytest.raises(ValueError, match="cannot be exported to ONNX yet; ssd_post.aoti"):
+        check_onnx_config(config)
+    with pytest.raises(ValueError, match="cannot be exported to ONNX yet"):
+        check_expressible(config, 5)
 
 
-def test_exporters_take_the_ssd_configs():
-    from ssd_post.exportable import check_exportable_config
+def test_onnx_takes_the_ssd_configs():
+    from ssd_post.exportable import check_onnx_config
 
     for activation in ("softmax", "sigmoid"):
         config = ssd_post.PostprocessConfig(score_activation=activation)
         assert config.uses_fused_per_class_op
-        check_exportable_config(config)
+        check_onnx_config(config)

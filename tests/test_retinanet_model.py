@@ -10,7 +10,7 @@ import torch
 from torchvision.models import detection
 
 import ssd_post
-from common_utils import assert_same_detections_up_to_ties
+from common_utils import assert_same_detections, assert_same_detections_up_to_ties
 from models import build_model, check_model_options
 from ssd_post import reference
 from training.config import ConfigError, config_from_dict, load_config
@@ -163,14 +163,19 @@ def test_infer_batch_passes_level_sizes(pair):
     assert [len(per_image[i]) for i in (1, 2)] == expected.num_detections.tolist()
 
 
-def test_export_refuses_the_per_level_postprocess():
+def test_the_export_module_of_the_per_level_detector_equals_predict():
+    # AOTInductor packages exactly this module (tests/test_aoti_family.py); the ONNX
+    # lowering refuses the per-level postprocess, naming the AOTInductor route.
     from ssd_post import exportable
 
-    ours = build_model(ARCH, 4, image_size=(64, 64))
-    with pytest.raises(ValueError, match="selection='per_level'.*cannot be exported yet"):
-        exportable.check_detector(ours)
-    with pytest.raises(ValueError, match="cannot be exported yet"):
-        exportable.PostprocessModule(ours.anchors(), ours.postprocess_config)
+    ours = build_model(ARCH, 4, image_size=(64, 64)).eval()
+    with pytest.raises(ValueError, match="selection='per_level'.*ONNX yet; ssd_post.aoti"):
+        exportable.check_onnx_config(ours.postprocess_config)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = exportable.DetectorModule(ours)(images)
+    want = ours.predict(images)
+    assert_same_detections(exportable.detections_from_outputs(outputs), want)
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ class RuntimeDetector:
         return self._anchors
 
     def postprocess_inputs(self) -> dict:
-        return {}  # exported graphs are per-class (SSD) only: check_detector refuses the rest
+        return {}  # a per-level head's level sizes are baked into the exported postprocess
 
     def __call__(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         locs, logits = self._run_network(images)
@@ -130,6 +130,7 @@ def _build_aoti_backend(detector: nn.Module, folder: str, max_batch: int):
             logits,
             sizes,
             max_batch,
+            **detector.postprocess_inputs(),
         )
     )
 
