@@ -59,6 +59,11 @@ TORCH_LIBRARY(ssd_post, m) {
       "best_class_candidates(Tensor scores, float score_thresh, int max_candidates, "
       "int[]? classes=None, Tensor? boxes=None, str box_format=\"xyxy\") -> (Tensor anchor, "
       "Tensor score, Tensor label, Tensor count, Tensor boxes)");
+  // torchvision's box decode (BoxCoder.decode_single, its op order, float32) of
+  // rel_codes [..., 4] against anchors [..., 4] (broadcast) with weights (wx, wy,
+  // ww, wh): xyxy boxes. An op so that exported programs run eager's kernels
+  // (composite/decode_boxes.cpp).
+  m.def("decode_boxes(Tensor rel_codes, Tensor anchors, float[] weights) -> Tensor");
   // The same op as a composition of best_class and ATen ops: the kernel of every
   // device but the CPU (composite/best_class_candidates.cpp), callable on the CPU
   // so that the tests hold it equal to the CPU kernel.

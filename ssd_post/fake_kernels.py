@@ -70,6 +70,11 @@ def _best_class_candidates_fake(
     )
 
 
+def _decode_boxes_fake(rel_codes, anchors, weights):
+    shape = torch.broadcast_shapes(rel_codes.shape, anchors.shape)
+    return rel_codes.new_empty(shape, dtype=torch.float32)
+
+
 def _batched_nms_padded_fake(boxes, scores, labels, iou_threshold, max_kept, class_agnostic=False):
     torch._check(boxes.dim() == 3 and boxes.size(2) == 4, lambda: "boxes should be [B, M, 4]")
     check_same_device("boxes", {"boxes": boxes, "scores": scores, "labels": labels})
@@ -146,6 +151,7 @@ if extension_loaded():
     torch.library.register_fake("ssd_post::batched_nms_padded")(_batched_nms_padded_fake)
     torch.library.register_fake("ssd_post::best_class")(_best_class_fake)
     torch.library.register_fake("ssd_post::best_class_candidates")(_best_class_candidates_fake)
+    torch.library.register_fake("ssd_post::decode_boxes")(_decode_boxes_fake)
     torch.library.register_fake("ssd_post::_best_class_candidates_composite")(
         _best_class_candidates_fake
     )

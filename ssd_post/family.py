@@ -7,8 +7,9 @@ Three stages, each fixed-size and free of host synchronisation on CUDA:
    of every (image, group) (group: feature level, image or class), as [B, G, k]
    slots: torch's own score bits on the CPU (csrc/cpu/select_per_level.cpp), the
    device's on CUDA.
-2. The boxes of the selected anchors are gathered and decoded by torch ops (the
-   box coders of torchvision, so the bits are theirs), or taken as given
+2. The boxes of the selected anchors are gathered and decoded with torchvision's
+   formulas, so the bits are theirs (``"box"``: the op ``decode_boxes``, ATen calls
+   in torchvision's order; ``"linear"``: torch ops), or taken as given
    (``box_coder="none"``, xyxy or cxcywh), then clipped.
 3. ``ssd_post::batched_nms_padded`` runs the greedy NMS of every image at once
    (per class, or per image when class-agnostic) and keeps each image's best
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .box_coder import BoxCoder, clip_boxes
+from .box_coder import clip_boxes
 from .config import PostprocessConfig
 from .formats import Detections
 from .linear_coder import LinearBoxCoder
@@ -126,8 +127,11 @@ def decode_selected(
         box_anchors = anchors[anchor]
     else:
         box_anchors = anchors.gather(1, rows)
-    coder = LinearBoxCoder() if config.box_coder == "linear" else BoxCoder(config.box_weights)
-    return coder.decode(selected, box_anchors)
+    if config.box_coder == "linear":
+        return LinearBoxCoder().decode(selected, box_anchors)
+    # BoxCoder.decode's formula as one op (its oracle), so an exported program runs
+    # eager's kernels rather than a recompiled formula: the same bits everywhere.
+    return ops.decode_boxes(selected, box_anchors, config.box_weights)
 
 
 def postprocess_family(

@@ -22,6 +22,7 @@ __all__ = [
     "batched_nms_padded",
     "best_class",
     "best_class_candidates",
+    "decode_boxes",
     "postprocess_op",
     "has_cuda_kernels",
     "check_same_device",
@@ -330,6 +331,23 @@ def best_class_candidates(
         boxes,
         box_format,
     )
+
+
+def decode_boxes(rel_codes: Tensor, anchors: Tensor, weights: Sequence[float]) -> Tensor:
+    """torchvision's box decode (``BoxCoder.decode_single``, in its op order) as one op:
+    the bits of ``ssd_post.box_coder.BoxCoder(weights).decode`` on every device, and
+    in exported programs, which call it instead of recompiling the formula.
+
+    Args:
+        rel_codes (Tensor[..., 4]): (dx, dy, dw, dh), any float dtype (float32 math).
+        anchors (Tensor[..., 4]): xyxy anchors, broadcastable to ``rel_codes``.
+        weights: (wx, wy, ww, wh), finite and > 0.
+
+    Returns:
+        Tensor[..., 4] float32: xyxy boxes (not clipped).
+    """
+    require_extension()
+    return torch.ops.ssd_post.decode_boxes(rel_codes, anchors, [float(w) for w in weights])
 
 
 def decode_threshold_flatten_op(

@@ -3,7 +3,9 @@ with a score factor (FCOS), per-level with the factor after selection, class-agn
 NMS and an allow-list (mmdet ATSS), per-image single-label selection of decoded
 cxcywh boxes (YOLOv8). The exported program's shape contract is checked without
 compiling (fast); the compiled packages equal eager ``ssd_post.postprocess`` bit for
-bit at batch sizes other than the export's (slow)."""
+bit at batch sizes other than the export's (slow).
+
+The ATSS mode uses the "box" coder (exp) and FCOS the "linear" one; YOLOv8 gives boxes."""
 
 from __future__ import annotations
 
@@ -166,10 +168,6 @@ def test_the_package_equals_eager(name, tmp_path):
     for batch_size in (1, 3):
         inputs = _inputs(name, batch_size, 10 + batch_size)
         got = detections_from_outputs(runner(*_args(module, inputs)))
-        want = _eager(name, inputs)
-        # Selection, scores, NMS and anchor indices run in the ops: exact. The
-        # family's box decode is torch ops that Inductor compiles with its own
-        # vectorised exp, so the "box" coder's corners may differ in the last bits
-        # (under 1e-4 px here); the "linear" coder and given boxes have no exp: exact.
-        exact = config.box_coder != "box"
-        assert_same_detections(got, want, box_atol=0.0 if exact else 1e-4)
+        # Bit for bit: selection, scores and NMS run in the ops, the "box" coder's
+        # decode too (op decode_boxes: Inductor would compile its exp differently).
+        assert_same_detections(got, _eager(name, inputs))

@@ -31,10 +31,15 @@ KERNEL_DEVICES = {
     "best_class": ("cpu", "cuda"),
     "best_class_candidates": ("cpu", "cuda"),
     "_best_class_candidates_composite": ("cpu", "cuda"),
+    "decode_boxes": ("cpu", "cuda"),
 }
 # Ops whose every device but the CPU runs one composition of other ops
 # (csrc/composite/): registered for CompositeExplicitAutograd, not per device.
-COMPOSITE = {"best_class_candidates": "CPU", "_best_class_candidates_composite": None}
+COMPOSITE = {
+    "best_class_candidates": "CPU",
+    "_best_class_candidates_composite": None,
+    "decode_boxes": None,
+}
 OPS = tuple(KERNEL_DEVICES)
 COMMON = dict(
     box_weights=[10.0, 10.0, 5.0, 5.0],
@@ -69,6 +74,12 @@ def _opcheck_args(op: str, device: str):
         # YOLOv8's class-score slice [B, nc, N] of a [B, 4 + nc, N] output (a view).
         prediction = torch.rand(2, 4 + 7, 37, generator=torch.Generator().manual_seed(4))
         return (prediction.to(device)[:, 4:],), {}
+    if op == "decode_boxes":
+        generator = torch.Generator().manual_seed(5)
+        rel = torch.randn(2, 30, 4, generator=generator)
+        xy = torch.rand(30, 2, generator=generator) * 50
+        anchors = torch.cat((xy, xy + 10), dim=1)
+        return (rel.to(device), anchors.to(device), [10.0, 10.0, 5.0, 5.0]), {}
     if op in ("best_class_candidates", "_best_class_candidates_composite"):
         prediction = torch.rand(2, 4 + 7, 37, generator=torch.Generator().manual_seed(4))
         # scores, score_thresh, max_candidates (binding for one image), classes, boxes
