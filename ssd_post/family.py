@@ -166,17 +166,6 @@ def postprocess_family(
     return gather_detections(boxes, scores, labels, anchor, kept, counts, padded)
 
 
-def filled_width(counts: Tensor, width: int) -> int:
-    """How many of ``width`` slots per group to keep, given the groups' counts
-    (Tensor[...] int64): past the fullest count every slot is empty. On the CPU in
-    eager mode they are dropped, sparing their decode and NMS (a trained model fills
-    a few of its candidate slots). On CUDA (no host sync) and under torch.compile
-    (fixed shapes) every slot stays; the answer is the same."""
-    if counts.device.type == "cpu" and counts.numel() and not torch.compiler.is_compiling():
-        return min(width, int(counts.max()))
-    return width
-
-
 def candidate_slots(
     flat: Tensor, scores: Tensor, counts: Tensor, num_classes: int
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -187,8 +176,13 @@ def candidate_slots(
         in empty slots) and scores (Tensor[B, M] float32).
     """
     batch = flat.shape[0]
-    width = filled_width(counts, flat.shape[-1])
-    flat, scores = flat[..., :width], scores[..., :width]
+    if flat.device.type == "cpu" and flat.numel() and not torch.compiler.is_compiling():
+        # Past the fullest group's count every slot is empty: on the CPU in eager
+        # mode they are dropped, sparing their decode and NMS (a trained model fills
+        # a few of its topk_candidates slots). On CUDA (no host sync) and under
+        # torch.compile (fixed shapes) every slot stays; the answer is the same.
+        width = int(counts.max())
+        flat, scores = flat[..., :width], scores[..., :width]
     slots = flat.shape[1] * flat.shape[2]
     flat, scores = flat.reshape(batch, slots), scores.reshape(batch, slots)
     valid = flat >= 0  # select_topk writes -1 past each group's count
@@ -240,7 +234,7 @@ def suppress_slots(
     kept, counts = ops.batched_nms_padded(
         boxes, scores, labels, config.nms_thresh, max(padded, 1), config.class_agnostic
     )
-    return (kept if kept.shape[1] <= padded else kept[:, :padded]), counts
+    return kept[:, :padded], counts
 
 
 def gather_detections(
