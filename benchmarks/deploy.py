@@ -115,8 +115,8 @@ def _multiclass_nms_model(inp: Inputs):
     path = os.path.join(_FOLDER, f"front_{len(os.listdir(_FOLDER))}.onnx")
     ssd_onnx.export_module(
         _DecodeSoftmax(inp),
-        path,
         (inp.locs, inp.logits, inp.image_sizes),
+        path,
         ["locs", "logits", "image_sizes"],
         ["boxes", "scores"],
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,17 +25,21 @@ from torch import Tensor, nn
 from ._extension import library_path, require_extension
 from .config import PostprocessConfig
 from .exportable import (
-    DetectorModule,
-    PostprocessModule,
     batch_dynamic_shapes,
-    check_detector,
+    exportable_module,
+    detections_from_outputs,
+    postprocess_module,
+    yolo_postprocess_module,
 )
+from .formats import Detections
 
 __all__ = [
     "export_module",
     "export_package",
     "export_postprocess_package",
+    "export_yolo_package",
     "load_package",
+    "load_runner",
     "op_library_path",
 ]
 
@@ -97,13 +101,18 @@ def export_module(
 
 
 def export_package(model: nn.Module, path: str, example_images: Tensor, max_batch: int = 64) -> str:
-    """Compiles a SingleStageDetector with its postprocess into an AOTInductor package.
+    """Compiles a detector with its postprocess into an AOTInductor package.
 
     Args:
-        model: a SingleStageDetector whose postprocess is :func:`ssd_post.postprocess`
-            (any config: SSD's per-class op or the family's per-level / per-image ones).
+        model: an :class:`ssd_post.exportable.ExportableDetector` (the repository's
+            SingleStageDetector; any postprocess config: SSD's per-class op or the
+            family's per-level / per-image ones), or a torchvision SSD, SSDLite,
+            RetinaNet or FCOS in eval mode (:func:`ssd_post.exportable.exportable_module`).
         path: the ``.pt2`` file to write.
-        example_images (Tensor[B, 3, H, W]): resized, normalised images; H, W are fixed.
+        example_images (Tensor[B, 3, H, W]): for an ExportableDetector, resized and
+            normalised images at its ``image_size``; for a torchvision detector, images
+            in [0, 1] of the one size the package takes (the model's normalisation and
+            resize are compiled in, and boxes come back in these images' pixels).
         max_batch: the largest batch the package accepts (the batch is dynamic).
 
     Returns:
@@ -111,8 +120,8 @@ def export_package(model: nn.Module, path: str, example_images: Tensor, max_batc
         scores [B, K], labels [B, K] int64, num_detections [B] int64 and
         anchor_indices [B, K] int64 (-1 in padding rows).
     """
-    check_detector(model)
-    return export_module(DetectorModule(model), (example_images,), path, max_batch)
+    module = exportable_module(model, example_images)
+    return export_module(module, (example_images,), path, max_batch)
 
 
 def export_postprocess_package(
@@ -133,18 +142,27 @@ def export_postprocess_package(
     image_sizes [B, 2] int64 (when the config clips, or SSD's op), score_factor
     [B, A(, 1)] (when an example is given). The outputs equal eager
     :func:`ssd_post.postprocess` bit for bit."""
-    module = PostprocessModule(anchors, config, level_sizes, example_score_factor is not None)
-    given = {
-        "locs": example_locs,
-        "logits": example_logits,
-        "image_sizes": example_image_sizes,
-        "score_factor": example_score_factor,
-    }
-    missing = [name for name in module.input_names if given[name] is None]
-    if missing:
-        raise ValueError(f"this config's postprocess takes {module.input_names}; give {missing}")
-    args = tuple(given[name] for name in module.input_names)
+    module, args = postprocess_module(
+        anchors,
+        config,
+        example_locs,
+        example_logits,
+        example_image_sizes,
+        level_sizes=level_sizes,
+        example_score_factor=example_score_factor,
+    )
     return export_module(module, args, path, max_batch)
+
+
+def export_yolo_package(
+    path: str, example_prediction: Tensor, max_batch: int = 64, *, nc: int = 0, **nms
+) -> str:
+    """:func:`ssd_post.non_max_suppression` as an AOTInductor package: prediction
+    [B, 4 + nc + nm, N] in, the five padded detection tensors out
+    (:class:`ssd_post.exportable.YoloPostprocessModule`, whose arguments ``nms``
+    are); ``nc=0``: every column after the box is a class."""
+    module = yolo_postprocess_module(example_prediction, nc, **nms)
+    return export_module(module, (example_prediction,), path, max_batch)
 
 
 class PackageRunner:
@@ -205,3 +223,16 @@ def load_package(path: str, device_index: Optional[int] = None) -> PackageRunner
         else torch._inductor.aoti_load_package(path, device_index=device_index)
     )
     return PackageRunner(compiled, path)
+
+
+def load_runner(path: str, device_index: Optional[int] = None) -> Callable[..., Detections]:
+    """:func:`load_package` for a detector or postprocess package (this module's
+    ``export_*`` functions): Detections out, as ``ssd_post.onnx.load_runner`` gives
+    for an ONNX file (boxes [B, K, 4], scores [B, K], labels [B, K] int64,
+    num_detections [B] int64, anchor_indices [B, K] int64)."""
+    package = load_package(path, device_index)
+
+    def run(*inputs: Tensor) -> Detections:
+        return detections_from_outputs(package(*inputs))
+
+    return run

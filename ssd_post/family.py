@@ -111,10 +111,12 @@ def decode_selected(
         anchors (Tensor[A, 4] or Tensor[B, A, 4] float32, or None with "none").
     """
     rows = anchor[..., None].expand(-1, -1, 4)
-    if locs.stride(1) < locs.stride(2):
+    if locs.stride(1) < locs.stride(2) and not torch.compiler.is_compiling():
         # Anchors are the contiguous dimension (a view of YOLO's [B, 4 + nc, N]):
         # gathered along each coordinate's row, in one pass per row (about twice as
-        # fast as striding across the four rows for each anchor).
+        # fast as striding across the four rows for each anchor). Not when exporting:
+        # ONNX GatherElements (OpenVINO) needs an index as large as the data but the
+        # gathered axis, which this gather's [B, 4, M] index into a slice is not.
         selected = locs.mT.gather(2, anchor[:, None, :].expand(-1, 4, -1)).mT
     else:
         selected = locs.gather(1, rows)

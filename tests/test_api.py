@@ -160,26 +160,21 @@ def test_coco_results_are_xywh_with_categories(tmp_path):
         dict(label_mode="single"),
         dict(class_agnostic=True),
         dict(classes=(1, 2)),
-        dict(box_coder="none"),
+        dict(box_coder="none", background_class=None),
         dict(box_coder="linear"),
+        dict(score_activation="sigmoid"),
     ],
 )
-def test_onnx_refuses_what_only_the_family_ops_run(fields):
-    from ssd_post.exportable import check_onnx_config
+def test_onnx_takes_every_mode(fields):
     from ssd_post.onnx import check_expressible
 
-    config = ssd_post.PostprocessConfig(**fields)
-    assert not config.uses_fused_per_class_op
-    with pytest.raises(ValueError, match="cannot be exported to ONNX yet; ssd_post.aoti"):
-        check_onnx_config(config)
-    with pytest.raises(ValueError, match="cannot be exported to ONNX yet"):
-        check_expressible(config, 5)
+    check_expressible(ssd_post.PostprocessConfig(**fields), 5)  # no error
 
 
-def test_onnx_takes_the_ssd_configs():
-    from ssd_post.exportable import check_onnx_config
+def test_onnx_refuses_columns_the_logits_lack():
+    from ssd_post.onnx import check_expressible
 
-    for activation in ("softmax", "sigmoid"):
-        config = ssd_post.PostprocessConfig(score_activation=activation)
-        assert config.uses_fused_per_class_op
-        check_onnx_config(config)
+    with pytest.raises(ValueError, match="background_class should be < C = 5, got 7"):
+        check_expressible(ssd_post.PostprocessConfig(background_class=7), 5)
+    with pytest.raises(ValueError, match=r"classes should be columns < C = 5, got \[1, 6\]"):
+        check_expressible(ssd_post.PostprocessConfig(classes=(1, 6)), 5)

@@ -23,6 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from benchmarks.parity import compare  # noqa: E402
 from benchmarks.scenarios import MODELS, Inputs, make_inputs  # noqa: E402
 from ssd_post import onnx as ssd_onnx  # noqa: E402
+from ssd_post import onnx_lowering  # noqa: E402
 
 
 def _runtime_or_skip(runtime: str) -> str:
@@ -319,7 +320,7 @@ def test_unsupported_opset_is_refused(tmp_path):
 
 
 def test_model_without_ssd_post_postprocess_is_refused(tmp_path):
-    with pytest.raises(TypeError, match="SingleStageDetector .* got Linear"):
+    with pytest.raises(TypeError, match="ExportableDetector .* got Linear"):
         ssd_onnx.export(torch.nn.Linear(2, 2), str(tmp_path / "x.onnx"), torch.zeros(1, 3, 8, 8))
 
 
@@ -338,14 +339,14 @@ def test_unknown_runtime_is_refused(toy_onnx):
 
 
 def test_missing_runtime_names_the_package(monkeypatch, toy_onnx):
-    real_import = ssd_onnx.importlib.import_module
+    real_import = onnx_lowering.importlib.import_module
 
     def fake_import(name, *args, **kwargs):
         if name == "openvino":
             raise ImportError("No module named 'openvino'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(ssd_onnx.importlib, "import_module", fake_import)
+    monkeypatch.setattr(onnx_lowering.importlib, "import_module", fake_import)
     with pytest.raises(ImportError, match=r"'openvino' package: pip install ssd-post\[export\]"):
         ssd_onnx.load_runner(toy_onnx, "openvino")
 
@@ -418,14 +419,14 @@ def test_evaluate_backends_agree_on_map(tmp_path):
 def test_evaluate_missing_runtime_is_one_line(monkeypatch, capsys):
     import evaluate
 
-    real_import = ssd_onnx.importlib.import_module
+    real_import = onnx_lowering.importlib.import_module
 
     def fake_import(name, *args, **kwargs):
         if name == "onnxruntime":
             raise ImportError("No module named 'onnxruntime'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(ssd_onnx.importlib, "import_module", fake_import)
+    monkeypatch.setattr(onnx_lowering.importlib, "import_module", fake_import)
     assert evaluate.main(["--backend", "onnxruntime", "--limit", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1

@@ -65,88 +65,75 @@ def build_runtime_backend(detector: nn.Module, backend: str, folder: str, max_ba
 
     Returns:
         (a detector stand-in, a postprocess function with the signature of
-        ``ssd_post.postprocess``; its anchors and config are baked into the graph).
+        ``ssd_post.postprocess``; its anchors, config and level sizes are baked into
+        the graph).
 
     Raises:
         ImportError: the runtime or the export packages are missing (message names the package).
         ValueError: unknown backend, or a postprocess config the lowering cannot express.
     """
-    from ssd_post import onnx as ssd_onnx
+    from ssd_post import exportable
 
     if backend not in BACKENDS[1:]:
         raise ValueError(f"backend should be one of {BACKENDS[1:]}, got {backend!r}")
-    ssd_onnx.check_detector(detector)
+    exportable.check_detector(detector)
+    export, load_tensors, load_detections = _route(backend, folder, max(max_batch, _EXAMPLE_BATCH))
+    images = torch.zeros((_EXAMPLE_BATCH, 3) + tuple(detector.image_size))
+    with torch.no_grad():
+        locs, logits = detector(images)
+    sizes = torch.tensor([list(detector.image_size)] * _EXAMPLE_BATCH, dtype=torch.int64)
+    network = load_tensors(
+        export(_Network(detector), (images,), "network", ["images"], ["locs", "logits"])
+    )
+    module, args = exportable.postprocess_module(
+        detector.anchors(),
+        detector.postprocess_config,
+        locs,
+        logits,
+        sizes,
+        **detector.postprocess_inputs(),
+    )
+    run_postprocess = load_detections(export(module, args, "postprocess", None, None))
+
+    def postprocess_fn(
+        locs: Tensor,
+        logits: Tensor,
+        anchors: Tensor,
+        image_sizes: Sequence[Tuple[int, int]],
+        config,
+    ) -> "ssd_post.Detections":  # noqa: F821
+        named = {
+            "locs": locs,
+            "logits": logits,
+            "image_sizes": torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64),
+        }
+        return run_postprocess(*(named[name] for name in module.input_names))
+
+    return RuntimeDetector(detector, network), postprocess_fn
+
+
+def _route(backend: str, folder: str, max_batch: int):
+    """(export, load tensors, load Detections) of ``backend``'s route: ``export(module,
+    args, name, input_names, output_names)`` writes ``folder/name`` and returns its path."""
     if backend == "aoti":
-        return _build_aoti_backend(detector, folder, max(max_batch, _EXAMPLE_BATCH))
+        from ssd_post import aoti
+
+        def export_aoti(module, args, name, input_names, output_names) -> str:
+            return aoti.export_module(module, args, os.path.join(folder, f"{name}.pt2"), max_batch)
+
+        return export_aoti, aoti.load_package, aoti.load_runner
+
+    from ssd_post import onnx as ssd_onnx
+
     ssd_onnx.require(backend, f"--backend {backend}")
-    images = torch.zeros((_EXAMPLE_BATCH, 3) + tuple(detector.image_size))
-    network_path = os.path.join(folder, "network.onnx")
-    postprocess_path = os.path.join(folder, "postprocess.onnx")
-    with torch.no_grad():
-        locs, logits = detector(images)
-    ssd_onnx.export_module(
-        _Network(detector), network_path, (images,), ["images"], ["locs", "logits"]
+
+    def export_onnx(module, args, name, input_names, output_names) -> str:
+        path = os.path.join(folder, f"{name}.onnx")
+        names = {} if output_names is None else {"output_names": output_names}
+        return ssd_onnx.export_module(module, args, path, input_names, **names)
+
+    return (
+        export_onnx,
+        lambda path: ssd_onnx.load_session(path, backend),
+        lambda path: ssd_onnx.load_runner(path, backend),
     )
-    sizes = torch.tensor([list(detector.image_size)] * _EXAMPLE_BATCH, dtype=torch.int64)
-    ssd_onnx.export_postprocess(
-        detector.anchors(), detector.postprocess_config, postprocess_path, locs, logits, sizes
-    )
-    network = ssd_onnx.load_session(network_path, backend)
-    run_postprocess = ssd_onnx.load_runner(postprocess_path, backend)
-
-    def postprocess_fn(
-        locs: Tensor,
-        logits: Tensor,
-        anchors: Tensor,
-        image_sizes: Sequence[Tuple[int, int]],
-        config,
-    ) -> "ssd_post.Detections":  # noqa: F821
-        return run_postprocess(
-            locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64)
-        )
-
-    return RuntimeDetector(detector, network), postprocess_fn
-
-
-def _build_aoti_backend(detector: nn.Module, folder: str, max_batch: int):
-    """The network and the postprocess as two AOTInductor packages (see above)."""
-    from ssd_post import aoti
-
-    images = torch.zeros((_EXAMPLE_BATCH, 3) + tuple(detector.image_size))
-    with torch.no_grad():
-        locs, logits = detector(images)
-    sizes = torch.tensor([list(detector.image_size)] * _EXAMPLE_BATCH, dtype=torch.int64)
-    network = aoti.load_package(
-        aoti.export_module(
-            _Network(detector), (images,), os.path.join(folder, "network.pt2"), max_batch
-        )
-    )
-    postprocess = aoti.load_package(
-        aoti.export_postprocess_package(
-            detector.anchors(),
-            detector.postprocess_config,
-            os.path.join(folder, "postprocess.pt2"),
-            locs,
-            logits,
-            sizes,
-            max_batch,
-            **detector.postprocess_inputs(),
-        )
-    )
-
-    def postprocess_fn(
-        locs: Tensor,
-        logits: Tensor,
-        anchors: Tensor,
-        image_sizes: Sequence[Tuple[int, int]],
-        config,
-    ) -> "ssd_post.Detections":  # noqa: F821
-        from ssd_post.exportable import detections_from_outputs
-
-        return detections_from_outputs(
-            postprocess(
-                locs, logits, torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64)
-            )
-        )
-
-    return RuntimeDetector(detector, network), postprocess_fn
