@@ -59,6 +59,7 @@ __all__ = [
     "load_runner",
     "load_session",
     "RUNTIMES",
+    "fastest_exact_tie_order",
 ]
 
 # TopK with "equal values: lower index first", NonMaxSuppression, ScatterND and
@@ -67,6 +68,14 @@ __all__ = [
 SUPPORTED_OPSETS = tuple(range(18, 22))
 DEFAULT_OPSET = 18
 RUNTIMES = ("onnxruntime", "openvino")
+
+
+def fastest_exact_tie_order(runtime: str) -> str:
+    """The cheapest ``tie_order`` whose graphs are exact in ``runtime``: onnxruntime's
+    TopK keeps ONNX's tie order (``"runtime"``), OpenVINO's does not (``"graph"``)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime should be one of {RUNTIMES}, got {runtime!r}")
+    return "runtime" if runtime == "onnxruntime" else "graph"
 
 
 # ----------------------------------------------------------------------------- lowering
@@ -80,18 +89,20 @@ def _refuse_batched_nms(*args, **kwargs):
     )
 
 
-def translation_table() -> Dict[Callable, Callable]:
+def translation_table(tie_order: str = "graph") -> Dict[Callable, Callable]:
     """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)`` lowering
     every op an exported postprocess traces to (``postprocess``, ``select_topk``,
     ``decode_boxes``, ``batched_nms_padded``, ``decode_threshold_flatten``) to
     standard ONNX ops (:mod:`ssd_post.onnx_lowering`); ``ssd_post::batched_nms``
-    raises a clear error when met."""
+    raises a clear error when met. ``tie_order``: see
+    :func:`ssd_post.onnx_lowering.build_lowerings` (``"graph"``: exact in every
+    runtime; ``"runtime"``: exact in onnxruntime, half the top-k work)."""
     from ._extension import require_extension
 
     require_extension()  # the table is keyed by the compiled ops
     table = {
         getattr(torch.ops.ssd_post, name).default: lowering
-        for name, lowering in build_lowerings().items()
+        for name, lowering in build_lowerings(tie_order).items()
     }
     table[torch.ops.ssd_post.batched_nms.default] = _refuse_batched_nms
     return table
@@ -115,6 +126,7 @@ def export_module(
     input_names: Optional[Sequence[str]] = None,
     output_names: Sequence[str] = DETECTION_OUTPUTS,
     opset: int = DEFAULT_OPSET,
+    tie_order: str = "graph",
 ) -> str:
     """``torch.onnx.export`` (dynamo) of ``module`` with ssd_post's lowerings, dim 0 of
     every input a dynamic batch, into one self-contained file at ``path`` (the same
@@ -128,6 +140,11 @@ def export_module(
             the module has them, else ``input_0``, ``input_1``...).
         output_names: the graph's output names (default: the five detection tensors).
         opset: one of :data:`SUPPORTED_OPSETS`.
+        tie_order: ``"graph"`` (default): every top-k orders equal scores by lower
+            index in the graph, so the detections are ssd_post's in any runtime;
+            ``"runtime"``: the runtime's TopK does (ONNX's documented order), exact in
+            onnxruntime but not in OpenVINO, whose TopK orders ties arbitrarily;
+            about half the top-k work.
     """
     _check_opset(opset)
     require("onnx", "ONNX export")
@@ -148,7 +165,7 @@ def export_module(
             dynamo=True,
             opset_version=opset,
             verbose=False,
-            custom_translation_table=translation_table(),
+            custom_translation_table=translation_table(tie_order),
             input_names=list(input_names),
             output_names=list(output_names),
             dynamic_shapes=dynamic,
@@ -157,7 +174,13 @@ def export_module(
     return str(path)
 
 
-def export(model: nn.Module, path: str, example_images: Tensor, opset: int = DEFAULT_OPSET) -> str:
+def export(
+    model: nn.Module,
+    path: str,
+    example_images: Tensor,
+    opset: int = DEFAULT_OPSET,
+    tie_order: str = "graph",
+) -> str:
     """Exports a detector with its postprocess to one ONNX file, dynamic batch.
 
     Args:
@@ -171,6 +194,7 @@ def export(model: nn.Module, path: str, example_images: Tensor, opset: int = DEF
             model's normalisation and resize are in the graph, and boxes come back in
             these images' pixels).
         opset: ONNX opset, one of :data:`SUPPORTED_OPSETS`.
+        tie_order: ``"graph"`` or ``"runtime"`` (:func:`export_module`).
 
     Returns:
         ``path``. The graph has input ``images`` and outputs boxes [B, K, 4], scores [B, K],
@@ -181,7 +205,9 @@ def export(model: nn.Module, path: str, example_images: Tensor, opset: int = DEF
     with torch.no_grad():  # C, for the check, from the head on one example image
         logits = module.head_outputs(example_images[:1])[1]
     check_expressible(module.config, logits.shape[-1])
-    return export_module(module, (example_images,), path, ["images"], opset=opset)
+    return export_module(
+        module, (example_images,), path, ["images"], opset=opset, tie_order=tie_order
+    )
 
 
 def export_postprocess(
@@ -195,6 +221,7 @@ def export_postprocess(
     *,
     level_sizes: Optional[Sequence[int]] = None,
     example_score_factor: Optional[Tensor] = None,
+    tie_order: str = "graph",
 ) -> str:
     """The postprocess alone, any config, as one ONNX file with a dynamic batch:
     anchors [A, 4] (None with ``box_coder="none"``) and ``level_sizes`` baked in; the
@@ -212,11 +239,17 @@ def export_postprocess(
         level_sizes=level_sizes,
         example_score_factor=example_score_factor,
     )
-    return export_module(module, args, path, opset=opset)
+    return export_module(module, args, path, opset=opset, tie_order=tie_order)
 
 
 def export_yolo_postprocess(
-    path: str, example_prediction: Tensor, opset: int = DEFAULT_OPSET, *, nc: int = 0, **nms
+    path: str,
+    example_prediction: Tensor,
+    opset: int = DEFAULT_OPSET,
+    *,
+    nc: int = 0,
+    tie_order: str = "graph",
+    **nms,
 ) -> str:
     """:func:`ssd_post.non_max_suppression` as one ONNX file with a dynamic batch, to
     append to a YOLOv8 / YOLO11 network exported elsewhere: input ``prediction``
@@ -232,7 +265,7 @@ def export_yolo_postprocess(
             ``multi_label``, ``max_det``, ``max_nms`` as for ``non_max_suppression``.
     """
     module = yolo_postprocess_module(example_prediction, nc, **nms)
-    return export_module(module, (example_prediction,), path, opset=opset)
+    return export_module(module, (example_prediction,), path, opset=opset, tie_order=tie_order)
 
 
 # ----------------------------------------------------------------------------- runtimes

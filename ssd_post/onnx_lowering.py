@@ -34,6 +34,9 @@ from .config import PostprocessConfig
 from .ops import select_capacity
 
 EXPORT_EXTRA = "pip install ssd-post[export]"
+TIE_ORDERS = ("graph", "runtime")
+# The largest k whose order key (dense rank * k + index rank) stays below 2^31.
+MAX_GRAPH_ORDERED_K = 46340
 # The lowest float32: NonMaxSuppression's score threshold that lets every finite
 # score through (its comparison is strict) while the -inf of masked slots stays out.
 LOWEST_FLOAT = -3.4028234663852886e38
@@ -75,8 +78,17 @@ def static_dim(value, axis: int, what: str) -> int:
     return size
 
 
-def build_lowerings() -> Dict[str, Callable]:
-    """The lowering of each op, keyed by op name (``"postprocess"``, ...)."""
+def build_lowerings(tie_order: str = "graph") -> Dict[str, Callable]:
+    """The lowering of each op, keyed by op name (``"postprocess"``, ...).
+
+    Args:
+        tie_order: ``"graph"``: every top-k orders equal values by lower index in the
+            graph itself, exact in every runtime; ``"runtime"``: the runtime's TopK
+            does (the ONNX spec's order: exact in onnxruntime, not in OpenVINO),
+            about half the top-k work.
+    """
+    if tie_order not in TIE_ORDERS:
+        raise ValueError(f"tie_order should be one of {TIE_ORDERS}, got {tie_order!r}")
     onnxscript = require("onnxscript", "ONNX export")
     onnx = require("onnx", "ONNX export")
     op = onnxscript.opset18
@@ -102,6 +114,9 @@ def build_lowerings() -> Dict[str, Callable]:
     def filled(value: float):
         return onnx.helper.make_tensor("value", onnx.TensorProto.FLOAT, [1], [value])
 
+    def filled_int(value: int):
+        return onnx.helper.make_tensor("value", onnx.TensorProto.INT64, [1], [value])
+
     def dim(x, axis: int):
         return op.Shape(x, start=axis, end=axis + 1)  # [1] int64
 
@@ -109,33 +124,49 @@ def build_lowerings() -> Dict[str, Callable]:
         return op.Slice(x, ints(start), ints(end), ints(-1))
 
     def ordered_topk(x, k: int, n: int):
-        """TopK of the k largest along the last axis of x ([..., n], no NaN, k <= n)
-        in ONNX's documented order, equal values by lower index, whatever the
-        runtime's TopK does with ties.
+        """TopK of the k largest along the last axis of x ([..., n], no NaN, k <= n),
+        equal values by lower index (ONNX's documented order, ssd_post's rule).
 
-        OpenVINO's TopK orders equal values arbitrarily (and its ``stable`` mode is
-        quadratic: minutes for YOLO's 30000 of 672000), so ties are settled here:
-        the k-th value v is found, the equal values that fit are the first ones by
-        index (CumSum), and the chosen k are ordered by an int64 key unique per
-        element: the dense rank of the value, then the index.
+        ``tie_order="runtime"`` relies on the runtime's TopK for that (onnxruntime
+        keeps it). ``"graph"`` settles ties in the graph, for runtimes whose TopK
+        orders equal values arbitrarily (OpenVINO; its ``stable`` mode is quadratic:
+        minutes for YOLO's 30000 of 672000): the k-th value v is found, the values
+        equal to v that fit are the first ones by index (CumSum), and the chosen k
+        are ordered by the dense rank of their value, then the rank of their index,
+        a key below 2^31 (OpenVINO's CPU runs int64 as int32).
 
         Returns values and indices [..., k]."""
+        if tie_order == "runtime":
+            return op.TopK(x, ints(k), axis=-1, largest=1, sorted=1)
+        if k > MAX_GRAPH_ORDERED_K:
+            raise ValueError(
+                f"tie_order='graph' orders a top-k of at most {MAX_GRAPH_ORDERED_K} in 31-bit "
+                f"keys, got k = {k}: export with tie_order='runtime' (exact in onnxruntime)"
+            )
         top, _ = op.TopK(x, ints(k), axis=-1, largest=1, sorted=1)
         kth = last(top, k - 1, k)  # [..., 1]: the k-th largest value, unambiguous
-        above = op.Greater(x, kth)
+        # Every value above v is in the top k: the rest of the k are values equal to v.
+        room = op.ReduceSum(op.Cast(op.Equal(top, kth), to=INT64), ints(-1), keepdims=1)
         at_kth = op.Equal(x, kth)
-        room = op.Sub(ints(k), op.ReduceSum(op.Cast(above, to=INT64), ints(-1), keepdims=1))
-        first_ties = op.LessOrEqual(op.CumSum(op.Cast(at_kth, to=INT64), scalar_int(-1)), room)
-        chosen = op.Or(above, op.And(at_kth, first_ties))
-        # Exactly the chosen k above -inf (x holds no -inf where it matters: candidate
-        # scores and -1 sentinels), in some order.
+        late_tie = op.And(
+            at_kth, op.Greater(op.CumSum(op.Cast(at_kth, to=INT64), scalar_int(-1)), room)
+        )
+        # The ties past the room drop below every value: the top k is now one set.
         values, index = op.TopK(
-            op.Where(chosen, x, floats(float("-inf"))), ints(k), axis=-1, largest=1, sorted=1
+            op.Where(late_tie, floats(float("-inf")), x), ints(k), axis=-1, largest=1, sorted=1
         )
         previous = op.Concat(last(values, 0, 1), last(values, 0, k - 1), axis=-1)
-        starts = op.Not(op.Equal(values, previous))  # a new value starts a run
-        dense_rank = op.CumSum(op.Cast(starts, to=INT64), scalar_int(-1))
-        key = op.Add(op.Mul(dense_rank, scalar_int(n)), index)
+        dense_rank = op.CumSum(  # 0 for the largest value, +1 at each new value
+            op.Cast(op.Not(op.Equal(values, previous)), to=INT64), scalar_int(-1)
+        )
+        _, by_index = op.TopK(index, ints(k), axis=-1, largest=0, sorted=1)  # distinct
+        index_rank = op.ScatterElements(
+            op.ConstantOfShape(op.Shape(index), value=filled_int(0)),
+            by_index,
+            op.Expand(op.Range(scalar_int(0), scalar_int(k), scalar_int(1)), op.Shape(index)),
+            axis=-1,
+        )
+        key = op.Add(op.Mul(dense_rank, scalar_int(k)), index_rank)  # < k * k
         _, order = op.TopK(key, ints(k), axis=-1, largest=0, sorted=1)
         return op.GatherElements(values, order, axis=-1), op.GatherElements(index, order, axis=-1)
 

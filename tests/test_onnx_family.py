@@ -39,7 +39,7 @@ from export_modes import (  # noqa: E402
 RUNTIME_PARAMS = [pytest.param("onnxruntime", id="ort"), pytest.param("openvino", id="ov")]
 
 
-def _export(name: str, path) -> str:
+def _export(name: str, path, tie_order: str = "graph") -> str:
     config, with_anchors, levels, _ = MODES[name]
     example = mode_inputs(name, 2, 0)
     return ssd_onnx.export_postprocess(
@@ -51,18 +51,20 @@ def _export(name: str, path) -> str:
         example["image_sizes"] if config.clip_boxes else None,
         level_sizes=levels,
         example_score_factor=example.get("score_factor"),
+        tie_order=tie_order,
     )
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """name -> the .onnx file of that mode, exported once (at B = 2) per module."""
+    """(name, tie_order) -> the .onnx file of that mode, exported once (at B = 2)."""
     folder, paths = tmp_path_factory.mktemp("onnx_family"), {}
 
-    def get(name: str) -> str:
-        if name not in paths:
-            paths[name] = _export(name, folder / f"{name}.onnx")
-        return paths[name]
+    def get(name: str, tie_order: str = "graph") -> str:
+        if (name, tie_order) not in paths:
+            path = folder / f"{name}_{tie_order}.onnx"
+            paths[name, tie_order] = _export(name, path, tie_order)
+        return paths[name, tie_order]
 
     return get
 
@@ -161,16 +163,23 @@ def _tied(inputs, name: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
+@pytest.mark.parametrize(
+    "runtime, tie_order",
+    [
+        pytest.param("onnxruntime", "graph", id="ort-graph"),
+        pytest.param("onnxruntime", "runtime", id="ort-runtime"),  # ORT's TopK keeps the order
+        pytest.param("openvino", "graph", id="ov-graph"),
+    ],
+)
 @pytest.mark.parametrize("name", list(MODES))
-def test_exact_ties_select_like_eager(exported, name, runtime):
+def test_exact_ties_select_like_eager(exported, name, runtime, tie_order):
     """Equal scores everywhere: TopK's and NonMaxSuppression's index order is
     ssd_post's (lower flat index, lower slot), so the same candidates survive: the
     same (label, anchor) pairs per image. Their order may differ where a runtime's
     rounding (a ULP of a sigmoid) splits two scores that are equal in eager, or
     makes two equal; the scores stay within rtol 1e-6."""
     pytest.importorskip(runtime)
-    run = ssd_onnx.load_runner(exported(name), runtime)
+    run = ssd_onnx.load_runner(exported(name, tie_order), runtime)
     for batch in (1, 3):
         inputs = _tied(mode_inputs(name, batch, 20 + batch), name)
         got = run(*module_args(mode_module(name), inputs))
@@ -283,3 +292,21 @@ def test_yolo_module_checks_its_arguments():
     assert module.config.label_mode == "multi" and module.num_classes == 3
     got = detections_from_outputs(module(example))
     assert got.boxes.shape == (1, module.config.padded_detections(10, 3), 4)
+
+
+def test_tie_order_is_checked(tmp_path):
+    example = _yolo_prediction(2, 0, anchors=50, nc=3)
+    with pytest.raises(ValueError, match="tie_order should be one of"):
+        ssd_onnx.export_yolo_postprocess(str(tmp_path / "y.onnx"), example, tie_order="stable")
+    assert ssd_onnx.fastest_exact_tie_order("onnxruntime") == "runtime"
+    assert ssd_onnx.fastest_exact_tie_order("openvino") == "graph"
+
+
+def test_graph_tie_order_refuses_a_topk_its_keys_cannot_order(tmp_path):
+    """The graph's order key (dense rank * k + index rank) is 31-bit (OpenVINO's CPU
+    runs int64 as int32): a top-k past 46340 is refused at export, naming the way out."""
+    config = ssd_post.PostprocessConfig.from_preset("yolov8", topk_candidates=50000)
+    locs = torch.rand(2, 50001, 4) * 10 + torch.tensor([0.0, 0.0, 10.0, 10.0])
+    probs = torch.rand(2, 50001, 1)
+    with pytest.raises(Exception, match="at most 46340"):
+        ssd_onnx.export_postprocess(None, config, str(tmp_path / "big.onnx"), locs, probs)

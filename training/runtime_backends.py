@@ -130,7 +130,8 @@ def _route(backend: str, folder: str, max_batch: int):
     def export_onnx(module, args, name, input_names, output_names) -> str:
         path = os.path.join(folder, f"{name}.onnx")
         names = {} if output_names is None else {"output_names": output_names}
-        return ssd_onnx.export_module(module, args, path, input_names, **names)
+        tie_order = ssd_onnx.fastest_exact_tie_order(backend)
+        return ssd_onnx.export_module(module, args, path, input_names, tie_order=tie_order, **names)
 
     return (
         export_onnx,
