@@ -1,6 +1,7 @@
 """Single-stage detectors (SSD, RetinaNet) whose inference goes through ssd_post.
 
 model = build_model("tiny", num_classes=5)          # trains on a CPU
+model = build_model("tiny_retinanet", num_classes=5)  # per-level head (RetinaNet), CPU too
 model = build_model("ssd300_vgg16", num_classes=91)  # torchvision's state_dict layout
 model = build_model("retinanet_resnet50_fpn", num_classes=91, image_size=(800, 800))
 """
@@ -14,6 +15,7 @@ from ssd_post import PostprocessConfig
 
 from .detector import SingleStageDetector, SSDDetector
 from .tiny import build_tiny, check_width
+from .tiny_retinanet import build_tiny_retinanet
 from .torchvision_retinanet import (
     DEFAULT_SIZE as RETINANET_DEFAULT_SIZE,
     RetinaNetDetector,
@@ -22,9 +24,17 @@ from .torchvision_retinanet import (
 )
 from .torchvision_ssd import FIXED_SIZES, build_ssd300_vgg16, build_ssdlite320_mobilenet_v3_large
 
-ARCHS = ("tiny", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "retinanet_resnet50_fpn")
+ARCHS = (
+    "tiny",
+    "tiny_retinanet",
+    "ssd300_vgg16",
+    "ssdlite320_mobilenet_v3_large",
+    "retinanet_resnet50_fpn",
+)
 # Archs whose input size is an option (the others are built for one size).
-SIZED_ARCHS = ("tiny", "retinanet_resnet50_fpn")
+SIZED_ARCHS = ("tiny", "tiny_retinanet", "retinanet_resnet50_fpn")
+# The small CPU archs: a ``width`` option, the tiny normalisation and minimum side.
+TINY_ARCHS = ("tiny", "tiny_retinanet")
 TINY_MEAN = (0.5, 0.5, 0.5)
 TINY_STD = (0.25, 0.25, 0.25)
 TINY_DEFAULT_SIZE = (128, 128)
@@ -60,7 +70,7 @@ def check_model_options(arch: Any, num_classes: Any, **kwargs: Any) -> None:
             f"num_classes should be an int >= 2 (background included), got {num_classes!r}"
         )
     known = {"postprocess", "image_size", "image_mean", "image_std"} | (
-        {"width"} if arch == "tiny" else set()
+        {"width"} if arch in TINY_ARCHS else set()
     )
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -84,7 +94,7 @@ def check_model_options(arch: Any, num_classes: Any, **kwargs: Any) -> None:
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)
         ):
             raise ValueError(f"image_size should be (h, w), two ints, got {image_size!r}")
-        if arch == "tiny" and min(image_size) < MIN_TINY_SIDE:
+        if arch in TINY_ARCHS and min(image_size) < MIN_TINY_SIDE:
             raise ValueError(
                 f"image_size should be (h, w) with both >= {MIN_TINY_SIDE}, got {image_size!r}"
             )
@@ -111,13 +121,14 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> SingleStageDetect
     """Builds a single-stage detector (SSD or RetinaNet).
 
     Args:
-        arch: ``"tiny"``, ``"ssd300_vgg16"``, ``"ssdlite320_mobilenet_v3_large"`` or
-            ``"retinanet_resnet50_fpn"``.
+        arch: ``"tiny"``, ``"tiny_retinanet"``, ``"ssd300_vgg16"``,
+            ``"ssdlite320_mobilenet_v3_large"`` or ``"retinanet_resnet50_fpn"``.
         num_classes: logit columns, background (column 0) included (91 for COCO as
-            torchvision counts it).
+            torchvision counts it); the sigmoid RetinaNets keep column 0 as a
+            column that is never a positive, as torchvision's RetinaNet does.
         **kwargs: ``postprocess`` (dict of PostprocessConfig fields to override);
-            for ``tiny`` also ``image_size`` ((h, w), default (128, 128)) and
-            ``width`` (channels of the first stage, default 32); for
+            for ``tiny`` and ``tiny_retinanet`` also ``image_size`` ((h, w), default
+            (128, 128)) and ``width`` (channels of the first stage, default 32); for
             ``retinanet_resnet50_fpn`` ``image_size`` (default (800, 800), sides
             multiples of 32). ``image_size``,
             ``image_mean`` and ``image_std`` as stored by ``model_config()`` are
@@ -131,14 +142,18 @@ def build_model(arch: str, num_classes: int, **kwargs: Any) -> SingleStageDetect
     mean, std = kwargs.get("image_mean"), kwargs.get("image_std")
     extra: Dict[str, Any] = {}
     detector_class = SingleStageDetector
-    if arch == "tiny":
+    if arch in TINY_ARCHS:
         width = kwargs.get("width", TINY_DEFAULT_WIDTH)
-        backbone, head, boxes = build_tiny(num_classes, width)
+        if arch == "tiny":
+            backbone, head, boxes = build_tiny(num_classes, width)
+            base = PostprocessConfig(
+                score_thresh=0.01, nms_thresh=0.45, topk_candidates=200, detections_per_img=100
+            )
+        else:
+            backbone, head, base, boxes = build_tiny_retinanet(num_classes, width)
+            detector_class = RetinaNetDetector  # its focal loss and per-level inputs
         size = tuple(kwargs.get("image_size") or TINY_DEFAULT_SIZE)
         arch_mean, arch_std = TINY_MEAN, TINY_STD
-        base = PostprocessConfig(
-            score_thresh=0.01, nms_thresh=0.45, topk_candidates=200, detections_per_img=100
-        )
         extra["width"] = width
     elif arch == "retinanet_resnet50_fpn":
         backbone, head, base, arch_mean, arch_std, boxes = build_retinanet_resnet50_fpn(num_classes)

@@ -30,14 +30,10 @@ def conv_bn(in_ch: int, out_ch: int, stride: int = 1) -> nn.Sequential:
     )
 
 
-class TinyBackbone(nn.Module):
-    """Images [B, 3, H, W] -> four maps [B, C_k, H/s, W/s] for s = 4, 8, 16, 32.
-
-    The strides are about 0.4 of the anchor sizes they carry (as in SSD300), so an
-    object of any size overlaps several anchors at IoU >= 0.5 and gets several
-    positives, not only the one it claims; top-down connections give the fine maps,
-    which find the small objects, the context of the coarser ones.
-    """
+class TinyTrunk(nn.Module):
+    """Images [B, 3, H, W] -> four maps [c4, c8, c16, c32] of [B, C_k, H/s, W/s]
+    for s = 4, 8, 16, 32 and C_k = ``out_channels[k]`` (w, 2w, 4w, 4w): the plain
+    bottom-up stages that the tiny SSD and the tiny RetinaNet share."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -50,11 +46,6 @@ class TinyBackbone(nn.Module):
         )
         self.stage16 = nn.Sequential(conv_bn(2 * w, 4 * w, 2), conv_bn(4 * w, 4 * w))
         self.stage32 = nn.Sequential(conv_bn(4 * w, 4 * w, 2), conv_bn(4 * w, 4 * w))
-        # 1x1 laterals match channels before the coarser map is added into the finer one.
-        self.lateral16 = nn.Conv2d(4 * w, 2 * w, 1)
-        self.smooth8 = conv_bn(2 * w, 2 * w)
-        self.lateral8 = nn.Conv2d(2 * w, w, 1)
-        self.smooth4 = conv_bn(w, w)
         self.out_channels = [w, 2 * w, 4 * w, 4 * w]
 
     def forward(self, images: Tensor) -> List[Tensor]:
@@ -62,6 +53,29 @@ class TinyBackbone(nn.Module):
         c8 = self.stage8(c4)
         c16 = self.stage16(c8)
         c32 = self.stage32(c16)
+        return [c4, c8, c16, c32]
+
+
+class TinyBackbone(TinyTrunk):
+    """Images [B, 3, H, W] -> four maps [B, C_k, H/s, W/s] for s = 4, 8, 16, 32.
+
+    The strides are about 0.4 of the anchor sizes they carry (as in SSD300), so an
+    object of any size overlaps several anchors at IoU >= 0.5 and gets several
+    positives, not only the one it claims; top-down connections give the fine maps,
+    which find the small objects, the context of the coarser ones.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        w = width
+        # 1x1 laterals match channels before the coarser map is added into the finer one.
+        self.lateral16 = nn.Conv2d(4 * w, 2 * w, 1)
+        self.smooth8 = conv_bn(2 * w, 2 * w)
+        self.lateral8 = nn.Conv2d(2 * w, w, 1)
+        self.smooth4 = conv_bn(w, w)
+
+    def forward(self, images: Tensor) -> List[Tensor]:
+        c4, c8, c16, c32 = super().forward(images)
         p8 = self.smooth8(
             c8 + F.interpolate(self.lateral16(c16), size=c8.shape[-2:], mode="nearest")
         )

@@ -265,13 +265,14 @@ METRICS_JSON_KEYS = {
 }
 
 
-def write_config(path, data_root, **model_overrides) -> str:
-    """The shipped config with a small shapes set (1 train, 24 val images) under data_root.
+def write_config(path, data_root, config=SHIPPED_CONFIG, **model_overrides) -> str:
+    """A shipped config (``config``, default tiny_shapes.yaml) with a small shapes set
+    (1 train, 24 val images) under data_root.
 
     Shapes images are a function of (seed, split, index), so these 24 val images are
     the first 24 of the full validation set.
     """
-    with open(SHIPPED_CONFIG) as f:
+    with open(config) as f:
         config = yaml.safe_load(f)
     config["data"].update(root=str(data_root), num_train=1, num_val=24, num_workers=0)
     config["model"].update(model_overrides)
@@ -587,6 +588,52 @@ def test_default_run_evaluates_the_shipped_checkpoint_on_shapes_val_to_map_at_le
     first_line = next(line for line in out.splitlines() if "Average Precision" in line)
     assert "IoU=0.50:0.95 | area=   all" in first_line
     assert float(first_line.rsplit("=", 1)[1]) >= 0.5
+
+
+RETINANET_CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "tiny_shapes_retinanet.pt")
+RETINANET_CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_shapes_retinanet.yaml")
+
+
+@pytest.mark.slow  # compiles the network and the postprocess with AOTInductor: minutes
+@pytest.mark.skipif(
+    not os.path.isfile(RETINANET_CHECKPOINT),
+    reason="checkpoints/tiny_shapes_retinanet.pt is not trained and committed yet",
+)
+def test_shipped_per_level_checkpoint_gives_the_same_12_numbers_in_pytorch_and_aoti(
+    tmp_path_factory, capsys
+):
+    """The per-level RetinaNet checkpoint through evaluate.py on 24 shapes val images:
+    its level sizes reach the postprocess in PyTorch and are baked into the
+    AOTInductor package, and both give the same COCO table and labels 1..4 only.
+
+    The table, not the bits of every number: the postprocess package is exact, but
+    Inductor compiles the network's convolutions into other kernels than eager, so
+    the logits differ in their last bits (1e-5, as tests/test_aoti.py says for the
+    tiny SSD) and a near-tie between two detections can swap their order."""
+    folder = tmp_path_factory.mktemp("retinanet_eval")
+    config = write_config(folder / "retinanet_small.yaml", folder / "shapes", RETINANET_CONFIG)
+    stats, tables, categories = {}, {}, {}
+    for backend in ("pytorch", "aoti"):
+        out = folder / f"{backend}.json"
+        code, printed, err = run_main(
+            ["--config", config, "--checkpoint", RETINANET_CHECKPOINT, "--backend", backend]
+            + ["--batch-size", 8, "--json", out],
+            capsys,
+        )
+        assert code == 0, err
+        metrics = json.loads(out.read_text())
+        assert metrics["backend"] == backend and metrics["num_images"] == 24
+        stats[backend] = metrics["stats"]
+        tables[backend] = [line for line in printed.splitlines() if "Average" in line]
+        with open(evaluate.detections_path(str(out))) as f:
+            categories[backend] = {entry["category_id"] for entry in json.load(f)}
+    assert stats["pytorch"][0] > 0.2  # a trained model: something to agree on
+    assert len(tables["pytorch"]) == 12 and tables["aoti"] == tables["pytorch"]
+    torch.testing.assert_close(
+        torch.tensor(stats["aoti"]), torch.tensor(stats["pytorch"]), rtol=0, atol=1e-4
+    )
+    # Column 0 is never a positive in training, so it never scores above the threshold.
+    assert categories["pytorch"] == categories["aoti"] == {1, 2, 3, 4}
 
 
 def _assert_one_line(err: str, *parts: str) -> None:

@@ -233,6 +233,7 @@ def test_class_count_mismatch_with_data_is_named(tmp_path):
 def test_shipped_configs_parse():
     archs = {
         "tiny_shapes.yaml": "tiny",
+        "tiny_shapes_retinanet.yaml": "tiny_retinanet",
         "ssd300_coco.yaml": "ssd300_vgg16",
         "ssdlite320_coco.yaml": "ssdlite320_mobilenet_v3_large",
         "retinanet_coco.yaml": "retinanet_resnet50_fpn",

@@ -64,16 +64,20 @@ class ModelConfig:
 
     # Required: no default model (None here means "missing").
     arch: Optional[str] = _option(
-        None, doc="tiny, ssd300_vgg16, ssdlite320_mobilenet_v3_large or retinanet_resnet50_fpn"
+        None,
+        doc="tiny, tiny_retinanet, ssd300_vgg16, ssdlite320_mobilenet_v3_large or "
+        "retinanet_resnet50_fpn",
     )
     num_classes: Optional[int] = _option(
         None, _at_least("an integer", 2), "logit columns, background included"
     )
     image_size: Optional[List[int]] = _option(
-        None, doc="(h, w) network input; tiny and retinanet only"
+        None, doc="(h, w) network input; tiny, tiny_retinanet and retinanet only"
     )
     width: Optional[int] = _option(
-        None, _at_least("an integer", 1), "channels of the first stage; tiny only"
+        None,
+        _at_least("an integer", 1),
+        "channels of the first stage; tiny and tiny_retinanet only",
     )
     postprocess: Dict[str, Any] = _option({}, doc="PostprocessConfig fields to override")
 
