@@ -21,11 +21,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # each package is a C++ compilation of a minute or two
 
 
-def _tiny_detector():
+def _tiny_detector(checkpoint: str = "tiny_shapes.pt"):
     sys.path.insert(0, REPO)
     from models.checkpoint import load_detector
 
-    return load_detector(os.path.join(REPO, "checkpoints", "tiny_shapes.pt")).eval()
+    return load_detector(os.path.join(REPO, "checkpoints", checkpoint)).eval()
 
 
 def _images(batch: int, seed: int) -> torch.Tensor:
@@ -177,19 +177,22 @@ def _parse_cpp_output(text: str, batch: int, k: int):
     return boxes, scores, labels, counts, anchors
 
 
-@pytest.mark.skipif(
-    shutil.which("cmake") is None, reason="cmake not installed: cannot build examples/aoti_cpp"
-)
-def test_cpp_example_prints_the_packages_detections(tiny_package, tmp_path):
-    binary = _build_cpp_example(tmp_path / "build")
-    images = _images(3, 4)
-    images.numpy().tofile(tmp_path / "images.f32")
+@pytest.fixture(scope="module")
+def cpp_example(tmp_path_factory) -> str:
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not installed: cannot build examples/aoti_cpp")
+    return _build_cpp_example(tmp_path_factory.mktemp("aoti_cpp") / "build")
+
+
+def _run_cpp(binary: str, package: str, images: torch.Tensor, folder) -> str:
+    """The example's stdout for ``images`` [B, 3, H, W] written as raw float32."""
+    images.numpy().tofile(folder / "images.f32")
     proc = subprocess.run(
         [
             binary,
-            tiny_package,
+            package,
             aoti.op_library_path(),
-            str(tmp_path / "images.f32"),
+            str(folder / "images.f32"),
             *map(str, images.shape),
         ],
         capture_output=True,
@@ -197,10 +200,38 @@ def test_cpp_example_prints_the_packages_detections(tiny_package, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_cpp_example_runs_a_per_level_package(cpp_example, tmp_path):
+    """The same C++ program runs a per-level detector (the shipped tiny RetinaNet:
+    FPN, sigmoid, per-level top-k, level sizes baked in) and prints the Python
+    runner's detections bit for bit; those equal eager's on counts and labels."""
+    from ssd_post.exportable import DetectorModule
+
+    detector = _tiny_detector("tiny_shapes_retinanet.pt")
+    assert detector.postprocess_config.selection == "per_level"
+    h, w = detector.image_size
+    generator = torch.Generator().manual_seed(5)
+    example = torch.randn(2, 3, h, w, generator=generator)
+    package = aoti.export_package(detector, str(tmp_path / "retina.pt2"), example, max_batch=4)
+    images = torch.randn(3, 3, h, w, generator=generator)
+    python = aoti.load_package(package)(images)
+    k = python[0].shape[1]
+    printed = _parse_cpp_output(_run_cpp(cpp_example, package, images, tmp_path), 3, k)
+    _assert_same_detections(printed, python, exact=True)
+    with torch.no_grad():
+        _assert_same_detections(python, DetectorModule(detector).eval()(images), exact=False)
+
+
+def test_cpp_example_prints_the_packages_detections(cpp_example, tiny_package, tmp_path):
+    binary = cpp_example
+    images = _images(3, 4)
+    stdout = _run_cpp(binary, tiny_package, images, tmp_path)
     python = aoti.load_package(tiny_package)(images)
     k = python[0].shape[1]
     # The same compiled code as in Python: every printed bit equal.
-    _assert_same_detections(_parse_cpp_output(proc.stdout, 3, k), python, exact=True)
+    _assert_same_detections(_parse_cpp_output(stdout, 3, k), python, exact=True)
 
     # An image of another size is refused by name, not run.
     wrong = torch.randn(1, 3, images.shape[2] + 8, images.shape[3])

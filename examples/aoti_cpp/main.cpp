@@ -1,6 +1,7 @@
-// Runs an AOTInductor package of an SSD detector with ssd_post's postprocess, from
-// C++ only: loads ssd_post's op library (the package calls ssd_post::postprocess
-// through the dispatcher but does not contain it), then the package, and prints
+// Runs an AOTInductor package of a detector with ssd_post's postprocess, from
+// C++ only: loads ssd_post's op library (the package calls ssd_post's ops, such as
+// postprocess, or select_topk and batched_nms_padded for a per-level head, through
+// the dispatcher but does not contain them), then the package, and prints
 // the detections of a batch of images read from a raw float32 file.
 //
 //   ssd_post_aoti <package.pt2> <ssd_post op library> <images.f32> <B> <C> <H> <W>
