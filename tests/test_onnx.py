@@ -374,13 +374,32 @@ def test_import_ssd_post_does_not_import_onnx():
 
 
 @pytest.mark.slow
-def test_evaluate_backends_agree_on_map(tmp_path):
+@pytest.mark.parametrize(
+    "model_args, with_aoti",
+    [
+        pytest.param([], True, id="tiny_ssd"),
+        # The per-level RetinaNet (select_topk and batched_nms_padded lowered); its
+        # AOTInductor run is tests/test_evaluate.py's.
+        pytest.param(
+            [
+                "--config",
+                "configs/tiny_shapes_retinanet.yaml",
+                "--checkpoint",
+                "checkpoints/tiny_shapes_retinanet.pt",
+            ],
+            False,
+            id="tiny_retinanet",
+        ),
+    ],
+)
+def test_evaluate_backends_agree_on_map(tmp_path, model_args, with_aoti):
     """evaluate.py --backend: the same COCO numbers in PyTorch, onnxruntime, OpenVINO and
-    AOTInductor packages.
+    AOTInductor packages, for the SSD checkpoint and the per-level one.
 
     Each backend runs as its own `python evaluate.py` process, as a user runs it: the
     runtimes' thread pools never share a process with later tests that fork."""
-    backends = ["pytorch"] + [b for b in ssd_onnx.RUNTIMES if _installed(b)] + ["aoti"]
+    backends = ["pytorch"] + [b for b in ssd_onnx.RUNTIMES if _installed(b)]
+    backends += ["aoti"] if with_aoti else []
     data_root = tmp_path / "shapes"
     stats = {}
     for backend in backends:
@@ -389,6 +408,7 @@ def test_evaluate_backends_agree_on_map(tmp_path):
             [
                 sys.executable,
                 os.path.join(REPO_ROOT, "evaluate.py"),
+                *model_args,
                 "--backend",
                 backend,
                 "--limit",
