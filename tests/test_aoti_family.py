@@ -99,3 +99,58 @@ def test_the_package_equals_eager(name, tmp_path):
         # Bit for bit: selection, scores and NMS run in the ops, the "box" coder's
         # decode too (op decode_boxes: Inductor would compile its exp differently).
         assert_same_detections(got, eager_detections(name, inputs))
+
+
+def _yolo_prediction(batch: int, seed: int) -> torch.Tensor:
+    """[B, 4 + nc + nm, N] = [B, 4 + 5 + 2, 300]: boxes in a 320 image, class
+    probabilities mostly near 0, two mask coefficients."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.rand(batch, 2, 300, generator=generator) * 320
+    sizes = torch.rand(batch, 2, 300, generator=generator) * 60 + 4
+    probs = torch.rand(batch, 5, 300, generator=generator) ** 6
+    return torch.cat((centres, sizes, probs, torch.randn(batch, 2, 300, generator=generator)), 1)
+
+
+def _assert_yolo_rows(outputs, prediction, nms: dict) -> None:
+    """The padded outputs hold non_max_suppression's rows, image by image, bit for bit."""
+    got = detections_from_outputs(outputs)
+    rows, indices = ssd_post.non_max_suppression(prediction, nc=5, return_idxs=True, **nms)
+    assert sum(len(r) for r in rows) > 0
+    for image, (want, index) in enumerate(zip(rows, indices)):
+        n = int(got.num_detections[image])
+        assert n == len(want)
+        assert torch.equal(got.boxes[image, :n], want[:, :4])
+        assert torch.equal(got.scores[image, :n], want[:, 4])
+        assert torch.equal(got.labels[image, :n], want[:, 5].long())
+        assert torch.equal(got.anchor_indices[image, :n], index)
+
+
+YOLO_NMS = {
+    "prediction": dict(conf_thres=0.25, iou_thres=0.7, max_det=50, classes=[0, 2, 3]),
+    "validation": dict(conf_thres=0.001, iou_thres=0.7, max_det=50, multi_label=True),
+}
+
+
+@pytest.mark.parametrize("regime", list(YOLO_NMS))
+def test_the_yolo_program_gives_non_max_suppression_rows(regime):
+    from ssd_post.exportable import yolo_postprocess_module
+
+    nms = YOLO_NMS[regime]
+    module = yolo_postprocess_module(_yolo_prediction(2, 0), nc=5, **nms).eval()
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(module, (_yolo_prediction(2, 0),), dynamic_shapes=({0: batch},))
+    for batch_size in (1, 3):
+        prediction = _yolo_prediction(batch_size, batch_size)
+        _assert_yolo_rows(program.module()(prediction), prediction, nms)
+
+
+@pytest.mark.slow  # a C++ compilation
+def test_the_yolo_package_gives_non_max_suppression_rows(tmp_path):
+    nms = YOLO_NMS["validation"]
+    path = aoti.export_yolo_package(
+        str(tmp_path / "yolo.pt2"), _yolo_prediction(2, 0), max_batch=4, nc=5, **nms
+    )
+    runner = aoti.load_package(path)
+    for batch_size in (1, 3):
+        prediction = _yolo_prediction(batch_size, 10 + batch_size)
+        _assert_yolo_rows(runner(prediction), prediction, nms)
