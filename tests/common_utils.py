@@ -109,3 +109,26 @@ def draw_class_major_scores(data, batch: int, classes: int, anchors: int) -> tor
         special = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
         scores.view(-1)[data.draw(st.integers(0, n - 1))] = special
     return scores
+
+
+def onnx_value_dims(value_info) -> list:
+    """The dims of an ONNX value: ints where fixed, names where symbolic."""
+    return [
+        d.dim_value if d.HasField("dim_value") else d.dim_param
+        for d in value_info.type.tensor_type.shape.dim
+    ]
+
+
+def onnx_inferred_shapes(path: str):
+    """The exporter's declared output dims of the .onnx file at ``path``, then ONNX
+    shape inference's with those declarations erased (what the graph itself
+    computes). Returns (declared {name: dims}, inferred graph outputs, input 0's dims)."""
+    import onnx
+
+    model = onnx.load(path)
+    declared = {o.name: onnx_value_dims(o) for o in model.graph.output}
+    for output in model.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    del model.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    return declared, list(inferred.graph.output), onnx_value_dims(inferred.graph.input[0])

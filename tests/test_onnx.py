@@ -20,6 +20,7 @@ pytest.importorskip("onnxscript")
 import ssd_post  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common_utils import onnx_inferred_shapes, onnx_value_dims  # noqa: E402
 from benchmarks.parity import compare  # noqa: E402
 from benchmarks.scenarios import MODELS, Inputs, make_inputs  # noqa: E402
 from ssd_post import onnx as ssd_onnx  # noqa: E402
@@ -146,13 +147,6 @@ def _eager(inp: Inputs) -> ssd_post.Detections:
     return ssd_post.postprocess(inp.locs, inp.logits, inp.anchors, inp.image_sizes, inp.config)
 
 
-def _dims(value_info) -> list:
-    return [
-        d.dim_value if d.HasField("dim_value") else d.dim_param
-        for d in value_info.type.tensor_type.shape.dim
-    ]
-
-
 @pytest.mark.parametrize("background_class", [0, "last", None])
 def test_graph_shape_contract_small_k(tmp_path, background_class):
     """The graph itself computes the op's K: ONNX shape inference of the exported graph,
@@ -163,18 +157,15 @@ def test_graph_shape_contract_small_k(tmp_path, background_class):
     want = _eager(inp)
     k = inp.config.padded_detections(inp.logits.shape[1], SMALL_CLASSES)
     assert want.boxes.shape[1] == k < inp.config.detections_per_img  # the case that matters
-    model = onnx.load(_export_small(inp, tmp_path / "small.onnx"))
-    declared = {o.name: _dims(o) for o in model.graph.output}
-    for output in model.graph.output:
-        output.type.tensor_type.ClearField("shape")
-    del model.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-    batch = _dims(inferred.graph.input[0])[0]
+    declared, outputs, input_dims = onnx_inferred_shapes(
+        _export_small(inp, tmp_path / "small.onnx")
+    )
+    batch = input_dims[0]
     assert isinstance(batch, str) and batch  # a named, dynamic batch
-    assert [o.name for o in inferred.graph.output] == list(ssd_onnx.DETECTION_OUTPUTS)
-    for output, tensor in zip(inferred.graph.output, _outputs(want)):
+    assert [o.name for o in outputs] == list(ssd_onnx.DETECTION_OUTPUTS)
+    for output, tensor in zip(outputs, _outputs(want)):
         shape = [batch] + list(tensor.shape[1:])
-        assert _dims(output) == shape, output.name
+        assert onnx_value_dims(output) == shape, output.name
         assert declared[output.name] == shape, output.name
         dtype = onnx.helper.tensor_dtype_to_np_dtype(output.type.tensor_type.elem_type)
         assert dtype == tensor.numpy().dtype, output.name

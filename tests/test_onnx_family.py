@@ -25,6 +25,7 @@ from benchmarks.parity import compare  # noqa: E402
 from ssd_post import onnx as ssd_onnx  # noqa: E402
 from ssd_post.exportable import detections_from_outputs  # noqa: E402
 
+from common_utils import onnx_inferred_shapes, onnx_value_dims  # noqa: E402
 from export_modes import (  # noqa: E402
     CLASSES,
     LEVELS,
@@ -69,13 +70,6 @@ def exported(tmp_path_factory):
     return get
 
 
-def _dims(value_info) -> list:
-    return [
-        d.dim_value if d.HasField("dim_value") else d.dim_param
-        for d in value_info.type.tensor_type.shape.dim
-    ]
-
-
 @pytest.mark.parametrize("name", list(MODES))
 def test_graph_shape_contract(exported, name):
     """The declared outputs are eager's [batch, K, ...] and dtypes; ONNX shape
@@ -84,14 +78,10 @@ def test_graph_shape_contract(exported, name):
     onnx = pytest.importorskip("onnx")
     config = MODES[name][0]
     padded = config.padded_detections(sum(LEVELS), CLASSES)
-    model = onnx.load(exported(name))
-    assert [i.name for i in model.graph.input] == mode_module(name).input_names
-    declared = {o.name: _dims(o) for o in model.graph.output}
-    for output in model.graph.output:
-        output.type.tensor_type.ClearField("shape")
-    del model.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-    batch = _dims(inferred.graph.input[0])[0]
+    path = exported(name)
+    assert [i.name for i in onnx.load(path).graph.input] == mode_module(name).input_names
+    declared, outputs, input_dims = onnx_inferred_shapes(path)
+    batch = input_dims[0]
     assert isinstance(batch, str) and batch  # a named, dynamic batch
     want = {
         "boxes": ([batch, padded, 4], torch.float32),
@@ -100,11 +90,11 @@ def test_graph_shape_contract(exported, name):
         "num_detections": ([batch], torch.int64),
         "anchor_indices": ([batch, padded], torch.int64),
     }
-    assert [o.name for o in inferred.graph.output] == list(want)
-    for output in inferred.graph.output:
+    assert [o.name for o in outputs] == list(want)
+    for output in outputs:
         shape, dtype = want[output.name]
         assert declared[output.name] == shape, output.name
-        inferred_shape = _dims(output)
+        inferred_shape = onnx_value_dims(output)
         # The inferred batch is symbolic (a NonMaxSuppression output in between may
         # leave it unnamed); every other size is the op's, fixed.
         assert isinstance(inferred_shape[0], str), output.name
