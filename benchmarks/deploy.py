@@ -19,7 +19,7 @@ import importlib.util
 import json
 import os
 import tempfile
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -44,12 +44,19 @@ def _key(inp: Inputs, runtime: str) -> Tuple:
     return (runtime, tuple(inp.logits.shape[1:]), inp.config, inp.anchors.data_ptr())
 
 
-def _export(inp: Inputs) -> str:
+def _export(inp: Inputs, runtime: str = "openvino") -> str:
+    """The postprocess graph of ``inp``, with the cheapest tie order exact in ``runtime``."""
     from ssd_post import onnx as ssd_onnx
 
     path = os.path.join(_FOLDER, f"postprocess_{len(os.listdir(_FOLDER))}.onnx")
     return ssd_onnx.export_postprocess(
-        inp.anchors, inp.config, path, inp.locs, inp.logits, inp.image_sizes
+        inp.anchors,
+        inp.config,
+        path,
+        inp.locs,
+        inp.logits,
+        inp.image_sizes,
+        tie_order=ssd_onnx.fastest_exact_tie_order(runtime),
     )
 
 
@@ -65,7 +72,7 @@ def prepare(inp: Inputs, runtime: str) -> Callable[..., Detections]:
         _CACHE[key] = _prepare_detection_output(inp)
     if key not in _CACHE:
         threads = torch.get_num_threads()  # the same cores as the PyTorch methods
-        _CACHE[key] = ssd_onnx.load_runner(_export(inp), runtime, threads=threads)
+        _CACHE[key] = ssd_onnx.load_runner(_export(inp, runtime), runtime, threads=threads)
     return _CACHE[key]
 
 
@@ -278,12 +285,15 @@ PEERS = {
 }
 
 
-def profile(inp: Inputs, repeats: int = 5) -> Dict[str, Dict[str, float]]:
-    """Where each runtime spends the postprocess: runtime -> op type -> ms per call."""
-    path = _export(inp)
-    feeds = (inp.locs, inp.logits, inp.image_sizes)
+def profile_graph(
+    path: str, feeds, repeats: int = 5, runtimes: Sequence[str] = ("onnxruntime", "openvino")
+) -> Dict[str, Dict[str, float]]:
+    """Where each of ``runtimes`` (those installed) spends the ONNX file at ``path`` on
+    ``feeds`` (tensors in the graph's input order): runtime -> op type -> ms per call,
+    on torch's thread count."""
     out: Dict[str, Dict[str, float]] = {}
-    if "onnxruntime" in available_runtimes():
+    runtimes = [r for r in runtimes if r in available_runtimes()]
+    if "onnxruntime" in runtimes:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -305,25 +315,50 @@ def profile(inp: Inputs, repeats: int = 5) -> Dict[str, Dict[str, float]]:
         for e in node_events[len(node_events) // (repeats + 1) :]:  # drop the warm-up's share
             totals[e["args"]["op_name"]] += e["dur"] / 1e3 / repeats
         out["onnxruntime"] = dict(totals)
-    if "openvino" in available_runtimes():
+    if "openvino" in runtimes:
         import openvino as ov
 
-        models = {
-            "openvino": (ov.Core().read_model(path), feeds),
-            "openvino_multiclass_nms": (_multiclass_nms_model(inp), feeds),
-            "openvino_detection_output": (_detection_output_model(inp), feeds[:2]),
-        }
-        for name, (model, inputs) in models.items():
-            request = _compile_openvino(model, perf_count=True).create_infer_request()
-            arrays = [t.numpy() for t in inputs]
-            request.infer(arrays)  # warm-up
-            totals = collections.defaultdict(float)
-            for _ in range(repeats):
-                request.infer(arrays)
-                for info in request.profiling_info:
-                    totals[info.node_type] += info.real_time.total_seconds() * 1e3 / repeats
-            out[name] = dict(totals)
+        out["openvino"] = _profile_openvino(ov.Core().read_model(path), feeds, repeats)
     return out
+
+
+def _profile_openvino(model, feeds, repeats: int) -> Dict[str, float]:
+    """OpenVINO's perf counts of ``model`` (compiled as the peers are): op type -> ms per call."""
+    request = _compile_openvino(model, perf_count=True).create_infer_request()
+    arrays = [t.numpy() for t in feeds]
+    request.infer(arrays)  # warm-up
+    totals: Dict[str, float] = collections.defaultdict(float)
+    for _ in range(repeats):
+        request.infer(arrays)
+        for info in request.profiling_info:
+            totals[info.node_type] += info.real_time.total_seconds() * 1e3 / repeats
+    return dict(totals)
+
+
+def profile(inp: Inputs, repeats: int = 5) -> Dict[str, Dict[str, float]]:
+    """Where each runtime spends the postprocess: runtime -> op type -> ms per call,
+    for our graph in both runtimes (each its own tie order) and OpenVINO's own SSD ops."""
+    feeds = (inp.locs, inp.logits, inp.image_sizes)
+    out: Dict[str, Dict[str, float]] = {}
+    for runtime in ("onnxruntime", "openvino"):
+        out.update(profile_graph(_export(inp, runtime), feeds, repeats, [runtime]))
+    if "openvino" in available_runtimes():
+        out["openvino_multiclass_nms"] = _profile_openvino(
+            _multiclass_nms_model(inp), feeds, repeats
+        )
+        out["openvino_detection_output"] = _profile_openvino(
+            _detection_output_model(inp), feeds[:2], repeats
+        )
+    return out
+
+
+def print_profile(ops_by_runtime: Dict[str, Dict[str, float]], top: int) -> None:
+    """Each runtime's node time per call and its ``top`` op types."""
+    for runtime, ops in ops_by_runtime.items():
+        total = sum(ops.values())
+        print(f"{runtime}: {total:.2f} ms per call in nodes")
+        for name, ms in sorted(ops.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"  {name:24s} {ms:8.2f} ms  {100 * ms / max(total, 1e-9):5.1f} %")
 
 
 def main() -> None:
@@ -336,11 +371,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="op types shown per runtime")
     args = parser.parse_args()
     inp = make_inputs(args.scenario, args.model, args.batch, seed=args.batch)
-    for runtime, ops in profile(inp).items():
-        total = sum(ops.values())
-        print(f"{runtime}: {total:.2f} ms per call in nodes")
-        for name, ms in sorted(ops.items(), key=lambda kv: -kv[1])[: args.top]:
-            print(f"  {name:24s} {ms:8.2f} ms  {100 * ms / max(total, 1e-9):5.1f} %")
+    print_profile(profile(inp), args.top)
 
 
 if __name__ == "__main__":

@@ -61,11 +61,12 @@ CONFIGS = {
 ANCHORS_PER_LOCATION = {"retinanet": 9, "fcos": 1}
 
 
-def make_anchors(model: str) -> Tuple[Tensor, List[int]]:
-    """xyxy anchors (Tensor[A, 4]) in level order, and the anchors per level."""
+def make_anchors(model: str, image_size: int = IMAGE_SIZE) -> Tuple[Tensor, List[int]]:
+    """xyxy anchors (Tensor[A, 4]) in level order for a square image of ``image_size``
+    pixels, and the anchors per level."""
     levels, sizes = [], []
     for stride in STRIDES:
-        cells = -(-IMAGE_SIZE // stride)
+        cells = -(-image_size // stride)
         centres = (torch.arange(cells, dtype=torch.float32) + 0.5) * stride
         cy, cx = torch.meshgrid(centres, centres, indexing="ij")
         half = torch.tensor([4.0 * stride * s / 2 for s in (1.0, 1.26, 1.59)] * 3)[
@@ -78,8 +79,10 @@ def make_anchors(model: str) -> Tuple[Tensor, List[int]]:
     return torch.cat(levels), sizes
 
 
-def make_inputs(model: str, scenario: str, batch: int, seed: int = 0) -> Dict[str, object]:
-    anchors, level_sizes = make_anchors(model)
+def make_inputs(
+    model: str, scenario: str, batch: int, seed: int = 0, image_size: int = IMAGE_SIZE
+) -> Dict[str, object]:
+    anchors, level_sizes = make_anchors(model, image_size)
     gen = torch.Generator().manual_seed(seed)
     num_anchors = anchors.shape[0]
     logits = torch.randn(batch, num_anchors, NUM_CLASSES, generator=gen)
@@ -100,7 +103,7 @@ def make_inputs(model: str, scenario: str, batch: int, seed: int = 0) -> Dict[st
         anchors=anchors,
         level_sizes=level_sizes,
         centerness=centerness,
-        sizes=[(IMAGE_SIZE, IMAGE_SIZE)] * batch,
+        sizes=[(image_size, image_size)] * batch,
         config=CONFIGS[model],
         model=model,
     )

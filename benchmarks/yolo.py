@@ -21,7 +21,6 @@ import argparse
 import datetime
 import os
 import statistics
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -32,6 +31,7 @@ import ssd_post
 from ssd_post.yolo import cxcywh_to_xyxy
 
 from .common import RESULTS_DIR, bar_plot, machine_info, write_json
+from .timing import time_rounds
 
 IMAGE_SIZE = 640
 STRIDES = (8, 16, 32)  # YOLOv8 at 640: 80x80 + 40x40 + 20x20 = 8400 anchors
@@ -138,30 +138,10 @@ def time_fresh(
     repeats: int,
     budget_s: float,
 ) -> Dict[str, float]:
-    """Median seconds of each call(copy), each on a fresh copy made outside the timer.
-
-    The calls take turns (one round times each once), so a load change on a shared
-    machine hits them alike and their ratio stays meaningful. The first round is a
-    warm-up, dropped; a call stops being repeated once it has spent budget_s (a
-    loop of seconds is timed once or twice, and its one call counts when it alone
-    spent the budget).
-    """
-    samples: Dict[str, List[float]] = {name: [] for name in calls}
-    for _ in range(repeats + 1):
-        for name, call in calls.items():
-            spent = samples[name]
-            if len(spent) >= 2 and sum(spent) >= budget_s:
-                continue
-            if len(spent) == 1 and spent[0] >= budget_s:
-                continue
-            copy = prediction.clone()
-            start = time.perf_counter()
-            call(copy)
-            spent.append(time.perf_counter() - start)
-    return {
-        name: statistics.median(spent[1:] if len(spent) > 1 else spent)
-        for name, spent in samples.items()
-    }
+    """Median seconds of each call(copy), each on a fresh copy of ``prediction`` made
+    outside the timer, the calls taking turns (:func:`benchmarks.timing.time_rounds`)."""
+    samples = time_rounds(calls, prediction.clone, repeats, budget_s)
+    return {name: statistics.median(spent) for name, spent in samples.items()}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
