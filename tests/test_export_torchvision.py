@@ -29,7 +29,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torchvision.models import detection
-from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+from torchvision.models.detection.fcos import FCOS
+from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
 
 import ssd_post
@@ -53,8 +55,10 @@ CLASSES = 5  # background included for SSD
 #   ssdlite:    fixed 320 x 320
 #   retinanet, fcos: min_size 64, max_size 96: 64 x 100 -> 61 x 96 -> padded 64 x 96
 IMAGE_SIZES = {"ssd": (96, 150), "ssdlite": (96, 150), "retinanet": (64, 100), "fcos": (64, 100)}
-# Enough detections to compare, fewer than detections_per_img in each image.
-SCORE_THRESH = {"ssd": 0.8, "ssdlite": 0.97, "retinanet": 0.5, "fcos": 0.6}
+# Enough detections to compare, fewer than detections_per_img in each image, and no
+# score of the tests' images within 3e-5 of the threshold (a graph's or a package's
+# network rounding moves scores by up to about 2e-5 relative).
+SCORE_THRESH = {"ssd": 0.8, "ssdlite": 0.97, "retinanet": 0.1525, "fcos": 0.49}
 NAMES = list(IMAGE_SIZES)
 
 
@@ -106,10 +110,13 @@ def _spread_class_scores(model: nn.Module, seed: int, redraw_backbone: bool) -> 
     """Random initial weights give nearly equal class scores: seeded noise on the
     class output convolutions spreads them, so the order of the detections is decided
     by the values, not by exact ties. SSDLite's features even fade to about 1e-14
-    through its backbone, which ``redraw_backbone`` re-draws He-style first."""
+    through its backbone, and RetinaNet's std-0.01 class tower leaves every anchor
+    its prior: ``redraw_backbone`` re-draws those He-style first."""
     generator = torch.Generator().manual_seed(seed)
     if redraw_backbone:
         _he_normal_(model.backbone, generator)
+        if hasattr(model.head.classification_head, "conv"):  # RetinaNet's and FCOS's tower
+            _he_normal_(model.head.classification_head.conv, generator)
     for conv in _class_output_convs(model):
         conv.weight.copy_(
             torch.randn(conv.weight.shape, generator=generator) * conv.weight.std() * 10
@@ -129,14 +136,23 @@ def _build(name: str) -> nn.Module:
                 weights=None, weights_backbone=None, num_classes=CLASSES
             )
         else:
-            builder = {
-                "retinanet": detection.retinanet_resnet50_fpn,
-                "fcos": detection.fcos_resnet50_fpn,
-            }
-            model = builder[name](
-                weights=None, weights_backbone=None, num_classes=CLASSES, min_size=64, max_size=96
-            )
-    _spread_class_scores(model, seed=7, redraw_backbone=name == "ssdlite")
+            # torchvision's RetinaNet and FCOS classes with their own heads, transform and
+            # anchor generator, on three small levels instead of ResNet-50 + FPN (whose
+            # AOTInductor compile alone took 60 to 75 s here).
+            backbone = TinySSDBackbone()
+            backbone.out_channels = 32  # one channel count for every level, as both heads want
+            if name == "retinanet":
+                sizes = tuple(
+                    (s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (16, 32, 64)
+                )
+                anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 3)
+                model = RetinaNet(
+                    backbone, CLASSES, min_size=64, max_size=96, anchor_generator=anchors
+                )
+            else:
+                anchors = AnchorGenerator(((16,), (32,), (64,)), ((1.0,),) * 3)
+                model = FCOS(backbone, CLASSES, min_size=64, max_size=96, anchor_generator=anchors)
+    _spread_class_scores(model, seed=7, redraw_backbone=name != "ssd")
     model.score_thresh = SCORE_THRESH[name]
     return model.eval()
 
@@ -386,19 +402,21 @@ def test_images_of_another_size_are_refused():
 
 def _assert_close_detections(name: str, got: ssd_post.Detections, images: Tensor) -> None:
     """``got`` (from a package or a graph) against eager for ``images``: counts,
-    labels and anchor indices equal, scores to rtol 1e-5, boxes to 1e-3 px.
+    labels and anchor indices equal, scores to rtol 5e-5, boxes to 1e-3 px.
 
     A package or a graph computes the network its own way (Inductor's fused
     convolutions and normalisations, a runtime's kernels): the head outputs already
     differ from eager in the last bits (logits by about 3e-6 in the tiny SSD's
-    package), and the detections by up to about 7e-6 relative in scores and 1e-4 px
-    in boxes on these models (ResNet-50 FPN the most). The postprocess alone is exact
-    (tests/test_aoti_family.py)."""
+    package), and the detections by up to about 2e-5 relative in scores and 1e-5 px
+    in boxes on these models (RetinaNet and FCOS, whose re-drawn class towers give
+    large logits, the most). The postprocess alone is exact in a package
+    (tests/test_aoti_family.py) and within rtol 1e-6 in a graph
+    (tests/test_onnx_family.py)."""
     want = _patched_detections(name, images, _padded(name))
     assert got.boxes.shape == want.boxes.shape
     torch.testing.assert_close(got.num_detections, want.num_detections, rtol=0, atol=0)
     torch.testing.assert_close(got.labels, want.labels, rtol=0, atol=0)
-    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.scores, want.scores, rtol=5e-5, atol=0)
     torch.testing.assert_close(got.boxes, want.boxes, rtol=0, atol=1e-3)
     with torch.no_grad():  # the eager module's, as the torchvision dicts have none
         anchor_indices = _module(name)(images)[4]
