@@ -300,3 +300,28 @@ def test_graph_tie_order_refuses_a_topk_its_keys_cannot_order(tmp_path):
     probs = torch.rand(2, 50001, 1)
     with pytest.raises(Exception, match="at most 46340"):
         ssd_onnx.export_postprocess(None, config, str(tmp_path / "big.onnx"), locs, probs)
+
+
+@pytest.mark.slow  # the default opset (18) runs above
+@pytest.mark.parametrize("opset", [19, 20, 21])
+def test_family_graphs_at_every_supported_opset(tmp_path, opset):
+    """The family's lowering (select_topk per level with a factor, batched_nms_padded
+    class-agnostic with an allow-list) at the newer opsets, in onnxruntime and OpenVINO."""
+    onnx = pytest.importorskip("onnx")
+    name = "atss_agnostic_allow_list"
+    config, _, levels, _ = MODES[name]
+    example = mode_inputs(name, 2, 0)
+    path = ssd_onnx.export_postprocess(
+        mode_anchors(),
+        config,
+        str(tmp_path / "x.onnx"),
+        example["locs"],
+        example["logits"],
+        example["image_sizes"],
+        opset,
+        level_sizes=levels,
+        example_score_factor=example["score_factor"],
+    )
+    assert [o.version for o in onnx.load(path).opset_import if o.domain == ""] == [opset]
+    for runtime in ("onnxruntime", "openvino"):
+        _assert_matches_eager(path, runtime, name, 3, seed=opset)
