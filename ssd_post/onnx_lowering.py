@@ -27,7 +27,7 @@ Built on first use (:func:`build_lowerings`) so that onnxscript is imported lazi
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 from .box_coder import BOX_SCALE_CLAMP
 from .config import PostprocessConfig
@@ -57,13 +57,19 @@ def check_expressible(config: PostprocessConfig, num_classes: int) -> None:
     with ``num_classes`` columns (``background_class`` may be a name: it is
     resolved). Every mode of the family lowers; what is checked is that the
     columns the config names exist."""
-    background = config.resolve_background_class(num_classes)
+    check_columns(config.resolve_background_class(num_classes), config.classes, num_classes)
+
+
+def check_columns(
+    background: Optional[int], classes: Optional[Sequence[int]], num_classes: int
+) -> None:
+    """Raises ValueError when the background column or an allowed class is not a
+    column of logits with ``num_classes`` columns: the graph's masks are built for
+    those C columns, and a column past them would be silently ignored."""
     if background is not None and not 0 <= background < num_classes:
         raise ValueError(f"background_class should be < C = {num_classes}, got {background}")
-    if config.classes is not None and max(config.classes) >= num_classes:
-        raise ValueError(
-            f"classes should be columns < C = {num_classes}, got {list(config.classes)}"
-        )
+    if classes is not None and max(classes) >= num_classes:
+        raise ValueError(f"classes should be columns < C = {num_classes}, got {list(classes)}")
 
 
 def static_dim(value, axis: int, what: str) -> int:
@@ -123,7 +129,7 @@ def build_lowerings(tie_order: str = "graph") -> Dict[str, Callable]:
     def last(x, start: int, end: int):
         return op.Slice(x, ints(start), ints(end), ints(-1))
 
-    def ordered_topk(x, k: int, n: int):
+    def ordered_topk(x, k: int):
         """TopK of the k largest along the last axis of x ([..., n], no NaN, k <= n),
         equal values by lower index (ONNX's documented order, ssd_post's rule).
 
@@ -199,13 +205,12 @@ def build_lowerings(tie_order: str = "graph") -> Dict[str, Callable]:
             return op.Sigmoid(logits)
         return logits
 
-    def rank_survivors(kept_mask, scores, width: int, slots: int):
-        """The survivors of each image (kept_mask [B, M] float, 1 at a survivor, M =
-        ``slots``) by
+    def rank_survivors(kept_mask, scores, width: int):
+        """The survivors of each image (kept_mask [B, M] float, 1 at a survivor) by
         decreasing score, equal scores by lower slot (TopK's order): slots [B, width]
         (-1 past the count) and counts [B]."""
         ranked = op.Where(op.Greater(kept_mask, floats(0.5)), scores, floats(float("-inf")))
-        _, slot = ordered_topk(ranked, width, slots)
+        _, slot = ordered_topk(ranked, width)
         # Each label keeps up to ``width``: the image keeps its ``width`` best of them.
         survivors = op.Cast(op.ReduceSum(kept_mask, ints(1), keepdims=0), to=INT64)
         counts = op.Min(survivors, scalar_int(width))  # [B]
@@ -245,7 +250,7 @@ def build_lowerings(tie_order: str = "graph") -> Dict[str, Callable]:
         count = min(static_dim(locs, 1, "A"), config.topk_candidates)
         k = ints(count)
         # Equal values in index order: ties go by anchor index, as in ssd_post.
-        values, indices = ordered_topk(scores, count, static_dim(locs, 1, "A"))  # [B, C, k]
+        values, indices = ordered_topk(scores, count)  # [B, C, k]
         flat = op.Reshape(indices, op.Concat(batch, ints(-1, 1), axis=0))  # [B, C*k, 1]
         cand_boxes = op.GatherND(boxes, flat, batch_dims=1)  # [B, C*k, 4]
         return values, indices, cand_boxes, k, num_classes, batch
@@ -310,7 +315,7 @@ def build_lowerings(tie_order: str = "graph") -> Dict[str, Callable]:
         per_image = op.Reshape(flat_values, op.Concat(batch, ints(width), axis=0))
         # K <= C_fg * min(topk_candidates, A) <= C * k columns: a TopK of K needs no padding.
         # Ties by index = (class, rank in class), ssd_post's order.
-        det_index, counts = rank_survivors(kept, per_image, padded, width)  # [B, K], [B]
+        det_index, counts = rank_survivors(kept, per_image, padded)  # [B, K], [B]
         valid = op.GreaterOrEqual(det_index, scalar_int(0))
         det_index = op.Max(det_index, scalar_int(0))
         det_boxes = op.GatherND(
@@ -402,6 +407,7 @@ def build_lowerings(tie_order: str = "graph") -> Dict[str, Callable]:
     ):
         num_anchors = static_dim(logits, 1, "the number of anchors A")
         num_classes = static_dim(logits, 2, "the number of classes C")
+        check_columns(background_class, classes, num_classes)
         level_sizes = [int(n) for n in level_sizes]
         if sum(level_sizes) != num_anchors:
             raise ValueError(f"level_sizes should sum to A = {num_anchors}, got {level_sizes}")
@@ -454,7 +460,7 @@ def build_lowerings(tie_order: str = "graph") -> Dict[str, Callable]:
             else:
                 by_class = op.Transpose(pairs, perm=[0, 2, 1])
                 reported_rows = op.Transpose(report, perm=[0, 2, 1])
-            values, anchor = ordered_topk(by_class, k, num_anchors)
+            values, anchor = ordered_topk(by_class, k)
             flat = op.Add(op.Mul(anchor, scalar_int(num_classes)), op.Unsqueeze(column, ints(0, 2)))
             return finish(values, flat, op.GatherElements(reported_rows, anchor, axis=2))
 
@@ -464,7 +470,7 @@ def build_lowerings(tie_order: str = "graph") -> Dict[str, Callable]:
             if single_label:
                 block = op.Slice(best, ints(start), ints(start + size), ints(1))  # [B, A_l]
                 k = min(topk_candidates, size)
-                values, local = ordered_topk(block, k, size)
+                values, local = ordered_topk(block, k)
                 anchor = op.Add(local, scalar_int(start))
                 block_labels = op.Slice(label, ints(start), ints(start + size), ints(1))
                 flat = op.Add(
@@ -477,7 +483,7 @@ def build_lowerings(tie_order: str = "graph") -> Dict[str, Callable]:
                 shape = ints(0, size * num_classes)
                 block = op.Reshape(op.Slice(pairs, ints(start), ints(start + size), ints(1)), shape)
                 k = min(topk_candidates, size * num_classes)
-                values, local = ordered_topk(block, k, size * num_classes)
+                values, local = ordered_topk(block, k)
                 flat = op.Add(local, scalar_int(start * num_classes))
                 block_report = op.Reshape(
                     op.Slice(report, ints(start), ints(start + size), ints(1)), shape
@@ -530,7 +536,7 @@ def build_lowerings(tie_order: str = "graph") -> Dict[str, Callable]:
             floats(LOWEST_FLOAT),
             center_point_box=0,
         )  # [S, 3] (image, label row, slot)
-        return rank_survivors(scatter_kept(selected, scores), scores, width, slots)
+        return rank_survivors(scatter_kept(selected, scores), scores, width)
 
     return {
         "postprocess": lower_postprocess,

@@ -325,3 +325,25 @@ def test_family_graphs_at_every_supported_opset(tmp_path, opset):
     assert [o.version for o in onnx.load(path).opset_import if o.domain == ""] == [opset]
     for runtime in ("onnxruntime", "openvino"):
         _assert_matches_eager(path, runtime, name, 3, seed=opset)
+
+
+def test_a_column_past_the_logits_is_refused_by_the_lowering(tmp_path):
+    """export_module of a config whose background column is past C: the fake kernels
+    do not look at columns, so the lowering itself refuses it (a graph built for the C
+    columns would silently ignore it)."""
+    from ssd_post.exportable import postprocess_module
+
+    config = ssd_post.PostprocessConfig(
+        score_activation="sigmoid", background_class=9, selection="per_level"
+    )
+    inputs = mode_inputs("retinanet", 2, 0)
+    module, args = postprocess_module(
+        mode_anchors(),
+        config,
+        inputs["locs"],
+        inputs["logits"],
+        inputs["image_sizes"],
+        level_sizes=LEVELS,
+    )
+    with pytest.raises(Exception, match=r"background_class should be < C = 6, got 9"):
+        ssd_onnx.export_module(module, args, str(tmp_path / "bad.onnx"))
