@@ -176,17 +176,16 @@ class YoloPostprocessModule(nn.Module):
     ) -> None:
         super().__init__()
         from .config import whole_scalar
-        from .yolo import yolo_config
+        from .yolo import checked_classes, matching_classes, yolo_config
 
         self.num_classes = whole_scalar(num_classes, "num_classes")
         if classes is not None:
-            # non_max_suppression's rule: labels past the last class match nothing.
-            kept = sorted({whole_scalar(c, "classes", 0) for c in classes})
-            classes = [c for c in kept if c < self.num_classes]
+            given = checked_classes(classes)
+            classes = matching_classes(given, self.num_classes)  # non_max_suppression's rule
             if not classes:
                 raise ValueError(
                     f"classes should name at least one of the nc = {self.num_classes} "
-                    f"class columns, got {kept}"
+                    f"class columns, got {sorted(set(given))}"
                 )
         for name, flag in (("agnostic", agnostic), ("multi_label", multi_label)):
             if not isinstance(flag, bool):
@@ -304,14 +303,20 @@ def _is_size(size: Any) -> bool:
         return False
 
 
-def check_detector(model: Any) -> None:
+def check_detector(model: Any, alternative: Optional[str] = None) -> None:
     """Raises TypeError unless ``model`` follows :class:`ExportableDetector`, naming
-    what it lacks (any postprocess config)."""
+    what it lacks (any postprocess config) and ``alternative``, what else the caller
+    would have taken."""
     missing = missing_members(model)
     if missing:
+        if alternative is None:
+            raise TypeError(
+                f"model should implement {PROTOCOL_SUMMARY}; got {type(model).__name__}, "
+                f"which lacks {', '.join(missing)}"
+            )
         raise TypeError(
-            f"model should implement {PROTOCOL_SUMMARY}; got {type(model).__name__}, "
-            f"which lacks {', '.join(missing)}"
+            f"model should implement {PROTOCOL_SUMMARY}, or be {alternative}; got "
+            f"{type(model).__name__}, which is neither: it lacks {', '.join(missing)}"
         )
 
 
@@ -421,13 +426,7 @@ def exportable_module(model: nn.Module, example_images: Tensor) -> nn.Module:
         from .torchvision_export import TorchvisionDetectorModule
 
         return TorchvisionDetectorModule(model, example_images)
-    missing = missing_members(model)
-    if missing:
-        raise TypeError(
-            f"model should implement {PROTOCOL_SUMMARY}, or be a torchvision SSD, SSDLite, "
-            f"RetinaNet or FCOS; got {type(model).__name__}, which is neither: it lacks "
-            f"{', '.join(missing)}"
-        )
+    check_detector(model, "a torchvision SSD, SSDLite, RetinaNet or FCOS")
     size = check_example_images(example_images)
     expected = tuple(int(v) for v in model.image_size)
     if size != expected:

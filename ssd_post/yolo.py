@@ -98,14 +98,26 @@ def _check_arguments(
     # Accepted for the signature's sake, checked for type only (see the docstring).
     real_scalar(max_time_img, "max_time_img")
     real_scalar(max_wh, "max_wh")
-    if classes is not None:
-        if isinstance(classes, Tensor):
-            classes = classes.flatten().tolist()
-        try:
-            classes = [whole_scalar(c, "classes", minimum=0) for c in classes]
-        except TypeError:
-            raise ValueError(f"classes should be a sequence of ints, got {classes!r}") from None
+    classes = None if classes is None else checked_classes(classes)
     return prediction, conf_thres, iou_thres, classes, max_det, nc, channels - 4 - nc, max_nms
+
+
+def checked_classes(classes) -> List[int]:
+    """``classes`` (a sequence of ints >= 0, or a tensor of them) as a list of ints;
+    a ValueError names anything else."""
+    if isinstance(classes, Tensor):
+        classes = classes.flatten().tolist()
+    try:
+        return [whole_scalar(c, "classes", minimum=0) for c in classes]
+    except TypeError:
+        raise ValueError(f"classes should be a sequence of ints, got {classes!r}") from None
+
+
+def matching_classes(classes: Sequence[int], nc: int) -> List[int]:
+    """The labels ``classes`` (checked ints) can match, sorted: ultralytics compares
+    labels with any given values, so repeats and values past the last class match
+    nothing more."""
+    return sorted({c for c in classes if c < nc})
 
 
 def yolo_config(
@@ -267,9 +279,7 @@ def non_max_suppression(
     )
     batch, _, num_anchors = prediction.shape
     if classes is not None:
-        # ultralytics compares labels with any given values: repeats and values past
-        # the last class match nothing more, so they are dropped here.
-        classes = sorted({c for c in classes if c < nc})
+        classes = matching_classes(classes, nc)
         if not classes:
             output = [prediction.new_zeros((0, 6 + nm))] * batch
             no_index = [torch.zeros(0, dtype=torch.int64, device=prediction.device)] * batch
