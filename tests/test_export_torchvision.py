@@ -478,27 +478,18 @@ def _run_onnx(path: str, runtime: str, inputs: Dict[int, Tensor], folder) -> Dic
 
 @pytest.fixture(scope="module")
 def onnx_files(tmp_path_factory) -> Dict[str, object]:
-    """name -> the model's .onnx file (or the ValueError of its export), exported once
-    for both runtimes."""
+    """name -> the model's .onnx file, exported once (at B = 2) for both runtimes."""
     return {"folder": tmp_path_factory.mktemp("onnx")}
 
 
-def _export_onnx_or_skip(name: str, files: Dict[str, object]) -> str:
-    """``ssd_post.onnx.export`` of the model at B = 2, or a skip while the ONNX
-    lowering refuses its postprocess config (check_expressible's ValueError)."""
+def _exported_onnx(name: str, files: Dict[str, object]) -> str:
+    """``ssd_post.onnx.export`` of the model at B = 2 (once per module)."""
     ssd_onnx = pytest.importorskip("ssd_post.onnx")
     pytest.importorskip("onnxscript")
     if name not in files:
-        try:
-            files[name] = ssd_onnx.export(
-                _model(name), str(files["folder"] / f"{name}.onnx"), _images(name, 2, seed=0)
-            )
-        except ValueError as err:
-            if "ONNX" not in str(err):
-                raise
-            files[name] = err
-    if isinstance(files[name], ValueError):
-        pytest.skip(f"the ONNX lowering does not take {name}'s postprocess yet: {files[name]}")
+        files[name] = ssd_onnx.export(
+            _model(name), str(files["folder"] / f"{name}.onnx"), _images(name, 2, seed=0)
+        )
     return files[name]
 
 
@@ -507,7 +498,7 @@ def _export_onnx_or_skip(name: str, files: Dict[str, object]) -> str:
 @pytest.mark.parametrize("name", ["ssd", "retinanet", "fcos"])
 def test_onnx_graph_equals_eager(name, runtime, onnx_files, tmp_path):
     pytest.importorskip(runtime)
-    path = _export_onnx_or_skip(name, onnx_files)
+    path = _exported_onnx(name, onnx_files)
     inputs = {batch: _images(name, batch, seed=20 + batch) for batch in (1, 3)}
     outputs = _run_onnx(path, runtime, inputs, tmp_path)
     for batch, images in inputs.items():
